@@ -1,0 +1,1 @@
+"""kvmlet's default guest: a minimal kernel and a busybox initramfs, built and cached."""

@@ -1,0 +1,1 @@
+"""A machine: memory map, boot loaders, device wiring, vCPU threads and the run loop."""

@@ -1,0 +1,5 @@
+"""Guest RAM: host mappings of guest-physical ranges with bounds-checked, typed access."""
+
+from kvmlet.memory.guest_memory import GuestAddress, GuestMemory, RamBank
+
+__all__ = ["GuestAddress", "GuestMemory", "RamBank"]

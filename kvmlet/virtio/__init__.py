@@ -1,0 +1,1 @@
+"""virtio: split virtqueues, PCI and MMIO transports, one module per device."""
