@@ -13,6 +13,7 @@ the address KVM needs for a memory slot.
 from __future__ import annotations
 
 import ctypes
+import itertools
 import mmap
 import struct
 from collections.abc import Iterator
@@ -57,7 +58,7 @@ class GuestMemory:
 
     def __init__(self, banks: list[RamBank]):
         ordered = sorted(banks, key=lambda bank: bank.base)
-        for low, high in zip(ordered, ordered[1:], strict=False):
+        for low, high in itertools.pairwise(ordered):
             if low.end > high.base:
                 raise ValueError(f"RAM banks overlap at {high.base:#x}")
         self.banks = ordered
@@ -94,7 +95,7 @@ class GuestMemory:
             raise GuestMemoryError(f"bad guest access: {length} bytes at {address:#x}")
         for bank, view in zip(self.banks, self._views, strict=True):
             offset = address - bank.base
-            if 0 <= offset and offset + length <= bank.size:
+            if offset >= 0 and offset + length <= bank.size:
                 return view, offset
         raise GuestMemoryError(f"guest access outside RAM: {length} bytes at {address:#x}")
 
