@@ -1,0 +1,235 @@
+"""virtio-blk (virtio 1.2 §5.2) over a raw image file.
+
+Requests are a 16-byte header (type, reserved, sector) in readable buffers, data, and a status
+byte in the last writable byte. Data moves between guest RAM and the image with `os.preadv` /
+`os.pwritev` straight on guest-memory views, so a write is on the file (or, with `direct`, on
+the disk) before the request completes; T_FLUSH is `fdatasync`. Discard and write-zeroes use
+`fallocate` and are offered only when a probe shows the image's file system supports them.
+
+The image is locked with `flock` (exclusive when writable, shared when read-only), so two
+monitors cannot open the same writable image. `parse_disk_option` reads the CLI's
+`-d PATH[,ro][,direct]`.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+
+from kvmlet.errors import KvmletError
+from kvmlet.memory import GuestMemory
+from kvmlet.virtio.blk_io import (
+    DIRECT_ALIGNMENT,
+    FALLOC_FL_PUNCH_HOLE,
+    FALLOC_FL_ZERO_RANGE,
+    ImageIo,
+    probe_fallocate,
+)
+from kvmlet.virtio.device import VirtioDevice
+from kvmlet.virtio.queue import DescriptorChain, slice_views
+
+VIRTIO_ID_BLOCK = 2
+
+VIRTIO_BLK_F_SIZE_MAX = 1
+VIRTIO_BLK_F_SEG_MAX = 2
+VIRTIO_BLK_F_RO = 5
+VIRTIO_BLK_F_BLK_SIZE = 6
+VIRTIO_BLK_F_FLUSH = 9
+VIRTIO_BLK_F_DISCARD = 13
+VIRTIO_BLK_F_WRITE_ZEROES = 14
+
+VIRTIO_BLK_T_IN = 0
+VIRTIO_BLK_T_OUT = 1
+VIRTIO_BLK_T_FLUSH = 4
+VIRTIO_BLK_T_GET_ID = 8
+VIRTIO_BLK_T_DISCARD = 11
+VIRTIO_BLK_T_WRITE_ZEROES = 13
+
+VIRTIO_BLK_S_OK = 0
+VIRTIO_BLK_S_IOERR = 1
+VIRTIO_BLK_S_UNSUPP = 2
+
+VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP = 1
+
+SECTOR_SIZE = 512
+ID_BYTES = 20
+QUEUE_SIZE = 256
+SEG_MAX = QUEUE_SIZE - 2
+SIZE_MAX = 1 << 20
+MAX_RANGE_SECTORS = 0x3F_FFFF
+MAX_RANGE_SEGMENTS = 32
+
+_HEADER = struct.Struct("<IIQ")
+_RANGE = struct.Struct("<QII")
+# capacity, size_max, seg_max, geometry, blk_size, topology, writeback + unused + num_queues,
+# max_discard_sectors, max_discard_seg, discard_sector_alignment, max_write_zeroes_sectors,
+# max_write_zeroes_seg, write_zeroes_may_unmap + 3 unused bytes.
+_CONFIG = struct.Struct("<QII4sI8s4sIIIIIB3x")
+
+
+@dataclass(frozen=True)
+class DiskOptions:
+    """One `-d` option: the image path and its flags."""
+
+    path: str
+    read_only: bool = False
+    direct: bool = False
+
+
+def parse_disk_option(text: str) -> DiskOptions:
+    """Parse `PATH[,ro][,direct]`; a malformed option is a KvmletError."""
+    path, *flags = text.split(",")
+    if not path:
+        raise KvmletError(f"disk option {text!r}: missing image path")
+    unknown = set(flags) - {"ro", "direct"}
+    if unknown:
+        raise KvmletError(f"disk option {text!r}: unknown flag {sorted(unknown)[0]!r}")
+    return DiskOptions(path, read_only="ro" in flags, direct="direct" in flags)
+
+
+class _RequestFailed(Exception):
+    """A request the device completes with a non-OK status."""
+
+    def __init__(self, status: int):
+        self.status = status
+
+
+class VirtioBlock(VirtioDevice):
+    """A virtio block device backed by a raw image file."""
+
+    device_id = VIRTIO_ID_BLOCK
+    name = "virtio-blk"
+
+    def __init__(self, memory: GuestMemory, options: DiskOptions, serial: str | None = None):
+        self.options = options
+        self.image = ImageIo.open(options.path, options.read_only, options.direct)
+        try:
+            self.capacity_sectors = self.image.size // SECTOR_SIZE
+            self.serial = (serial or self._default_serial()).encode()[:ID_BYTES]
+            punch, zero = (False, False) if options.read_only else probe_fallocate(options.path)
+            self.can_discard, self.can_write_zeroes = punch, zero
+            super().__init__(memory, [QUEUE_SIZE], self._features(), self._config_bytes())
+        except BaseException:
+            self.image.close()
+            raise
+
+    def _default_serial(self) -> str:
+        status = os.fstat(self.image.fd)
+        return f"kvmlet-{status.st_dev:x}-{status.st_ino:x}"
+
+    def _features(self) -> int:
+        features = (
+            1 << VIRTIO_BLK_F_SIZE_MAX
+            | 1 << VIRTIO_BLK_F_SEG_MAX
+            | 1 << VIRTIO_BLK_F_BLK_SIZE
+            | 1 << VIRTIO_BLK_F_FLUSH
+        )
+        if self.options.read_only:
+            features |= 1 << VIRTIO_BLK_F_RO
+        if self.can_discard:
+            features |= 1 << VIRTIO_BLK_F_DISCARD
+        if self.can_write_zeroes:
+            features |= 1 << VIRTIO_BLK_F_WRITE_ZEROES
+        return features
+
+    def _config_bytes(self) -> bytes:
+        block_size = DIRECT_ALIGNMENT if self.options.direct else SECTOR_SIZE
+        return _CONFIG.pack(
+            self.capacity_sectors,
+            SIZE_MAX,
+            SEG_MAX,
+            bytes(4),
+            block_size,
+            bytes(8),
+            bytes(4),
+            MAX_RANGE_SECTORS,
+            MAX_RANGE_SEGMENTS,
+            DIRECT_ALIGNMENT // SECTOR_SIZE,
+            MAX_RANGE_SECTORS,
+            MAX_RANGE_SEGMENTS,
+            int(self.can_discard),
+        )
+
+    def close(self) -> None:
+        super().close()
+        self.image.close()
+
+    def queue_notified(self, queue_index: int) -> None:
+        self.process_available(queue_index, self._handle)
+
+    def _handle(self, chain: DescriptorChain) -> int:
+        """Serve one request; returns the bytes written into the chain (data + status)."""
+        if chain.writable_length == 0:
+            return 0
+        try:
+            if chain.readable_length < _HEADER.size:
+                raise _RequestFailed(VIRTIO_BLK_S_IOERR)
+            request_type, _, sector = _HEADER.unpack(chain.read(0, _HEADER.size))
+            written = self._serve(chain, request_type, sector)
+            status = VIRTIO_BLK_S_OK
+        except _RequestFailed as failure:
+            written, status = 0, failure.status
+        except OSError:
+            written, status = 0, VIRTIO_BLK_S_IOERR
+        chain.write(bytes([status]), chain.writable_length - 1)
+        return written + 1
+
+    def _serve(self, chain: DescriptorChain, request_type: int, sector: int) -> int:
+        status_offset = chain.writable_length - 1
+        if request_type == VIRTIO_BLK_T_IN:
+            views = slice_views(chain.writable_views(), 0, status_offset)
+            return self.image.read_into(views, self._byte_range(sector, status_offset))
+        if request_type == VIRTIO_BLK_T_OUT:
+            self._refuse_if_read_only()
+            length = chain.readable_length - _HEADER.size
+            views = slice_views(chain.readable_views(), _HEADER.size, chain.readable_length)
+            self.image.write_from(views, self._byte_range(sector, length))
+            return 0
+        if request_type == VIRTIO_BLK_T_FLUSH:
+            self.image.flush()
+            return 0
+        if request_type == VIRTIO_BLK_T_GET_ID:
+            return chain.write(self.serial.ljust(ID_BYTES, b"\0")[:status_offset])
+        if request_type == VIRTIO_BLK_T_DISCARD and self.can_discard:
+            self._serve_ranges(chain, allowed_flags=0, unmap_mode=FALLOC_FL_PUNCH_HOLE)
+            return 0
+        if request_type == VIRTIO_BLK_T_WRITE_ZEROES and self.can_write_zeroes:
+            self._serve_ranges(
+                chain, allowed_flags=VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP, unmap_mode=None
+            )
+            return 0
+        raise _RequestFailed(VIRTIO_BLK_S_UNSUPP)
+
+    def _refuse_if_read_only(self) -> None:
+        if self.options.read_only:
+            raise _RequestFailed(VIRTIO_BLK_S_IOERR)
+
+    def _byte_range(self, sector: int, length: int) -> int:
+        """The image offset of a data transfer, or IOERR when it is misaligned or out of range."""
+        if length % SECTOR_SIZE or sector + length // SECTOR_SIZE > self.capacity_sectors:
+            raise _RequestFailed(VIRTIO_BLK_S_IOERR)
+        return sector * SECTOR_SIZE
+
+    def _serve_ranges(self, chain: DescriptorChain, allowed_flags: int, unmap_mode: int | None):
+        """Discard (punch holes) or write zeroes over each 16-byte range segment."""
+        self._refuse_if_read_only()
+        payload = chain.read(_HEADER.size)
+        if not payload or len(payload) % _RANGE.size:
+            raise _RequestFailed(VIRTIO_BLK_S_IOERR)
+        if len(payload) // _RANGE.size > MAX_RANGE_SEGMENTS:
+            raise _RequestFailed(VIRTIO_BLK_S_IOERR)
+        ranges = list(_RANGE.iter_unpack(payload))
+        for sector, count, flags in ranges:
+            if flags & ~allowed_flags:
+                raise _RequestFailed(VIRTIO_BLK_S_UNSUPP)
+            if count > MAX_RANGE_SECTORS or sector + count > self.capacity_sectors:
+                raise _RequestFailed(VIRTIO_BLK_S_IOERR)
+        for sector, count, flags in ranges:
+            if unmap_mode is not None:
+                mode = unmap_mode
+            elif flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP and self.can_discard:
+                mode = FALLOC_FL_PUNCH_HOLE
+            else:
+                mode = FALLOC_FL_ZERO_RANGE
+            self.image.fallocate(mode, sector * SECTOR_SIZE, count * SECTOR_SIZE)

@@ -1,0 +1,262 @@
+"""Split virtqueues (virtio 1.2 §2.7) over bounds-checked guest memory.
+
+A split virtqueue is three guest-memory structures the driver lays out and the device reads:
+the descriptor table (16-byte entries: address, length, flags, next), the available ring (the
+driver's list of chain heads, plus `used_event`) and the used ring (the device's list of
+completed heads with the bytes it wrote, plus `avail_event`).
+
+Everything in them is written by the guest and therefore hostile. `Virtqueue.pop()` walks a
+chain with a bounded budget (a loop ends the walk), checks every index against its table, every
+buffer against guest RAM, the readable-before-writable order and the indirect-table rules; any
+violation raises `VirtqueueError`, which the device turns into DEVICE_NEEDS_RESET.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from kvmlet.errors import GuestMemoryError
+from kvmlet.memory import GuestMemory
+
+VIRTQ_DESC_F_NEXT = 1
+VIRTQ_DESC_F_WRITE = 2
+VIRTQ_DESC_F_INDIRECT = 4
+VIRTQ_USED_F_NO_NOTIFY = 1
+VIRTQ_AVAIL_F_NO_INTERRUPT = 1
+
+MAX_QUEUE_SIZE = 32768
+DESCRIPTOR_SIZE = 16
+MAX_CHAIN_BYTES = 0xFFFF_FFFF
+
+_DESCRIPTOR = struct.Struct("<QIHH")
+_U16 = struct.Struct("<H")
+_USED_ELEMENT = struct.Struct("<II")
+
+
+class VirtqueueError(Exception):
+    """The driver broke the virtqueue protocol (guest-controlled: never fatal to the monitor)."""
+
+
+def vring_need_event(event_index: int, new_index: int, old_index: int) -> bool:
+    """Whether moving an index from `old_index` to `new_index` crossed `event_index` (mod 2**16)."""
+    return (new_index - event_index - 1) & 0xFFFF < (new_index - old_index) & 0xFFFF
+
+
+def slice_views(views: Iterable[memoryview], start: int, stop: int) -> list[memoryview]:
+    """The bytes [start, stop) of the concatenation of `views`, as zero-copy views."""
+    result = []
+    position = 0
+    for view in views:
+        end = position + len(view)
+        low, high = max(start, position), min(stop, end)
+        if low < high:
+            result.append(view[low - position : high - position])
+        position = end
+        if position >= stop:
+            break
+    return result
+
+
+@dataclass
+class DescriptorChain:
+    """One available chain: its head index and its buffers as (guest address, length) pairs.
+
+    Every buffer was checked to lie inside guest RAM when the chain was popped.
+    """
+
+    memory: GuestMemory = field(repr=False)
+    head: int
+    readable: list[tuple[int, int]]
+    writable: list[tuple[int, int]]
+
+    @property
+    def readable_length(self) -> int:
+        return sum(length for _, length in self.readable)
+
+    @property
+    def writable_length(self) -> int:
+        return sum(length for _, length in self.writable)
+
+    def readable_views(self) -> list[memoryview]:
+        return [self.memory.view(address, length) for address, length in self.readable]
+
+    def writable_views(self) -> list[memoryview]:
+        return [self.memory.view(address, length) for address, length in self.writable]
+
+    def read(self, start: int = 0, stop: int | None = None) -> bytes:
+        """A copy of readable bytes [start, stop) (to the end when stop is None)."""
+        end = self.readable_length if stop is None else stop
+        return b"".join(slice_views(self.readable_views(), start, end))
+
+    def write(self, data: bytes | bytearray | memoryview, offset: int = 0) -> int:
+        """Copy `data` into the writable buffers from `offset`; returns the bytes copied."""
+        source = memoryview(data).cast("B")
+        copied = 0
+        for view in slice_views(self.writable_views(), offset, offset + len(source)):
+            view[:] = source[copied : copied + len(view)]
+            copied += len(view)
+        return copied
+
+
+class Virtqueue:
+    """The device side of one split virtqueue.
+
+    The transport fills in `size`, the three ring addresses and `ready`; the device calls
+    `activate()` when the driver sets DRIVER_OK (or readies the queue afterwards), then `pop()`,
+    `push()` and `needs_interrupt()` from its worker thread.
+    """
+
+    def __init__(self, memory: GuestMemory, max_size: int):
+        if not (0 < max_size <= MAX_QUEUE_SIZE and max_size & (max_size - 1) == 0):
+            raise ValueError(f"queue size {max_size} is not a power of two up to 32768")
+        self.memory = memory
+        self.max_size = max_size
+        self.reset()
+
+    def reset(self) -> None:
+        """Back to the state after a device reset (releasing any guest-memory views)."""
+        self.deactivate()
+        self.size = self.max_size
+        self.ready = False
+        self.descriptor_table = 0
+        self.available_ring = 0
+        self.used_ring = 0
+
+    def deactivate(self) -> None:
+        """Forget the ring views and positions (the queue's configuration stays)."""
+        for view in getattr(self, "_views", ()):
+            view.release()
+        self._views: tuple[memoryview, ...] = ()
+        self.active = False
+        self.event_index = False
+        self.indirect = False
+        self.last_available = 0
+        self._available_shadow = 0
+        self.used_index = 0
+        self._signalled_used = 0
+
+    def activate(self, event_index: bool, indirect: bool) -> None:
+        """Validate the driver's layout and start using the rings; raises VirtqueueError."""
+        self.deactivate()
+        size = self.size
+        if not (0 < size <= self.max_size and size & (size - 1) == 0):
+            raise VirtqueueError(f"queue size {size} is not a power of two up to {self.max_size}")
+        layout = (
+            ("descriptor table", self.descriptor_table, DESCRIPTOR_SIZE * size, 16),
+            ("available ring", self.available_ring, 6 + 2 * size, 2),
+            ("used ring", self.used_ring, 6 + 8 * size, 4),
+        )
+        views = []
+        for name, address, length, alignment in layout:
+            if address % alignment:
+                raise VirtqueueError(f"{name} at {address:#x} is not {alignment}-byte aligned")
+            try:
+                views.append(self.memory.view(address, length))
+            except GuestMemoryError as error:
+                for view in views:
+                    view.release()
+                raise VirtqueueError(f"{name}: {error}") from None
+        self._descriptors, self._available, self._used = views
+        self._views = tuple(views)
+        self.event_index = event_index
+        self.indirect = indirect
+        self.active = True
+
+    def pop(self) -> DescriptorChain | None:
+        """The next available chain, or None when the driver has posted nothing new.
+
+        The available index is read from guest memory only once all chains seen at the previous
+        read have been taken, so a batch costs one read of `avail.idx`.
+        """
+        if self.last_available == self._available_shadow:
+            self._available_shadow = _U16.unpack_from(self._available, 2)[0]
+            pending = (self._available_shadow - self.last_available) & 0xFFFF
+            if pending > self.size:
+                raise VirtqueueError(f"{pending} new buffers claimed in a ring of {self.size}")
+            if pending == 0:
+                return None
+        slot = self.last_available & (self.size - 1)
+        head = _U16.unpack_from(self._available, 4 + 2 * slot)[0]
+        self.last_available = (self.last_available + 1) & 0xFFFF
+        return self._walk(head)
+
+    def _walk(self, head: int) -> DescriptorChain:
+        readable: list[tuple[int, int]] = []
+        writable: list[tuple[int, int]] = []
+        table, table_entries = self._descriptors, self.size
+        index, in_indirect_table = head, False
+        buffers = total_bytes = 0
+        while True:
+            if index >= table_entries:
+                raise VirtqueueError(f"descriptor index {index} outside a table of {table_entries}")
+            address, length, flags, next_index = _DESCRIPTOR.unpack_from(table, 16 * index)
+            if flags & VIRTQ_DESC_F_INDIRECT:
+                table, table_entries = self._indirect(address, length, flags, in_indirect_table)
+                index, in_indirect_table = 0, True
+                continue
+            buffers += 1
+            total_bytes += length
+            if buffers > self.size:
+                raise VirtqueueError(f"chain at head {head} is longer than the queue (a loop?)")
+            if total_bytes > MAX_CHAIN_BYTES:
+                raise VirtqueueError(f"chain at head {head} is longer than 4 GiB")
+            if not self.memory.contains(address, length):
+                raise VirtqueueError(f"buffer of {length} bytes at {address:#x} is outside RAM")
+            if flags & VIRTQ_DESC_F_WRITE:
+                writable.append((address, length))
+            elif writable:
+                raise VirtqueueError(f"chain at head {head}: readable buffer after a writable one")
+            else:
+                readable.append((address, length))
+            if not flags & VIRTQ_DESC_F_NEXT:
+                return DescriptorChain(self.memory, head, readable, writable)
+            index = next_index
+
+    def _indirect(
+        self, address: int, length: int, flags: int, in_indirect_table: bool
+    ) -> tuple[memoryview, int]:
+        if not self.indirect:
+            raise VirtqueueError("indirect descriptor without VIRTIO_F_INDIRECT_DESC")
+        if in_indirect_table:
+            raise VirtqueueError("indirect descriptor inside an indirect table")
+        if flags & VIRTQ_DESC_F_NEXT:
+            raise VirtqueueError("indirect descriptor with the NEXT flag")
+        if length == 0 or length % DESCRIPTOR_SIZE:
+            raise VirtqueueError(f"indirect table length {length} is not a multiple of 16")
+        try:
+            return self.memory.view(address, length), length // DESCRIPTOR_SIZE
+        except GuestMemoryError as error:
+            raise VirtqueueError(f"indirect table: {error}") from None
+
+    def push(self, head: int, written: int) -> None:
+        """Return chain `head` to the driver, saying the device wrote `written` bytes into it."""
+        slot = self.used_index & (self.size - 1)
+        _USED_ELEMENT.pack_into(self._used, 4 + 8 * slot, head, written)
+        self.used_index = (self.used_index + 1) & 0xFFFF
+        _U16.pack_into(self._used, 2, self.used_index)
+
+    def needs_interrupt(self) -> bool:
+        """Whether the driver wants an interrupt for what was pushed since the last call."""
+        old, new = self._signalled_used, self.used_index
+        self._signalled_used = new
+        if old == new:
+            return False
+        if self.event_index:
+            used_event = _U16.unpack_from(self._available, 4 + 2 * self.size)[0]
+            return vring_need_event(used_event, new, old)
+        return not _U16.unpack_from(self._available, 0)[0] & VIRTQ_AVAIL_F_NO_INTERRUPT
+
+    def disable_notifications(self) -> None:
+        """Ask the driver not to kick while the device is already processing the queue."""
+        if not self.event_index:
+            _U16.pack_into(self._used, 0, VIRTQ_USED_F_NO_NOTIFY)
+
+    def enable_notifications(self) -> bool:
+        """Ask for a kick on the next new buffer; returns whether buffers arrived meanwhile."""
+        if self.event_index:
+            _U16.pack_into(self._used, 4 + 8 * self.size, self.last_available)
+        else:
+            _U16.pack_into(self._used, 0, 0)
+        return _U16.unpack_from(self._available, 2)[0] != self.last_available
