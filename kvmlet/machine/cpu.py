@@ -116,8 +116,7 @@ def build_cpuid(
                 | (entry.ebx & 0xFF)
             )
             entry.ecx |= LEAF1_ECX_HYPERVISOR
-            if vcpu_count > 1:
-                entry.edx |= LEAF1_EDX_HTT
+            entry.edx = entry.edx | LEAF1_EDX_HTT if vcpu_count > 1 else entry.edx & ~LEAF1_EDX_HTT
         elif entry.function == CPUID_EXTENDED_TOPOLOGY:
             entry.edx = vcpu_id
         elif entry.function == CPUID_KVM_SIGNATURE:
