@@ -1,0 +1,23 @@
+"""Boot loaders: a Linux kernel (bzImage or ELF vmlinux), initrd and command line into guest
+memory, with the boot-time structures (zero page or PVH start_info, MP table, GDT, page tables).
+
+Entry points: `load_kernel` (the machine) and `inspect_kernel` (early checks in the CLI).
+"""
+
+from kvmlet.machine.boot.loader import (
+    BOOT_METHODS,
+    BootMethod,
+    KernelInfo,
+    inspect_kernel,
+    load_kernel,
+)
+from kvmlet.machine.boot.mptable import PciInterrupt
+
+__all__ = [
+    "BOOT_METHODS",
+    "BootMethod",
+    "KernelInfo",
+    "PciInterrupt",
+    "inspect_kernel",
+    "load_kernel",
+]
