@@ -1,0 +1,285 @@
+"""Address spaces: a region tree, its published flat view, and the dispatcher.
+
+`read`/`write` are the vCPU run loop's hot path. The common case (an aligned access of a width
+the handler implements, no byte swap, inside one range) costs one bisect, one tuple unpack, one
+lock and one handler call; everything else (splitting, widening, byte swapping, straddling,
+unassigned addresses, invalid widths) takes `_access`, the general path.
+
+After each rebuild, listeners get the difference from the previous view: RAM sections and
+event notifiers removed, then added. A listener added late gets the current state as adds.
+"""
+
+from __future__ import annotations
+
+import logging
+from bisect import bisect_right
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
+from typing import Protocol
+
+from kvmlet.bus import topology
+from kvmlet.bus.access import read_region, write_region
+from kvmlet.bus.flat import FlatView, IoEventNotifier, MemorySection
+from kvmlet.bus.region import ContainerRegion, Region
+
+log = logging.getLogger("kvmlet.bus")
+
+PORT_IO_SIZE = 1 << 16
+MMIO_SIZE = 1 << 64
+MAX_TRACKED_ADDRESSES = 4096
+"""Distinct unassigned addresses counted one by one; past this only totals grow."""
+
+_MASKS = tuple((1 << (8 * size)) - 1 for size in range(9))
+
+TraceHook = Callable[[str, int, int, bool, int, str | None], None]
+"""(space_name, address, size, is_write, value, region_name or None when unassigned)."""
+
+
+class MemoryListener(Protocol):
+    """What the KVM layer implements to keep memory slots and ioeventfds in step."""
+
+    def region_added(self, section: MemorySection) -> None: ...
+
+    def region_removed(self, section: MemorySection) -> None: ...
+
+    def eventfd_added(self, notifier: IoEventNotifier) -> None: ...
+
+    def eventfd_removed(self, notifier: IoEventNotifier) -> None: ...
+
+
+class AddressSpace:
+    """Port I/O (`port_io=True`, 64 KiB) or MMIO (2**64 bytes) as the guest sees it."""
+
+    def __init__(self, name: str, size: int, *, port_io: bool = False):
+        self.name = name
+        self.size = size
+        self.port_io = port_io
+        self.root = ContainerRegion(name, size)
+        self.root.spaces.append(self)
+        self.listeners: list[MemoryListener] = []
+        self.trace: TraceHook | None = None
+        self.unassigned_reads: dict[int, int] = {}
+        self.unassigned_writes: dict[int, int] = {}
+        self.unassigned_total = 0
+        self.invalid_accesses = 0
+        self.handler_errors = 0
+        self.rebuilds = 0
+        self._view = FlatView(name, port_io, self.root, size)
+
+    def __repr__(self) -> str:
+        return f"<AddressSpace {self.name!r} size={self.size:#x}>"
+
+    @property
+    def view(self) -> FlatView:
+        """The current flat view (immutable; replaced whole on each rebuild)."""
+        return self._view
+
+    def transaction(self) -> AbstractContextManager[None]:
+        """Batch tree changes (of any address space) into one rebuild each."""
+        return topology.transaction()
+
+    def rebuild(self) -> None:
+        """Re-render the flat view, publish it, and tell listeners what changed."""
+        with topology.lock:
+            old = self._view
+            new = FlatView(self.name, self.port_io, self.root, self.size)
+            self._view = new
+            self.rebuilds += 1
+            if self.listeners:
+                self._notify(old, new)
+
+    def _notify(self, old: FlatView, new: FlatView) -> None:
+        gone_notifiers = sorted(old.notifiers - new.notifiers, key=_notifier_key)
+        gone_sections = sorted(old.sections - new.sections, key=_section_key)
+        new_sections = sorted(new.sections - old.sections, key=_section_key)
+        new_notifiers = sorted(new.notifiers - old.notifiers, key=_notifier_key)
+        for listener in list(self.listeners):
+            for notifier in gone_notifiers:
+                listener.eventfd_removed(notifier)
+            for section in gone_sections:
+                listener.region_removed(section)
+            for section in new_sections:
+                listener.region_added(section)
+            for notifier in new_notifiers:
+                listener.eventfd_added(notifier)
+
+    def add_listener(self, listener: MemoryListener) -> None:
+        """Register `listener` and replay the current sections and notifiers to it as adds."""
+        with topology.lock:
+            self.listeners.append(listener)
+            view = self._view
+            for section in sorted(view.sections, key=_section_key):
+                listener.region_added(section)
+            for notifier in sorted(view.notifiers, key=_notifier_key):
+                listener.eventfd_added(notifier)
+
+    def remove_listener(self, listener: MemoryListener) -> None:
+        with topology.lock:
+            self.listeners.remove(listener)
+
+    def read(self, address: int, size: int) -> int:
+        """Guest read of `size` bytes at `address`, as a little-endian int."""
+        view = self._view
+        end, delta, direct, lock, read, _, region = view.entries[
+            bisect_right(view.starts, address) - 1
+        ]
+        offset = address - delta
+        if address + size <= end and size in direct and not offset & (size - 1):
+            try:
+                if lock is None:
+                    value = read(offset, size) & _MASKS[size]
+                    region.reads += 1
+                    region.bytes_read += size
+                else:
+                    with lock:
+                        value = read(offset, size) & _MASKS[size]
+                        region.reads += 1
+                        region.bytes_read += size
+            except Exception:
+                self._handler_failed(region, address, size, False)
+                return _MASKS[size]
+            if self.trace is not None:
+                self.trace(self.name, address, size, False, value, region.name)
+            return value
+        return self._access(address, size, 0, False)
+
+    def write(self, address: int, size: int, value: int) -> None:
+        """Guest write of `size` bytes (little-endian `value`) at `address`."""
+        view = self._view
+        end, delta, direct, lock, _, write, region = view.entries[
+            bisect_right(view.starts, address) - 1
+        ]
+        offset = address - delta
+        if address + size <= end and size in direct and not offset & (size - 1):
+            value &= _MASKS[size]
+            try:
+                if lock is None:
+                    write(offset, size, value)
+                    region.writes += 1
+                    region.bytes_written += size
+                else:
+                    with lock:
+                        write(offset, size, value)
+                        region.writes += 1
+                        region.bytes_written += size
+            except Exception:
+                self._handler_failed(region, address, size, True)
+                return
+            if self.trace is not None:
+                self.trace(self.name, address, size, True, value, region.name)
+            return
+        self._access(address, size, value, True)
+
+    def _access(self, address: int, size: int, value: int, is_write: bool) -> int:
+        """The general path: any width, alignment, byte order, straddle or gap."""
+        if not 1 <= size <= 8:
+            raise ValueError(f"{self.name}: access width {size} is not 1-8 bytes")
+        value &= _MASKS[size]
+        view = self._view
+        pieces = []
+        position, end = address, address + size
+        while position < end:
+            flat = view.lookup(position)
+            piece_end = min(end, flat.end)
+            pieces.append((position, piece_end - position, flat))
+            position = piece_end
+        first = pieces[0][2]
+        valid = first.region is None or first.region.valid.permits(
+            first.offset + address - first.start, size
+        )
+        if not valid:
+            self.invalid_accesses += 1
+            log.debug("%s: invalid %d-byte access at %#x", self.name, size, address)
+        result = 0
+        for position, length, flat in pieces:
+            shift = 8 * (position - address)
+            region = flat.region
+            if region is None or not valid:
+                self._count_unassigned(position, is_write)
+                result |= _MASKS[length] << shift
+                continue
+            offset = flat.offset + position - flat.start
+            guard = region.lock or nullcontext()
+            try:
+                with guard:
+                    if is_write:
+                        write_region(region, offset, length, value >> shift & _MASKS[length])
+                        region.writes += 1
+                        region.bytes_written += length
+                    else:
+                        result |= read_region(region, offset, length) << shift
+                        region.reads += 1
+                        region.bytes_read += length
+            except Exception:
+                self._handler_failed(region, position, length, is_write)
+                result |= _MASKS[length] << shift
+        if is_write:
+            result = value
+        if self.trace is not None:
+            first_region = first.region.name if first.region is not None and valid else None
+            self.trace(self.name, address, size, is_write, result, first_region)
+        return result
+
+    def _count_unassigned(self, address: int, is_write: bool) -> None:
+        self.unassigned_total += 1
+        counts = self.unassigned_writes if is_write else self.unassigned_reads
+        if address in counts:
+            counts[address] += 1
+        elif len(counts) < MAX_TRACKED_ADDRESSES:
+            counts[address] = 1
+            log.debug(
+                "%s: unassigned %s at %#x", self.name, "write" if is_write else "read", address
+            )
+
+    def _handler_failed(self, region: Region, address: int, size: int, is_write: bool) -> None:
+        self.handler_errors += 1
+        log.exception(
+            "%s: handler of %r failed on %d-byte %s at %#x",
+            self.name,
+            region.name,
+            size,
+            "write" if is_write else "read",
+            address,
+        )
+
+    def regions(self) -> Iterator[Region]:
+        """Every region of the tree (placed or disabled), depth first."""
+        pending = [self.root]
+        while pending:
+            region = pending.pop()
+            yield region
+            pending.extend(reversed(region.subregions))
+
+    def stats(self) -> dict:
+        """Per-region access counters (regions with traffic) and unassigned/invalid counts."""
+        return {
+            "regions": {
+                region.name: region.counters()
+                for region in self.regions()
+                if region.reads or region.writes
+            },
+            "unassigned_total": self.unassigned_total,
+            "unassigned_reads": dict(self.unassigned_reads),
+            "unassigned_writes": dict(self.unassigned_writes),
+            "invalid_accesses": self.invalid_accesses,
+            "handler_errors": self.handler_errors,
+        }
+
+
+def _section_key(section: MemorySection) -> tuple[int, int]:
+    return section.start, section.size
+
+
+def _notifier_key(notifier: IoEventNotifier) -> tuple[int, int, int]:
+    datamatch = -1 if notifier.datamatch is None else notifier.datamatch
+    return notifier.address, notifier.size, datamatch
+
+
+def port_io_space(name: str = "io") -> AddressSpace:
+    """The 64 KiB x86 port I/O space."""
+    return AddressSpace(name, PORT_IO_SIZE, port_io=True)
+
+
+def mmio_space(name: str = "memory") -> AddressSpace:
+    """The 64-bit guest-physical (MMIO and RAM) space."""
+    return AddressSpace(name, MMIO_SIZE)

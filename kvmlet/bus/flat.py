@@ -1,0 +1,227 @@
+"""Rendering a region tree into a flat view: sorted, non-overlapping ranges for bisection.
+
+The tree is walked winners first (at each level: higher priority, then later insertion; a
+region's subregions before the region itself) and each leaf "paints" the parts of its extent,
+clipped to every enclosing container, that nothing painted before covers. The result is a list
+of `FlatRange`s that tile the address space exactly, with gaps filled by unassigned ranges
+(region None), so a lookup always lands on a range.
+
+The view also carries what listeners need: RAM/ROM sections and the visible event notifiers,
+as immutable, hashable values so that a rebuild's difference is a pair of set differences.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left, bisect_right
+from dataclasses import dataclass, field
+from operator import gt
+from typing import Any
+
+from kvmlet.bus.region import RamRegion, Region
+
+UNASSIGNED_END = 1 << 66
+"""End of the last unassigned range: past any address the guest can produce."""
+UNASSIGNED_START = -(1 << 66)
+"""Start of the first unassigned range, so negative addresses still land on a range."""
+
+
+@dataclass(frozen=True, slots=True)
+class FlatRange:
+    """[start, end) of the address space shows `region` (None: unassigned) from `offset`."""
+
+    start: int
+    end: int
+    region: Region | None
+    offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class MemorySection:
+    """A visible piece of a RAM/ROM region, for the KVM layer's memory slots."""
+
+    address_space: str
+    start: int
+    size: int
+    region: RamRegion
+    region_offset: int
+    readonly: bool
+    backing: Any = field(compare=False)
+    backing_offset: int = 0
+
+    @property
+    def end(self) -> int:
+        return self.start + self.size
+
+
+@dataclass(frozen=True, slots=True)
+class IoEventNotifier:
+    """A visible doorbell, for the KVM layer's ioeventfds (KVM_IOEVENTFD_FLAG_PIO if port_io)."""
+
+    address_space: str
+    port_io: bool
+    address: int
+    size: int
+    datamatch: int | None
+    eventfd: Any
+    region_name: str = field(compare=False, default="")
+
+
+class _Painter:
+    """Collects flat ranges, each claiming only what earlier (winning) ranges left free."""
+
+    def __init__(self) -> None:
+        self.covered_starts: list[int] = []
+        self.covered_ends: list[int] = []
+        self.ranges: list[tuple[int, int, Region, int]] = []
+
+    def paint(self, start: int, end: int, region: Region, region_base: int) -> None:
+        starts, ends = self.covered_starts, self.covered_ends
+        index = bisect_right(ends, start)
+        cursor = start
+        while index < len(starts) and starts[index] < end:
+            if starts[index] > cursor:
+                self.ranges.append((cursor, starts[index], region, cursor - region_base))
+            cursor = max(cursor, ends[index])
+            index += 1
+        if cursor < end:
+            self.ranges.append((cursor, end, region, cursor - region_base))
+        first = bisect_left(ends, start)
+        last = bisect_right(starts, end)
+        if first < last:
+            start = min(start, starts[first])
+            end = max(end, ends[last - 1])
+        starts[first:last] = [start]
+        ends[first:last] = [end]
+
+
+def _visible_leaves(root: Region, size: int) -> tuple[list[tuple], list[tuple[Region, int]]]:
+    """Leaves as (low, high, region, base), clipped to their containers, winners first; and
+    (region, base) of the visible regions that declare event notifiers."""
+    leaves: list[tuple] = []
+    with_notifiers: list[tuple[Region, int]] = []
+
+    def visit(region: Region, base: int, low: int, high: int) -> None:
+        low = max(low, base)
+        high = min(high, base + region.size)
+        if low >= high:
+            return
+        if region.eventfds:
+            with_notifiers.append((region, base))
+        for child in region.subregions:
+            if child.enabled:
+                visit(child, base + child.offset, low, high)
+        if region.is_leaf:
+            leaves.append((low, high, region, base))
+
+    visit(root, 0, 0, size)
+    return leaves, with_notifiers
+
+
+def render(root: Region, size: int) -> tuple[list[tuple], list[tuple[Region, int]]]:
+    """Visible pieces as sorted (start, end, region, offset) tuples, without gaps; and the
+    (region, base) of visible regions with event notifiers.
+
+    When no two visible leaves overlap (the usual case) the leaves are the answer; otherwise
+    they are painted winners first."""
+    leaves, with_notifiers = _visible_leaves(root, size)
+    ordered = sorted(leaves, key=_first)
+    lows = [leaf[0] for leaf in ordered]
+    highs = [leaf[1] for leaf in ordered]
+    if any(map(gt, highs, lows[1:])):
+        painter = _Painter()
+        for low, high, region, base in leaves:
+            painter.paint(low, high, region, base)
+        return sorted(painter.ranges, key=_first), with_notifiers
+    return [(low, high, region, low - base) for low, high, region, base in ordered], with_notifiers
+
+
+def _first(item: tuple) -> int:
+    return item[0]
+
+
+_UNASSIGNED_PLAN = (frozenset(), None, None, None, None)
+
+
+class FlatView:
+    """An immutable rendering of one address space; published by a single reference swap.
+
+    `starts` and `entries` serve the dispatcher: entry i is (end, start - offset, direct
+    widths, lock, read, write, region) for the range beginning at starts[i]."""
+
+    __slots__ = ("_ranges", "entries", "notifiers", "sections", "starts")
+
+    def __init__(self, name: str, port_io: bool, root: Region, size: int):
+        painted, with_notifiers = render(root, size)
+        ranges: list[tuple] = []
+        entries: list[tuple] = []
+        ram_regions = set()
+        cursor = UNASSIGNED_START
+        for flat in painted:
+            start, end, region, offset = flat
+            if start > cursor:
+                ranges.append((cursor, start, None, 0))
+                entries.append((start, cursor, *_UNASSIGNED_PLAN))
+            ranges.append(flat)
+            entries.append((end, start - offset, *region.dispatch_plan))
+            if region.is_ram:
+                ram_regions.add(region)
+            cursor = end
+        ranges.append((cursor, UNASSIGNED_END, None, 0))
+        entries.append((UNASSIGNED_END, cursor, *_UNASSIGNED_PLAN))
+        self._ranges = ranges
+        self.starts = [flat[0] for flat in ranges]
+        self.entries = entries
+        self.sections = frozenset(_ram_sections(name, ranges, ram_regions))
+        notifiers = set()
+        for region, base in with_notifiers:
+            for notifier in region.eventfds:
+                address = base + notifier.offset
+                flat = self.lookup(address)
+                if flat.region is region and address + notifier.size <= flat.end:
+                    notifiers.add(
+                        IoEventNotifier(
+                            name,
+                            port_io,
+                            address,
+                            notifier.size,
+                            notifier.datamatch,
+                            notifier.eventfd,
+                            region.name,
+                        )
+                    )
+        self.notifiers = frozenset(notifiers)
+
+    def lookup(self, address: int) -> FlatRange:
+        """The flat range containing `address`."""
+        return FlatRange(*self._ranges[bisect_right(self.starts, address) - 1])
+
+    @property
+    def ranges(self) -> list[FlatRange]:
+        """Every range, unassigned gaps included, sorted by start."""
+        return [FlatRange(*flat) for flat in self._ranges]
+
+    def assigned(self) -> list[FlatRange]:
+        """The ranges that show a region (gaps left out)."""
+        return [FlatRange(*flat) for flat in self._ranges if flat[2] is not None]
+
+
+def _ram_sections(name: str, ranges: list[tuple], ram: set[Region]) -> list[MemorySection]:
+    if not ram:
+        return []
+    return [
+        MemorySection(
+            name,
+            start,
+            end - start,
+            region,
+            offset,
+            region.readonly,
+            region.backing,
+            region.backing_offset + offset,
+        )
+        for start, end, region, offset in ranges
+        if region in ram
+    ]
+
+
+__all__ = ["FlatRange", "FlatView", "IoEventNotifier", "MemorySection", "render"]
