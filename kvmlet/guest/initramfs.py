@@ -1,0 +1,110 @@
+"""Packs the default guest's initramfs: Debian's static busybox, its applet links and /init.
+
+The archive is a gzip-compressed newc cpio (the kernel is built with RD_GZIP) written in pure
+Python (kvmlet.guest.cpio), so no root is needed for /dev/console. Every applet busybox lists
+with `--list-full` becomes a symlink in the archive, so the guest spends no time installing
+them at boot. The result is cached under `<cache>/initramfs/<key>/initrd.gz`, keyed by the
+busybox binary, the init script and this recipe.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import struct
+import subprocess
+from pathlib import Path
+
+from kvmlet.errors import KvmletError
+from kvmlet.guest.cpio import CpioWriter
+from kvmlet.guest.kernel import cache_root
+from kvmlet.guest.progress import Progress
+
+BUSYBOX_PATH = Path("/bin/busybox")
+INIT_SCRIPT_PATH = Path(__file__).with_name("init.sh")
+# Part of the cache key: change it whenever pack_initramfs changes what it writes.
+RECIPE_VERSION = "initramfs-1"
+_DIRECTORIES = ("bin", "sbin", "usr", "usr/bin", "usr/sbin", "dev", "etc", "proc", "sys")
+_DIRECTORIES += ("tmp", "run", "root", "mnt")
+_ELF_MAGIC = b"\x7fELF"
+_PT_INTERP = 3
+
+
+def is_static_elf(image: bytes) -> bool:
+    """True for a 64-bit little-endian ELF executable that asks for no program interpreter."""
+    if len(image) < 64 or image[:4] != _ELF_MAGIC or image[4] != 2 or image[5] != 1:
+        return False
+    program_headers, _, _, _, entry_size, count = struct.unpack_from("<QQIHHH", image, 0x20)
+    if entry_size < 4:
+        return False
+    for index in range(count):
+        offset = program_headers + index * entry_size
+        if offset + entry_size > len(image):
+            return False
+        if struct.unpack_from("<I", image, offset)[0] == _PT_INTERP:
+            return False
+    return True
+
+
+def busybox_applet_paths(busybox: Path) -> list[str]:
+    """Where busybox wants its applets (`usr/bin/awk`, `sbin/reboot`, ...), from the binary."""
+    result = subprocess.run(
+        [str(busybox), "--list-full"], capture_output=True, text=True, check=False
+    )
+    if result.returncode != 0:
+        raise KvmletError(f"{busybox} --list-full failed: {result.stderr.strip()}")
+    return sorted({line.strip().strip("/") for line in result.stdout.splitlines() if line.strip()})
+
+
+def pack_initramfs(busybox_image: bytes, applet_paths: list[str], init_script: str) -> bytes:
+    """The gzip-compressed newc archive of the default guest's root file system."""
+    archive = io.BytesIO()
+    writer = CpioWriter(archive)
+    for directory in _DIRECTORIES:
+        writer.add_directory(directory, 0o1777 if directory == "tmp" else 0o755)
+    writer.add_char_device("dev/console", 5, 1, 0o600)
+    writer.add_file("bin/busybox", busybox_image, 0o755)
+    writer.add_file("init", init_script.encode(), 0o755)
+    taken = {"bin/busybox", "init", "dev/console", *_DIRECTORIES}
+    for applet in applet_paths:
+        parent = applet.rpartition("/")[0]
+        if applet in taken or (parent and parent not in _DIRECTORIES):
+            continue
+        writer.add_symlink(applet, "/bin/busybox")
+        taken.add(applet)
+    writer.finish()
+    return gzip.compress(archive.getvalue(), compresslevel=6, mtime=0)
+
+
+def initramfs_cache_key(busybox_image: bytes, init_script: str) -> str:
+    digest = hashlib.sha256()
+    for part in (RECIPE_VERSION.encode(), busybox_image, init_script.encode()):
+        digest.update(hashlib.sha256(part).digest())
+    return digest.hexdigest()[:16]
+
+
+def ensure_initramfs(progress: Progress, busybox: Path = BUSYBOX_PATH) -> Path:
+    """The default guest's initrd, packed now if the cache does not hold it yet."""
+    if not busybox.is_file():
+        raise KvmletError(
+            f"no {busybox} for the default guest: run `apt-get install busybox-static`"
+        )
+    busybox_image = busybox.read_bytes()
+    if not is_static_elf(busybox_image):
+        raise KvmletError(
+            f"{busybox} is not a static x86-64 binary: run `apt-get install busybox-static`"
+        )
+    init_script = INIT_SCRIPT_PATH.read_text()
+    output = cache_root() / "initramfs" / initramfs_cache_key(busybox_image, init_script)
+    initrd = output / "initrd.gz"
+    if initrd.is_file():
+        return initrd
+    progress.stage(f"packing the initramfs (busybox from {busybox})")
+    image = pack_initramfs(busybox_image, busybox_applet_paths(busybox), init_script)
+    output.mkdir(parents=True, exist_ok=True)
+    staging = initrd.with_name(f"initrd.gz.{os.getpid()}.partial")
+    staging.write_bytes(image)
+    staging.rename(initrd)
+    return initrd
