@@ -46,7 +46,9 @@ def make_bzimage(
     return bytes(setup) + payload
 
 
-def _note(name: bytes, note_type: int, desc: bytes) -> bytes:
+def note(name: bytes, note_type: int, desc: bytes) -> bytes:
+    """An ELF note: header, name and description, each padded to 4 bytes."""
+
     def pad(data: bytes) -> bytes:
         return data + bytes(-len(data) % 4)
 
@@ -55,7 +57,7 @@ def _note(name: bytes, note_type: int, desc: bytes) -> bytes:
 
 def pvh_note(entry: int, size: int = 8) -> bytes:
     """A XEN_ELFNOTE_PHYS32_ENTRY note with a `size`-byte address (Linux x86-64 uses 8)."""
-    return _note(b"Xen\0", 18, entry.to_bytes(size, "little"))
+    return note(b"Xen\0", 18, entry.to_bytes(size, "little"))
 
 
 def make_elf(

@@ -33,20 +33,20 @@ def test_header_fields_are_read():
     assert len(header.raw) == 0x26C - 0x1F1
 
 
-@pytest.mark.parametrize(
-    ("image", "message"),
-    [
-        (b"", "not a Linux kernel"),
-        (b"MZ" + bytes(4094), "not a Linux kernel"),
-        (make_bzimage()[:0x204], "not a Linux kernel"),
-        (make_bzimage(version=0x020A), r"boot protocol 2\.10 is too old"),
-        (make_bzimage(xloadflags=0), "32-bit only"),
-        (make_bzimage()[:0x240], "setup header is cut short"),
-        (make_bzimage(PAYLOAD)[: 5 * 512 + 100], "protected-mode kernel is cut short"),
-        (make_bzimage(b""), "protected-mode kernel is cut short"),
-        (make_bzimage(kernel_alignment=3 * MiB), "not a power of two"),
-    ],
-)
+BAD_IMAGES = [
+    (b"", "not a Linux kernel"),
+    (b"MZ" + bytes(4094), "not a Linux kernel"),
+    (make_bzimage()[:0x204], "not a Linux kernel"),
+    (make_bzimage(version=0x020A), r"boot protocol 2\.10 is too old"),
+    (make_bzimage(xloadflags=0), "32-bit only"),
+    (make_bzimage()[:0x240], "setup header is cut short"),
+    (make_bzimage(PAYLOAD)[: 5 * 512 + 100], "protected-mode kernel is cut short"),
+    (make_bzimage(b""), "protected-mode kernel is cut short"),
+    (make_bzimage(kernel_alignment=3 * MiB), "not a power of two"),
+]
+
+
+@pytest.mark.parametrize(("image", "message"), BAD_IMAGES, ids=[m for _, m in BAD_IMAGES])
 def test_bad_images_give_one_clear_error(image, message):
     with pytest.raises(KvmletError, match=message):
         parse_setup_header(image)
