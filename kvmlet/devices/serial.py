@@ -114,7 +114,11 @@ LEGACY_SERIAL_PORTS = (
 
 
 class Uart16550:
-    """One 16550A UART; guest side `read`/`write`, host side `receive`/`on_output`."""
+    """One 16550A UART; guest side `read`/`write`, host side `receive`/`on_output`.
+
+    It takes its own lock, so its bus region may be created with `lock=None`. The counters
+    `transmitted_bytes`, `received_bytes` and `overruns` feed the console's statistics dump.
+    """
 
     def __init__(
         self,
@@ -144,6 +148,9 @@ class Uart16550:
         self._divisor = 12  # 9600 baud from the 1.8432 MHz clock, the firmware default
         self._thr_interrupt_pending = False
         self._last_rx_byte = 0
+        self.transmitted_bytes = 0
+        self.received_bytes = 0
+        self.overruns = 0
 
     # ----- host side -------------------------------------------------------------------------
 
@@ -153,6 +160,7 @@ class Uart16550:
             room = self._rx_limit() - len(self._rx_fifo)
             accepted = max(0, min(room, len(data)))
             self._rx_fifo.extend(data[:accepted])
+            self.received_bytes += accepted
             if accepted < len(data):
                 self._rx_refused = True
             if accepted:
@@ -262,7 +270,9 @@ class Uart16550:
                 self._rx_fifo.append(value)
             else:
                 self._lsr_errors |= LSR_OVERRUN
+                self.overruns += 1
         else:
+            self.transmitted_bytes += 1
             self._on_output(_ONE_BYTE[value])
         # The byte left at once: THR is empty again, which is itself an interrupt source.
         self._thr_interrupt_pending = True

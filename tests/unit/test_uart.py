@@ -103,6 +103,7 @@ def test_divisor_latch_is_behind_dlab():
     assert output == []
     uart.write(RBR_THR_DLL, 1, ord("A"))
     assert output == [b"A"]
+    assert uart.transmitted_bytes == 1
 
 
 def test_thre_interrupt_on_enable_cleared_by_iir_read_and_rearmed():
@@ -179,6 +180,7 @@ def test_receive_fifo_is_capped_and_reports_room():
     assert uart.read(RBR_THR_DLL, 1) == ord("b")
     assert space_events == [1, 1]  # reported once per refusal
     assert uart.receive(b"ef") == 2
+    assert uart.received_bytes == 1 + 4 + 2
     assert [uart.read(RBR_THR_DLL, 1) for _ in range(4)] == list(b"cdef")
 
 
@@ -190,6 +192,7 @@ def test_loopback_overrun_sets_oe_and_line_status_interrupt():
     for value in b"abc":
         uart.write(RBR_THR_DLL, 1, value)
     assert output == []
+    assert (uart.overruns, uart.transmitted_bytes) == (1, 0)
     assert uart.read(IIR_FCR, 1) == 0xC6
     assert not irq.level
     assert uart.read(LSR, 1) & 0x03 == 0x03
