@@ -315,19 +315,23 @@ class BatchedWriter:
         self.broken: OSError | None = None
         self.bytes_written = 0
         self.writes = 0
-        self._condition = threading.Condition()
+        self._condition = threading.Condition(threading.Lock())
         self._thread = threading.Thread(target=self._run, name="console-output", daemon=True)
         self._thread.start()
 
     def write(self, data: bytes) -> None:
         with self._condition:
-            while len(self._buffer) >= self._max_pending and not self._discarding():
+            buffer = self._buffer
+            if buffer and len(buffer) < self._max_pending and self.broken is None:
+                buffer += data  # the common case: a burst in progress, the thread already woken
+                return
+            while len(buffer) >= self._max_pending and not self._discarding():
                 self._condition.wait()
             if self._discarding():
                 return
-            if not self._buffer:
+            if not buffer:
                 self._condition.notify_all()
-            self._buffer += data
+            buffer += data
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until everything written so far reached the fd; False on timeout."""
