@@ -1,0 +1,268 @@
+"""Dispatch through an address space: overlap rules, unassigned accesses, counters, tracing,
+RAM regions, transactions, listeners and handler failures."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from kvmlet.bus import (
+    AccessSizes,
+    AddressSpace,
+    ContainerRegion,
+    IoRegion,
+    RamRegion,
+    RecordingListener,
+    mmio_space,
+    port_io_space,
+    transaction,
+)
+
+
+class Registers:
+    """A device that answers reads with a fixed pattern and logs every call."""
+
+    def __init__(self, pattern: int = 0x11) -> None:
+        self.pattern = pattern
+        self.calls: list[tuple] = []
+
+    def read(self, offset: int, size: int) -> int:
+        self.calls.append(("read", offset, size))
+        return (self.pattern * 0x0101010101010101) & ((1 << (8 * size)) - 1)
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self.calls.append(("write", offset, size, value))
+
+
+def test_plain_access_reaches_handler_with_region_offset():
+    space = port_io_space()
+    device = Registers()
+    space.root.add_subregion(0x3F8, IoRegion("uart", 8, device))
+    assert space.read(0x3FD, 1) == 0x11
+    space.write(0x3F9, 1, 0x5A)
+    assert device.calls == [("read", 5, 1), ("write", 1, 1, 0x5A)]
+
+
+def test_higher_priority_wins_then_later_insertion():
+    space = AddressSpace("t", 0x100)
+    low, high, late = Registers(0x01), Registers(0x02), Registers(0x03)
+    space.root.add_subregion(0x10, IoRegion("high", 0x10, high), priority=1)
+    space.root.add_subregion(0x00, IoRegion("low", 0x40, low))
+    assert space.read(0x10, 1) == 0x02
+    assert space.read(0x20, 1) == 0x01
+    space.root.add_subregion(0x18, IoRegion("late", 0x10, late))
+    assert space.read(0x18, 1) == 0x02
+    assert space.read(0x20, 1) == 0x03
+    assert space.read(0x28, 1) == 0x01
+
+
+def test_container_clips_subregions_and_is_transparent_in_gaps():
+    space = AddressSpace("t", 0x100)
+    under = Registers(0x0A)
+    space.root.add_subregion(0, IoRegion("under", 0x100, under), priority=-1)
+    container = ContainerRegion("window", 0x20)
+    space.root.add_subregion(0x40, container)
+    container.add_subregion(0x10, IoRegion("inside", 0x40, Registers(0x0B)))
+    assert space.read(0x40, 1) == 0x0A
+    assert space.read(0x50, 1) == 0x0B
+    assert space.read(0x5F, 1) == 0x0B
+    assert space.read(0x60, 1) == 0x0A
+
+
+def test_region_with_subregions_shows_beneath_them():
+    space = AddressSpace("t", 0x100)
+    outer = IoRegion("outer", 0x20, Registers(0x0C))
+    outer.add_subregion(0x8, IoRegion("inner", 4, Registers(0x0D)))
+    space.root.add_subregion(0x20, outer)
+    assert [space.read(0x20 + i, 1) for i in (7, 8, 11, 12)] == [0x0C, 0x0D, 0x0D, 0x0C]
+
+
+def test_move_disable_enable_and_remove():
+    space = AddressSpace("t", 0x100)
+    region = IoRegion("dev", 4, Registers(0x22))
+    space.root.add_subregion(0x10, region)
+    region.move(0x40)
+    assert space.read(0x10, 1) == 0xFF
+    assert space.read(0x40, 1) == 0x22
+    region.disable()
+    assert space.read(0x40, 1) == 0xFF
+    region.enable()
+    assert space.read(0x40, 1) == 0x22
+    space.root.remove_subregion(region)
+    assert space.view.assigned() == []
+
+
+def test_unassigned_reads_all_ones_and_counts_per_address():
+    space = port_io_space()
+    assert space.read(0x80, 1) == 0xFF
+    assert space.read(0x80, 2) == 0xFFFF
+    assert space.read(0x84, 4) == 0xFFFF_FFFF
+    space.write(0x80, 1, 0)
+    assert space.unassigned_reads == {0x80: 2, 0x84: 1}
+    assert space.unassigned_writes == {0x80: 1}
+    assert space.unassigned_total == 4
+
+
+def test_access_beyond_the_space_is_unassigned():
+    space = port_io_space()
+    top = IoRegion("top", 4, Registers(0x33), valid=AccessSizes(1, 4, unaligned=True))
+    space.root.add_subregion(0xFFFC, top)
+    assert space.read(0xFFFE, 4) == 0xFFFF_3333
+
+
+def test_invalid_width_is_refused_like_unassigned():
+    space = AddressSpace("t", 0x100)
+    device = Registers()
+    region = IoRegion("d", 8, device, valid=AccessSizes(4, 4), impl=AccessSizes(4, 4))
+    space.root.add_subregion(0, region)
+    assert space.read(0, 1) == 0xFF
+    assert space.read(2, 4) == 0xFFFF_FFFF
+    space.write(0, 2, 0)
+    assert device.calls == []
+    assert space.invalid_accesses == 3
+    with pytest.raises(ValueError):
+        space.read(0, 9)
+
+
+def test_counters_and_trace_hook():
+    space = AddressSpace("t", 0x100)
+    region = IoRegion("d", 8, Registers())
+    space.root.add_subregion(0x10, region)
+    traced = []
+    space.trace = lambda *event: traced.append(event)
+    space.read(0x10, 4)
+    space.write(0x12, 2, 0xBEEF)
+    space.read(0x90, 1)
+    assert region.counters() == {"reads": 1, "writes": 1, "bytes_read": 4, "bytes_written": 2}
+    assert traced == [
+        ("t", 0x10, 4, False, 0x11111111, "d"),
+        ("t", 0x12, 2, True, 0xBEEF, "d"),
+        ("t", 0x90, 1, False, 0xFF, None),
+    ]
+    assert space.stats()["regions"] == {"d": region.counters()}
+
+
+def test_failing_handler_reads_all_ones_and_is_counted():
+    class Broken:
+        def read(self, offset, size):
+            raise RuntimeError("device bug")
+
+        def write(self, offset, size, value):
+            raise RuntimeError("device bug")
+
+    space = AddressSpace("t", 0x100)
+    space.root.add_subregion(0, IoRegion("broken", 8, Broken(), impl=AccessSizes(4, 4)))
+    assert space.read(0, 4) == 0xFFFF_FFFF
+    assert space.read(2, 2) == 0xFFFF
+    space.write(0, 4, 1)
+    assert space.handler_errors == 3
+
+
+def test_handler_runs_under_the_region_lock_unless_lock_free():
+    seen = []
+
+    class Probe:
+        def __init__(self):
+            self.region = None
+
+        def read(self, offset, size):
+            seen.append(self.region.lock.locked() if self.region.lock else None)
+            return 0
+
+        def write(self, offset, size, value):
+            pass
+
+    space = AddressSpace("t", 0x100)
+    locked, free = Probe(), Probe()
+    locked.region = IoRegion("locked", 4, locked)
+    free.region = IoRegion("free", 4, free, lock=None)
+    space.root.add_subregion(0, locked.region)
+    space.root.add_subregion(8, free.region)
+    space.read(0, 4)
+    space.read(1, 1)
+    space.read(8, 4)
+    assert seen == [True, True, None]
+
+
+def test_shared_lock_serialises_concurrent_handlers():
+    state = {"inside": 0, "overlaps": 0}
+
+    class Slow:
+        def read(self, offset, size):
+            state["inside"] += 1
+            if state["inside"] > 1:
+                state["overlaps"] += 1
+            for _ in range(200):
+                pass
+            state["inside"] -= 1
+            return 0
+
+        def write(self, offset, size, value):
+            pass
+
+    space = AddressSpace("t", 0x100)
+    space.root.add_subregion(0, IoRegion("slow", 4, Slow()))
+
+    def hammer():
+        for _ in range(2000):
+            space.read(0, 4)
+
+    threads = [threading.Thread(target=hammer) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert state["overlaps"] == 0
+
+
+def test_ram_region_serves_exits_and_respects_readonly():
+    space = mmio_space()
+    backing = bytearray(range(16))
+    ram = RamRegion("rom", 16, backing, readonly=True)
+    space.root.add_subregion(0xF0000, ram)
+    assert space.read(0xF0001, 4) == 0x04030201
+    space.write(0xF0000, 8, 0)
+    assert backing[:8] == bytes(range(8))
+    ram.set_readonly(False)
+    space.write(0xF0000, 2, 0xAABB)
+    assert backing[:2] == b"\xbb\xaa"
+
+
+def test_transaction_rebuilds_once():
+    space = AddressSpace("t", 0x1000)
+    before = space.rebuilds
+    with transaction():
+        for index in range(10):
+            space.root.add_subregion(index * 0x10, IoRegion(f"r{index}", 8, Registers()))
+        assert space.view.assigned() == []
+    assert space.rebuilds == before + 1
+    assert len(space.view.assigned()) == 10
+
+
+def test_listener_gets_ram_sections_diff_and_late_replay():
+    space = mmio_space()
+    low = RamRegion("low", 0x1000, bytearray(0x1000))
+    space.root.add_subregion(0, low)
+    listener = RecordingListener()
+    space.add_listener(listener)
+    assert [(s.start, s.size, s.region) for s in listener.sections] == [(0, 0x1000, low)]
+    hole = IoRegion("hole", 0x100, Registers())
+    space.root.add_subregion(0x400, hole, priority=1)
+    assert sorted((s.start, s.size, s.region_offset) for s in listener.sections) == [
+        (0, 0x400, 0),
+        (0x500, 0xB00, 0x500),
+    ]
+    kinds = [kind for kind, _ in listener.events]
+    assert kinds == ["region_added", "region_removed", "region_added", "region_added"]
+    late = RecordingListener()
+    space.add_listener(late)
+    assert late.sections == listener.sections
+
+
+def test_region_cannot_be_placed_twice():
+    space = AddressSpace("t", 0x100)
+    region = IoRegion("d", 4, Registers())
+    space.root.add_subregion(0, region)
+    with pytest.raises(ValueError):
+        space.root.add_subregion(8, region)
