@@ -172,18 +172,22 @@ class VirtioBlock(VirtioDevice):
             written, status = 0, failure.status
         except OSError:
             written, status = 0, VIRTIO_BLK_S_IOERR
-        chain.write(bytes([status]), chain.writable_length - 1)
+        last = chain.writable_views[-1]
+        if last:
+            last[-1] = status
+        else:
+            chain.write(bytes([status]), chain.writable_length - 1)
         return written + 1
 
     def _serve(self, chain: DescriptorChain, request_type: int, sector: int) -> int:
         status_offset = chain.writable_length - 1
         if request_type == VIRTIO_BLK_T_IN:
-            views = slice_views(chain.writable_views(), 0, status_offset)
+            views = _data_views(chain.writable_views, 0, status_offset)
             return self.image.read_into(views, self._byte_range(sector, status_offset))
         if request_type == VIRTIO_BLK_T_OUT:
             self._refuse_if_read_only()
             length = chain.readable_length - _HEADER.size
-            views = slice_views(chain.readable_views(), _HEADER.size, chain.readable_length)
+            views = _data_views(chain.readable_views, _HEADER.size, chain.readable_length)
             self.image.write_from(views, self._byte_range(sector, length))
             return 0
         if request_type == VIRTIO_BLK_T_FLUSH:
@@ -233,3 +237,16 @@ class VirtioBlock(VirtioDevice):
             else:
                 mode = FALLOC_FL_ZERO_RANGE
             self.image.fallocate(mode, sector * SECTOR_SIZE, count * SECTOR_SIZE)
+
+
+def _data_views(views: list[memoryview], start: int, stop: int) -> list[memoryview]:
+    """The data part of a request's buffers, without slicing in the usual layout.
+
+    Linux puts the header, each data segment and the status byte in buffers of their own: then
+    the data is whole views. Any other layout is sliced.
+    """
+    if start == len(views[0]) and stop == sum(len(view) for view in views):
+        return views[1:]
+    if start == 0 and len(views[-1]) == 1 and stop == sum(len(view) for view in views) - 1:
+        return views[:-1]
+    return slice_views(views, start, stop)

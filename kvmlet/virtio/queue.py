@@ -14,7 +14,6 @@ violation raises `VirtqueueError`, which the device turns into DEVICE_NEEDS_RESE
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from kvmlet.errors import GuestMemoryError
@@ -44,8 +43,10 @@ def vring_need_event(event_index: int, new_index: int, old_index: int) -> bool:
     return (new_index - event_index - 1) & 0xFFFF < (new_index - old_index) & 0xFFFF
 
 
-def slice_views(views: Iterable[memoryview], start: int, stop: int) -> list[memoryview]:
+def slice_views(views: list[memoryview], start: int, stop: int) -> list[memoryview]:
     """The bytes [start, stop) of the concatenation of `views`, as zero-copy views."""
+    if views and stop <= len(views[0]):
+        return [views[0][start:stop]] if start < stop else []
     result = []
     position = 0
     for view in views:
@@ -61,40 +62,30 @@ def slice_views(views: Iterable[memoryview], start: int, stop: int) -> list[memo
 
 @dataclass
 class DescriptorChain:
-    """One available chain: its head index and its buffers as (guest address, length) pairs.
+    """One available chain: its head index and its readable and writable buffers.
 
-    Every buffer was checked to lie inside guest RAM when the chain was popped.
+    Buffers are (guest address, length) pairs, each checked to lie inside guest RAM when the
+    chain was popped, with zero-copy views of the same bytes alongside.
     """
 
-    memory: GuestMemory = field(repr=False)
     head: int
     readable: list[tuple[int, int]]
     writable: list[tuple[int, int]]
-
-    @property
-    def readable_length(self) -> int:
-        return sum(length for _, length in self.readable)
-
-    @property
-    def writable_length(self) -> int:
-        return sum(length for _, length in self.writable)
-
-    def readable_views(self) -> list[memoryview]:
-        return [self.memory.view(address, length) for address, length in self.readable]
-
-    def writable_views(self) -> list[memoryview]:
-        return [self.memory.view(address, length) for address, length in self.writable]
+    readable_views: list[memoryview] = field(repr=False)
+    writable_views: list[memoryview] = field(repr=False)
+    readable_length: int
+    writable_length: int
 
     def read(self, start: int = 0, stop: int | None = None) -> bytes:
         """A copy of readable bytes [start, stop) (to the end when stop is None)."""
         end = self.readable_length if stop is None else stop
-        return b"".join(slice_views(self.readable_views(), start, end))
+        return b"".join(slice_views(self.readable_views, start, end))
 
     def write(self, data: bytes | bytearray | memoryview, offset: int = 0) -> int:
         """Copy `data` into the writable buffers from `offset`; returns the bytes copied."""
         source = memoryview(data).cast("B")
         copied = 0
-        for view in slice_views(self.writable_views(), offset, offset + len(source)):
+        for view in slice_views(self.writable_views, offset, offset + len(source)):
             view[:] = source[copied : copied + len(view)]
             copied += len(view)
         return copied
@@ -185,9 +176,12 @@ class Virtqueue:
     def _walk(self, head: int) -> DescriptorChain:
         readable: list[tuple[int, int]] = []
         writable: list[tuple[int, int]] = []
+        readable_views: list[memoryview] = []
+        writable_views: list[memoryview] = []
         table, table_entries = self._descriptors, self.size
         index, in_indirect_table = head, False
-        buffers = total_bytes = 0
+        readable_bytes = writable_bytes = 0
+        view_of = self.memory.view
         while True:
             if index >= table_entries:
                 raise VirtqueueError(f"descriptor index {index} outside a table of {table_entries}")
@@ -196,22 +190,36 @@ class Virtqueue:
                 table, table_entries = self._indirect(address, length, flags, in_indirect_table)
                 index, in_indirect_table = 0, True
                 continue
-            buffers += 1
-            total_bytes += length
-            if buffers > self.size:
+            if len(readable) + len(writable) >= self.size:
                 raise VirtqueueError(f"chain at head {head} is longer than the queue (a loop?)")
-            if total_bytes > MAX_CHAIN_BYTES:
-                raise VirtqueueError(f"chain at head {head} is longer than 4 GiB")
-            if not self.memory.contains(address, length):
-                raise VirtqueueError(f"buffer of {length} bytes at {address:#x} is outside RAM")
+            try:
+                view = view_of(address, length)
+            except GuestMemoryError:
+                raise VirtqueueError(
+                    f"buffer of {length} bytes at {address:#x} is outside RAM"
+                ) from None
             if flags & VIRTQ_DESC_F_WRITE:
                 writable.append((address, length))
+                writable_views.append(view)
+                writable_bytes += length
             elif writable:
                 raise VirtqueueError(f"chain at head {head}: readable buffer after a writable one")
             else:
                 readable.append((address, length))
+                readable_views.append(view)
+                readable_bytes += length
+            if readable_bytes + writable_bytes > MAX_CHAIN_BYTES:
+                raise VirtqueueError(f"chain at head {head} is longer than 4 GiB")
             if not flags & VIRTQ_DESC_F_NEXT:
-                return DescriptorChain(self.memory, head, readable, writable)
+                return DescriptorChain(
+                    head,
+                    readable,
+                    writable,
+                    readable_views,
+                    writable_views,
+                    readable_bytes,
+                    writable_bytes,
+                )
             index = next_index
 
     def _indirect(
