@@ -148,3 +148,13 @@ def test_fuzzed_port_access_never_raises_and_irqs_match_status(ops):
         full = bool(status & STR_OBF)
         assert c.kbd_irq.level == (full and not from_aux and bool(ctr & CTR_KBDINT))
         assert c.aux_irq.level == (full and from_aux and bool(ctr & CTR_AUXINT))
+
+
+def test_active_multiplexing_probe_sees_a_plain_controller():
+    c = Controller()
+    # i8042_set_mux_mode: a MUX answers the third loop byte with its version, not an echo.
+    for value in (0xF0, 0xF6, 0xA5):
+        c.device.write(COMMAND_OFFSET, 1, 0xD3)
+        c.device.write(DATA_OFFSET, 1, value)
+        assert c.status() & STR_AUXDATA
+        assert c.device.read(DATA_OFFSET, 1) == value
