@@ -5,9 +5,12 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import subprocess
+import sys
 import termios
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -20,6 +23,8 @@ from kvmlet.machine.terminal import (
     EscapeFilter,
     RawTerminal,
 )
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def feed_all(escape_filter: EscapeFilter, chunks: list[bytes]) -> tuple[bytes, list]:
@@ -233,3 +238,31 @@ def test_batched_writer_blocks_the_producer_when_the_host_is_stuck():
     assert not producer.is_alive()
     writer.close()
     assert bytes(written) == b"ab" * 8
+
+
+def test_raw_terminal_restores_before_a_default_sigterm_kills_the_process():
+    controller, terminal = os.openpty()
+    child_code = (
+        "import os, signal, time\n"
+        "from kvmlet.machine.terminal import RawTerminal\n"
+        "with RawTerminal(0):\n"
+        "    os.write(1, b'raw\\n')\n"
+        "    time.sleep(30)\n"
+    )
+    try:
+        before = termios.tcgetattr(terminal)
+        child = subprocess.Popen(
+            [sys.executable, "-c", child_code],
+            stdin=terminal,
+            stdout=subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        )
+        assert child.stdout.readline() == b"raw\n"
+        assert not termios.tcgetattr(terminal)[3] & termios.ICANON
+        child.send_signal(signal.SIGTERM)
+        assert child.wait(10) == -signal.SIGTERM
+        child.stdout.close()
+        assert termios.tcgetattr(terminal) == before
+    finally:
+        os.close(controller)
+        os.close(terminal)
