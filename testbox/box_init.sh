@@ -22,6 +22,9 @@ mkdir -p "$session"
 mount -t 9p -o "$options" kvmletbox "$session"
 mount -t 9p -o "$options,cache=mmap" kvmletwork "$(cat "$session/work_dir")"
 
+# Only emergencies (panics) from L1's kernel interleave with the command's output from now on;
+# `dmesg` inside the box shows the rest.
+echo 1 > /proc/sys/kernel/printk
 stty -onlcr 2>/dev/null
 token="$(cat "$session/token")"
 echo "kvmlet-box: start $token"

@@ -108,7 +108,7 @@ def write_session(directory: Path, argv: list[str], options: BoxOptions, token: 
     (directory / "environment").write_text(exports)
     (directory / "command").write_text(
         f"cd {shlex.quote(str(cwd))} 2>/dev/null || cd {shlex.quote(str(CHECKOUT))}\n"
-        f"exec {shlex.join(argv)}\n"
+        f"exec {shlex.join(argv)} </dev/null\n"
     )
 
 
