@@ -1,9 +1,11 @@
 """Address spaces: a region tree, its published flat view, and the dispatcher.
 
 `read`/`write` are the vCPU run loop's hot path. The common case (an aligned access of a width
-the handler implements, no byte swap, inside one range) costs one bisect, one tuple unpack, one
-lock and one handler call; everything else (splitting, widening, byte swapping, straddling,
-unassigned addresses, invalid widths) takes `_access`, the general path.
+the handler implements, no byte swap, inside one range) costs one lookup (the view's address
+memo, else a bisect), one tuple unpack, one lock and one handler call; everything else
+(splitting, widening, byte swapping, straddling, unassigned addresses, invalid widths) takes
+`_access`, the general path. A handler that raises is logged and counted, never propagated:
+the access reads all-ones or is dropped.
 
 After each rebuild, listeners get the difference from the previous view: RAM sections and
 event notifiers removed, then added. A listener added late gets the current state as adds.
@@ -12,7 +14,6 @@ event notifiers removed, then added. A listener added late gets the current stat
 from __future__ import annotations
 
 import logging
-from bisect import bisect_right
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from typing import Protocol
@@ -120,9 +121,10 @@ class AddressSpace:
     def read(self, address: int, size: int) -> int:
         """Guest read of `size` bytes at `address`, as a little-endian int."""
         view = self._view
-        end, delta, direct, lock, read, _, region = view.entries[
-            bisect_right(view.starts, address) - 1
-        ]
+        entry = view.memo.get(address)
+        if entry is None:
+            entry = view.entry_for(address)
+        end, delta, direct, lock, read, _, region = entry
         offset = address - delta
         if address + size <= end and size in direct and not offset & (size - 1):
             try:
@@ -146,9 +148,10 @@ class AddressSpace:
     def write(self, address: int, size: int, value: int) -> None:
         """Guest write of `size` bytes (little-endian `value`) at `address`."""
         view = self._view
-        end, delta, direct, lock, _, write, region = view.entries[
-            bisect_right(view.starts, address) - 1
-        ]
+        entry = view.memo.get(address)
+        if entry is None:
+            entry = view.entry_for(address)
+        end, delta, direct, lock, _, write, region = entry
         offset = address - delta
         if address + size <= end and size in direct and not offset & (size - 1):
             value &= _MASKS[size]

@@ -23,6 +23,9 @@ UNASSIGNED_END = 1 << 66
 """End of the last unassigned range: past any address the guest can produce."""
 UNASSIGNED_START = -(1 << 66)
 """Start of the first unassigned range, so negative addresses still land on a range."""
+MEMO_LIMIT = 4096
+"""Addresses a view remembers; guests use few register addresses, so this bounds a hostile
+guest's probing without costing a well-behaved one a bisect per access."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,9 +149,10 @@ class FlatView:
     """An immutable rendering of one address space; published by a single reference swap.
 
     `starts` and `entries` serve the dispatcher: entry i is (end, start - offset, direct
-    widths, lock, read, write, region) for the range beginning at starts[i]."""
+    widths, lock, read, write, region) for the range beginning at starts[i]. `memo` maps
+    addresses already looked up to their entry; the view never changes, so neither do they."""
 
-    __slots__ = ("_ranges", "entries", "notifiers", "sections", "starts")
+    __slots__ = ("_ranges", "entries", "memo", "notifiers", "sections", "starts")
 
     def __init__(self, name: str, port_io: bool, root: Region, size: int):
         painted, with_notifiers = render(root, size)
@@ -171,6 +175,7 @@ class FlatView:
         self._ranges = ranges
         self.starts = [flat[0] for flat in ranges]
         self.entries = entries
+        self.memo: dict[int, tuple] = {}
         self.sections = frozenset(_ram_sections(name, ranges, ram_regions))
         notifiers = set()
         for region, base in with_notifiers:
@@ -190,6 +195,14 @@ class FlatView:
                         )
                     )
         self.notifiers = frozenset(notifiers)
+
+    def entry_for(self, address: int) -> tuple:
+        """The dispatch entry covering `address`, by bisection; remembered in `memo` (the
+        dispatcher's first try) while it holds fewer than MEMO_LIMIT addresses."""
+        entry = self.entries[bisect_right(self.starts, address) - 1]
+        if len(self.memo) < MEMO_LIMIT:
+            self.memo[address] = entry
+        return entry
 
     def lookup(self, address: int) -> FlatRange:
         """The flat range containing `address`."""

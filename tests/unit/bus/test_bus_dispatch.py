@@ -18,6 +18,7 @@ from kvmlet.bus import (
     port_io_space,
     transaction,
 )
+from kvmlet.bus.flat import MEMO_LIMIT
 
 
 class Registers:
@@ -91,6 +92,23 @@ def test_move_disable_enable_and_remove():
     assert space.read(0x40, 1) == 0x22
     space.root.remove_subregion(region)
     assert space.view.assigned() == []
+
+
+def test_remembered_addresses_follow_a_rebuild():
+    space = AddressSpace("t", 0x100)
+    region = IoRegion("dev", 4, Registers(0x22))
+    space.root.add_subregion(0x10, region)
+    assert space.read(0x10, 1) == 0x22
+    region.move(0x20)
+    assert space.read(0x10, 1) == 0xFF
+    assert space.read(0x20, 1) == 0x22
+
+
+def test_address_memo_is_bounded():
+    space = mmio_space()
+    for address in range(0, 2 * MEMO_LIMIT * 8, 8):
+        space.read(address, 1)
+    assert len(space.view.memo) == MEMO_LIMIT
 
 
 def test_unassigned_reads_all_ones_and_counts_per_address():
