@@ -64,14 +64,23 @@ class Completion:
 class MockDriver:
     """Drives one device through its transport-independent interface."""
 
-    def __init__(self, device: VirtioDevice, memory: GuestMemory, arena: int, arena_size: int):
+    def __init__(
+        self,
+        device: VirtioDevice,
+        memory: GuestMemory,
+        arena: int,
+        arena_size: int,
+        record_interrupts: bool = True,
+    ):
+        """`record_interrupts=False` leaves the device's interrupts to a real transport."""
         self.device = device
         self.memory = memory
         self.interrupts: list[tuple[InterruptKind, int | None]] = []
         self.queues: dict[int, DriverQueue] = {}
         self._next_free = arena
         self._arena_end = arena + arena_size
-        device.connect_interrupts(lambda kind, queue: self.interrupts.append((kind, queue)))
+        if record_interrupts:
+            device.connect_interrupts(lambda kind, queue: self.interrupts.append((kind, queue)))
 
     def allocate(self, size: int, alignment: int = 16) -> int:
         """Guest memory for rings and buffers, from a bump allocator over the arena."""
@@ -107,7 +116,17 @@ class MockDriver:
         return accepted
 
     def setup_queue(self, index: int, size: int | None = None) -> DriverQueue:
-        size = size or self.device.queue_max_size(index)
+        """Lay out queue `index` and hand it to the device through its own interface."""
+        queue = self.layout_queue(index, size or self.device.queue_max_size(index))
+        self.device.set_queue_size(index, queue.size)
+        self.device.set_queue_address(index, RingPart.DESCRIPTOR, queue.descriptor_table)
+        self.device.set_queue_address(index, RingPart.DRIVER, queue.available_ring)
+        self.device.set_queue_address(index, RingPart.DEVICE, queue.used_ring)
+        self.device.set_queue_ready(index, True)
+        return queue
+
+    def layout_queue(self, index: int, size: int) -> DriverQueue:
+        """Zeroed rings for queue `index` in the arena (a transport test programs them)."""
         queue = DriverQueue(
             index=index,
             size=size,
@@ -119,11 +138,6 @@ class MockDriver:
         self.memory.fill(queue.descriptor_table, 16 * size)
         self.memory.fill(queue.available_ring, 6 + 2 * size)
         self.memory.fill(queue.used_ring, 6 + 8 * size)
-        self.device.set_queue_size(index, size)
-        self.device.set_queue_address(index, RingPart.DESCRIPTOR, queue.descriptor_table)
-        self.device.set_queue_address(index, RingPart.DRIVER, queue.available_ring)
-        self.device.set_queue_address(index, RingPart.DEVICE, queue.used_ring)
-        self.device.set_queue_ready(index, True)
         self.queues[index] = queue
         return queue
 
