@@ -38,6 +38,19 @@ def _chunks(region: Region, offset: int, length: int):
         position += chunk
 
 
+def _swap(value: int, width: int) -> int:
+    return int.from_bytes(value.to_bytes(width, "little"), "big")
+
+
+def _enclosing_chunk(region: Region, offset: int, length: int) -> int:
+    """The width of the one aligned handler call that wholly holds the access, or 0."""
+    width = _chunk_width(length, region.impl.min, region.impl.max)
+    start = offset - offset % width
+    if offset + length <= start + width <= region.size:
+        return width
+    return 0
+
+
 def read_region(region: Region, offset: int, length: int) -> int:
     """Read `length` bytes at `offset` of `region` as a little-endian int (lock held by caller)."""
     order = region.endian.byteorder
@@ -51,7 +64,14 @@ def read_region(region: Region, offset: int, length: int) -> int:
         value = region.handler_read(offset, length) & ((1 << (8 * length)) - 1)
         if order == "little" or length == 1:
             return value
-        return int.from_bytes(value.to_bytes(length, "big"), "little")
+        return _swap(value, length)
+    width = _enclosing_chunk(region, offset, length)
+    if width:
+        start = offset - offset % width
+        value = region.handler_read(start, width) & ((1 << (8 * width)) - 1)
+        if order != "little":
+            value = _swap(value, width)
+        return (value >> (8 * (offset - start))) & ((1 << (8 * length)) - 1)
     buffer = bytearray(b"\xff" * length)
     for chunk_offset, width in _chunks(region, offset, length):
         value = region.handler_read(chunk_offset, width) & ((1 << (8 * width)) - 1)
@@ -70,9 +90,18 @@ def write_region(region: Region, offset: int, length: int, value: int) -> None:
         and (impl.unaligned or offset % length == 0)
         and offset + length <= region.size
     ):
+        region.handler_write(offset, length, value if order == "little" else _swap(value, length))
+        return
+    width = _enclosing_chunk(region, offset, length)
+    if width:
+        start = offset - offset % width
+        shift = 8 * (offset - start)
+        current = region.handler_read(start, width) & ((1 << (8 * width)) - 1)
         if order != "little":
-            value = int.from_bytes(value.to_bytes(length, "little"), "big")
-        region.handler_write(offset, length, value)
+            current = _swap(current, width)
+        keep = current & ~(((1 << (8 * length)) - 1) << shift)
+        merged = keep | (value << shift)
+        region.handler_write(start, width, merged if order == "little" else _swap(merged, width))
         return
     data = value.to_bytes(length, "little")
     for chunk_offset, width in _chunks(region, offset, length):

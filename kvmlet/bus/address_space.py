@@ -182,26 +182,22 @@ class AddressSpace:
         pieces = []
         position, end = address, address + size
         while position < end:
-            flat = view.lookup(position)
-            piece_end = min(end, flat.end)
-            pieces.append((position, piece_end - position, flat))
+            flat = view.range_at(position)
+            piece_end = min(end, flat[1])
+            pieces.append((position, piece_end - position, flat[2], flat[3] + position - flat[0]))
             position = piece_end
-        first = pieces[0][2]
-        valid = first.region is None or first.region.valid.permits(
-            first.offset + address - first.start, size
-        )
+        first_region, first_offset = pieces[0][2], pieces[0][3]
+        valid = first_region is None or first_region.valid.permits(first_offset, size)
         if not valid:
             self.invalid_accesses += 1
             log.debug("%s: invalid %d-byte access at %#x", self.name, size, address)
         result = 0
-        for position, length, flat in pieces:
+        for position, length, region, offset in pieces:
             shift = 8 * (position - address)
-            region = flat.region
             if region is None or not valid:
                 self._count_unassigned(position, is_write)
                 result |= _MASKS[length] << shift
                 continue
-            offset = flat.offset + position - flat.start
             guard = region.lock or nullcontext()
             try:
                 with guard:
@@ -219,8 +215,8 @@ class AddressSpace:
         if is_write:
             result = value
         if self.trace is not None:
-            first_region = first.region.name if first.region is not None and valid else None
-            self.trace(self.name, address, size, is_write, result, first_region)
+            name = first_region.name if first_region is not None and valid else None
+            self.trace(self.name, address, size, is_write, result, name)
         return result
 
     def _count_unassigned(self, address: int, is_write: bool) -> None:

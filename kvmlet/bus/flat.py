@@ -206,7 +206,11 @@ class FlatView:
 
     def lookup(self, address: int) -> FlatRange:
         """The flat range containing `address`."""
-        return FlatRange(*self._ranges[bisect_right(self.starts, address) - 1])
+        return FlatRange(*self.range_at(address))
+
+    def range_at(self, address: int) -> tuple[int, int, Region | None, int]:
+        """The flat range containing `address` as a plain (start, end, region, offset) tuple."""
+        return self._ranges[bisect_right(self.starts, address) - 1]
 
     @property
     def ranges(self) -> list[FlatRange]:
