@@ -6,11 +6,15 @@ and whenever a BAR register or the command register's I/O or memory enable chang
 shows or hides the BAR's region in the bus's I/O or memory container, in one transaction.
 Devices hear about command changes through `command_changed` and about writes to their
 capability bytes through the capability's `on_write` callback.
+
+`lock` (re-entrant) guards the header: guest configuration accesses hold it, and so should a
+device thread changing header bytes (e.g. through `set_interrupt_status`).
 """
 
 from __future__ import annotations
 
 import enum
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -85,6 +89,7 @@ class PciDevice:
         self.bars: list[PciBar | None] = [None] * cfg.BAR_COUNT
         self.capabilities: list[PciCapability] = []
         self.bus: PciBus | None = None
+        self.lock = threading.RLock()
         config = self.config
         config.set(cfg.VENDOR_ID, 2, vendor_id)
         config.set(cfg.DEVICE_ID, 2, device_id)
@@ -173,10 +178,21 @@ class PciDevice:
 
     def config_read(self, offset: int, size: int) -> int:
         """Guest configuration read (override to compute fields on the fly, then call this)."""
-        return self.config.read(offset, size)
+        with self.lock:
+            return self.config.read(offset, size)
 
     def config_write(self, offset: int, size: int, value: int) -> None:
         """Guest configuration write: apply the masks, then react to what changed."""
+        with self.lock:
+            self._config_write(offset, size, value)
+
+    def set_interrupt_status(self, asserted: bool) -> None:
+        """Reflect the device's INTx state in the status register's interrupt bit."""
+        with self.lock:
+            status = self.config.get(cfg.STATUS, 2) & ~cfg.STATUS_INTERRUPT
+            self.config.set(cfg.STATUS, 2, status | (cfg.STATUS_INTERRUPT if asserted else 0))
+
+    def _config_write(self, offset: int, size: int, value: int) -> None:
         old_command = self.command
         old_bars = self.config.data[cfg.BAR0 : cfg.BAR0 + 4 * cfg.BAR_COUNT]
         if not self.config.write(offset, size, value):

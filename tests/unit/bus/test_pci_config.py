@@ -155,6 +155,17 @@ def test_status_error_bits_are_write_one_to_clear(machine):
     assert machine.read(3, 0x06, 2) == 0xD900 | cfg.STATUS_CAPABILITIES
 
 
+def test_interrupt_status_bit_is_device_controlled(machine):
+    device = make_device()
+    machine.host.attach(device, slot=3)
+    device.set_interrupt_status(True)
+    assert machine.read(3, 0x06, 2) & cfg.STATUS_INTERRUPT
+    machine.write(3, 0x06, 2, 0xFFFF)
+    assert machine.read(3, 0x06, 2) & cfg.STATUS_INTERRUPT
+    device.set_interrupt_status(False)
+    assert not machine.read(3, 0x06, 2) & cfg.STATUS_INTERRUPT
+
+
 def test_capability_list_masks_and_write_callback(machine):
     device = make_device()
     writes = []
