@@ -57,6 +57,7 @@ ID_BYTES = 20
 QUEUE_SIZE = 256
 SEG_MAX = QUEUE_SIZE - 2
 SIZE_MAX = 1 << 20
+MAX_TRANSFER = SEG_MAX * SIZE_MAX
 MAX_RANGE_SECTORS = 0x3F_FFFF
 MAX_RANGE_SEGMENTS = 32
 
@@ -210,20 +211,21 @@ class VirtioBlock(VirtioDevice):
             raise _RequestFailed(VIRTIO_BLK_S_IOERR)
 
     def _byte_range(self, sector: int, length: int) -> int:
-        """The image offset of a data transfer, or IOERR when it is misaligned or out of range."""
-        if length % SECTOR_SIZE or sector + length // SECTOR_SIZE > self.capacity_sectors:
+        """The image offset of a data transfer; IOERR when misaligned, oversized (more than the
+        seg_max * size_max the device advertised) or past the capacity."""
+        if length % SECTOR_SIZE or length > MAX_TRANSFER:
+            raise _RequestFailed(VIRTIO_BLK_S_IOERR)
+        if sector + length // SECTOR_SIZE > self.capacity_sectors:
             raise _RequestFailed(VIRTIO_BLK_S_IOERR)
         return sector * SECTOR_SIZE
 
     def _serve_ranges(self, chain: DescriptorChain, allowed_flags: int, unmap_mode: int | None):
         """Discard (punch holes) or write zeroes over each 16-byte range segment."""
         self._refuse_if_read_only()
-        payload = chain.read(_HEADER.size)
-        if not payload or len(payload) % _RANGE.size:
+        length = chain.readable_length - _HEADER.size
+        if not 0 < length <= MAX_RANGE_SEGMENTS * _RANGE.size or length % _RANGE.size:
             raise _RequestFailed(VIRTIO_BLK_S_IOERR)
-        if len(payload) // _RANGE.size > MAX_RANGE_SEGMENTS:
-            raise _RequestFailed(VIRTIO_BLK_S_IOERR)
-        ranges = list(_RANGE.iter_unpack(payload))
+        ranges = list(_RANGE.iter_unpack(chain.read(_HEADER.size)))
         for sector, count, flags in ranges:
             if flags & ~allowed_flags:
                 raise _RequestFailed(VIRTIO_BLK_S_UNSUPP)

@@ -1,10 +1,10 @@
 """virtio-console (virtio 1.2 §5.3) with a single port: the guest's hvc0.
 
 Queue 0 (receiveq) carries host input into buffers the guest posted; queue 1 (transmitq)
-carries guest output, handed to `on_output` once per chain. There is no multiport support.
-Host input arrives through `receive()` from a terminal thread: what cannot be delivered yet
-(the guest has posted no buffer, or is not running) waits in a bounded pending buffer, and is
-delivered when the guest posts receive buffers.
+carries guest output, handed to `on_output` once per chain (in 64 KiB pieces for a huge one).
+There is no multiport support. Host input arrives through `receive()` from a terminal
+thread: what cannot be delivered yet (the guest has posted no buffer, or is not running) waits
+in a bounded pending buffer, and is delivered when the guest posts receive buffers.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ RECEIVE_QUEUE = 0
 TRANSMIT_QUEUE = 1
 QUEUE_SIZE = 128
 MAX_PENDING_INPUT = 64 * 1024
+MAX_OUTPUT_CHUNK = 64 * 1024
 
 # cols, rows, max_nr_ports, emerg_wr.
 _CONFIG = struct.Struct("<HHII")
@@ -77,7 +78,9 @@ class VirtioConsole(VirtioDevice):
             self._deliver_input()
 
     def _transmit(self, chain: DescriptorChain) -> int:
-        self.on_output(chain.read())
+        total = chain.readable_length
+        for start in range(0, total, MAX_OUTPUT_CHUNK):
+            self.on_output(chain.read(start, min(total, start + MAX_OUTPUT_CHUNK)))
         return 0
 
     def _deliver_input(self) -> None:

@@ -8,7 +8,9 @@ import struct
 import pytest
 
 from kvmlet.errors import KvmletError
+from kvmlet.memory import GuestMemory
 from kvmlet.virtio.blk import (
+    MAX_TRANSFER,
     SECTOR_SIZE,
     VIRTIO_BLK_F_DISCARD,
     VIRTIO_BLK_F_RO,
@@ -156,6 +158,26 @@ def test_out_of_range_or_misaligned_transfers_fail_with_ioerr(
     status, _, used = request(driver, request_type, sector, data, in_size)
     assert (status, used) == (VIRTIO_BLK_S_IOERR, 1)
     assert image.read_bytes() == before
+
+
+def test_transfers_beyond_seg_max_times_size_max_fail(tmp_path):
+    path = tmp_path / "big.img"
+    path.write_bytes(b"")
+    os.truncate(path, 2 * MAX_TRANSFER)
+    memory = GuestMemory.anonymous([(0, MAX_TRANSFER + (2 << 20))])
+    device = VirtioBlock(memory, DiskOptions(str(path)))
+    try:
+        driver = MockDriver(device, memory, 0x1000, memory.size - 0x1000)
+        driver.initialize()
+        header = driver.allocate(16)
+        memory.write(header, struct.pack("<IIQ", VIRTIO_BLK_T_IN, 0, 0))
+        data, status = driver.allocate(MAX_TRANSFER + 512), driver.allocate(1)
+        driver.post(0, [(header, 16)], [(data, MAX_TRANSFER + 512), (status, 1)])
+        driver.kick(0)
+        assert driver.collect(0)[0].length == 1
+        assert memory.read_u8(status) == VIRTIO_BLK_S_IOERR
+    finally:
+        device.close()
 
 
 def test_unknown_request_type_is_unsupported(image, make_disk):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from kvmlet.virtio.console import (
+    MAX_OUTPUT_CHUNK,
     MAX_PENDING_INPUT,
     RECEIVE_QUEUE,
     TRANSMIT_QUEUE,
@@ -91,3 +92,11 @@ def test_rng_fills_writable_buffers_up_to_the_cap(memory):
     assert [c.length for c in driver.collect(0)] == [32, MAX_BYTES_PER_REQUEST, 0]
     assert memory.read(small, 32) != b"\xee" * 32
     assert memory.read(big[1], 4096) == b"\xee" * 4096, "nothing past the cap"
+
+
+def test_huge_output_chain_is_handed_over_in_bounded_pieces(memory):
+    _, driver, output = start_console(memory)
+    driver.initialize()
+    driver.post_data(TRANSMIT_QUEUE, [b"a" * MAX_OUTPUT_CHUNK, b"b" * 10], [])
+    driver.kick(TRANSMIT_QUEUE)
+    assert output == [b"a" * MAX_OUTPUT_CHUNK, b"b" * 10]
