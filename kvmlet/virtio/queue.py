@@ -104,6 +104,7 @@ class Virtqueue:
             raise ValueError(f"queue size {max_size} is not a power of two up to 32768")
         self.memory = memory
         self.max_size = max_size
+        self._views: tuple[memoryview, ...] = ()
         self.reset()
 
     def reset(self) -> None:
@@ -117,9 +118,9 @@ class Virtqueue:
 
     def deactivate(self) -> None:
         """Forget the ring views and positions (the queue's configuration stays)."""
-        for view in getattr(self, "_views", ()):
+        for view in self._views:
             view.release()
-        self._views: tuple[memoryview, ...] = ()
+        self._views = ()
         self.active = False
         self.event_index = False
         self.indirect = False
@@ -139,10 +140,11 @@ class Virtqueue:
             ("available ring", self.available_ring, 6 + 2 * size, 2),
             ("used ring", self.used_ring, 6 + 8 * size, 4),
         )
-        views = []
-        for name, address, length, alignment in layout:
+        for name, address, _, alignment in layout:
             if address % alignment:
                 raise VirtqueueError(f"{name} at {address:#x} is not {alignment}-byte aligned")
+        views = []
+        for name, address, length, _ in layout:
             try:
                 views.append(self.memory.view(address, length))
             except GuestMemoryError as error:

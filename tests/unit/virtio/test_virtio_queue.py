@@ -148,12 +148,24 @@ def test_activation_refuses_bad_sizes_alignment_and_rings_outside_ram(memory):
     with pytest.raises(VirtqueueError, match="aligned"):
         queue.activate(False, False)
     queue.descriptor_table = DESC
+    queue.available_ring = AVAIL + 1
+    with pytest.raises(VirtqueueError, match="available ring .* not 2-byte aligned"):
+        queue.activate(False, False)
+    queue.available_ring = AVAIL
     queue.used_ring = RAM_SIZE - 8
     with pytest.raises(VirtqueueError, match="used ring"):
         queue.activate(False, False)
     assert not queue.active
     with pytest.raises(ValueError):
         Virtqueue(memory, 3)
+    memory.close()  # would raise BufferError if a failed activation had kept a ring view
+
+
+def test_reset_releases_ring_views_so_guest_memory_can_close(memory):
+    queue = make_queue(memory)
+    queue.reset()
+    assert (queue.active, queue.descriptor_table, queue.size) == (False, 0, SIZE)
+    memory.close()
 
 
 def test_push_writes_used_elements_and_index(memory):
