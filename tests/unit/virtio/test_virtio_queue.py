@@ -149,7 +149,7 @@ def test_activation_refuses_bad_sizes_alignment_and_rings_outside_ram(memory):
         queue.activate(False, False)
     queue.descriptor_table = DESC
     queue.available_ring = AVAIL + 1
-    with pytest.raises(VirtqueueError, match="available ring .* not 2-byte aligned"):
+    with pytest.raises(VirtqueueError, match=r"available ring .* not 2-byte aligned"):
         queue.activate(False, False)
     queue.available_ring = AVAIL
     queue.used_ring = RAM_SIZE - 8
