@@ -88,6 +88,11 @@ class VirtioMmio:
         )
         device.connect_interrupts(self._interrupt)
 
+    def add_doorbell(self, queue_index: int, eventfd: object) -> None:
+        """Let KVM signal `eventfd` for QueueNotify writes of `queue_index` (no exit to Python);
+        the worker that waits on it calls `device.notify(queue_index)`."""
+        self.region.add_eventfd(QUEUE_NOTIFY, 4, eventfd, datamatch=queue_index)
+
     def kernel_parameter(self, base: int, irq_number: int) -> str:
         """The command-line word announcing this device to Linux at `base` with `irq_number`."""
         return f"virtio_mmio.device={REGION_SIZE:#x}@{base:#x}:{irq_number}"

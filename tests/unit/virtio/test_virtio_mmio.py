@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvmlet.bus import mmio_space
+from kvmlet.bus import RecordingListener, mmio_space
 from kvmlet.devices.irq import RecordingIrqLine
 from kvmlet.memory import GuestMemory
 from kvmlet.virtio import mmio
@@ -219,3 +219,14 @@ def test_random_register_traffic_never_breaks_the_handler(accesses):
     finally:
         harness.device.close()
         memory.close()
+
+
+def test_doorbells_are_notify_register_eventfds_matching_the_queue_index(memory):
+    console = MmioHarness(VirtioConsole(memory, lambda data: None), memory)
+    listener = RecordingListener()
+    console.space.add_listener(listener)
+    console.transport.add_doorbell(TRANSMIT_QUEUE, 42)
+    (notifier,) = listener.notifiers
+    address = BASE + mmio.QUEUE_NOTIFY
+    assert (notifier.address, notifier.size, notifier.datamatch) == (address, 4, TRANSMIT_QUEUE)
+    assert notifier.eventfd == 42
