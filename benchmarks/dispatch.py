@@ -62,8 +62,11 @@ def build_space(ranges: int) -> tuple[AddressSpace, list[IoRegion]]:
     return space, regions
 
 
-def best_ns(function, repeats: int = 7) -> float:
-    """Best-of-`repeats` nanoseconds per call of function() -> operations done."""
+def best_ns(function, repeats: int = 25) -> float:
+    """Best-of-`repeats` nanoseconds per operation of function() -> operations done.
+
+    Short batches, many repeats: on a shared two-core machine the best batch is the one that
+    ran undisturbed, which is the figure worth comparing."""
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter_ns()
@@ -136,7 +139,7 @@ def lookup_cases(ranges: int, rounds: int) -> list[dict]:
     flat_ns = best_ns(flat_lookup) - overhead
     bisect_ns = best_ns(bisect_lookup) - overhead
     dict_ns = best_ns(dict_lookup) - overhead
-    linear_ns = best_ns(linear_scan, repeats=3) - overhead
+    linear_ns = best_ns(linear_scan, repeats=5) - overhead
     assigned = len(view.assigned()) - 1
     return [
         {
@@ -198,12 +201,13 @@ def dispatch_cases(ranges: int, rounds: int) -> list[dict]:
     def traced_read():
         space.trace = lambda *event: traced.append(event)
         try:
-            for address in addresses:
-                read(address, 4)
+            for _ in range(rounds):
+                for address in addresses:
+                    read(address, 4)
         finally:
             space.trace = None
             traced.clear()
-        return len(addresses)
+        return rounds * len(addresses)
 
     for name, function, note in (
         ("dispatch_plain_read", plain_read, "aligned 4-byte read, 4-byte handler"),
@@ -278,13 +282,13 @@ def pci_rebuild_case() -> dict:
 
 def main() -> None:
     quick = "--quick" in sys.argv
-    rounds = 5 if quick else 50
+    rounds = 2 if quick else 10
     print(json.dumps({"case": "machine", "python": platform.python_version()}))
     results = []
     for ranges in (4, 20, 200, 1536):
         results += lookup_cases(ranges, rounds)
     for ranges in (20, 1536):
-        results += dispatch_cases(ranges, max(1, rounds // 5))
+        results += dispatch_cases(ranges, max(1, rounds // 4))
     results += [rebuild_case(20), rebuild_case(1536), pci_rebuild_case()]
     for result in results:
         target = TARGETS.get(result["case"])
