@@ -151,6 +151,7 @@ def test_console_input_respects_backpressure_and_stops_at_eof():
     while len(received) < len(payload) and time.monotonic() < deadline:
         received += fifo.drain()
         assert len(fifo.queued) <= 3
+        time.sleep(0)  # let the pump thread have the GIL
     pump.join(5)
     assert bytes(received) == payload
     assert pump.reached_eof

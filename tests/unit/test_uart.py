@@ -266,7 +266,7 @@ def pending_interrupt(uart: Uart16550) -> int:
         return uart._pending_interrupt()
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=250, deadline=None)
 @given(operations, st.integers(1, 16), st.booleans())
 def test_fuzzed_register_access_keeps_invariants(ops, capacity, started):
     uart, irq, _ = make_uart(rx_capacity=capacity)
