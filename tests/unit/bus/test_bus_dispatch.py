@@ -3,6 +3,7 @@ RAM regions, transactions, listeners and handler failures."""
 
 from __future__ import annotations
 
+import sys
 import threading
 
 import pytest
@@ -284,3 +285,41 @@ def test_region_cannot_be_placed_twice():
     space.root.add_subregion(0, region)
     with pytest.raises(ValueError):
         space.root.add_subregion(8, region)
+
+
+def test_dispatch_while_another_thread_moves_the_region():
+    offsets_seen = set()
+
+    class Checked:
+        def read(self, offset, size):
+            offsets_seen.add(offset)
+            return 0x42
+
+        def write(self, offset, size, value):
+            pass
+
+    space = mmio_space()
+    region = IoRegion("moving", 0x10, Checked())
+    space.root.add_subregion(0x1000, region)
+    stop = threading.Event()
+
+    def mover():
+        while not stop.is_set():
+            with transaction():
+                region.move(0x2000 if region.offset == 0x1000 else 0x1000)
+                region.disable()
+            region.enable()
+
+    switch_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    thread = threading.Thread(target=mover)
+    thread.start()
+    try:
+        results = [space.read(address, 1) for _ in range(5000) for address in (0x1008, 0x2008)]
+    finally:
+        stop.set()
+        thread.join()
+        sys.setswitchinterval(switch_interval)
+    assert set(results) == {0x42, 0xFF}
+    assert offsets_seen == {8}
+    assert space.handler_errors == 0
