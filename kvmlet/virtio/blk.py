@@ -166,7 +166,9 @@ class VirtioBlock(VirtioDevice):
         try:
             if chain.readable_length < _HEADER.size:
                 raise _RequestFailed(VIRTIO_BLK_S_IOERR)
-            request_type, _, sector = _HEADER.unpack(chain.read(0, _HEADER.size))
+            first = chain.readable_views[0]
+            header = first if len(first) >= _HEADER.size else chain.read(0, _HEADER.size)
+            request_type, _, sector = _HEADER.unpack_from(header)
             written = self._serve(chain, request_type, sector)
             status = VIRTIO_BLK_S_OK
         except _RequestFailed as failure:
@@ -183,13 +185,17 @@ class VirtioBlock(VirtioDevice):
     def _serve(self, chain: DescriptorChain, request_type: int, sector: int) -> int:
         status_offset = chain.writable_length - 1
         if request_type == VIRTIO_BLK_T_IN:
-            views = _data_views(chain.writable_views, 0, status_offset)
-            return self.image.read_into(views, self._byte_range(sector, status_offset))
+            offset = self._byte_range(sector, status_offset)
+            views = _data_views(chain.writable_views, 0, status_offset, chain.writable_length)
+            return self.image.read_into(views, offset, status_offset)
         if request_type == VIRTIO_BLK_T_OUT:
             self._refuse_if_read_only()
             length = chain.readable_length - _HEADER.size
-            views = _data_views(chain.readable_views, _HEADER.size, chain.readable_length)
-            self.image.write_from(views, self._byte_range(sector, length))
+            offset = self._byte_range(sector, length)
+            total = chain.readable_length
+            self.image.write_from(
+                _data_views(chain.readable_views, _HEADER.size, total, total), offset, length
+            )
             return 0
         if request_type == VIRTIO_BLK_T_FLUSH:
             self.image.flush()
@@ -241,14 +247,14 @@ class VirtioBlock(VirtioDevice):
             self.image.fallocate(mode, sector * SECTOR_SIZE, count * SECTOR_SIZE)
 
 
-def _data_views(views: list[memoryview], start: int, stop: int) -> list[memoryview]:
+def _data_views(views: list[memoryview], start: int, stop: int, total: int) -> list[memoryview]:
     """The data part of a request's buffers, without slicing in the usual layout.
 
     Linux puts the header, each data segment and the status byte in buffers of their own: then
     the data is whole views. Any other layout is sliced.
     """
-    if start == len(views[0]) and stop == sum(len(view) for view in views):
+    if start == len(views[0]) and stop == total:
         return views[1:]
-    if start == 0 and len(views[-1]) == 1 and stop == sum(len(view) for view in views) - 1:
+    if start == 0 and len(views[-1]) == 1 and stop == total - 1:
         return views[:-1]
     return slice_views(views, start, stop)

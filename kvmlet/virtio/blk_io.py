@@ -130,9 +130,8 @@ class ImageIo:
             for view in views
         )
 
-    def read_into(self, views: list[memoryview], offset: int) -> int:
-        """Fill `views` from the image at `offset`; returns the bytes read (all of them)."""
-        length = sum(len(view) for view in views)
+    def read_into(self, views: list[memoryview], offset: int, length: int) -> int:
+        """Fill `views` (`length` bytes) from the image at `offset`; returns `length`."""
         fd = self._direct_fd_for(offset, length)
         if fd is None or self._aligned(views):
             _transfer(os.preadv, self.fd if fd is None else fd, views, offset, length)
@@ -145,9 +144,8 @@ class ImageIo:
                 position += len(view)
         return length
 
-    def write_from(self, views: list[memoryview], offset: int) -> None:
-        """Write `views` to the image at `offset`; returns once the kernel has all of it."""
-        length = sum(len(view) for view in views)
+    def write_from(self, views: list[memoryview], offset: int, length: int) -> None:
+        """Write `views` (`length` bytes) at `offset`; returns once the kernel has all of it."""
         fd = self._direct_fd_for(offset, length)
         if fd is None or self._aligned(views):
             _transfer(os.pwritev, self.fd if fd is None else fd, views, offset, length)

@@ -301,16 +301,22 @@ class VirtioDevice:
         """Complete every available chain with `handle(chain) -> bytes written`, then signal."""
         queue = self.queues[queue_index]
         stats = self.queue_stats[queue_index]
-        while True:
-            queue.disable_notifications()
-            while (chain := queue.pop()) is not None:
-                written = handle(chain)
-                queue.push(chain.head, written)
-                stats.requests += 1
-                stats.bytes_from_guest += chain.readable_length
-                stats.bytes_to_guest += written
-            if not queue.enable_notifications():
-                break
+        requests = bytes_from_guest = bytes_to_guest = 0
+        try:
+            while True:
+                queue.disable_notifications()
+                while (chain := queue.pop()) is not None:
+                    written = handle(chain)
+                    queue.push(chain.head, written)
+                    requests += 1
+                    bytes_from_guest += chain.readable_length
+                    bytes_to_guest += written
+                if not queue.enable_notifications():
+                    break
+        finally:
+            stats.requests += requests
+            stats.bytes_from_guest += bytes_from_guest
+            stats.bytes_to_guest += bytes_to_guest
         self.signal_used(queue_index)
 
     def signal_used(self, queue_index: int) -> None:

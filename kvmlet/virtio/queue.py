@@ -60,7 +60,7 @@ def slice_views(views: list[memoryview], start: int, stop: int) -> list[memoryvi
     return result
 
 
-@dataclass
+@dataclass(slots=True)
 class DescriptorChain:
     """One available chain: its head index and its readable and writable buffers.
 
@@ -182,8 +182,8 @@ class Virtqueue:
         writable_views: list[memoryview] = []
         table, table_entries = self._descriptors, self.size
         index, in_indirect_table = head, False
-        readable_bytes = writable_bytes = 0
-        view_of = self.memory.view
+        readable_bytes = writable_bytes = buffers = 0
+        view_of, limit = self.memory.view, self.size
         while True:
             if index >= table_entries:
                 raise VirtqueueError(f"descriptor index {index} outside a table of {table_entries}")
@@ -192,7 +192,8 @@ class Virtqueue:
                 table, table_entries = self._indirect(address, length, flags, in_indirect_table)
                 index, in_indirect_table = 0, True
                 continue
-            if len(readable) + len(writable) >= self.size:
+            buffers += 1
+            if buffers > limit:
                 raise VirtqueueError(f"chain at head {head} is longer than the queue (a loop?)")
             try:
                 view = view_of(address, length)
