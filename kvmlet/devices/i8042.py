@@ -3,8 +3,10 @@
 It exists for two reasons: Linux's i8042 driver probes it at boot, and a guest booted with
 `reboot=k` resets the machine through it. The controller answers every command that probe uses
 (self-test, interface tests, command-byte read/write, port enable/disable, the AUX loopback
-whose interrupt Linux waits for) without a timeout, so probing costs no boot time; bytes sent to
-the keyboard or mouse go nowhere, because no device is attached.
+whose interrupt Linux waits for) without a timeout, so probing costs no boot time. No keyboard
+or mouse is attached: a byte sent to either is answered as a controller does when the device
+never clocks it in, with 0xFE and the time-out status bit, so a driver such as atkbd gives up at
+once instead of waiting out its own timeouts.
 
 Pulsing the reset line (command 0xFE, or any 0xF0-0xFF pulse with bit 0 clear) or writing an
 output port value with bit 0 clear calls `on_reset()`; the machine stops the guest there. The
@@ -35,6 +37,7 @@ STATUS_SYSTEM_FLAG = 0x04
 STATUS_LAST_WRITE_COMMAND = 0x08
 STATUS_UNLOCKED = 0x10
 STATUS_AUX_DATA = 0x20
+STATUS_TIMEOUT = 0x40
 
 CTR_KBD_INT = 0x01
 CTR_AUX_INT = 0x02
@@ -67,6 +70,7 @@ CMD_WRITE_AUX_BUFFER = 0xD3  # Linux's "AUX loop" test
 CMD_WRITE_TO_AUX = 0xD4
 CMD_PULSE_FIRST = 0xF0
 
+NO_DEVICE_REPLY = 0xFE  # a NAK as seen by libps2: the command fails without waiting
 SELF_TEST_PASSED = 0x55
 INTERFACE_TEST_PASSED = 0x00
 INPUT_PORT_NO_KEYLOCK = 0x80  # bit 7 high: keyboard not inhibited
@@ -101,7 +105,7 @@ class I8042Controller:
         self._ram = bytearray(_RAM_SIZE)
         self._ram[0] = INITIAL_COMMAND_BYTE
         self._output_port = INITIAL_OUTPUT_PORT
-        self._output: deque[tuple[int, bool]] = deque()  # (byte, came from the AUX side)
+        self._output: deque[tuple[int, int]] = deque()  # (byte, AUX_DATA/TIMEOUT status bits)
         self._pending_command: int | None = None
         self._last_write_was_command = False
         self.reset_requests = 0
@@ -140,9 +144,7 @@ class I8042Controller:
         if self._last_write_was_command:
             status |= STATUS_LAST_WRITE_COMMAND
         if self._output:
-            status |= STATUS_OUTPUT_FULL
-            if self._output[0][1]:
-                status |= STATUS_AUX_DATA
+            status |= STATUS_OUTPUT_FULL | self._output[0][1]
         return status
 
     def _read_data(self) -> int:
@@ -183,9 +185,11 @@ class I8042Controller:
 
     def _write_data(self, value: int) -> None:
         command, self._pending_command = self._pending_command, None
-        if command is None or command == CMD_WRITE_TO_AUX:
-            return  # a byte for the keyboard or the mouse: neither is attached
-        if _writes_ram(command):
+        if command is None:
+            self._respond(NO_DEVICE_REPLY, STATUS_TIMEOUT)  # for the absent keyboard
+        elif command == CMD_WRITE_TO_AUX:
+            self._respond(NO_DEVICE_REPLY, STATUS_AUX_DATA | STATUS_TIMEOUT)  # absent mouse
+        elif _writes_ram(command):
             if command == CMD_WRITE_RAM_FIRST:
                 self._set_command_byte(value)
             else:
@@ -197,15 +201,15 @@ class I8042Controller:
         elif command == CMD_WRITE_KBD_BUFFER:
             self._respond(value)
         elif command == CMD_WRITE_AUX_BUFFER:
-            self._respond(value, from_aux=True)
+            self._respond(value, STATUS_AUX_DATA)
 
     def _set_command_byte(self, value: int) -> None:
         self._ram[0] = value & 0xFF
         self._update_irqs()
 
-    def _respond(self, value: int, *, from_aux: bool = False) -> None:
+    def _respond(self, value: int, status_bits: int = 0) -> None:
         if len(self._output) < _OUTPUT_BUFFER_LIMIT:
-            self._output.append((value, from_aux))
+            self._output.append((value, status_bits))
         self._update_irqs()
 
     def _request_reset(self) -> None:
@@ -215,7 +219,7 @@ class I8042Controller:
     def _update_irqs(self) -> None:
         kbd = aux = False
         if self._output:
-            from_aux = self._output[0][1]
+            from_aux = bool(self._output[0][1] & STATUS_AUX_DATA)
             kbd = not from_aux and bool(self._ram[0] & CTR_KBD_INT)
             aux = from_aux and bool(self._ram[0] & CTR_AUX_INT)
         self._drive_irqs(kbd, aux)

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from kvmlet.devices.i8042 import COMMAND_OFFSET, DATA_OFFSET, I8042Controller
 from kvmlet.devices.irq import RecordingIrqLine
 
-STR_OBF, STR_IBF, STR_AUXDATA, STR_KEYLOCK = 0x01, 0x02, 0x20, 0x10
+STR_OBF, STR_IBF, STR_KEYLOCK, STR_AUXDATA, STR_TIMEOUT = 0x01, 0x02, 0x10, 0x20, 0x40
 CTR_KBDINT, CTR_AUXINT, CTR_KBDDIS, CTR_AUXDIS, CTR_XLATE = 0x01, 0x02, 0x10, 0x20, 0x40
 
 
@@ -125,12 +125,16 @@ def test_keyboard_irq_follows_kbdint_and_drops_between_bytes():
     assert c.status() & STR_OBF
 
 
-def test_bytes_for_absent_devices_are_dropped():
+def test_bytes_for_absent_devices_get_an_immediate_timeout_nak():
     c = Controller()
-    c.device.write(DATA_OFFSET, 1, 0xFF)  # keyboard reset: nobody answers
-    c.command(0xD4, b"\xf4")  # to the mouse: nobody answers
-    assert not c.status() & STR_OBF
-    assert c.device.read(DATA_OFFSET, 1) == 0x00
+    c.device.write(DATA_OFFSET, 1, 0xF2)  # keyboard GETID: no keyboard to answer
+    assert c.status() & (STR_OBF | STR_TIMEOUT | STR_AUXDATA) == STR_OBF | STR_TIMEOUT
+    assert c.kbd_irq.level
+    assert c.device.read(DATA_OFFSET, 1) == 0xFE
+    assert not c.status() & (STR_OBF | STR_TIMEOUT)
+    c.command(0xD4, b"\xf4")  # to the mouse: no mouse either
+    assert c.status() & (STR_OBF | STR_TIMEOUT | STR_AUXDATA) == STR_OBF | STR_TIMEOUT | STR_AUXDATA
+    assert c.device.read(DATA_OFFSET, 1) == 0xFE
 
 
 @settings(max_examples=300, deadline=None)
