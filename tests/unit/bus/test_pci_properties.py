@@ -7,7 +7,7 @@ from bus_oracle import assert_view_matches_tree
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvmlet.bus import AddressSpace, IoRegion, mmio_space, port_io_space
+from kvmlet.bus import AddressSpace, IoRegion, RecordingListener, mmio_space, port_io_space
 from kvmlet.bus.pci import BarKind, PciDevice, PciHostBridge
 from kvmlet.bus.pci import config_space as cfg
 
@@ -42,6 +42,8 @@ def build():
         device.add_capability(0x09, bytes(6), b"\xff" * 6)
         host.attach(device, slot=slot)
         devices.append(device)
+    for space in (io, mmio):
+        space.add_listener(RecordingListener())
     return io, mmio, devices
 
 
@@ -66,6 +68,9 @@ def expected_address(device: PciDevice, index: int, kind: BarKind, size: int) ->
 def check(io: AddressSpace, mmio: AddressSpace, devices: list[PciDevice]) -> None:
     for space in (io, mmio):
         assert_view_matches_tree(space)
+        (listener,) = space.listeners
+        assert listener.notifiers == set(space.view.notifiers)
+        assert listener.sections == set(space.view.sections)
     expected = {}
     for device in devices:
         for index, kind, size in BAR_LAYOUT:
@@ -87,8 +92,8 @@ def check(io: AddressSpace, mmio: AddressSpace, devices: list[PciDevice]) -> Non
         visible = space.view.lookup(address).region is region
         if not overlapping and (space is mmio or not 0xCF8 - size < address < 0xD00):
             assert visible
-            notifiers = {(n.address, n.eventfd) for n in space.view.notifiers}
-            assert any(addr == address for addr, _ in notifiers)
+            doorbells = {(n.address, n.eventfd) for n in space.view.notifiers}
+            assert (address, region.eventfds[0].eventfd) in doorbells
 
 
 register = st.one_of(
