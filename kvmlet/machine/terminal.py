@@ -134,7 +134,7 @@ class RawTerminal:
         if not self.is_tty:
             return self
         self._saved = termios.tcgetattr(self._fd)
-        termios.tcsetattr(self._fd, termios.TCSADRAIN, raw_mode(self._saved))
+        termios.tcsetattr(self._fd, termios.TCSANOW, raw_mode(self._saved))
         self._install_signal_handlers()
         return self
 
@@ -149,7 +149,7 @@ class RawTerminal:
         self._saved_handlers.clear()
         if saved is not None:
             with contextlib.suppress(termios.error, OSError):
-                termios.tcsetattr(self._fd, termios.TCSADRAIN, saved)
+                termios.tcsetattr(self._fd, termios.TCSANOW, saved)  # never wait on stuck output
 
     def _install_signal_handlers(self) -> None:
         if threading.current_thread() is not threading.main_thread():
