@@ -249,6 +249,27 @@ class AddressSpace:
             yield region
             pending.extend(reversed(region.subregions))
 
+    def describe(self) -> str:
+        """The tree (like QEMU's `info mtree`), then the flat view, one line per node/range."""
+        lines = [f"address space {self.name!r} ({self.size:#x} bytes):"]
+
+        def walk(region: Region, base: int, depth: int) -> None:
+            state = "" if region.enabled else " [disabled]"
+            lines.append(
+                f"{'  ' * depth}{base:#012x}-{base + region.size - 1:#012x} "
+                f"(prio {region.priority}, {type(region).__name__}): {region.name}{state}"
+            )
+            for child in region.subregions:
+                walk(child, base + child.offset, depth + 1)
+
+        walk(self.root, 0, 1)
+        lines.append("flat view:")
+        for flat in self._view.assigned():
+            lines.append(
+                f"  {flat.start:#012x}-{flat.end - 1:#012x} {flat.region.name} +{flat.offset:#x}"
+            )
+        return "\n".join(lines)
+
     def stats(self) -> dict:
         """Per-region access counters (regions with traffic) and unassigned/invalid counts."""
         return {

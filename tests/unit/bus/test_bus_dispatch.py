@@ -279,6 +279,19 @@ def test_listener_gets_ram_sections_diff_and_late_replay():
     assert late.sections == listener.sections
 
 
+def test_describe_shows_tree_and_flat_view():
+    space = AddressSpace("t", 0x100)
+    region = IoRegion("dev", 0x10, Registers())
+    space.root.add_subregion(0x20, region, priority=2)
+    hidden = IoRegion("hidden", 0x10, Registers())
+    space.root.add_subregion(0x40, hidden)
+    hidden.disable()
+    text = space.describe().splitlines()
+    assert "    0x0000000020-0x000000002f (prio 2, IoRegion): dev" in text
+    assert "    0x0000000040-0x000000004f (prio 0, IoRegion): hidden [disabled]" in text
+    assert text[-1] == "  0x0000000020-0x000000002f dev +0x0"
+
+
 def test_region_cannot_be_placed_twice():
     space = AddressSpace("t", 0x100)
     region = IoRegion("d", 4, Registers())
