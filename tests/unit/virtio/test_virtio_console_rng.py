@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 from kvmlet.virtio.console import (
     MAX_OUTPUT_CHUNK,
     MAX_PENDING_INPUT,
@@ -100,3 +102,27 @@ def test_huge_output_chain_is_handed_over_in_bounded_pieces(memory):
     driver.post_data(TRANSMIT_QUEUE, [b"a" * MAX_OUTPUT_CHUNK, b"b" * 10], [])
     driver.kick(TRANSMIT_QUEUE)
     assert output == [b"a" * MAX_OUTPUT_CHUNK, b"b" * 10]
+
+
+def test_input_from_a_host_thread_races_safely_with_the_guest(memory):
+    console, driver, _ = start_console(memory)
+    driver.initialize()
+    chunks = [bytes([65 + i % 26]) * 7 for i in range(300)]
+    accepted = []
+    feeder = threading.Thread(target=lambda: accepted.extend(map(console.receive, chunks)))
+    free_buffers = [driver.allocate(16) for _ in range(8)]
+    posted = {}
+    received = bytearray()
+    feeder.start()
+    while feeder.is_alive() or console.pending_input:
+        while free_buffers:
+            address = free_buffers.pop()
+            posted[driver.post(RECEIVE_QUEUE, [], [(address, 16)])] = address
+        driver.kick(RECEIVE_QUEUE)
+        for completion in driver.collect(RECEIVE_QUEUE):
+            address = posted.pop(completion.head)
+            received += memory.read(address, completion.length)
+            free_buffers.append(address)
+    feeder.join()
+    assert sum(accepted) == 7 * len(chunks)
+    assert bytes(received) == b"".join(chunks)
