@@ -2,8 +2,8 @@
 
 Requests are a 16-byte header (type, reserved, sector) in readable buffers, data, and a status
 byte in the last writable byte. Data moves between guest RAM and the image with `os.preadv` /
-`os.pwritev` straight on guest-memory views, so a write is on the file (or, with `direct`, on
-the disk) before the request completes; T_FLUSH is `fdatasync`. Discard and write-zeroes use
+`os.pwritev` straight on guest-memory views, so a write is in the file (with `direct`, past
+the page cache) before the request completes; T_FLUSH is `fdatasync`. Discard and write-zeroes use
 `fallocate` and are offered only when a probe shows the image's file system supports them.
 
 The image is locked with `flock` (exclusive when writable, shared when read-only), so two
