@@ -16,6 +16,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from kvmlet.devices.irq import RecordingIrqLine
+from kvmlet.devices.serial import Uart16550
 from kvmlet.machine.terminal import (
     BatchedWriter,
     ConsoleInput,
@@ -267,3 +269,29 @@ def test_raw_terminal_restores_before_a_default_sigterm_kills_the_process():
     finally:
         os.close(controller)
         os.close(terminal)
+
+
+def test_console_input_into_a_real_uart_with_its_space_notification():
+    read_end, write_end = os.pipe()
+    pump = ConsoleInput(read_end, lambda data: uart.receive(data), retry_interval=5.0)
+    uart = Uart16550(
+        RecordingIrqLine(), lambda b: None, rx_capacity=8, on_rx_space=pump.notify_space
+    )
+    uart.write(2, 1, 0x01)  # the guest enables the FIFO
+    pump.start()
+    payload = os.urandom(3000)
+    os.write(write_end, payload)
+    os.close(write_end)
+    received = bytearray()
+    deadline = time.monotonic() + 10
+    while len(received) < len(payload) and time.monotonic() < deadline:
+        if uart.read(5, 1) & 0x01:
+            received.append(uart.read(0, 1))
+        else:
+            time.sleep(0)
+        assert uart.rx_pending <= 8
+    pump.join(5)
+    pump.stop()
+    os.close(read_end)
+    assert bytes(received) == payload
+    assert pump.reached_eof
