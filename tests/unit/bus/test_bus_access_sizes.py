@@ -133,3 +133,55 @@ def test_unaligned_impl_gets_the_access_as_is():
     space.read(3, 2)
     space.read(5, 4)
     assert calls == [(3, 2), (5, 4)]
+
+
+@given(
+    layout=st.lists(
+        st.tuples(st.sampled_from([Endian.BIG, Endian.LITTLE]), st.sampled_from([1, 2, 4, 8])),
+        min_size=1,
+        max_size=3,
+    ),
+    gap=st.integers(0, 4),
+    start=st.integers(0, 40),
+    size=st.sampled_from([1, 2, 4, 8]),
+    value=st.integers(0, (1 << 64) - 1),
+)
+def test_reads_and_writes_across_regions_and_gaps_match_a_byte_image(
+    layout, gap, start, size, value
+):
+    """Regions of 8 bytes each (random byte order and handler width), `gap` bytes apart: any
+    access reads the bytes of their images (0xFF in gaps) and writes only its own bytes."""
+    space = AddressSpace("t", 0x100)
+    devices = []
+    position = 0
+    for index, (endian, width) in enumerate(layout):
+        device = WordRegisters(8 // width, width)
+        device.values = [(index + 1) * 0x0101010101010101 & ((1 << (8 * width)) - 1)] * (8 // width)
+        region = IoRegion(
+            f"r{index}",
+            8,
+            device,
+            endian=endian,
+            valid=AccessSizes(1, 8, unaligned=True),
+            impl=AccessSizes(width, width),
+        )
+        space.root.add_subregion(position, region)
+        devices.append((device, endian.byteorder, position))
+        position += 8 + gap
+
+    def memory() -> bytes:
+        line = bytearray(b"\xff" * 64)
+        for device, order, base in devices:
+            line[base : base + 8] = image(device, order)
+        return bytes(line)
+
+    before = memory()
+    assert space.read(start, size) == int.from_bytes(before[start : start + size], "little")
+    space.write(start, size, value)
+    expected = bytearray(before)
+    data = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+    for index, byte in enumerate(data):
+        address = start + index
+        if any(base <= address < base + 8 for _, _, base in devices):
+            expected[address] = byte
+    assert memory() == bytes(expected)
