@@ -112,7 +112,12 @@ def _key_name(value: int) -> str:
 
 
 class RawTerminal:
-    """Context manager: raw mode on `fd` if it is a terminal, restored however the block ends."""
+    """Context manager: raw mode on `fd` if it is a terminal, restored however the block ends.
+
+    SIGTERM and SIGHUP restore the terminal before their previous handler (or default action)
+    runs; SIGCONT puts raw mode back after a job-control stop, when the shell has reset it.
+    Handlers are only installed from the main thread, as Python requires.
+    """
 
     _RESTORING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
@@ -144,9 +149,10 @@ class RawTerminal:
     def restore(self) -> None:
         """Put back the saved mode and signal handlers; safe to call more than once."""
         saved, self._saved = self._saved, None
-        for signum, handler in self._saved_handlers.items():
-            signal.signal(signum, handler)
-        self._saved_handlers.clear()
+        if threading.current_thread() is threading.main_thread():
+            for signum, handler in self._saved_handlers.items():
+                signal.signal(signum, handler)
+            self._saved_handlers.clear()
         if saved is not None:
             with contextlib.suppress(termios.error, OSError):
                 termios.tcsetattr(self._fd, termios.TCSANOW, saved)  # never wait on stuck output
@@ -160,6 +166,16 @@ class RawTerminal:
                 continue
             self._saved_handlers[signum] = previous
             signal.signal(signum, self._restore_and_resignal)
+        self._saved_handlers[signal.SIGCONT] = signal.getsignal(signal.SIGCONT)
+        signal.signal(signal.SIGCONT, self._reapply_raw)
+
+    def _reapply_raw(self, signum: int, frame: object) -> None:
+        if self._saved is not None:
+            with contextlib.suppress(termios.error, OSError):
+                termios.tcsetattr(self._fd, termios.TCSANOW, raw_mode(self._saved))
+        previous = self._saved_handlers.get(signum)
+        if callable(previous):
+            previous(signum, frame)
 
     def _restore_and_resignal(self, signum: int, frame: object) -> None:
         previous = self._saved_handlers.get(signum, signal.SIG_DFL)

@@ -105,6 +105,22 @@ def test_raw_terminal_restores_on_sigterm_then_runs_the_previous_handler():
         os.close(terminal)
 
 
+def test_raw_terminal_goes_raw_again_after_a_job_control_stop():
+    controller, terminal = os.openpty()
+    try:
+        before = termios.tcgetattr(terminal)
+        with RawTerminal(terminal):
+            termios.tcsetattr(terminal, termios.TCSANOW, before)  # what the shell does on ^Z
+            os.kill(os.getpid(), signal.SIGCONT)
+            time.sleep(0.01)
+            assert not termios.tcgetattr(terminal)[3] & termios.ICANON
+        assert termios.tcgetattr(terminal) == before
+        assert signal.getsignal(signal.SIGCONT) == signal.SIG_DFL
+    finally:
+        os.close(controller)
+        os.close(terminal)
+
+
 def test_raw_terminal_leaves_a_pipe_alone():
     read_end, write_end = os.pipe()
     try:
