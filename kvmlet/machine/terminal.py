@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import errno
 import os
 import selectors
 import signal
@@ -213,6 +212,8 @@ class ConsoleInput:
     `deliver(data) -> accepted` is the UART's `receive`; pass this object's `notify_space` as
     the UART's `on_rx_space` so a refused remainder is offered again as soon as the guest reads.
     `retry_interval` bounds the wait when no notification comes (e.g. the guest cleared its FIFO).
+    `on_action` runs on the input thread. Input ends at EOF, at a quit escape, or when reading
+    fails (`read_error` says why: EIO is a terminal hang-up); the monitor keeps running.
     """
 
     def __init__(
@@ -236,6 +237,7 @@ class ConsoleInput:
         self._wake_read, self._wake_write = os.pipe()
         self._thread = threading.Thread(target=self._run, name="console-input", daemon=True)
         self.reached_eof = False
+        self.read_error: OSError | None = None
 
     def start(self) -> None:
         self._thread.start()
@@ -276,9 +278,8 @@ class ConsoleInput:
                 except BlockingIOError:
                     continue
                 except OSError as error:
-                    if error.errno != errno.EIO:  # EIO: the terminal hung up, like EOF
-                        raise
-                    data = b""
+                    self.read_error = error
+                    return
                 if not data:
                     self.reached_eof = True
                     return

@@ -205,6 +205,19 @@ def test_console_input_stop_interrupts_a_blocked_read():
     os.close(write_end)
 
 
+def test_console_input_ends_quietly_when_reading_fails():
+    controller, terminal = os.openpty()
+    pump = ConsoleInput(controller, lambda data: len(data))
+    pump.start()
+    os.close(terminal)  # reading the controller side now fails with EIO
+    pump.join(5)
+    assert not pump._thread.is_alive()
+    assert pump.read_error is not None and pump.read_error.errno == errno.EIO
+    assert not pump.reached_eof
+    pump.stop()
+    os.close(controller)
+
+
 def test_batched_writer_turns_a_byte_stream_into_few_writes():
     chunks: list[bytes] = []
     writer = BatchedWriter(
