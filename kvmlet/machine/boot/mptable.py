@@ -24,6 +24,7 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from kvmlet.errors import KvmletError
 from kvmlet.machine.memory_map import IOAPIC_ADDRESS, LAPIC_ADDRESS, MP_TABLE_AREA
 from kvmlet.memory import GuestMemory
 
@@ -84,7 +85,7 @@ def build_mp_table(
 ) -> bytes:
     """The floating pointer followed by the configuration table, to be placed at `address`."""
     if not 1 <= cpus <= MAX_CPUS:
-        raise ValueError(f"MP table supports 1 to {MAX_CPUS} CPUs, not {cpus}")
+        raise KvmletError(f"kvmlet supports 1 to {MAX_CPUS} vCPUs, not {cpus}")
     ioapic_id = cpus
     entries = []
     for apic_id in range(cpus):

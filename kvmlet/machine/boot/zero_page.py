@@ -4,6 +4,9 @@ Both the bzImage loader and the ELF loader's 64-bit entry hand the kernel a zero
 4 KiB page with the setup header copied in (from the image, or a minimal one for a vmlinux),
 our loader fields filled in, the e820 map, and a `setup_data` list carrying a SETUP_RNG_SEED.
 The seed matters: without it a guest with no hardware RNG can wait tens of seconds for entropy.
+Linux 6.1 credits the seed only when built with CONFIG_RANDOM_TRUST_BOOTLOADER=y; the
+`random.trust_bootloader=on` parameter comes too late for it, because setup_arch() parses
+setup_data before early parameters. Without that option the seed is mixed in but not counted.
 
 Offsets come from arch/x86/include/uapi/asm/bootparam.h and Documentation/x86/zero-page.rst.
 """

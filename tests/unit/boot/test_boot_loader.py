@@ -106,3 +106,25 @@ def test_real_vmlinux_has_both_entries_and_loads_by_either():
         assert struct.unpack("<I", memory.read(state.rbx, 4))[0] == 0x336EC578
     finally:
         memory.close()
+
+
+def test_zero_page_of_a_guest_larger_than_the_pci_hole(tmp_path):
+    layout = MemoryMap(4 * 1024 * MiB)  # anonymous MAP_NORESERVE: costs only touched pages
+    memory = GuestMemory.anonymous(layout.ram_banks())
+    kernel = tmp_path / "bzImage"
+    kernel.write_bytes(make_bzimage())
+    initrd = tmp_path / "initrd"
+    initrd.write_bytes(b"\x09" * 4096)
+    try:
+        state = load_kernel(memory, kernel, initrd, "", layout, cpus=1)
+        assert memory.read_u8(state.rsi + 0x1E8) == 4
+        assert struct.unpack("<QQI", memory.read(state.rsi + 0x2D0 + 3 * 20, 20)) == (
+            4 << 30,
+            1 << 30,
+            1,
+        )
+        ramdisk = memory.read_u32(state.rsi + 0x218)
+        assert ramdisk + 4096 <= 3 << 30  # in low RAM, below the hole
+        assert memory.read(ramdisk, 4096) == b"\x09" * 4096
+    finally:
+        memory.close()

@@ -6,6 +6,7 @@ import struct
 
 import pytest
 
+from kvmlet.errors import KvmletError
 from kvmlet.machine.boot.mptable import PciInterrupt, build_mp_table, write_mp_table
 from kvmlet.machine.memory_map import IOAPIC_ADDRESS, LAPIC_ADDRESS, MP_TABLE_AREA
 
@@ -82,7 +83,7 @@ def test_pci_interrupt_validation(fields):
 
 @pytest.mark.parametrize("cpus", [0, 255])
 def test_cpu_count_limits(cpus):
-    with pytest.raises(ValueError):
+    with pytest.raises(KvmletError, match="1 to 254 vCPUs"):
         build_mp_table(cpus)
 
 
