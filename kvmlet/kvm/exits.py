@@ -38,6 +38,10 @@ EXIT_REASON_OFFSET = s.KvmRun.exit_reason.offset
 
 IO_LAYOUT = struct.Struct("<BBHIQ")
 """direction, size, port, count, data_offset: `kvm_run.io`."""
+REASON_AND_IO_LAYOUT = struct.Struct(
+    f"<{EXIT_REASON_OFFSET}xI{EXIT_UNION_OFFSET - EXIT_REASON_OFFSET - 4}xBBHIQ"
+)
+"""exit_reason followed by the `kvm_run.io` fields: the hot path reads both in one call."""
 MMIO_LAYOUT = struct.Struct("<Q8xIB")
 """phys_addr, (data), len, is_write: `kvm_run.mmio`."""
 MMIO_DATA_OFFSET = EXIT_UNION_OFFSET + s.RunMmio.data.offset

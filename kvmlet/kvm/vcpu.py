@@ -21,15 +21,14 @@ from kvmlet.kvm import ioctls as nr
 from kvmlet.kvm import structs as s
 from kvmlet.kvm._syscall import failure, ioctl_struct
 from kvmlet.kvm.exits import (
-    EXIT_REASON_OFFSET,
     EXIT_UNION_OFFSET,
     INTERRUPTED,
-    IO_LAYOUT,
     KVM_EXIT_IO,
     KVM_EXIT_IO_OUT,
     KVM_EXIT_MMIO,
     MMIO_DATA_OFFSET,
     MMIO_LAYOUT,
+    REASON_AND_IO_LAYOUT,
     IoExit,
     MmioExit,
     VcpuExit,
@@ -37,6 +36,8 @@ from kvmlet.kvm.exits import (
 )
 
 _KVM_RUN = nr.KVM_RUN
+_ioctl = fcntl.ioctl
+_unpack_reason_and_io = REASON_AND_IO_LAYOUT.unpack_from
 _IMMEDIATE_EXIT_OFFSET = s.KvmRun.immediate_exit.offset
 _MAX_CPUID_ENTRIES = 256
 
@@ -53,8 +54,6 @@ class Vcpu:
             os.close(fd)
             raise KvmletError(f"cannot map the run page of vCPU {vcpu_id}: {error}") from None
         self.run_page = memoryview(self._mapping)
-        self._exit_reason_index = EXIT_REASON_OFFSET // 4
-        self._run_u32 = self.run_page.cast("I")
         self._io = IoExit()
         self._mmio = MmioExit()
         self._mmio_views = [
@@ -64,13 +63,12 @@ class Vcpu:
     def run(self) -> VcpuExit:
         """Run the vCPU until it needs the monitor; return why (see kvmlet.kvm.exits)."""
         try:
-            fcntl.ioctl(self.fd, _KVM_RUN)
+            _ioctl(self.fd, _KVM_RUN)
         except InterruptedError:
             return INTERRUPTED
         run = self.run_page
-        reason = self._run_u32[self._exit_reason_index]
+        reason, direction, size, port, count, offset = _unpack_reason_and_io(run)
         if reason == KVM_EXIT_IO:
-            direction, size, port, count, offset = IO_LAYOUT.unpack_from(run, EXIT_UNION_OFFSET)
             io = self._io
             io.port = port
             io.size = size
@@ -184,7 +182,7 @@ class Vcpu:
         if self.fd < 0:
             return
         self._io.data = self._mmio.data = memoryview(b"")
-        for view in (*self._mmio_views, self._run_u32, self.run_page):
+        for view in (*self._mmio_views, self.run_page):
             view.release()
         self._mmio_views = []
         # A caller may still hold a view of the run page: it is then unmapped when dropped.
