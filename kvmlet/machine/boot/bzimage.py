@@ -152,8 +152,7 @@ class LoadedBzImage:
 def load_bzimage(memory: GuestMemory, data: bytes, memory_map: MemoryMap) -> LoadedBzImage:
     """Copy the protected-mode kernel of a bzImage to 1 MiB; return its entry and extent."""
     header = parse_setup_header(data)
-    payload = memoryview(data)[header.protected_mode_offset :]
-    load_end = BZIMAGE_LOAD_ADDRESS + len(payload)
+    load_end = BZIMAGE_LOAD_ADDRESS + len(data) - header.protected_mode_offset
     runtime_end = header.runtime_address(BZIMAGE_LOAD_ADDRESS) + header.init_size
     kernel_end = max(load_end, runtime_end)
     if kernel_end > memory_map.low_ram_end:
@@ -161,5 +160,6 @@ def load_bzimage(memory: GuestMemory, data: bytes, memory_map: MemoryMap) -> Loa
             f"kernel needs {format_size(kernel_end)} of low RAM to boot, the guest has "
             f"{format_size(memory_map.low_ram_end)}; give it more memory (-m)"
         )
-    memory.write(BZIMAGE_LOAD_ADDRESS, payload)
+    # A temporary view (no named reference) so a mapped file can be closed even on error.
+    memory.write(BZIMAGE_LOAD_ADDRESS, memoryview(data)[header.protected_mode_offset :])
     return LoadedBzImage(header, BZIMAGE_LOAD_ADDRESS + STARTUP_64_OFFSET, kernel_end)

@@ -161,8 +161,11 @@ def _find_pvh_entry(data: bytes, note_areas: list[tuple[int, int]]) -> int | Non
             offset = desc_at + _align4(desc_size)
             if offset > end:
                 break
-            name = bytes(data[name_at : name_at + name_size])
-            if name == XEN_NOTE_NAME and note_type == XEN_ELFNOTE_PHYS32_ENTRY:
+            if (
+                note_type == XEN_ELFNOTE_PHYS32_ENTRY
+                and name_size == len(XEN_NOTE_NAME)
+                and data[name_at : name_at + name_size] == XEN_NOTE_NAME
+            ):
                 if desc_size not in (4, 8):
                     raise KvmletError("corrupt ELF kernel: the PVH entry note has a bad size")
                 return int.from_bytes(data[desc_at : desc_at + desc_size], "little")

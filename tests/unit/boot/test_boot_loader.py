@@ -128,3 +128,18 @@ def test_zero_page_of_a_guest_larger_than_the_pci_hole(tmp_path):
         assert memory.read(ramdisk, 4096) == b"\x09" * 4096
     finally:
         memory.close()
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        make_bzimage(init_size=60 * MiB),
+        make_elf([(80 * MiB, 80 * MiB, b"\x90" * 64, 64)], entry=80 * MiB),
+    ],
+    ids=["bzImage", "vmlinux"],
+)
+def test_kernel_too_big_for_ram_is_a_clear_error_from_a_mapped_file(tmp_path, memory, image):
+    kernel = tmp_path / "kernel"
+    kernel.write_bytes(image)
+    with pytest.raises(KvmletError, match="give it more memory"):
+        load_kernel(memory, kernel, None, "", MemoryMap(64 * MiB), cpus=1)
