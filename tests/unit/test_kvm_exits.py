@@ -6,6 +6,8 @@ import errno
 import struct
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from kvmlet.errors import KvmletError
 from kvmlet.kvm import (
@@ -95,3 +97,10 @@ def test_slot_allocator_reuses_the_lowest_free_slot_and_refuses_past_the_limit()
         slots.allocate()
     slots.release(1)
     assert slots.allocate() == 1
+
+
+@given(st.binary(min_size=256, max_size=256), st.integers(0, 2**32 - 1))
+def test_decoding_any_run_page_never_raises(union, reason):
+    decoded = exits.decode_rare_exit(run_page(reason, union), reason)
+    if isinstance(decoded, InternalErrorExit):
+        assert len(decoded.instruction_bytes) <= 15
