@@ -312,3 +312,40 @@ def test_vcpu_state_round_trips(guest):
     assert bytes(g.vcpu.get_lapic()) != bytes(1024)
     with pytest.raises(KvmletError, match="KVM refused to set MSR 0x12345678"):
         g.vcpu.set_msrs({0x1234_5678: 1})
+
+
+PIC_GUEST = (
+    bytes.fromhex("fa")  # cli
+    + bytes.fromhex("b011e620")  # mov al, 0x11; out 0x20, al   (ICW1: init, ICW4 follows)
+    + bytes.fromhex("b008e621")  # mov al, 0x08; out 0x21, al   (ICW2: vectors 8..15)
+    + bytes.fromhex("b004e621")  # mov al, 0x04; out 0x21, al   (ICW3)
+    + bytes.fromhex("b001e621")  # mov al, 0x01; out 0x21, al   (ICW4: 8086 mode)
+    + bytes.fromhex("b0efe621")  # mov al, 0xef; out 0x21, al   (OCW1: unmask IRQ 4 only)
+    + bytes.fromhex("fb")  # sti
+    + bytes.fromhex("e611")  # out 0x11, al   (tell the test we are ready)
+    + bytes.fromhex("f4")  # hlt
+)
+IRQ4_HANDLER = 0x2000
+IRQ4_HANDLER_CODE = bytes.fromhex("b099e610")  # mov al, 0x99; out 0x10, al
+
+
+@pytest.mark.parametrize("source", ["irqfd", "irq_line"])
+def test_interrupt_wakes_a_halted_guest_through_the_pic(guest, source):
+    g = guest(PIC_GUEST)
+    g.memory.write_u32(12 * 4, IRQ4_HANDLER)  # IVT entry for vector 8 + 4: 0000:2000
+    g.memory.write(IRQ4_HANDLER, IRQ4_HANDLER_CODE)
+    event = os.eventfd(0, os.EFD_NONBLOCK)
+    try:
+        g.vm.assign_irqfd(event, 4)
+        exit = g.vcpu.run()
+        assert isinstance(exit, IoExit) and exit.port == 0x11
+        if source == "irqfd":
+            os.eventfd_write(event, 1)
+        else:
+            g.vm.irq_line(4, True)
+            g.vm.irq_line(4, False)
+        exit = g.vcpu.run()
+        assert isinstance(exit, IoExit), exit
+        assert (exit.port, bytes(exit.data)) == (0x10, b"\x99")
+    finally:
+        os.close(event)
