@@ -190,7 +190,7 @@ NONE = HostProfile("none")
 PVM = HostProfile(
     name="pvm",
     notice=(
-        "kvmlet: host profile pvm (software KVM detected): masking CMPXCHG16B, adding "
+        "kvmlet: host profile pvm (software KVM): masking CMPXCHG16B, adding "
         "noxsave and clearcpuid=..., fixing up INT3/FWAIT the emulator refuses"
     ),
     cpuid_masks=(CpuidMask(CPUID_FEATURES, "ecx", CPUID1_ECX_CMPXCHG16B),),

@@ -85,6 +85,12 @@ def test_permission_error_names_the_kvm_group(monkeypatch):
         Kvm("/dev/kvm")
 
 
+def test_wrong_api_version_is_one_clear_error(monkeypatch):
+    monkeypatch.setattr(kvm_system, "ioctl_int", lambda fd, request, value=0: 11)
+    with pytest.raises(KvmletError, match="speaks KVM API version 11; kvmlet needs 12"):
+        Kvm("/dev/null")
+
+
 def test_a_file_that_is_not_kvm_is_refused():
     with pytest.raises(KvmletError, match="is not a KVM device"):
         Kvm("/dev/null")
