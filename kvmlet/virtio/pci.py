@@ -370,7 +370,11 @@ class VirtioPci(PciDevice):
         return super().config_read(offset, size)
 
     def config_write(self, offset: int, size: int, value: int) -> None:
+        msix_was_enabled = self.msix.enabled
         super().config_write(offset, size, value)
+        if self.msix.enabled != msix_was_enabled:
+            with self.lock:
+                self._update_intx()
         if self._window_data_touched(offset, size):
             with self.lock:
                 window = self._window()

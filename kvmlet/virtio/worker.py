@@ -1,0 +1,160 @@
+"""Queue workers: threads that wait on doorbell eventfds and run the devices' queue work.
+
+A guest's kick is a write to a notify address that KVM turns into an eventfd signal (an
+ioeventfd) without leaving the kernel. A `QueueWorker` waits on the eventfds of any number of
+doorbells with epoll (`selectors`), reads each signalled counter and calls
+`device.notify(queue_index)`. One worker can serve every device, or the machine can start one per
+device (`workers_per_device`). Other file descriptors can be watched too (`watch`), e.g. the
+resample eventfd of a level-triggered irqfd line.
+
+A device that raises never kills the worker: the error is logged and counted, the device is put
+in DEVICE_NEEDS_RESET, and the other doorbells keep being served. `stop()` wakes the thread
+through its own eventfd and joins it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import selectors
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from kvmlet.virtio.device import VirtioDevice
+
+log = logging.getLogger(__name__)
+
+
+def new_eventfd() -> int:
+    """A non-blocking, close-on-exec eventfd."""
+    return os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+
+
+@dataclass(eq=False)
+class Doorbell:
+    """The eventfd KVM signals when the guest kicks queue `queue_index` of `device`."""
+
+    device: VirtioDevice
+    queue_index: int
+    eventfd: int
+    wakeups: int = 0
+
+    def fileno(self) -> int:
+        return self.eventfd
+
+    def ring(self) -> None:
+        """Signal the doorbell as KVM would (tests, and kicks that reached user space)."""
+        os.eventfd_write(self.eventfd, 1)
+
+    def close(self) -> None:
+        if self.eventfd >= 0:
+            os.close(self.eventfd)
+            self.eventfd = -1
+
+
+def doorbell(device: VirtioDevice, queue_index: int) -> Doorbell:
+    """A fresh doorbell for one queue; give `.eventfd` to the transport's `add_doorbell`."""
+    if not 0 <= queue_index < device.queue_count:
+        raise ValueError(f"{device.name} has no queue {queue_index}")
+    return Doorbell(device, queue_index, new_eventfd())
+
+
+def _drain(fd: int) -> bool:
+    """Read and reset an eventfd counter; False when it was not signalled."""
+    try:
+        os.eventfd_read(fd)
+    except BlockingIOError:
+        return False
+    return True
+
+
+class QueueWorker:
+    """One thread serving a set of doorbells (and other watched descriptors)."""
+
+    def __init__(self, name: str = "virtio-worker"):
+        self.name = name
+        self.wakeups = 0
+        self.notifications = 0
+        self.device_errors = 0
+        self._selector = selectors.DefaultSelector()
+        self._stop_fd = new_eventfd()
+        self._selector.register(self._stop_fd, selectors.EVENT_READ, None)
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.doorbells: list[Doorbell] = []
+
+    def add(self, bell: Doorbell) -> None:
+        """Serve `bell` from now on (before or after `start`)."""
+        self.doorbells.append(bell)
+        self._selector.register(bell.eventfd, selectors.EVENT_READ, bell)
+
+    def watch(self, fd: int, callback: Callable[[], None]) -> None:
+        """Call `callback()` on this thread whenever `fd` (an eventfd) is signalled."""
+        self._selector.register(fd, selectors.EVENT_READ, callback)
+
+    def start(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError(f"{self.name} already started")
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Wake the thread, wait for it, release the selector (doorbells stay open)."""
+        self._stopping = True
+        os.eventfd_write(self._stop_fd, 1)
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.warning("%s did not stop within %.1f s", self.name, timeout)
+                return
+        self._selector.close()
+        os.close(self._stop_fd)
+
+    def _run(self) -> None:
+        while not self._stopping:
+            for key, _ in self._selector.select():
+                if key.data is None:
+                    continue
+                self.wakeups += 1
+                if not _drain(key.fd):
+                    continue
+                if isinstance(key.data, Doorbell):
+                    self._ring(key.data)
+                else:
+                    self._call(key.data)
+
+    def _ring(self, bell: Doorbell) -> None:
+        bell.wakeups += 1
+        self.notifications += 1
+        try:
+            bell.device.notify(bell.queue_index)
+        except Exception as error:  # a device bug must not stop the other devices
+            self.device_errors += 1
+            log.exception("%s: queue %d failed", bell.device.name, bell.queue_index)
+            bell.device.fail(f"queue {bell.queue_index}: {type(error).__name__}: {error}")
+
+    def _call(self, callback: Callable[[], None]) -> None:
+        try:
+            callback()
+        except Exception:
+            self.device_errors += 1
+            log.exception("%s: watched descriptor callback failed", self.name)
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "wakeups": self.wakeups,
+            "notifications": self.notifications,
+            "device_errors": self.device_errors,
+        }
+
+
+def workers_per_device(doorbells: Iterable[Doorbell]) -> list[QueueWorker]:
+    """One (unstarted) worker per device, each serving that device's doorbells."""
+    by_device: dict[int, QueueWorker] = {}
+    for bell in doorbells:
+        worker = by_device.get(id(bell.device))
+        if worker is None:
+            worker = by_device[id(bell.device)] = QueueWorker(f"virtio-{bell.device.name}")
+        worker.add(bell)
+    return list(by_device.values())

@@ -1,0 +1,107 @@
+"""QueueWorker: eventfd doorbells wake a thread that runs the devices' queues."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+
+from kvmlet.virtio.device import DEVICE_NEEDS_RESET
+from kvmlet.virtio.rng import VirtioRng
+from kvmlet.virtio.worker import QueueWorker, doorbell, new_eventfd, workers_per_device
+from tests.helpers.virtio_driver import MockDriver
+
+
+def wait_for(condition, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.001)
+
+
+class ExplodingRng(VirtioRng):
+    """A device with a bug: its queue work raises something the device does not guard."""
+
+    def queue_notified(self, queue_index):
+        raise RuntimeError("device bug")
+
+
+@pytest.fixture
+def worker():
+    worker = QueueWorker()
+    yield worker
+    worker.stop()
+
+
+def started_rng(memory, arena):
+    device = VirtioRng(memory)
+    driver = MockDriver(device, memory, arena, 1 << 18)
+    driver.initialize(queue_size=8)
+    return device, driver
+
+
+def test_an_eventfd_write_makes_the_device_process_its_queue(memory, worker):
+    device, driver = started_rng(memory, 0x10000)
+    bell = doorbell(device, 0)
+    worker.add(bell)
+    worker.start()
+    head, _ = driver.post_data(0, [], [32])
+    os.eventfd_write(bell.eventfd, 1)
+    wait_for(lambda: device.queue_stats[0].requests == 1)
+    assert [c.head for c in driver.collect(0)] == [head]
+    assert bell.wakeups == 1 and worker.notifications == 1
+    bell.close()
+
+
+def test_one_worker_serves_several_devices_and_survives_a_failing_one(memory, worker):
+    good, good_driver = started_rng(memory, 0x10000)
+    bad = ExplodingRng(memory)
+    MockDriver(bad, memory, 0x80000, 1 << 18).initialize(queue_size=8)
+    bells = [doorbell(good, 0), doorbell(bad, 0)]
+    for bell in bells:
+        worker.add(bell)
+    worker.start()
+    bells[1].ring()
+    wait_for(lambda: worker.device_errors == 1)
+    assert bad.status & DEVICE_NEEDS_RESET and "device bug" in bad.last_error
+    good_driver.post_data(0, [], [16])
+    bells[0].ring()
+    wait_for(lambda: good.queue_stats[0].requests == 1)
+    assert worker.stats()["device_errors"] == 1
+    for bell in bells:
+        bell.close()
+
+
+def test_watched_descriptors_call_back_on_the_worker_thread(worker):
+    fd = new_eventfd()
+    seen = []
+    worker.watch(fd, lambda: seen.append(threading.current_thread().name))
+    worker.start()
+    os.eventfd_write(fd, 1)
+    wait_for(lambda: seen)
+    assert seen == [worker.name]
+    os.close(fd)
+
+
+def test_stop_wakes_an_idle_worker_promptly():
+    worker = QueueWorker()
+    worker.start()
+    started = time.monotonic()
+    worker.stop()
+    assert time.monotonic() - started < 1.0
+    assert not worker._thread.is_alive()
+
+
+def test_one_worker_per_device(memory):
+    first, _ = started_rng(memory, 0x10000)
+    second, _ = started_rng(memory, 0x80000)
+    bells = [doorbell(first, 0), doorbell(second, 0)]
+    workers = workers_per_device(bells)
+    assert [w.doorbells for w in workers] == [[bells[0]], [bells[1]]]
+    for worker in workers:
+        worker.stop()
+    for bell in bells:
+        bell.close()
