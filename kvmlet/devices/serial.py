@@ -132,7 +132,7 @@ class Uart16550:
             raise ValueError("rx_capacity must be at least 1")
         self._irq = irq
         self._on_output = on_output
-        self._on_rx_space = on_rx_space
+        self.on_rx_space = on_rx_space
         self._rx_capacity = rx_capacity
         self._lock = threading.Lock()
         self._rx_fifo: deque[int] = deque()
@@ -217,8 +217,8 @@ class Uart16550:
                 return self._scr
             else:
                 return 0xFF
-        if notify_space and self._on_rx_space is not None:
-            self._on_rx_space()
+        if notify_space and self.on_rx_space is not None:
+            self.on_rx_space()
         return value
 
     def write(self, offset: int, size: int, value: int) -> None:
@@ -245,8 +245,8 @@ class Uart16550:
             elif offset == SCR:
                 self._scr = value
             # LSR and MSR writes are factory-test only on a 16550A: ignored.
-        if notify_space and self._on_rx_space is not None:
-            self._on_rx_space()
+        if notify_space and self.on_rx_space is not None:
+            self.on_rx_space()
 
     # ----- internals (called with the lock held) ---------------------------------------------
 

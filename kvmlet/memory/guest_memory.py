@@ -12,6 +12,7 @@ the address KVM needs for a memory slot.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import itertools
 import mmap
@@ -150,8 +151,10 @@ class GuestMemory:
         _U64.pack_into(view, offset, value & 0xFFFF_FFFF_FFFF_FFFF)
 
     def close(self) -> None:
-        """Release the host mappings (views handed out must be released first)."""
+        """Release the host mappings; one still viewed elsewhere (a bus region, a queue) is
+        unmapped when its last view goes."""
         for view in self._views:
             view.release()
         for bank in self.banks:
-            bank.mapping.close()
+            with contextlib.suppress(BufferError):
+                bank.mapping.close()
