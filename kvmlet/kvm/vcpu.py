@@ -64,7 +64,9 @@ class Vcpu:
         """Run the vCPU until it needs the monitor; return why (see kvmlet.kvm.exits)."""
         try:
             _ioctl(self.fd, _KVM_RUN)
-        except InterruptedError:
+        except (InterruptedError, BlockingIOError):
+            # EINTR: a signal or immediate_exit. EAGAIN: an application processor that has
+            # just received INIT/SIPI is not runnable yet; running it again is the answer.
             return INTERRUPTED
         run = self.run_page
         reason, direction, size, port, count, offset = _unpack_reason_and_io(run)
