@@ -1,0 +1,154 @@
+"""KvmInterruptRouter, KvmIrqLine and IrqfdLine on a real VM with the in-kernel irqchip.
+
+Whether a GSI is routed is read with KVM_IRQ_LINE_STATUS: KVM reports -1 for a GSI with no route
+and a count (>= 0) of the chips it reached otherwise. The last test delivers a level-triggered
+irqfd interrupt through the PIC to a tiny real-mode guest, twice (the resample fd re-raises the
+still-asserted line after the guest's EOI), and not a third time once the device lowered it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import select
+import signal
+import threading
+
+import pytest
+
+from kvmlet.kvm import InterruptedExit, IoExit, Kvm
+from kvmlet.kvm import ioctls as nr
+from kvmlet.kvm import structs as s
+from kvmlet.kvm._syscall import ioctl_struct
+from kvmlet.machine.interrupts import IrqfdLine, KvmInterruptRouter, KvmIrqLine, default_routes
+from kvmlet.memory import GuestMemory
+
+pytestmark = pytest.mark.kvm
+
+KVM_IRQ_LINE_STATUS = nr._IOWR(nr.KVMIO, 0x67, s.KvmIrqLevel)
+RAM_SIZE = 0x10000
+CODE = 0x1000
+HANDLER = 0x1100
+MSI_ADDRESS = 0xFEE0_0000
+
+
+def line_status(vm, gsi: int, level: bool) -> int:
+    argument = s.KvmIrqLevel(gsi, int(level))
+    ioctl_struct(vm.fd, KVM_IRQ_LINE_STATUS, argument)
+    return ctypes.c_int32(argument.irq).value  # the kernel writes the status over `irq`
+
+
+@pytest.fixture
+def vm():
+    with Kvm() as kvm:
+        vm = kvm.create_vm()
+        vm.setup_x86_platform()
+        yield vm
+        vm.close()
+
+
+def test_default_table_matches_kvm_x86():
+    routes = default_routes()
+    assert len(routes) == 24 + 16
+    assert {(r.gsi, r.irqchip, r.pin) for r in routes if r.gsi in (2, 9)} == {
+        (2, nr.KVM_IRQCHIP_IOAPIC, 2),
+        (2, nr.KVM_IRQCHIP_PIC_MASTER, 2),
+        (9, nr.KVM_IRQCHIP_IOAPIC, 9),
+        (9, nr.KVM_IRQCHIP_PIC_SLAVE, 1),
+    }
+
+
+def test_msi_routes_keep_the_default_irqchip_routes(vm):
+    vcpu = vm.create_vcpu(0)
+    router = KvmInterruptRouter(vm)
+    try:
+        controller = router.controller()
+        config, queue = controller.vector(0), controller.vector(1)
+        assert (config.gsi, queue.gsi) == (24, 25)
+        assert line_status(vm, queue.gsi, True) == -1, "no route before the guest programs it"
+        queue.update(MSI_ADDRESS, 0x31, masked=True)
+        assert router.table_updates == 0, "a masked vector is not routed"
+        with controller.batch():
+            queue.update(MSI_ADDRESS, 0x31, masked=False)
+            config.update(MSI_ADDRESS, 0x30, masked=False)
+        assert router.table_updates == 1, "one KVM_SET_GSI_ROUTING for the batch"
+        queue.update(MSI_ADDRESS, 0x31, masked=False)
+        assert router.table_updates == 1, "nothing changed, nothing re-installed"
+        queue.update(MSI_ADDRESS, 0x41, masked=False)
+        assert router.table_updates == 2
+        assert line_status(vm, queue.gsi, True) >= 0
+        assert line_status(vm, 4, True) >= 0, "GSI 4 still reaches the PIC and IO-APIC"
+        assert line_status(vm, 4, False) >= 0
+        assert line_status(vm, 40, True) == -1
+        queue.fire()
+        config.fire()
+        KvmIrqLine(vm, 4).pulse()
+    finally:
+        router.close()
+        vcpu.close()
+
+
+def real_mode_guest(vm, memory):
+    """Program the master PIC (vectors 8-15, only IRQ 4 unmasked), then sti; hlt forever.
+    IRQ 4 (vector 12) runs HANDLER: EOI to the PIC, `out 0x10, 0x44`, iret."""
+    main = bytes.fromhex(
+        "fa"  # cli
+        "b011e620"  # ICW1: edge, cascade, ICW4 needed
+        "b008e621"  # ICW2: vector base 8
+        "b004e621"  # ICW3: slave on IRQ 2
+        "b001e621"  # ICW4: 8086 mode
+        "b0efe621"  # OCW1: mask everything but IRQ 4
+        "fb"  # sti
+        "f4"  # hlt
+        "ebfd"  # jmp back to hlt
+    )
+    handler = bytes.fromhex("b020e620b044e610cf")  # EOI; out 0x10, 0x44; iret
+    memory.write(CODE, main)
+    memory.write(HANDLER, handler)
+    memory.write_u16(4 * 12, HANDLER)
+    memory.write_u16(4 * 12 + 2, 0)
+    vm.add_memory(0, RAM_SIZE, memory.banks[0].host_address())
+    vcpu = vm.create_vcpu(0)
+    sregs = vcpu.get_sregs()
+    sregs.cs.base = sregs.cs.selector = 0
+    vcpu.set_sregs(sregs)
+    regs = vcpu.get_regs()
+    regs.rip, regs.rflags = CODE, 2
+    vcpu.set_regs(regs)
+    return vcpu
+
+
+def run_for(vcpu, seconds: float):
+    """One KVM_RUN, interrupted by SIGALRM after `seconds` if the guest never exits."""
+    previous = signal.signal(signal.SIGALRM, lambda *_: None)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        return vcpu.run()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_level_irqfd_line_is_resampled_after_the_guest_eoi(vm):
+    memory = GuestMemory.anonymous([(0, RAM_SIZE)])
+    vcpu = real_mode_guest(vm, memory)
+    line = IrqfdLine(vm, 4, level=True)
+    try:
+        raise_later = threading.Timer(0.05, line.set_level, (True,))
+        raise_later.start()
+        exit = run_for(vcpu, 2.0)
+        raise_later.join()
+        assert isinstance(exit, IoExit) and exit.port == 0x10, exit
+        readable, _, _ = select.select([line.resample_fd], [], [], 1.0)
+        assert readable, "KVM signals the resample fd at the guest's EOI"
+        line.resampled()
+        exit = run_for(vcpu, 2.0)
+        assert isinstance(exit, IoExit) and exit.port == 0x10, "re-raised: still asserted"
+        line.set_level(False)
+        select.select([line.resample_fd], [], [], 1.0)
+        line.resampled()
+        assert isinstance(run_for(vcpu, 0.2), InterruptedExit), "lowered: no third interrupt"
+        assert line.raises == 2
+    finally:
+        line.close()
+        vcpu.close()
+        memory.close()
