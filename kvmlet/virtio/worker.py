@@ -101,6 +101,8 @@ class QueueWorker:
 
     def stop(self, timeout: float = 5.0) -> None:
         """Wake the thread, wait for it, release the selector (doorbells stay open)."""
+        if self._stopping:
+            return
         self._stopping = True
         os.eventfd_write(self._stop_fd, 1)
         if self._thread is not None:

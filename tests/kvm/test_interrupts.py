@@ -15,6 +15,7 @@ import threading
 
 import pytest
 
+from kvmlet.errors import KvmletError
 from kvmlet.kvm import InterruptedExit, IoExit, Kvm
 from kvmlet.kvm import ioctls as nr
 from kvmlet.kvm import structs as s
@@ -85,6 +86,16 @@ def test_msi_routes_keep_the_default_irqchip_routes(vm):
     finally:
         router.close()
         vcpu.close()
+
+
+def test_running_out_of_gsis_is_a_clear_error(vm):
+    router = KvmInterruptRouter(vm, gsi_limit=25)
+    try:
+        router.controller().vector(0)
+        with pytest.raises(KvmletError, match="out of GSIs"):
+            router.controller().vector(0)
+    finally:
+        router.close()
 
 
 def real_mode_guest(vm, memory):

@@ -398,3 +398,15 @@ def test_doorbell_eventfd_is_a_real_eventfd(rng):
         bell.close()
     with pytest.raises(ValueError):
         doorbell(rng.device, 1)
+
+
+def test_msix_table_takes_qwords_and_keeps_reserved_bits_zero(rng):
+    rng.probe()
+    entry = rng.bar + layout.MSIX_TABLE_OFFSET + 16
+    rng.mmio.write(entry, 8, 0x1_FEE0_1000)
+    rng.mmio.write(entry + 8, 8, 0xFFFF_FFFF << 32 | 0x4242)
+    assert rng.mmio.read(entry, 8) == 0x1_FEE0_1000
+    assert rng.mmio.read(entry + 8, 4) == 0x4242
+    assert rng.mmio.read(entry + 12, 4) == 1, "only the mask bit of vector control exists"
+    assert rng.mmio.read(entry, 2) == 0xFFFF, "byte and word accesses are not MSI-X accesses"
+    assert rng.msi.vectors[1].updates[-1] == (0x1_FEE0_1000, 0x4242, True)

@@ -93,6 +93,7 @@ def test_stop_wakes_an_idle_worker_promptly():
     worker.stop()
     assert time.monotonic() - started < 1.0
     assert not worker._thread.is_alive()
+    worker.stop()  # a second stop is harmless
 
 
 def test_one_worker_per_device(memory):
