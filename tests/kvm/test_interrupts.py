@@ -1,4 +1,5 @@
-"""KvmInterruptRouter, KvmIrqLine and IrqfdLine on a real VM with the in-kernel irqchip.
+"""KvmInterruptRouter, KvmIrqLine and IrqfdLine on a real VM with the in-kernel irqchip, and
+the doorbell path (ioeventfd -> QueueWorker) end to end.
 
 Whether a GSI is routed is read with KVM_IRQ_LINE_STATUS: KVM reports -1 for a GSI with no route
 and a count (>= 0) of the chips it reached otherwise. The last test delivers a level-triggered
@@ -12,6 +13,7 @@ import ctypes
 import select
 import signal
 import threading
+import time
 
 import pytest
 
@@ -22,6 +24,9 @@ from kvmlet.kvm import structs as s
 from kvmlet.kvm._syscall import ioctl_struct
 from kvmlet.machine.interrupts import IrqfdLine, KvmInterruptRouter, KvmIrqLine, default_routes
 from kvmlet.memory import GuestMemory
+from kvmlet.virtio.rng import VirtioRng
+from kvmlet.virtio.worker import QueueWorker, doorbell
+from tests.helpers.virtio_driver import MockDriver
 
 pytestmark = pytest.mark.kvm
 
@@ -98,23 +103,10 @@ def test_running_out_of_gsis_is_a_clear_error(vm):
         router.close()
 
 
-def real_mode_guest(vm, memory):
-    """Program the master PIC (vectors 8-15, only IRQ 4 unmasked), then sti; hlt forever.
-    IRQ 4 (vector 12) runs HANDLER: EOI to the PIC, `out 0x10, 0x44`, iret."""
-    main = bytes.fromhex(
-        "fa"  # cli
-        "b011e620"  # ICW1: edge, cascade, ICW4 needed
-        "b008e621"  # ICW2: vector base 8
-        "b004e621"  # ICW3: slave on IRQ 2
-        "b001e621"  # ICW4: 8086 mode
-        "b0efe621"  # OCW1: mask everything but IRQ 4
-        "fb"  # sti
-        "f4"  # hlt
-        "ebfd"  # jmp back to hlt
-    )
-    handler = bytes.fromhex("b020e620b044e610cf")  # EOI; out 0x10, 0x44; iret
-    memory.write(CODE, main)
-    memory.write(HANDLER, handler)
+def real_mode_guest(vm, memory, code=None):
+    """A vCPU at 0:CODE running `code`, by default PIC_PROGRAM."""
+    memory.write(CODE, code or PIC_PROGRAM)
+    memory.write(HANDLER, PIC_HANDLER)
     memory.write_u16(4 * 12, HANDLER)
     memory.write_u16(4 * 12 + 2, 0)
     vm.add_memory(0, RAM_SIZE, memory.banks[0].host_address())
@@ -128,6 +120,22 @@ def real_mode_guest(vm, memory):
     return vcpu
 
 
+PIC_PROGRAM = bytes.fromhex(
+    "fa"  # cli
+    "b011e620"  # ICW1: edge, cascade, ICW4 needed
+    "b008e621"  # ICW2: vector base 8
+    "b004e621"  # ICW3: slave on IRQ 2
+    "b001e621"  # ICW4: 8086 mode
+    "b0efe621"  # OCW1: mask everything but IRQ 4
+    "fb"  # sti
+    "f4"  # hlt
+    "ebfd"  # jmp back to hlt
+)
+"""Program the master PIC (vectors 8-15, only IRQ 4 unmasked), then sti; hlt forever."""
+PIC_HANDLER = bytes.fromhex("b020e620b044e610cf")
+"""IRQ 4 (vector 12): EOI to the PIC, `out 0x10, 0x44`, iret."""
+
+
 def run_for(vcpu, seconds: float):
     """One KVM_RUN, interrupted by SIGALRM after `seconds` if the guest never exits."""
     previous = signal.signal(signal.SIGALRM, lambda *_: None)
@@ -137,6 +145,42 @@ def run_for(vcpu, seconds: float):
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_doorbell_write_reaches_the_worker_without_an_exit(vm):
+    """The guest's 16-bit notify write signals the ioeventfd in the kernel (the next exit is
+    the `out` after it) and the worker runs the queue."""
+    memory = GuestMemory.anonymous([(0, RAM_SIZE)])
+    code = bytes.fromhex(
+        "b80020"  # mov ax, 0x2000
+        "8ed8"  # mov ds, ax
+        "c70610000000"  # mov word [0x10], 0: the notify write at 0x20010
+        "e610"  # out 0x10, al
+    )
+    vcpu = real_mode_guest(vm, memory, code)
+    device = VirtioRng(memory)
+    driver = MockDriver(device, memory, 0x4000, 0x8000)
+    driver.initialize(queue_size=8)
+    head, _ = driver.post_data(0, [], [16])
+    bell = doorbell(device, 0)
+    worker = QueueWorker()
+    try:
+        vm.assign_ioeventfd(bell.eventfd, 0x20010, 2, pio=False)
+        worker.add(bell)
+        worker.start()
+        exit = run_for(vcpu, 2.0)
+        assert isinstance(exit, IoExit) and exit.port == 0x10, exit
+        deadline = time.monotonic() + 2.0
+        while device.queue_stats[0].requests == 0 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert [c.head for c in driver.collect(0)] == [head]
+        assert bell.wakeups == 1
+    finally:
+        worker.stop()
+        bell.close()
+        vcpu.close()
+        device.close()
+        memory.close()
 
 
 def test_level_irqfd_line_is_resampled_after_the_guest_eoi(vm):
