@@ -39,12 +39,14 @@ class Doorbell:
     queue_index: int
     eventfd: int
     wakeups: int = 0
+    kicks: int = 0
+    """Guest writes counted by the eventfd; more than `wakeups` when kicks were coalesced."""
 
     def fileno(self) -> int:
         return self.eventfd
 
     def ring(self) -> None:
-        """Signal the doorbell as KVM would (tests, and kicks that reached user space)."""
+        """Signal the doorbell as KVM does for a guest's notify write."""
         os.eventfd_write(self.eventfd, 1)
 
     def close(self) -> None:
@@ -60,13 +62,12 @@ def doorbell(device: VirtioDevice, queue_index: int) -> Doorbell:
     return Doorbell(device, queue_index, new_eventfd())
 
 
-def _drain(fd: int) -> bool:
-    """Read and reset an eventfd counter; False when it was not signalled."""
+def _drain(fd: int) -> int:
+    """Read and reset an eventfd counter (0 when it was not signalled)."""
     try:
-        os.eventfd_read(fd)
+        return os.eventfd_read(fd)
     except BlockingIOError:
-        return False
-    return True
+        return 0
 
 
 class QueueWorker:
@@ -119,9 +120,11 @@ class QueueWorker:
                 if key.data is None:
                     continue
                 self.wakeups += 1
-                if not _drain(key.fd):
+                count = _drain(key.fd)
+                if not count:
                     continue
                 if isinstance(key.data, Doorbell):
+                    key.data.kicks += count
                     self._ring(key.data)
                 else:
                     self._call(key.data)
