@@ -225,3 +225,17 @@ def apply_boot_state(vcpu: Vcpu, state: BootCpuState) -> None:
     regs.rbx = state.rbx
     regs.rflags = RFLAGS_RESERVED_ONE
     vcpu.set_regs(regs)
+
+
+def start_real_mode(vcpu: Vcpu, address: int) -> None:
+    """Start the vCPU in real mode at physical `address` (below 1 MiB): CS:IP = segment:0."""
+    if not 0 <= address < 0x100000 or address & 0xF:
+        raise ValueError(f"real-mode start {address:#x} must be 16-byte aligned below 1 MiB")
+    sregs = vcpu.get_sregs()
+    sregs.cs.selector = address >> 4
+    sregs.cs.base = address
+    vcpu.set_sregs(sregs)
+    regs = vcpu.get_regs()
+    regs.rip = 0
+    regs.rflags = RFLAGS_RESERVED_ONE
+    vcpu.set_regs(regs)

@@ -1,0 +1,286 @@
+"""`kvmlet`: boot a Linux kernel, run a command in a microVM, build the default guest.
+
+Every user mistake ends as one line on stderr and a non-zero exit status; a traceback means a
+bug in kvmlet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from kvmlet import __version__
+from kvmlet.errors import KvmletError
+
+RUN_EPILOG = """\
+examples:
+  kvmlet run                          boot kvmlet's default guest to a busybox shell
+  kvmlet run -k bzImage -p 'loglevel=7' -m 1G -c 2
+  kvmlet run -k vmlinux -i initrd.gz -d disk.img -d ro.img,ro --console virtio
+
+console: Ctrl-A x quits, Ctrl-A s prints statistics, Ctrl-A h helps, Ctrl-A Ctrl-A sends Ctrl-A.
+
+exit status: 0 when the guest reset or powered off (or you quit), 3 triple fault,
+4 KVM could not run or emulate the guest, 5 guest crash, 6 this host cannot run the guest's
+user space (host profile pvm), 124 timeout, 1 a usage or setup error.
+"""
+
+SANDBOX_EPILOG = """\
+examples:
+  kvmlet sandbox -- uname -a
+  kvmlet sandbox -m 512M -d data.img,ro -- 'md5sum /dev/vda; exit 7'
+
+The command runs as root in kvmlet's default guest; its output is printed and its exit status
+is kvmlet's. Nothing of the guest remains afterwards.
+"""
+
+
+def _add_machine_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-m",
+        "--mem",
+        default="256M",
+        metavar="SIZE",
+        help="guest RAM, e.g. 256M, 1G (default: %(default)s; plain numbers are MiB)",
+    )
+    parser.add_argument(
+        "-c", "--cpus", type=int, default=1, metavar="N", help="vCPUs (default: %(default)s)"
+    )
+    parser.add_argument(
+        "-d",
+        "--disk",
+        action="append",
+        default=[],
+        metavar="PATH[,ro][,direct]",
+        help="a raw disk image as a virtio-blk device (/dev/vda, vdb...); repeatable",
+    )
+    parser.add_argument(
+        "--virtio-transport",
+        choices=("pci", "mmio"),
+        default="pci",
+        help="how virtio devices appear to the guest (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--host-profile",
+        choices=("auto", "none", "pvm"),
+        default="auto",
+        help="workarounds for a host KVM: 'pvm' is the software KVM of some CI machines; "
+        "auto detects it (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="stop the guest after this long (exit status 124)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kvmlet",
+        description="A lightweight KVM virtual machine monitor: boots a Linux kernel directly, "
+        "with a serial console, virtio disks, console and entropy.",
+    )
+    parser.add_argument("--version", action="version", version=f"kvmlet {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    run = commands.add_parser(
+        "run",
+        help="boot a kernel (default: kvmlet's own minimal guest)",
+        description="Boot a Linux kernel with its console on this terminal.",
+        epilog=RUN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.add_argument(
+        "-k",
+        "--kernel",
+        type=Path,
+        metavar="KERNEL",
+        help="bzImage or uncompressed ELF vmlinux (default: kvmlet's default guest, built "
+        "and cached on first use)",
+    )
+    run.add_argument("-i", "--initrd", type=Path, metavar="INITRD", help="initramfs/initrd image")
+    run.add_argument(
+        "-p",
+        "--params",
+        default="",
+        metavar="PARAMS",
+        help="kernel parameters added after kvmlet's own (console=ttyS0 reboot=k panic=-1 ...)",
+    )
+    _add_machine_arguments(run)
+    run.add_argument(
+        "--console",
+        choices=("serial", "virtio"),
+        default="serial",
+        help="the guest console: ttyS0 (8250 UART) or hvc0 (virtio-console)",
+    )
+    run.add_argument(
+        "--boot-method",
+        choices=("auto", "linux64", "pvh"),
+        default="auto",
+        help="ELF kernels: 64-bit boot protocol entry (carries an RNG seed) or PVH",
+    )
+    run.add_argument(
+        "--debug-io",
+        action="store_true",
+        help="trace every port I/O and MMIO access that reaches kvmlet, on stderr",
+    )
+    run.add_argument(
+        "--stats", action="store_true", help="print I/O and device counters when the guest stops"
+    )
+
+    sandbox = commands.add_parser(
+        "sandbox",
+        help="run a command in a throwaway microVM, return its output and status",
+        description="Run COMMAND in kvmlet's default guest and exit with its status.",
+        epilog=SANDBOX_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_machine_arguments(sandbox)
+    sandbox.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND...")
+
+    build = commands.add_parser(
+        "build-guest",
+        help="build (or find cached) the default guest kernel and initramfs",
+        description="Build kvmlet's default guest from Debian's linux-source-6.1 (or --source) "
+        "into ~/.cache/kvmlet; an unchanged configuration is found in the cache at once.",
+    )
+    build.add_argument("--source", type=Path, metavar="DIR", help="a Linux source tree to use")
+    build.add_argument(
+        "--install-source",
+        action="store_true",
+        help="apt-get install linux-source-6.1 when it is missing (root only)",
+    )
+    return parser
+
+
+def _machine_config(args: argparse.Namespace, **extra):
+    from kvmlet.machine.config import DiskConfig, MachineConfig
+    from kvmlet.machine.memory_map import parse_size
+    from kvmlet.virtio.blk import parse_disk_option
+
+    disks = []
+    for text in args.disk:
+        option = parse_disk_option(text)
+        disks.append(DiskConfig(Path(option.path), option.read_only, option.direct))
+    return MachineConfig(
+        memory=parse_size(args.mem),
+        cpus=args.cpus,
+        disks=tuple(disks),
+        virtio_transport=args.virtio_transport,
+        host_profile=args.host_profile,
+        **extra,
+    )
+
+
+def _notice_profile(config) -> None:
+    from kvmlet.machine.host_profile import resolve
+
+    profile = resolve(config.host_profile)
+    if profile.notice:
+        print(profile.notice, file=sys.stderr)
+
+
+def _command_run(args: argparse.Namespace) -> int:
+    from kvmlet.api import with_default_guest
+    from kvmlet.machine.boot import inspect_kernel
+    from kvmlet.machine.diagnostics import format_stats
+    from kvmlet.machine.machine import Machine
+    from kvmlet.machine.terminal import RawTerminal
+
+    if args.initrd is not None and args.kernel is None:
+        raise KvmletError("-i/--initrd needs -k/--kernel (the default guest has its own)")
+    if args.kernel is not None:
+        inspect_kernel(args.kernel)
+    config = with_default_guest(
+        _machine_config(
+            args,
+            kernel=args.kernel,
+            initrd=args.initrd,
+            params=args.params,
+            console=args.console,
+            boot_method=args.boot_method,
+            debug_io=args.debug_io,
+        )
+    )
+    _notice_profile(config)
+    interactive = os.isatty(0)
+    with RawTerminal(0) if interactive else _NoTerminal():
+        machine = Machine(config, console_echo_fd=1, console_input_fd=0, escape=interactive)
+        try:
+            machine.start()
+            stop = machine.wait(args.timeout)
+        finally:
+            machine.close()
+    elapsed = time.monotonic() - (machine.started or machine.created)
+    print(f"\r\nkvmlet: {stop} after {elapsed:.1f} s", file=sys.stderr)
+    if args.stats:
+        sys.stderr.write(format_stats(machine.stats()))
+    return stop.reason.exit_status
+
+
+class _NoTerminal:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc_info: object) -> None:
+        return None
+
+
+def _command_sandbox(args: argparse.Namespace) -> int:
+    from kvmlet.machine.vcpu_loop import StopReason
+    from kvmlet.sandbox import sandbox
+
+    argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+    if not argv:
+        raise KvmletError("no command given: kvmlet sandbox -- COMMAND...")
+    command = argv[0] if len(argv) == 1 else " ".join(_shell_quote(word) for word in argv)
+    config = _machine_config(args)
+    _notice_profile(config)
+    result = sandbox(command, config, timeout=args.timeout or 600.0)
+    sys.stdout.write(result.output)
+    sys.stdout.flush()
+    if result.status is None:
+        if result.stop.reason is StopReason.USER_SPACE_UNSUPPORTED:
+            raise KvmletError(str(result.stop))
+        raise KvmletError(f"the command reported no exit status ({result.stop})")
+    return result.status
+
+
+def _shell_quote(word: str) -> str:
+    import shlex
+
+    return shlex.quote(word)
+
+
+def _command_build_guest(args: argparse.Namespace) -> int:
+    from kvmlet.guest import ensure_default_guest
+
+    guest = ensure_default_guest(args.source, install_source=args.install_source)
+    print(f"kernel (ELF):    {guest.vmlinux}")
+    print(f"kernel (bzImage): {guest.bzimage}")
+    print(f"initramfs:       {guest.initrd}")
+    return 0
+
+
+COMMANDS = {"run": _command_run, "sandbox": _command_sandbox, "build-guest": _command_build_guest}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except KvmletError as error:
+        print(f"kvmlet: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("kvmlet: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

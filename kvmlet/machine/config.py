@@ -1,0 +1,87 @@
+"""What a user asks of a machine: kernel, memory, CPUs, disks, console; and the kernel
+command line kvmlet builds from it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from kvmlet.errors import KvmletError
+from kvmlet.machine.boot import BOOT_METHODS, BootMethod
+from kvmlet.machine.memory_map import MiB
+
+MAX_CPUS = 64
+BOOT_CODE_ADDRESS = 0x10000
+DEFAULT_MEMORY = 256 * MiB
+
+BASE_KERNEL_PARAMETERS = (
+    "reboot=k",  # reboot through the i8042: the monitor stops on its reset line
+    "panic=-1",  # a panicking guest reboots at once, so the run ends instead of hanging
+    "i8042.noaux",
+    "i8042.nomux",
+    "i8042.nopnp",
+    "i8042.dumbkbd",
+    "8250.nr_uarts=4",
+)
+"""kvmlet's own kernel parameters; `-p` adds to them (later parameters win in Linux)."""
+
+ConsoleKind = Literal["serial", "virtio"]
+Transport = Literal["pci", "mmio"]
+
+
+@dataclass(frozen=True)
+class DiskConfig:
+    """A raw disk image given to the guest as a virtio-blk device."""
+
+    path: Path
+    read_only: bool = False
+    direct: bool = False
+
+
+@dataclass(frozen=True)
+class MachineConfig:
+    """Everything that defines one run.
+
+    `kernel=None` means kvmlet's default guest (see `kvmlet.api.with_default_guest`);
+    `boot_code` instead of a kernel runs raw real-mode code from `BOOT_CODE_ADDRESS` (tests,
+    benchmarks, firmware experiments).
+    """
+
+    kernel: Path | None = None
+    boot_code: bytes | None = None
+    initrd: Path | None = None
+    params: str = ""
+    memory: int = DEFAULT_MEMORY
+    cpus: int = 1
+    disks: tuple[DiskConfig, ...] = ()
+    console: ConsoleKind = "serial"
+    virtio_transport: Transport = "pci"
+    rng: bool = True
+    boot_method: BootMethod = "auto"
+    host_profile: str = "auto"
+    debug_io: bool = False
+    extra_parameters: tuple[str, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.cpus <= MAX_CPUS:
+            raise KvmletError(f"--cpus must be between 1 and {MAX_CPUS}, not {self.cpus}")
+        if self.console not in ("serial", "virtio"):
+            raise KvmletError(f"unknown console {self.console!r}: use serial or virtio")
+        if self.virtio_transport not in ("pci", "mmio"):
+            raise KvmletError(f"unknown virtio transport {self.virtio_transport!r}: pci or mmio")
+        if self.boot_method not in BOOT_METHODS:
+            raise KvmletError(f"unknown boot method {self.boot_method!r}")
+
+    def kernel_command_line(self, device_parameters: list[str], profile_parameters: str) -> str:
+        """kvmlet's parameters, then devices', the host profile's, and the user's last."""
+        console = "console=hvc0" if self.console == "virtio" else "console=ttyS0"
+        parts = [
+            console,
+            *BASE_KERNEL_PARAMETERS,
+            *device_parameters,
+            profile_parameters,
+            *self.extra_parameters,
+            self.params,
+        ]
+        return " ".join(part for part in parts if part)

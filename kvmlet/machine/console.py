@@ -1,0 +1,138 @@
+"""The guest console seen from the host: a transcript to read and wait on, and input to send.
+
+Guest output (COM1 or hvc0) arrives one byte or chain at a time on a vCPU or worker thread;
+`Console.output` appends it to a transcript under a plain lock (cheap: it runs inside every
+serial exit) and, when the console is attached to a host fd, to a `BatchedWriter`. Readers poll
+the transcript: waiting is for people and tests, never on the guest's path.
+
+Input goes through a pipe into a `ConsoleInput` pump, so text written by the Python API and keys
+typed on a terminal take the same backpressured road into the device's capped FIFO.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import time
+from collections.abc import Callable
+
+from kvmlet.errors import KvmletError
+from kvmlet.machine.terminal import BatchedWriter, ConsoleInput, EscapeAction, EscapeFilter
+
+TRANSCRIPT_LIMIT = 64 << 20
+"""Bytes of console output kept for readers; past it the oldest half is dropped (counted)."""
+
+POLL_INTERVAL = 0.01
+
+
+class Console:
+    """Transcript, host echo and input of one guest console."""
+
+    def __init__(self, echo_fd: int | None = None):
+        self._lock = threading.Lock()
+        self._transcript = bytearray()
+        self._dropped = 0
+        self._read_position = 0
+        self._writer = BatchedWriter(echo_fd) if echo_fd is not None else None
+        self._input: ConsoleInput | None = None
+        self._pipe_write: int | None = None
+
+    # -- guest output ----------------------------------------------------------------------
+
+    def output(self, data: bytes) -> None:
+        """Guest output (the device's `on_output`); called on vCPU and worker threads."""
+        with self._lock:
+            self._transcript += data
+            if len(self._transcript) > TRANSCRIPT_LIMIT:
+                half = len(self._transcript) // 2
+                del self._transcript[:half]
+                self._dropped += half
+        if self._writer is not None:
+            self._writer.write(data)
+
+    def text(self) -> str:
+        """Everything kept of the guest's output so far, decoded leniently."""
+        with self._lock:
+            return self._transcript.decode(errors="replace")
+
+    def transcript(self) -> bytes:
+        with self._lock:
+            return bytes(self._transcript)
+
+    def read(self) -> bytes:
+        """Output that arrived since the previous `read()`."""
+        with self._lock:
+            start = max(self._read_position - self._dropped, 0)
+            data = bytes(self._transcript[start:])
+            self._read_position = self._dropped + len(self._transcript)
+        return data
+
+    def wait_for(
+        self,
+        pattern: str | re.Pattern[str],
+        timeout: float,
+        still_running: Callable[[], bool] = lambda: True,
+    ) -> re.Match[str]:
+        """Wait until the transcript matches `pattern` (a regex); KvmletError on timeout or
+        when `still_running()` turns false first."""
+        regex = re.compile(pattern) if isinstance(pattern, str) else pattern
+        deadline = time.monotonic() + timeout
+        while True:
+            match = regex.search(self.text())
+            if match is not None:
+                return match
+            if not still_running():
+                raise KvmletError(f"the guest stopped before printing {regex.pattern!r}")
+            if time.monotonic() >= deadline:
+                raise KvmletError(f"timed out after {timeout:g} s waiting for {regex.pattern!r}")
+            time.sleep(POLL_INTERVAL)
+
+    def flush(self, timeout: float = 2.0) -> None:
+        """Wait until the echoed output reached the host fd."""
+        if self._writer is not None:
+            self._writer.flush(timeout)
+
+    # -- guest input -----------------------------------------------------------------------
+
+    def connect_input(
+        self,
+        deliver: Callable[[bytes], int],
+        source_fd: int | None,
+        *,
+        escape: bool,
+        on_action: Callable[[EscapeAction], None],
+    ) -> Callable[[], None]:
+        """Feed the device from `source_fd` (a terminal or pipe), or from `write()` when None.
+
+        Returns the callback the device calls when its receive FIFO has room again.
+        """
+        if source_fd is None:
+            source_fd, self._pipe_write = os.pipe()
+        self._input = ConsoleInput(
+            source_fd,
+            deliver,
+            escape_filter=EscapeFilter() if escape else None,
+            on_action=on_action,
+        )
+        self._input.start()
+        return self._input.notify_space
+
+    def write(self, data: bytes | str) -> None:
+        """Send input to the guest console (only when the console reads from the API)."""
+        if self._pipe_write is None:
+            raise KvmletError("this console reads from the host terminal, not from write()")
+        payload = data.encode() if isinstance(data, str) else data
+        view = memoryview(payload)
+        while view:
+            view = view[os.write(self._pipe_write, view) :]
+
+    def close(self) -> None:
+        """Stop the input pump and flush and stop the echo writer."""
+        if self._input is not None:
+            self._input.stop()
+        if self._pipe_write is not None:
+            os.close(self._pipe_write)
+            self._pipe_write = None
+        if self._writer is not None:
+            self._writer.close()

@@ -1,0 +1,96 @@
+"""The PC legacy devices a Linux guest expects, placed on the port I/O bus.
+
+Four 16550A UARTs (COM1 carries the serial console), the i8042 (whose reset line stops the
+machine), the CMOS RTC and the POST-code port. The PIT and PIC live in KVM's in-kernel irqchip.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from kvmlet.bus import AccessSizes, AddressSpace, IoRegion
+from kvmlet.devices.i8042 import I8042Controller
+from kvmlet.devices.irq import IrqLine
+from kvmlet.devices.post import PostCodeSink
+from kvmlet.devices.rtc import CmosRtc
+from kvmlet.devices.serial import LEGACY_SERIAL_PORTS, REGION_SIZE, Uart16550
+
+I8042_DATA_PORT = 0x60
+I8042_COMMAND_PORT = 0x64
+I8042_KEYBOARD_IRQ = 1
+RTC_PORT = 0x70
+POST_PORT = 0x80
+
+_BYTE = AccessSizes(1, 1)
+_ANY_WIDTH = AccessSizes(1, 4)
+
+
+@dataclass
+class LegacyDevices:
+    """The legacy devices of one machine, for the console wiring and the stats dump."""
+
+    uarts: list[Uart16550]
+    i8042: I8042Controller
+    rtc: CmosRtc
+    post: PostCodeSink
+
+    @property
+    def console_uart(self) -> Uart16550:
+        return self.uarts[0]
+
+    def stats(self) -> dict[str, object]:
+        return {
+            "uarts": {
+                port.name: {"tx_bytes": uart.transmitted_bytes, "rx_bytes": uart.received_bytes}
+                for port, uart in zip(LEGACY_SERIAL_PORTS, self.uarts, strict=True)
+            },
+            "post_codes": self.post.writes,
+        }
+
+
+def attach_legacy_devices(
+    io: AddressSpace,
+    irq_line: Callable[[int], IrqLine],
+    console_output: Callable[[bytes], None],
+    on_reset: Callable[[], None],
+) -> LegacyDevices:
+    """Create the legacy devices and place them on `io`; COM1 writes to `console_output`."""
+    uarts = []
+    with io.transaction():
+        for index, port in enumerate(LEGACY_SERIAL_PORTS):
+            output = console_output if index == 0 else _discard
+            uart = Uart16550(irq_line(port.irq), output)
+            region = IoRegion(
+                port.name.lower(), REGION_SIZE, uart, valid=_BYTE, impl=_BYTE, lock=None
+            )
+            io.root.add_subregion(port.base, region)
+            uarts.append(uart)
+        i8042 = I8042Controller(on_reset, kbd_irq=irq_line(I8042_KEYBOARD_IRQ))
+        io.root.add_subregion(I8042_DATA_PORT, IoRegion("i8042-data", 1, i8042, impl=_BYTE))
+        io.root.add_subregion(
+            I8042_COMMAND_PORT, IoRegion("i8042-command", 1, _Offset(i8042, 4), impl=_BYTE)
+        )
+        rtc = CmosRtc()
+        io.root.add_subregion(RTC_PORT, IoRegion("cmos-rtc", 2, rtc, impl=_BYTE))
+        post = PostCodeSink()
+        io.root.add_subregion(POST_PORT, IoRegion("post", 1, post, valid=_ANY_WIDTH))
+    return LegacyDevices(uarts, i8042, rtc, post)
+
+
+def _discard(data: bytes) -> None:
+    """Output of the UARTs no console is attached to."""
+
+
+class _Offset:
+    """Presents a device's registers at `offset` to a region that starts later (0x64)."""
+
+    def __init__(self, device: I8042Controller, offset: int):
+        self.device = device
+        self.offset = offset
+
+    def read(self, offset: int, size: int) -> int:
+        return self.device.read(offset + self.offset, size)
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self.device.write(offset + self.offset, size, value)

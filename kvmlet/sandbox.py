@@ -1,0 +1,70 @@
+"""Run one shell command in a throwaway microVM and get its output and exit status.
+
+The default guest's init runs the command given on the kernel command line, prints its output
+on the console between a ready marker and a `kvmlet-exit: N` line, and resets the machine.
+Nothing of the guest outlives the call.
+
+    result = kvmlet.sandbox("uname -r; exit 3")
+    result.status, result.output   # (3, "6.1...\n")
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from kvmlet.api import with_default_guest
+from kvmlet.errors import KvmletError
+from kvmlet.guest import READY_MARKER, parse_exit_status, run_parameter
+from kvmlet.machine.config import MachineConfig
+from kvmlet.machine.machine import Machine
+from kvmlet.machine.vcpu_loop import GuestStop, StopReason
+
+DEFAULT_TIMEOUT = 600.0
+
+
+@dataclass(frozen=True)
+class SandboxResult:
+    """What the command printed, its exit status (None if it never reported one), and how
+    the guest stopped."""
+
+    status: int | None
+    output: str
+    stop: GuestStop
+
+
+def command_output(transcript: bytes) -> str:
+    """The command's own output: what the console showed between the ready marker and the
+    exit marker, with the terminal's CR LF turned back into LF."""
+    text = transcript.decode(errors="replace").replace("\r\n", "\n")
+    start = text.find(READY_MARKER + "\n")
+    if start < 0:
+        return ""
+    body = text[start + len(READY_MARKER) + 1 :]
+    end = body.rfind("kvmlet-exit: ")
+    return body if end < 0 else body[:end]
+
+
+def sandbox(
+    command: str,
+    config: MachineConfig | None = None,
+    *,
+    timeout: float = DEFAULT_TIMEOUT,
+    echo_fd: int | None = None,
+) -> SandboxResult:
+    """Run `command` (a shell line) in the default guest and return its result.
+
+    `config` sets memory, CPUs, disks...; its kernel defaults to kvmlet's default guest.
+    Raises KvmletError when the guest could not run the command at all (e.g. this host's KVM
+    cannot run guest user space), with the reason in one line.
+    """
+    base = with_default_guest(config)
+    run_config = replace(
+        base, extra_parameters=(*base.extra_parameters, "quiet", run_parameter(command))
+    )
+    with Machine(run_config, console_echo_fd=echo_fd) as machine:
+        stop = machine.wait(timeout)
+        transcript = machine.console.transcript()
+    status = parse_exit_status(transcript)
+    if status is None and stop.reason is not StopReason.RESET:
+        raise KvmletError(f"the sandbox did not run the command: {stop}")
+    return SandboxResult(status, command_output(transcript), stop)

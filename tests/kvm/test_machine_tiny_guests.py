@@ -1,0 +1,106 @@
+"""Tiny real-mode guests of our own through the whole Machine: run loop, bus and devices.
+
+Each guest is a few bytes of 16-bit code (assembly in the comments) loaded at
+BOOT_CODE_ADDRESS; it talks to kvmlet's devices and stops the machine through the i8042.
+"""
+
+import pytest
+
+from kvmlet.bus import AccessSizes, IoRegion
+from kvmlet.machine.config import MachineConfig
+from kvmlet.machine.machine import Machine
+from kvmlet.machine.vcpu_loop import StopReason
+
+pytestmark = pytest.mark.kvm
+
+I8042_RESET = bytes.fromhex("b0fe e664")  # mov al, 0xfe ; out 0x64, al
+ECHO_AL = bytes.fromhex("baf803 ee")  # mov dx, 0x3f8 ; out dx, al
+
+
+def machine_for(code: bytes, **config) -> Machine:
+    return Machine(MachineConfig(boot_code=code, rng=False, host_profile="none", **config))
+
+
+def run_code(code: bytes, timeout: float = 10.0, **config):
+    with machine_for(code, **config) as machine:
+        stop = machine.wait(timeout)
+    return machine, stop
+
+
+def serial_print(text: bytes) -> bytes:
+    code = bytes.fromhex("baf803")  # mov dx, 0x3f8
+    for byte in text:
+        code += bytes([0xB0, byte, 0xEE])  # mov al, BYTE ; out dx, al
+    return code
+
+
+def test_guest_writes_to_the_serial_console_and_resets_through_the_i8042():
+    machine, stop = run_code(serial_print(b"hello\n") + I8042_RESET)
+    assert stop.reason is StopReason.RESET
+    assert machine.console.transcript() == b"hello\n"
+    assert machine.stats()["port_io"]["regions"]["com1"]["writes"] == 6
+
+
+def test_guest_reads_the_uart_line_status_through_the_bus():
+    code = bytes.fromhex("bafd03 ec") + ECHO_AL + I8042_RESET  # mov dx, 0x3fd ; in al, dx
+    machine, stop = run_code(code)
+    assert stop.reason is StopReason.RESET
+    (line_status,) = machine.console.transcript()
+    assert line_status & 0x60 == 0x60  # THR empty and transmitter empty
+
+
+def test_unassigned_port_reads_all_ones_and_is_counted():
+    machine, stop = run_code(bytes.fromhex("e499") + ECHO_AL + I8042_RESET)  # in al, 0x99
+    assert stop.reason is StopReason.RESET
+    assert machine.console.transcript() == b"\xff"
+    assert machine.stats()["port_io"]["unassigned_reads"] == {0x99: 1}
+
+
+def test_cmos_rtc_answers_through_the_index_and_data_ports():
+    code = bytes.fromhex("b00a e670 e471") + ECHO_AL + I8042_RESET  # out 0x70, 0x0a ; in 0x71
+    machine, stop = run_code(code)
+    assert stop.reason is StopReason.RESET
+    (register_a,) = machine.console.transcript()
+    assert register_a & 0x7F == 0x26  # 32.768 kHz time base, 1024 Hz rate
+
+
+class ScratchDevice:
+    """Sixteen bytes of registers that remember writes (a device model for the test)."""
+
+    def __init__(self):
+        self.registers = bytearray(range(0x40, 0x50))
+        self.writes = []
+
+    def read(self, offset, size):
+        return int.from_bytes(self.registers[offset : offset + size], "little")
+
+    def write(self, offset, size, value):
+        self.writes.append((offset, size, value))
+        self.registers[offset : offset + size] = value.to_bytes(size, "little")
+
+
+def test_mmio_device_over_ram_splits_the_memory_slot_and_gets_the_accesses():
+    # mov ax, 0xd000 ; mov ds, ax ; mov word [0x4], 0x1234 ; mov al, [0x2] ; echo al
+    code = bytes.fromhex("b800d0 8ed8 c7060400 3412 a00200") + ECHO_AL
+    # then read back RAM just past the device: mov al, [0x1000] (0xd1000, still RAM: 0)
+    code += bytes.fromhex("a00010") + ECHO_AL + I8042_RESET
+    device = ScratchDevice()
+    machine = machine_for(code)
+    region = IoRegion("scratch", 0x1000, device, valid=AccessSizes(1, 4), impl=AccessSizes(1, 4))
+    machine.mmio.root.add_subregion(0xD0000, region, priority=1)
+    try:
+        machine.start()
+        stop = machine.wait(10)
+    finally:
+        machine.close()
+    assert stop.reason is StopReason.RESET
+    assert device.writes == [(4, 2, 0x1234)]
+    assert machine.console.transcript() == bytes([0x42, 0x00])
+    assert region.counters()["reads"] == 1
+
+
+def test_stop_kicks_halted_vcpus_and_reports_a_timeout():
+    with machine_for(bytes.fromhex("fa f4"), cpus=2) as machine:  # cli ; hlt
+        stop = machine.wait(0.3)
+    assert stop.reason is StopReason.TIMEOUT
+    assert not any(thread.is_alive() for thread in machine._threads)
