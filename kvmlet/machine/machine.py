@@ -32,6 +32,7 @@ from kvmlet.machine.config import BOOT_CODE_ADDRESS, MachineConfig
 from kvmlet.machine.console import Console
 from kvmlet.machine.cpu import apply_boot_state, configure_vcpu, start_real_mode
 from kvmlet.machine.diagnostics import describe_vcpu, trace_printer
+from kvmlet.machine.interrupts import KvmIrqLine
 from kvmlet.machine.kvm_bridge import KvmBusListener
 from kvmlet.machine.legacy import attach_legacy_devices
 from kvmlet.machine.memory_map import MemoryMap
@@ -50,21 +51,6 @@ def _install_kick_handler() -> None:
     if threading.current_thread() is not threading.main_thread():
         raise KvmletError("create the first kvmlet Machine from the main thread (signal setup)")
     signal.signal(KICK_SIGNAL, lambda signum, frame: None)
-
-
-class KvmIrqLine:
-    """An ISA interrupt line of the in-kernel PIC/IOAPIC, driven with KVM_IRQ_LINE."""
-
-    def __init__(self, vm, irq: int):
-        self._vm = vm
-        self.irq = irq
-
-    def set_level(self, high: bool) -> None:
-        self._vm.irq_line(self.irq, high)
-
-    def pulse(self) -> None:
-        self._vm.irq_line(self.irq, True)
-        self._vm.irq_line(self.irq, False)
 
 
 class Machine:

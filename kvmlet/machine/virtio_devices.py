@@ -1,39 +1,60 @@
 """The machine's virtio devices (disks, console, entropy) on the chosen transport.
 
 Device models know nothing of transports; this module creates them from the configuration and
-puts each behind virtio-mmio (a register block announced on the kernel command line) or
-virtio-pci (a PCI function the guest finds by enumeration).
+puts each behind virtio-pci (a PCI function the guest finds by enumeration, MSI-X through
+irqfd) or virtio-mmio (a register block announced on the kernel command line, a level ISA
+interrupt). Either way every queue's doorbell is an ioeventfd a `QueueWorker` thread waits on:
+a guest kick never exits to Python.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from kvmlet.bus import IoRegion
-from kvmlet.machine.memory_map import VIRTIO_MMIO_DEVICE_SIZE, VIRTIO_MMIO_WINDOW
+from kvmlet.bus.pci import BarAllocator, PciWindow
+from kvmlet.errors import KvmletError
+from kvmlet.machine.boot import PciInterrupt
+from kvmlet.machine.interrupts import IrqfdLine, KvmInterruptRouter, KvmIrqLine
+from kvmlet.machine.memory_map import (
+    PCI_IO_WINDOW,
+    PCI_MMIO_WINDOW,
+    VIRTIO_MMIO_DEVICE_SIZE,
+    VIRTIO_MMIO_WINDOW,
+)
 from kvmlet.virtio.blk import DiskOptions, VirtioBlock
 from kvmlet.virtio.console import VirtioConsole
 from kvmlet.virtio.device import VirtioDevice
 from kvmlet.virtio.mmio import VirtioMmio
+from kvmlet.virtio.pci import VirtioPci
 from kvmlet.virtio.rng import VirtioRng
+from kvmlet.virtio.worker import Doorbell, QueueWorker, doorbell
 
 if TYPE_CHECKING:
-    from kvmlet.machine.boot import PciInterrupt
     from kvmlet.machine.machine import Machine
 
 MMIO_IRQS = (5, 6, 7, 9, 10, 11, 14, 15)
 """ISA lines free on kvmlet's PC (no LPT, floppy or IDE) for virtio-mmio devices."""
+PCI_INTX_IRQS = tuple(range(16, 24))
+"""IOAPIC pins above the ISA range, for PCI INTx (announced in the MP table)."""
+MAX_PCI_DEVICES = 31
 
 
 class VirtioDevices:
-    """Creates and wires the virtio devices of a machine."""
+    """Creates, wires and runs the virtio devices of a machine."""
 
     def __init__(self, machine: Machine):
         config = machine.config
         memory = machine.memory
         self.devices: list[VirtioDevice] = []
+        self.transports: list[VirtioPci | VirtioMmio] = []
         self.console: VirtioConsole | None = None
+        self.worker = QueueWorker("virtio")
+        self._doorbells: list[Doorbell] = []
+        self._lines: list[IrqfdLine] = []
+        self._router: KvmInterruptRouter | None = None
         self._parameters: list[str] = []
+        self._pci_interrupts: list[PciInterrupt] = []
+        self._started = False
         try:
             for disk in config.disks:
                 options = DiskOptions(str(disk.path), disk.read_only, disk.direct)
@@ -43,43 +64,87 @@ class VirtioDevices:
                 self.devices.append(self.console)
             if config.rng:
                 self.devices.append(VirtioRng(memory))
+            if config.virtio_transport == "pci":
+                self._attach_pci(machine)
+            else:
+                self._attach_mmio(machine)
         except BaseException:
             self.close()
             raise
-        self._attach_mmio(machine)
 
     def _attach_mmio(self, machine: Machine) -> None:
-        from kvmlet.machine.machine import KvmIrqLine
-
         if len(self.devices) > len(MMIO_IRQS):
-            from kvmlet.errors import KvmletError
-
             raise KvmletError(f"at most {len(MMIO_IRQS)} virtio-mmio devices are supported")
         with machine.mmio.transaction():
             for index, device in enumerate(self.devices):
                 base = VIRTIO_MMIO_WINDOW.base + index * VIRTIO_MMIO_DEVICE_SIZE
                 irq = MMIO_IRQS[index]
                 transport = VirtioMmio(device, KvmIrqLine(machine.vm, irq))
-                region: IoRegion = transport.region
-                machine.mmio.root.add_subregion(base, region)
+                machine.mmio.root.add_subregion(base, transport.region)
+                self._add_doorbells(device, transport)
                 self._parameters.append(transport.kernel_parameter(base, irq))
+                self.transports.append(transport)
+
+    def _attach_pci(self, machine: Machine) -> None:
+        if len(self.devices) > MAX_PCI_DEVICES:
+            raise KvmletError(f"at most {MAX_PCI_DEVICES} virtio-pci devices are supported")
+        self._router = KvmInterruptRouter(machine.vm)
+        bars = BarAllocator(
+            PciWindow("pci-io", PCI_IO_WINDOW.base, PCI_IO_WINDOW.size),
+            PciWindow("pci-mmio32", PCI_MMIO_WINDOW.base, PCI_MMIO_WINDOW.size),
+        )
+        with machine.mmio.transaction():
+            for index, device in enumerate(self.devices):
+                slot = 1 + index
+                irq = PCI_INTX_IRQS[index % len(PCI_INTX_IRQS)]
+                line = IrqfdLine(machine.vm, irq, level=True)
+                self._lines.append(line)
+                self.worker.watch(line.resample_fd, line.resampled)
+                transport = VirtioPci(device, self._router.controller(), line)
+                transport.config.set(0x3C, 1, irq)  # interrupt line, as firmware would set it
+                machine.pci.attach(transport, slot=slot)
+                bars.assign(transport)
+                self._add_doorbells(device, transport)
+                self._pci_interrupts.append(PciInterrupt(device=slot, pin=1, irq=irq))
+                self.transports.append(transport)
+
+    def _add_doorbells(self, device: VirtioDevice, transport: VirtioPci | VirtioMmio) -> None:
+        for queue in range(device.queue_count):
+            bell = doorbell(device, queue)
+            self._doorbells.append(bell)
+            transport.add_doorbell(queue, bell.eventfd)
+            self.worker.add(bell)
 
     def kernel_parameters(self) -> list[str]:
         """Command-line words announcing devices (virtio-mmio) to the guest kernel."""
         return list(self._parameters)
 
     def pci_interrupts(self) -> list[PciInterrupt]:
-        """PCI INTx routes for the MP table (none on virtio-mmio)."""
-        return []
+        """PCI INTx routes for the MP table."""
+        return list(self._pci_interrupts)
 
     def start(self) -> None:
-        """Start the doorbell workers."""
+        """Start the doorbell worker thread."""
+        self.worker.start()
+        self._started = True
 
     def stats(self) -> dict[str, object]:
-        return {
-            f"{device.name}{index}": device.stats() for index, device in enumerate(self.devices)
-        }
+        stats: dict[str, object] = {"worker": self.worker.stats()}
+        pairs = zip(self.devices, self.transports, strict=True)
+        for index, (device, transport) in enumerate(pairs):
+            is_pci = isinstance(transport, VirtioPci)
+            stats[f"{device.name}{index}"] = transport.stats() if is_pci else device.stats()
+        return stats
 
     def close(self) -> None:
+        """Stop the worker, then release doorbells, lines, routes and devices."""
+        if self._started:
+            self.worker.stop()
+        for bell in self._doorbells:
+            bell.close()
+        for line in self._lines:
+            line.close()
+        if self._router is not None:
+            self._router.close()
         for device in self.devices:
             device.close()
