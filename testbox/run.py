@@ -18,12 +18,14 @@ Test tooling only: kvmlet itself never needs QEMU.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import re
 import secrets
 import selectors
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -36,6 +38,7 @@ CHECKOUT = Path(__file__).resolve().parent.parent
 BOX_INIT = CHECKOUT / "testbox" / "box_init.sh"
 EXIT_TIMEOUT = 124
 EXIT_BOX_FAILED = 125
+_PR_SET_PDEATHSIG = 1
 # Variables passed from the host into the box besides --env ones.
 _PASSED_VARIABLES = ("TERM", "COLUMNS", "LANG", "PYTEST_ADDOPTS", "HYPOTHESIS_PROFILE")
 _PASSED_PREFIXES = ("KVMLET_",)
@@ -208,8 +211,14 @@ def run_in_box(argv: list[str], options: BoxOptions, output: BinaryIO) -> int:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent,
         )
-        timed_out = _relay_until_exit(qemu, relay, started + options.timeout)
+        try:
+            timed_out = _relay_until_exit(qemu, relay, started + options.timeout)
+        finally:
+            if qemu.poll() is None:  # interrupted (Ctrl-C, an exception): never leave QEMU behind
+                qemu.kill()
+                qemu.wait()
         status_file = session / "status"
         status_text = status_file.read_text().strip() if status_file.is_file() else ""
     stopped = time.monotonic()
@@ -230,6 +239,12 @@ def run_in_box(argv: list[str], options: BoxOptions, output: BinaryIO) -> int:
             file=sys.stderr,
         )
     return int(status_text)
+
+
+def _die_with_parent() -> None:
+    """In QEMU's child process: get SIGKILL when this script dies, even by SIGKILL."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _relay_until_exit(qemu: subprocess.Popen, relay: ConsoleRelay, deadline: float) -> bool:
