@@ -247,20 +247,23 @@ def _build(
         runner = _MakeRunner(tree, object_dir, log, log_path, progress)
         progress.stage(f"configuring the kernel (tinyconfig + {FRAGMENT_PATH.name})")
         _configure(runner, object_dir)
-        config_text = (object_dir / ".config").read_text()
-        missing = missing_symbols(config_text, fragment_text)
-        if missing:
-            raise KvmletError(
-                f"kernel configuration lacks {', '.join(missing)} (unmet dependencies?): "
-                f"see {object_dir / '.config'}"
-            )
+        _verify_config(object_dir / ".config", fragment_text)  # before minutes of compiling
         jobs = os.cpu_count() or 1
         progress.stage(f"compiling the kernel with make -j{jobs} (log: {log_path})")
         runner.make(f"-j{jobs}", "bzImage", "vmlinux", show_progress=True)
+        _verify_config(object_dir / ".config", fragment_text)  # what was actually built
         progress.build_finished()
     seconds = time.monotonic() - started
     _publish(object_dir, output_dir, log_path, fragment_text, seconds)
     progress.stage(f"kernel built in {seconds:.0f} s: {output_dir}")
+
+
+def _verify_config(config: Path, fragment_text: str) -> None:
+    missing = missing_symbols(config.read_text(), fragment_text)
+    if missing:
+        raise KvmletError(
+            f"kernel configuration lacks {', '.join(missing)} (unmet dependencies?): see {config}"
+        )
 
 
 def _configure(runner: _MakeRunner, object_dir: Path) -> None:

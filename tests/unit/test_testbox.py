@@ -92,3 +92,11 @@ def test_missing_command_is_a_usage_error(capsys):
         testbox_run.main(["--timeout", "5", "--"])
     assert stop.value.code == 2
     assert "no command" in capsys.readouterr().err
+
+
+def test_box_init_is_valid_shell_and_reports_status_between_markers():
+    subprocess.run(["sh", "-n", str(testbox_run.BOX_INIT)], check=True)
+    text = testbox_run.BOX_INIT.read_text()
+    start, end = text.index("kvmlet-box: start"), text.index("kvmlet-box: end")
+    assert start < text.index('> "$session/status"') < end
+    assert "/bin/busybox reboot -f" in text[end:]
