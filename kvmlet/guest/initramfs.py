@@ -1,10 +1,10 @@
 """Packs the default guest's initramfs: Debian's static busybox, its applet links and /init.
 
-The archive is an uncompressed newc cpio written in pure
-Python (kvmlet.guest.cpio), so no root is needed for /dev/console. Every applet busybox lists
-with `--list-full` becomes a symlink in the archive, so the guest spends no time installing
-them at boot. It is left uncompressed: under an instruction-emulating KVM the kernel spent 43 s
-gunzipping it, against a copy that costs nothing on any host. The result is cached under
+The archive is a newc cpio written in pure Python (kvmlet.guest.cpio), so no root is needed for
+/dev/console. Every applet busybox lists with `--list-full` becomes a symlink in the archive,
+so the guest spends no time installing them at boot. It is left uncompressed: under an
+instruction-emulating KVM the kernel spent 43 s gunzipping it, against a copy that costs nothing
+on any host (the kernel keeps RD_GZIP for users' own initrds). The result is cached under
 `<cache>/initramfs/<key>/initrd.cpio`, keyed by the busybox binary, the init script and this
 recipe.
 """
