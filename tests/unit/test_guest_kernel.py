@@ -149,3 +149,11 @@ def test_missing_debian_source_says_how_to_get_it(tmp_path, monkeypatch):
 def test_source_that_is_not_a_kernel_tree_is_refused(tmp_path):
     with pytest.raises(KvmletError, match="not a Linux source tree"):
         kernel.ensure_kernel(tmp_path, QuietProgress())
+
+
+def test_installing_the_source_needs_root(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVMLET_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(kernel, "DEBIAN_SOURCE_TARBALL", tmp_path / "absent.tar.xz")
+    monkeypatch.setattr(kernel.os, "geteuid", lambda: 1000)
+    with pytest.raises(KvmletError, match=r"needs root.*sudo apt-get install linux-source-6.1"):
+        kernel.ensure_kernel(None, QuietProgress(), install_source=True)
