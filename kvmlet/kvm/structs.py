@@ -226,6 +226,10 @@ class KvmLapicState(ctypes.Structure):
     _fields_ = [("regs", ctypes.c_char * KVM_APIC_REG_SIZE)]
 
 
+class KvmMpState(ctypes.Structure):
+    _fields_ = [("mp_state", u32)]
+
+
 # struct kvm_run: the header, then the exit-reason union (256 bytes), then the register
 # synchronisation area. kvmlet decodes the run page with struct offsets taken from these
 # declarations (see exits.py), so the declarations are the single source of the layout.

@@ -1,5 +1,6 @@
 """`Vcpu`: one virtual CPU: its `kvm_run` page, `run()` returning typed exits, and its state
-(registers, special registers, FPU, MSRs, CPUID, local APIC, pending events).
+(registers, special registers, FPU, MSRs, CPUID, local APIC, multiprocessor state, pending
+events).
 
 `run()` is the monitor's innermost loop: one KVM_RUN (`fcntl.ioctl` with no argument, which
 releases the GIL) and a decode of the shared run page with precompiled `struct` layouts into a
@@ -65,8 +66,9 @@ class Vcpu:
         try:
             _ioctl(self.fd, _KVM_RUN)
         except (InterruptedError, BlockingIOError):
-            # EINTR: a signal or immediate_exit. EAGAIN: an application processor that has
-            # just received INIT/SIPI is not runnable yet; running it again is the answer.
+            # EINTR: a signal or immediate_exit. EAGAIN: the first KVM_RUN of an application
+            # processor (KVM_MP_STATE_UNINITIALIZED) sleeps until INIT arrives, then returns
+            # EAGAIN; run it again to wait for SIPI (kvmtool and Firecracker do the same).
             return INTERRUPTED
         run = self.run_page
         reason, direction, size, port, count, offset = _unpack_reason_and_io(run)
@@ -122,6 +124,13 @@ class Vcpu:
 
     def set_lapic(self, lapic: s.KvmLapicState) -> None:
         self._call("KVM_SET_LAPIC", nr.KVM_SET_LAPIC, lapic)
+
+    def get_mp_state(self) -> int:
+        """KVM_MP_STATE_*: an application processor starts UNINITIALIZED (waiting for INIT)."""
+        return self._get("KVM_GET_MP_STATE", nr.KVM_GET_MP_STATE, s.KvmMpState()).mp_state
+
+    def set_mp_state(self, mp_state: int) -> None:
+        self._call("KVM_SET_MP_STATE", nr.KVM_SET_MP_STATE, s.KvmMpState(mp_state=mp_state))
 
     def get_vcpu_events(self) -> s.KvmVcpuEvents:
         return self._get("KVM_GET_VCPU_EVENTS", nr.KVM_GET_VCPU_EVENTS, s.KvmVcpuEvents())

@@ -5,7 +5,9 @@ Firecracker do it: the CPUID KVM supports with a KVM signature leaf, per-vCPU AP
 the hypervisor bit; MSRs with defined boot values; an x87/SSE control state; LINT0 as ExtINT
 (the PIC's virtual wire) and LINT1 as NMI; and the registers of a `BootCpuState` (long mode
 for the 64-bit boot protocol, flat 32-bit protected mode for the PVH entry) produced by the
-loaders, which also place the GDT and page tables in guest memory.
+loaders, which also place the GDT and page tables in guest memory. Only the boot vCPU gets
+registers: KVM creates the others waiting for INIT/SIPI (KVM_MP_STATE_UNINITIALIZED) and the
+guest starts them through its local APIC, as on hardware.
 """
 
 from __future__ import annotations
@@ -24,6 +26,20 @@ CPUID_EXTENDED_TOPOLOGY = 0xB
 CPUID_KVM_SIGNATURE = 0x4000_0000
 CPUID_KVM_FEATURES = 0x4000_0001
 KVM_SIGNATURE = b"KVMKVMKVM\0\0\0"
+# KVM paravirtual features in CPUID 0x4000_0001 EAX (Documentation/virt/kvm/x86/cpuid.rst)
+KVM_FEATURE_PV_UNHALT = 1 << 7
+KVM_FEATURE_PV_SEND_IPI = 1 << 11
+KVM_FEATURE_PV_SCHED_YIELD = 1 << 13
+KVM_FEATURE_HC_MAP_GPA_RANGE = 1 << 16
+KVM_HYPERCALL_FEATURES = (
+    KVM_FEATURE_PV_UNHALT
+    | KVM_FEATURE_PV_SEND_IPI
+    | KVM_FEATURE_PV_SCHED_YIELD
+    | KVM_FEATURE_HC_MAP_GPA_RANGE
+)
+"""The PV features a guest uses by making hypercalls (VMCALL/VMMCALL): KVM_HC_KICK_CPU for PV
+spinlocks, KVM_HC_SEND_IPI, KVM_HC_SCHED_YIELD and KVM_HC_MAP_GPA_RANGE. A Linux guest with
+more than one vCPU makes the first of them as soon as an application processor comes up."""
 LEAF1_ECX_HYPERVISOR = 1 << 31
 LEAF1_EDX_HTT = 1 << 28
 CLFLUSH_LINE_SIZE_QWORDS = 8
@@ -95,6 +111,11 @@ class CpuidMask:
     register: Literal["eax", "ebx", "ecx", "edx"]
     bits: int
     index: int | None = None
+
+
+HIDE_KVM_HYPERCALL_FEATURES = CpuidMask(CPUID_KVM_FEATURES, "eax", KVM_HYPERCALL_FEATURES)
+"""For a host whose KVM never completes a hypercall: the guest then uses its native paths
+(IPIs through the local APIC's ICR, plain queued spinlocks, no directed yield)."""
 
 
 def build_cpuid(
