@@ -13,12 +13,16 @@ does what a kernel's SMP boot does, without Linux:
   digit on COM1, counts itself in with a locked increment, and halts.
 """
 
+import threading
+
 import pytest
 
 from kvmlet.kvm.ioctls import KVM_MP_STATE_RUNNABLE, KVM_MP_STATE_UNINITIALIZED
 from kvmlet.machine.config import BOOT_CODE_ADDRESS, MachineConfig
 from kvmlet.machine.machine import Machine
 from kvmlet.machine.vcpu_loop import StopReason
+
+I8042_RESET = bytes.fromhex("b0fe e664")  # mov al, 0xfe ; out 0x64, al
 
 pytestmark = pytest.mark.kvm
 
@@ -84,3 +88,14 @@ def test_a_single_vcpu_machine_has_no_processor_to_wake():
         stop = machine.wait(10)
     assert stop.reason is StopReason.RESET, stop
     assert machine.console.transcript() == b""
+
+
+def test_a_processor_the_guest_never_starts_is_stopped_with_the_machine():
+    """As with `nosmp` or `maxcpus=1`: the AP's thread sleeps in KVM_RUN waiting for INIT."""
+    config = MachineConfig(boot_code=I8042_RESET, rng=False, host_profile="none", cpus=2)
+    with Machine(config) as machine:
+        stop = machine.wait(10)
+        states = [vcpu.get_mp_state() for vcpu in machine.vcpus]
+    assert stop.reason is StopReason.RESET, stop
+    assert states[1] == KVM_MP_STATE_UNINITIALIZED
+    assert not [thread for thread in threading.enumerate() if thread.name.startswith("vcpu")]
