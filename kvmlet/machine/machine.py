@@ -73,6 +73,7 @@ class Machine:
         self.profile = host_profile.resolve(config.host_profile)
         self.created = time.monotonic()
         self.started: float | None = None
+        self.first_run_at: float | None = None  # monotonic time of the first KVM_RUN
         self._stop: GuestStop | None = None
         self._stop_lock = threading.Lock()
         self._stopped = threading.Event()
@@ -172,6 +173,8 @@ class Machine:
 
     def _vcpu_thread(self, vcpu: Vcpu) -> None:
         fixup = self._fix_emulation if self.profile.fixes_emulation_failures else None
+        if self.first_run_at is None:
+            self.first_run_at = time.monotonic()
         try:
             stop = run_vcpu(
                 vcpu,
