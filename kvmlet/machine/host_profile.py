@@ -17,7 +17,14 @@ from dataclasses import dataclass, field
 
 from kvmlet.errors import GuestMemoryError, KvmletError
 from kvmlet.kvm import InternalErrorExit, Vcpu
-from kvmlet.machine.cpu import CPUID_FEATURES, CR0_PG, CR4_PAE, EFER_LMA, CpuidMask
+from kvmlet.machine.cpu import (
+    CPUID_FEATURES,
+    CR0_PG,
+    CR4_PAE,
+    EFER_LMA,
+    HIDE_KVM_HYPERCALL_FEATURES,
+    CpuidMask,
+)
 from kvmlet.memory import GuestMemory
 
 CHOICES = ("auto", "none", "pvm")
@@ -190,10 +197,14 @@ NONE = HostProfile("none")
 PVM = HostProfile(
     name="pvm",
     notice=(
-        "kvmlet: host profile pvm (software KVM): masking CMPXCHG16B, adding "
+        "kvmlet: host profile pvm (software KVM): masking CMPXCHG16B and KVM hypercalls, adding "
         "noxsave and clearcpuid=..., fixing up INT3/FWAIT the emulator refuses"
     ),
-    cpuid_masks=(CpuidMask(CPUID_FEATURES, "ecx", CPUID1_ECX_CMPXCHG16B),),
+    # A hypercall from guest kernel code never returns here: PV IPIs hung SMP boot.
+    cpuid_masks=(
+        CpuidMask(CPUID_FEATURES, "ecx", CPUID1_ECX_CMPXCHG16B),
+        HIDE_KVM_HYPERCALL_FEATURES,
+    ),
     kernel_parameters=("noxsave", clearcpuid_parameter(PVM_CLEARED_FEATURES)),
     fixes_emulation_failures=True,
     console_explainer=recognise_init_death,

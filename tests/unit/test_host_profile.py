@@ -63,7 +63,7 @@ def test_none_profile_changes_nothing():
 
 
 def test_pvm_profile_masks_cmpxchg16b_and_adds_parameters():
-    assert hp.PVM.cpuid_masks == (cpu.CpuidMask(1, "ecx", 1 << 13),)
+    assert hp.PVM.cpuid_masks == (cpu.CpuidMask(1, "ecx", 1 << 13), cpu.HIDE_KVM_HYPERCALL_FEATURES)
     additions = hp.PVM.kernel_cmdline_additions().split()
     assert additions[0] == "noxsave"
     assert additions[1].startswith("clearcpuid=smap,popcnt,")
