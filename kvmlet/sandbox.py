@@ -10,7 +10,7 @@ Nothing of the guest outlives the call.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from kvmlet.api import with_default_guest
 from kvmlet.errors import KvmletError
@@ -30,6 +30,7 @@ class SandboxResult:
     status: int | None
     output: str
     stop: GuestStop
+    stats: dict = field(default_factory=dict, repr=False)
 
 
 def command_output(transcript: bytes) -> str:
@@ -64,7 +65,8 @@ def sandbox(
     with Machine(run_config, console_echo_fd=echo_fd) as machine:
         stop = machine.wait(timeout)
         transcript = machine.console.transcript()
+        stats = machine.stats()
     status = parse_exit_status(transcript)
     if status is None and stop.reason is not StopReason.RESET:
         raise KvmletError(f"the sandbox did not run the command: {stop}")
-    return SandboxResult(status, command_output(transcript), stop)
+    return SandboxResult(status, command_output(transcript), stop, stats)

@@ -130,10 +130,8 @@ class VirtioDevices:
 
     def stats(self) -> dict[str, object]:
         stats: dict[str, object] = {"worker": self.worker.stats()}
-        pairs = zip(self.devices, self.transports, strict=True)
-        for index, (device, transport) in enumerate(pairs):
-            is_pci = isinstance(transport, VirtioPci)
-            stats[f"{device.name}{index}"] = transport.stats() if is_pci else device.stats()
+        for index, transport in enumerate(self.transports):
+            stats[f"{transport.device.name}{index}"] = transport.stats()
         return stats
 
     def close(self) -> None:

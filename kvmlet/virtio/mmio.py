@@ -79,6 +79,7 @@ class VirtioMmio:
         self._device_features_select = 0
         self._driver_features_select = 0
         self._queue_select = 0
+        self.notify_exits = 0
         self.region = IoRegion(
             f"virtio-mmio-{device.name}",
             REGION_SIZE,
@@ -92,6 +93,10 @@ class VirtioMmio:
         """Let KVM signal `eventfd` for QueueNotify writes of `queue_index` (no exit to Python);
         the worker that waits on it calls `device.notify(queue_index)`."""
         self.region.add_eventfd(QUEUE_NOTIFY, 4, eventfd, datamatch=queue_index)
+
+    def stats(self) -> dict[str, object]:
+        """The device's counters, plus how many queue notifications reached Python."""
+        return {**self.device.stats(), "transport": "mmio", "notify_exits": self.notify_exits}
 
     def kernel_parameter(self, base: int, irq_number: int) -> str:
         """The command-line word announcing this device to Linux at `base` with `irq_number`."""
@@ -158,6 +163,7 @@ class VirtioMmio:
     def _write_register(self, offset: int, value: int) -> None:
         device, queue = self.device, self._queue_select
         if offset == QUEUE_NOTIFY:
+            self.notify_exits += 1  # a doorbell with no ioeventfd behind it
             device.notify(value & 0xFFFF)
         elif offset in _RING_REGISTERS:
             part, shift = _RING_REGISTERS[offset]

@@ -1,0 +1,7 @@
+"""`python3 -m kvmlet` is the `kvmlet` command."""
+
+import sys
+
+from kvmlet.cli import main
+
+sys.exit(main())

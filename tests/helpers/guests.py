@@ -1,0 +1,15 @@
+"""Where guest tests run: on hardware KVM directly, or inside the test box on our machines."""
+
+from __future__ import annotations
+
+import os
+
+from kvmlet.machine.host_profile import detect
+
+IN_TEST_BOX = os.environ.get("KVMLET_TESTBOX") == "1"
+BOOT_TIMEOUT = 240.0
+
+
+def user_space_runs_here() -> bool:
+    """Whether this host's KVM runs guest user space (not the pvm software KVM)."""
+    return detect().name == "none"

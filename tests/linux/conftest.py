@@ -1,0 +1,42 @@
+"""The `linux` tier: boots kvmlet's default guest and checks what its user space saw.
+
+It needs a KVM that runs guest user space. On hardware KVM the tests run directly; on our
+machines' software KVM (host profile pvm) they run inside the test box instead
+(test_in_box.py starts it), and skip here with that reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from kvmlet.api import with_default_guest
+from kvmlet.guest import QuietProgress, ensure_default_guest
+from kvmlet.machine.config import MachineConfig
+from tests.helpers.guests import user_space_runs_here
+
+
+def pytest_collection_modifyitems(config, items):
+    if user_space_runs_here():
+        return
+    skip = pytest.mark.skip(reason="this host's KVM cannot run guest user space: see test_in_box")
+    for item in items:
+        if item.get_closest_marker("linux") and not item.get_closest_marker("box_runner"):
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def default_guest():
+    return ensure_default_guest(progress=QuietProgress())
+
+
+@pytest.fixture
+def guest_config(default_guest) -> MachineConfig:
+    """The default guest with its ELF kernel, as `kvmlet run` boots it."""
+    return with_default_guest(MachineConfig(memory=256 << 20))
+
+
+@pytest.fixture
+def bzimage_config(default_guest, guest_config) -> MachineConfig:
+    return replace(guest_config, kernel=default_guest.bzimage)

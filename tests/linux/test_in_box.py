@@ -1,0 +1,70 @@
+"""Runs the `linux` tier inside the test box when this host's KVM cannot run guest user space.
+
+On our machines /dev/kvm is a software KVM on which guest user space cannot make system calls;
+testbox/run.py boots a QEMU TCG "L1" whose KVM runs guests normally, and the same tests run
+there (KVMLET_TESTBOX=1 tells them where they are). On hardware KVM this test skips: the tier
+runs directly.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.guests import IN_TEST_BOX, user_space_runs_here
+
+CHECKOUT = Path(__file__).resolve().parents[2]
+BOX_TIMEOUT = 1500
+
+pytestmark = [
+    pytest.mark.linux,
+    pytest.mark.box_runner,
+    pytest.mark.skipif(IN_TEST_BOX, reason="already inside the test box"),
+    pytest.mark.skipif(user_space_runs_here(), reason="this host runs the tier directly"),
+    pytest.mark.skipif(
+        shutil.which("qemu-system-x86_64") is None,
+        reason="the test box needs qemu-system-x86 (apt-get install qemu-system-x86)",
+    ),
+]
+
+
+def test_linux_tier_passes_inside_the_test_box():
+    inner = [
+        "env",
+        "KVMLET_TESTBOX=1",
+        "python3",
+        "-m",
+        "pytest",
+        "-m",
+        "linux",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-rs",
+        str(CHECKOUT / "tests" / "linux"),
+    ]
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(CHECKOUT / "testbox" / "run.py"),
+            "--timeout",
+            str(BOX_TIMEOUT),
+            "--",
+            *inner,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=BOX_TIMEOUT + 120,
+        check=False,
+    )
+    report = result.stdout + result.stderr
+    print(report)
+    assert result.returncode == 0, report[-6000:]
+    summary = re.findall(r"^=* ?(\d+ passed.*?) ?=*$", report, re.MULTILINE)
+    assert summary, report[-3000:]
+    assert "failed" not in summary[-1] and "skipped" not in summary[-1], summary[-1]
