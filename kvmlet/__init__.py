@@ -7,12 +7,12 @@ machine; `GuestStop`/`StopReason` say how a guest ended; `KvmletError` is every 
 
 __version__ = "0.1.0"
 
-from kvmlet.api import with_default_guest  # noqa: E402
-from kvmlet.errors import KvmletError  # noqa: E402
-from kvmlet.machine.config import DiskConfig, MachineConfig  # noqa: E402
-from kvmlet.machine.machine import Machine  # noqa: E402
-from kvmlet.machine.vcpu_loop import GuestStop, StopReason  # noqa: E402
-from kvmlet.sandbox import SandboxResult, sandbox  # noqa: E402
+from kvmlet.api import with_default_guest
+from kvmlet.errors import KvmletError
+from kvmlet.machine.config import DiskConfig, MachineConfig
+from kvmlet.machine.machine import Machine
+from kvmlet.machine.vcpu_loop import GuestStop, StopReason
+from kvmlet.sandbox import SandboxResult, sandbox
 
 __all__ = [
     "DiskConfig",
