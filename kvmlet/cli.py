@@ -217,7 +217,8 @@ def _command_run(args: argparse.Namespace) -> int:
         finally:
             machine.close()
     elapsed = time.monotonic() - (machine.started or machine.created)
-    print(f"\r\nkvmlet: {stop} after {elapsed:.1f} s", file=sys.stderr)
+    newline = "\r\n" if interactive else ""  # the raw-mode console may end mid-line
+    print(f"{newline}kvmlet: {stop} after {elapsed:.1f} s", file=sys.stderr)
     if args.stats:
         sys.stderr.write(format_stats(machine.stats()))
     return stop.reason.exit_status

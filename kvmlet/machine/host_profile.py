@@ -142,10 +142,7 @@ def recognise_init_death(console_text: str) -> str | None:
         return None
     if _INIT_DEATH.search(console_text, started.end()) is None:
         return None
-    return (
-        f"guest kernel booted and ran {started.group(1)}, which died at its first system call: "
-        "guest user space cannot make system calls on this host's software KVM (host profile pvm)"
-    )
+    return f"{started.group(1)} died at its first system call (host profile pvm)"
 
 
 @dataclass(frozen=True)

@@ -226,10 +226,7 @@ class Machine:
         if stop.reason in (StopReason.RESET, StopReason.TRIPLE_FAULT):
             explanation = self.profile.explain_console(self.console.text())
             if explanation:
-                elapsed = time.monotonic() - (self.started or self.created)
-                return GuestStop(
-                    StopReason.USER_SPACE_UNSUPPORTED, f"{explanation} ({elapsed:.1f} s)"
-                )
+                return GuestStop(StopReason.USER_SPACE_UNSUPPORTED, explanation)
         return stop
 
     @property

@@ -1,0 +1,93 @@
+"""The CLI: user mistakes end as one line on stderr and a non-zero status, never a traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from kvmlet import cli
+from kvmlet.kvm import system
+from tests.unit.boot.synthetic_kernels import make_bzimage
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "kvmlet", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("kvmlet: ")
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_missing_kernel_is_one_line(tmp_path):
+    result = run_cli("run", "-k", str(tmp_path / "bzImage"))
+    assert_one_line_error(result, "bzImage", "No such file")
+
+
+def test_file_that_is_not_a_kernel_is_one_line(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a kernel\n" * 100)
+    result = run_cli("run", "-k", str(tmp_path / "notes.txt"))
+    assert_one_line_error(result, "not a Linux kernel")
+
+
+def test_32_bit_only_kernel_is_one_line(tmp_path):
+    (tmp_path / "old").write_bytes(make_bzimage(xloadflags=0))
+    result = run_cli("run", "-k", str(tmp_path / "old"))
+    assert_one_line_error(result, "64-bit")
+
+
+def test_bad_memory_size_and_disk_option_are_one_line(tmp_path):
+    (tmp_path / "k").write_bytes(make_bzimage())
+    assert_one_line_error(run_cli("run", "-k", str(tmp_path / "k"), "-m", "lots"), "lots")
+    result = run_cli("run", "-k", str(tmp_path / "k"), "-d", "disk.img,fast")
+    assert_one_line_error(result, "fast")
+
+
+def test_missing_dev_kvm_is_one_line(tmp_path, monkeypatch, capsys):
+    kernel = tmp_path / "bzImage"
+    kernel.write_bytes(make_bzimage())
+    original = system.Kvm.__init__
+    monkeypatch.setattr(
+        system.Kvm, "__init__", lambda self, path="": original(self, str(tmp_path / "kvm"))
+    )
+    status = cli.main(["run", "-k", str(kernel), "--host-profile", "none"])
+    captured = capsys.readouterr()
+    assert status == 1
+    assert captured.err.startswith("kvmlet: ") and "/dev/kvm" not in captured.out
+    assert "kvm" in captured.err and len(captured.err.strip().splitlines()) == 1
+
+
+def test_sandbox_needs_a_command():
+    assert_one_line_error(run_cli("sandbox"), "no command")
+
+
+def test_help_teaches_each_flag_with_examples():
+    result = run_cli("run", "--help")
+    assert result.returncode == 0
+    for flag in ("--kernel", "--initrd", "--params", "--mem", "--cpus", "--disk", "--debug-io"):
+        assert flag in result.stdout
+    assert "examples:" in result.stdout and "Ctrl-A x" in result.stdout
+
+
+def test_version():
+    result = run_cli("--version")
+    assert result.returncode == 0 and result.stdout.startswith("kvmlet ")
+
+
+@pytest.mark.parametrize("argv", [["run", "-i", "initrd"], ["run", "-c", "0"]])
+def test_inconsistent_flags_are_one_line(argv):
+    assert_one_line_error(run_cli(*argv))
