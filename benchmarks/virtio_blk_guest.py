@@ -336,7 +336,7 @@ def run_qemu(kernel: Path, initrd: Path, image: Path, seconds: float) -> tuple[d
 def figure(mode: str, result: dict[str, float]) -> tuple[str, float, str]:
     if mode == "randread":
         return "randread_4k_iops", result["requests"] / result["seconds"], "IOPS"
-    return f"{mode}_1m_mbps", result["bytes"] / MIB / result["seconds"], "MB/s"
+    return f"{mode}_1m_mibps", result["bytes"] / MIB / result["seconds"], "MiB/s"
 
 
 def measure(args: argparse.Namespace) -> None:
