@@ -41,6 +41,7 @@ _ioctl = fcntl.ioctl
 _unpack_reason_and_io = REASON_AND_IO_LAYOUT.unpack_from
 _IMMEDIATE_EXIT_OFFSET = s.KvmRun.immediate_exit.offset
 _MAX_CPUID_ENTRIES = 256
+_PIO_DATA_OFFSET = mmap.PAGESIZE  # KVM_PIO_PAGE_OFFSET: where KVM puts port I/O data
 
 
 class Vcpu:
@@ -60,6 +61,9 @@ class Vcpu:
         self._mmio_views = [
             self.run_page[MMIO_DATA_OFFSET : MMIO_DATA_OFFSET + size] for size in range(9)
         ]
+        self._pio_views = [
+            self.run_page[_PIO_DATA_OFFSET : _PIO_DATA_OFFSET + size] for size in range(5)
+        ]
 
     def run(self) -> VcpuExit:
         """Run the vCPU until it needs the monitor; return why (see kvmlet.kvm.exits)."""
@@ -78,7 +82,10 @@ class Vcpu:
             io.size = size
             io.is_write = direction == KVM_EXIT_IO_OUT
             io.count = count
-            io.data = run[offset : offset + size * count]
+            if count == 1 and offset == _PIO_DATA_OFFSET:
+                io.data = self._pio_views[size]
+            else:
+                io.data = run[offset : offset + size * count]
             return io
         if reason == KVM_EXIT_MMIO:
             address, size, is_write = MMIO_LAYOUT.unpack_from(run, EXIT_UNION_OFFSET)
@@ -193,9 +200,9 @@ class Vcpu:
         if self.fd < 0:
             return
         self._io.data = self._mmio.data = memoryview(b"")
-        for view in (*self._mmio_views, self.run_page):
+        for view in (*self._mmio_views, *self._pio_views, self.run_page):
             view.release()
-        self._mmio_views = []
+        self._mmio_views = self._pio_views = []
         # A caller may still hold a view of the run page: it is then unmapped when dropped.
         with contextlib.suppress(BufferError):
             self._mapping.close()

@@ -84,7 +84,9 @@ def run_vcpu(
             size, data, port = exit_.size, exit_.data, exit_.port
             if exit_.count == 1:
                 if exit_.is_write:
-                    io_write(port, size, from_bytes(data, "little"))
+                    io_write(port, size, data[0] if size == 1 else from_bytes(data, "little"))
+                elif size == 1:
+                    data[0] = io_read(port, 1)
                 else:
                     data[:] = io_read(port, size).to_bytes(size, "little")
             else:

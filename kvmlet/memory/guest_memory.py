@@ -64,6 +64,9 @@ class GuestMemory:
                 raise ValueError(f"RAM banks overlap at {high.base:#x}")
         self.banks = ordered
         self._views = [memoryview(bank.mapping) for bank in ordered]
+        # The bank holding low RAM serves nearly every access (rings, buffers, boot data):
+        # `view()` checks it inline before the general search.
+        self._low = (ordered[0].base, ordered[0].size, self._views[0]) if ordered else (0, 0, b"")
 
     @classmethod
     def anonymous(cls, layout: list[tuple[int, int]]) -> GuestMemory:
@@ -102,6 +105,10 @@ class GuestMemory:
 
     def view(self, address: int, length: int) -> memoryview:
         """A zero-copy, writable view of guest RAM; raises GuestMemoryError when out of bounds."""
+        base, size, low = self._low
+        offset = address - base
+        if offset >= 0 and length >= 0 and offset + length <= size:
+            return low[offset : offset + length]
         view, offset = self._locate(address, length)
         return view[offset : offset + length]
 
