@@ -45,21 +45,20 @@ class KvmBusListener:
         self.vm.remove_memory(self.slots.pop(section).slot)
 
     def eventfd_added(self, notifier: IoEventNotifier) -> None:
-        self.vm.assign_ioeventfd(
-            _fd(notifier.eventfd),
-            notifier.address,
-            notifier.size,
-            pio=notifier.port_io,
-            datamatch=notifier.datamatch,
-        )
+        _apply(self.vm.assign_ioeventfd, notifier)
         self.ioeventfds.add(notifier)
 
     def eventfd_removed(self, notifier: IoEventNotifier) -> None:
-        self.vm.deassign_ioeventfd(
-            _fd(notifier.eventfd),
-            notifier.address,
-            notifier.size,
-            pio=notifier.port_io,
-            datamatch=notifier.datamatch,
-        )
+        _apply(self.vm.deassign_ioeventfd, notifier)
         self.ioeventfds.discard(notifier)
+
+
+def _apply(ioeventfd_call, notifier: IoEventNotifier) -> None:
+    """Call Vm.assign_ioeventfd or Vm.deassign_ioeventfd for a notifier."""
+    ioeventfd_call(
+        _fd(notifier.eventfd),
+        notifier.address,
+        notifier.size,
+        pio=notifier.port_io,
+        datamatch=notifier.datamatch,
+    )
