@@ -43,15 +43,17 @@ def describe_vcpu(vcpu: Vcpu, memory: GuestMemory) -> str:
     return f"vCPU {vcpu.id}: {' '.join(fields)} code: {code}"
 
 
-def trace_printer(stream: TextIO = sys.stderr) -> TraceHook:
-    """A bus trace hook printing one line per guest access (`--debug-io`)."""
+def trace_printer(stream: TextIO | None = None) -> TraceHook:
+    """A bus trace hook printing one line per guest access (`--debug-io`) to `stream`
+    (default: whatever sys.stderr is when the access happens)."""
 
     def trace(
         space: str, address: int, size: int, is_write: bool, value: int, region: str | None
     ) -> None:
         direction = "W" if is_write else "R"
         where = region or "unassigned"
-        stream.write(f"[io] {space:<6} {direction} {address:#010x}/{size} = {value:#x} {where}\n")
+        line = f"[io] {space:<6} {direction} {address:#010x}/{size} = {value:#x} {where}\n"
+        (stream or sys.stderr).write(line)
 
     return trace
 

@@ -7,7 +7,7 @@ BOOT_CODE_ADDRESS; it talks to kvmlet's devices and stops the machine through th
 import pytest
 
 from kvmlet.bus import AccessSizes, IoRegion
-from kvmlet.machine.config import MachineConfig
+from kvmlet.machine.config import DiskConfig, MachineConfig
 from kvmlet.machine.machine import Machine
 from kvmlet.machine.vcpu_loop import StopReason
 
@@ -104,3 +104,32 @@ def test_stop_kicks_halted_vcpus_and_reports_a_timeout():
         stop = machine.wait(0.3)
     assert stop.reason is StopReason.TIMEOUT
     assert not any(thread.is_alive() for thread in machine._threads)
+
+
+def test_debug_io_traces_each_access_by_region_name(capfd):
+    code = bytes.fromhex("e499") + ECHO_AL + I8042_RESET  # in al, 0x99 ; echo ; reset
+    _, stop = run_code(code, debug_io=True)
+    assert stop.reason is StopReason.RESET
+    trace = capfd.readouterr().err.splitlines()
+    assert "[io] io     R 0x00000099/1 = 0xff unassigned" in trace
+    assert "[io] io     W 0x000003f8/1 = 0xff com1" in trace
+    assert any(line.endswith("i8042-command") and " W " in line for line in trace)
+
+
+def test_first_kvm_run_is_timed_after_start():
+    machine, stop = run_code(I8042_RESET)
+    assert stop.reason is StopReason.RESET
+    assert machine.created <= machine.started <= machine.first_run_at
+
+
+@pytest.mark.parametrize("transport", ["pci", "mmio"])
+def test_virtio_devices_wire_their_doorbells_to_kvm(tmp_path, transport):
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(1 << 20))
+    config = {"rng": True, "disks": (DiskConfig(disk),), "virtio_transport": transport}
+    with Machine(MachineConfig(boot_code=I8042_RESET, host_profile="none", **config)) as machine:
+        stop = machine.wait(10)
+        doorbells = {n.region_name for n in machine.kvm_listener.ioeventfds}
+    assert stop.reason is StopReason.RESET
+    assert len(machine.kvm_listener.ioeventfds) == 2  # one queue each: blk, rng
+    assert all(("virtio" in name) for name in doorbells)
