@@ -7,7 +7,8 @@ import os
 from kvmlet.machine.host_profile import detect
 
 IN_TEST_BOX = os.environ.get("KVMLET_TESTBOX") == "1"
-BOOT_TIMEOUT = 240.0
+BOOT_TIMEOUT = 120.0
+"""Seconds a guest test waits for a boot or a command (~10 s in the test box, ~1 s on hardware)."""
 
 
 def user_space_runs_here() -> bool:

@@ -34,12 +34,14 @@ def test_bzimage_guest_runs_a_command(bzimage_config):
 
 
 def test_two_vcpus_are_online_in_the_guest(guest_config):
-    result = sandbox("grep -c ^processor /proc/cpuinfo", replace(guest_config, cpus=2))
+    command = "grep -c ^processor /proc/cpuinfo"
+    result = sandbox(command, replace(guest_config, cpus=2), timeout=BOOT_TIMEOUT)
     assert result.status == 0
     assert result.output.strip() == "2"
 
 
 def test_guest_sees_the_memory_it_was_given(guest_config):
-    result = sandbox("grep MemTotal /proc/meminfo", replace(guest_config, memory=384 << 20))
+    config = replace(guest_config, memory=384 << 20)
+    result = sandbox("grep MemTotal /proc/meminfo", config, timeout=BOOT_TIMEOUT)
     total_kib = int(result.output.split()[1])
     assert 300 * 1024 < total_kib <= 384 * 1024

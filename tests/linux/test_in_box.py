@@ -19,7 +19,7 @@ import pytest
 from tests.helpers.guests import IN_TEST_BOX, user_space_runs_here
 
 CHECKOUT = Path(__file__).resolve().parents[2]
-BOX_TIMEOUT = 1500
+BOX_TIMEOUT = 1200
 
 pytestmark = [
     pytest.mark.linux,
@@ -32,39 +32,26 @@ pytestmark = [
     ),
 ]
 
+INNER_PYTEST = [
+    "env", "KVMLET_TESTBOX=1", "python3", "-m", "pytest", "-m", "linux and not box_runner",
+    "-v", "-p", "no:cacheprovider", "-rs", str(CHECKOUT / "tests" / "linux"),
+]  # fmt: skip
 
-def test_linux_tier_passes_inside_the_test_box():
-    inner = [
-        "env",
-        "KVMLET_TESTBOX=1",
-        "python3",
-        "-m",
-        "pytest",
-        "-m",
-        "linux and not box_runner",
-        "-q",
-        "-p",
-        "no:cacheprovider",
-        "-rs",
-        str(CHECKOUT / "tests" / "linux"),
-    ]
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(CHECKOUT / "testbox" / "run.py"),
-            "--timeout",
-            str(BOX_TIMEOUT),
-            "--",
-            *inner,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=BOX_TIMEOUT + 120,
-        check=False,
-    )
-    report = result.stdout + result.stderr
+
+def test_linux_tier_passes_inside_the_test_box(tmp_path):
+    log_path = tmp_path / "box.log"
+    command = [sys.executable, str(CHECKOUT / "testbox" / "run.py"), "--timeout", str(BOX_TIMEOUT)]
+    with open(log_path, "wb") as log:  # streamed: a stalled test shows as the last line
+        status = subprocess.run(
+            [*command, "--", *INNER_PYTEST],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            timeout=BOX_TIMEOUT + 120,
+            check=False,
+        ).returncode
+    report = log_path.read_text(errors="replace")
     print(report)
-    assert result.returncode == 0, report[-6000:]
-    summary = re.findall(r"^=* ?(\d+ passed.*?) ?=*$", report, re.MULTILINE)
+    assert status == 0, f"exit status {status}; last lines:\n{report[-6000:]}"
+    summary = re.findall(r"^=+ (\d+ passed.*?) =+$", report, re.MULTILINE)
     assert summary, report[-3000:]
     assert "failed" not in summary[-1] and "skipped" not in summary[-1], summary[-1]

@@ -60,22 +60,23 @@ def test_guest_writes_a_pattern_the_host_reads_back(config, tmp_path):
 def test_guest_reads_a_host_image(config, tmp_path):
     data = os.urandom(1 << 20)
     disk = make_image(tmp_path / "data.img", data)
-    result = sandbox(
-        "md5sum /dev/vda", with_disks(config, DiskConfig(disk, read_only=True)), timeout=240
-    )
+    read_only = with_disks(config, DiskConfig(disk, read_only=True))
+    result = sandbox("md5sum /dev/vda", read_only, timeout=BOOT_TIMEOUT)
     assert result.output.split()[0] == hashlib.md5(data).hexdigest()
 
 
 def test_writing_a_read_only_disk_fails(config, tmp_path):
     disk = make_image(tmp_path / "ro.img", bytes(1 << 20))
     command = "dd if=/dev/zero of=/dev/vda bs=4096 count=1 oflag=direct 2>/dev/null; echo rc=$?"
-    result = sandbox(command, with_disks(config, DiskConfig(disk, read_only=True)), timeout=240)
+    read_only = with_disks(config, DiskConfig(disk, read_only=True))
+    result = sandbox(command, read_only, timeout=BOOT_TIMEOUT)
     assert result.output.strip() != "rc=0"
     assert disk.read_bytes() == bytes(1 << 20)
 
 
 def test_guest_reads_the_hardware_rng(config):
-    result = sandbox("head -c 4096 /dev/hwrng | od -An -tx1 | tr -d ' \\n' | wc -c", config)
+    command = "head -c 4096 /dev/hwrng | od -An -tx1 | tr -d ' \\n' | wc -c"
+    result = sandbox(command, config, timeout=BOOT_TIMEOUT)
     assert result.output.strip() == str(2 * 4096)
 
 
