@@ -333,6 +333,10 @@ def test_dispatch_while_another_thread_moves_the_region():
         stop.set()
         thread.join()
         sys.setswitchinterval(switch_interval)
-    assert set(results) == {0x42, 0xFF}
-    assert offsets_seen == {8}
+    # Whatever the interleaving: a read hits the region at its register or nothing at all.
+    assert set(results) <= {0x42, 0xFF}
+    assert offsets_seen <= {8}
     assert space.handler_errors == 0
+    final = 0x1008 if region.offset == 0x1000 else 0x2008  # the mover ends with the region on
+    assert space.read(final, 1) == 0x42
+    assert offsets_seen == {8}
