@@ -3,16 +3,27 @@
 The public API: `MachineConfig` and `DiskConfig` describe a machine, `with_default_guest` adds
 kvmlet's own kernel and initramfs, `Machine` runs it, `sandbox` runs one command in a throwaway
 machine; `GuestStop`/`StopReason` say how a guest ended; `KvmletError` is every user-facing error.
+The names load on first use, so `kvmlet --version` or a CLI error costs no import of the rest.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-from kvmlet.api import with_default_guest
-from kvmlet.errors import KvmletError
-from kvmlet.machine.config import DiskConfig, MachineConfig
-from kvmlet.machine.machine import Machine
-from kvmlet.machine.vcpu_loop import GuestStop, StopReason
-from kvmlet.sandbox import SandboxResult, sandbox
+_PUBLIC = {
+    "DiskConfig": "kvmlet.machine.config",
+    "GuestStop": "kvmlet.machine.vcpu_loop",
+    "KvmletError": "kvmlet.errors",
+    "Machine": "kvmlet.machine.machine",
+    "MachineConfig": "kvmlet.machine.config",
+    "SandboxResult": "kvmlet.sandbox",
+    "StopReason": "kvmlet.machine.vcpu_loop",
+    "sandbox": "kvmlet.sandbox",
+    "with_default_guest": "kvmlet.api",
+}
 
 __all__ = [
     "DiskConfig",
@@ -26,3 +37,17 @@ __all__ = [
     "sandbox",
     "with_default_guest",
 ]
+
+if TYPE_CHECKING:
+    from kvmlet.api import with_default_guest
+    from kvmlet.errors import KvmletError
+    from kvmlet.machine.config import DiskConfig, MachineConfig
+    from kvmlet.machine.machine import Machine
+    from kvmlet.machine.vcpu_loop import GuestStop, StopReason
+    from kvmlet.sandbox import SandboxResult, sandbox
+
+
+def __getattr__(name: str) -> object:
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'kvmlet' has no attribute {name!r}")
+    return getattr(importlib.import_module(_PUBLIC[name]), name)

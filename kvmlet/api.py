@@ -11,9 +11,12 @@ with kvmlet.Machine(config) as machine:
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
-from kvmlet.guest import Progress, ensure_default_guest
 from kvmlet.machine.config import MachineConfig
+
+if TYPE_CHECKING:
+    from kvmlet.guest import Progress
 
 
 def with_default_guest(
@@ -24,5 +27,7 @@ def with_default_guest(
     config = config or MachineConfig()
     if config.kernel is not None:
         return config
+    from kvmlet.guest import ensure_default_guest  # the build machinery, only when needed
+
     guest = ensure_default_guest(progress=progress)
     return replace(config, kernel=guest.vmlinux, initrd=config.initrd or guest.initrd)

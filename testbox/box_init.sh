@@ -20,7 +20,11 @@ options=trans=virtio,version=9p2000.L,msize=262144
 session=/run/kvmlet-box
 mkdir -p "$session"
 mount -t 9p -o "$options" kvmletbox "$session"
-mount -t 9p -o "$options,cache=mmap" kvmletwork "$(cat "$session/work_dir")"
+# The checkout may live under a path the tmpfs mounts above just hid (CI clones into /tmp):
+# make its mount point on the fresh tmpfs.
+work_dir="$(cat "$session/work_dir")"
+mkdir -p "$work_dir"
+mount -t 9p -o "$options,cache=mmap" kvmletwork "$work_dir"
 
 # Only emergencies (panics) from L1's kernel interleave with the command's output from now on;
 # `dmesg` inside the box shows the rest.

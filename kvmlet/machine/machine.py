@@ -43,6 +43,8 @@ from kvmlet.memory import GuestMemory
 
 KICK_SIGNAL = signal.SIGRTMIN + 4
 """Sent to a vCPU thread to make KVM_RUN return (its handler does nothing)."""
+KICK_INTERVAL = 0.05
+"""Seconds between kicks while waiting for vCPU threads to stop."""
 
 
 def _install_kick_handler() -> None:
@@ -213,13 +215,31 @@ class Machine:
             if self._stop is None:
                 self._stop = self._explain(GuestStop(reason, detail, vcpu))
             self._stopped.set()
-        current = threading.current_thread()
-        for vcpu_, thread in zip(self.vcpus, self._threads, strict=False):
+        for vcpu in self.vcpus:
             # Every vCPU, the calling one too: its next KVM_RUN must return at once.
-            vcpu_.immediate_exit = True
+            vcpu.immediate_exit = True
+        self._kick()
+
+    def _kick(self) -> None:
+        """Signal every other vCPU thread still alive, so a KVM_RUN it sleeps in returns."""
+        current = threading.current_thread()
+        for thread in self._threads:
             if thread.is_alive() and thread is not current:
                 with contextlib.suppress(ProcessLookupError, TypeError):
                     signal.pthread_kill(thread.ident, KICK_SIGNAL)
+
+    def _join_vcpu_threads(self, timeout: float = 10.0) -> bool:
+        """Wait for the vCPU threads to leave, kicking again meanwhile: a kick can land just
+        before a thread re-enters KVM_RUN, and a vCPU waiting for INIT/SIPI on some KVMs
+        does not look at immediate_exit. False if one is still running after `timeout`."""
+        deadline = time.monotonic() + timeout
+        while any(thread.is_alive() for thread in self._threads):
+            if time.monotonic() >= deadline:
+                return False
+            self._kick()
+            for thread in self._threads:
+                thread.join(KICK_INTERVAL)
+        return True
 
     def _explain(self, stop: GuestStop) -> GuestStop:
         """On a host profile that accounts for it, name what really ended the guest."""
@@ -243,8 +263,8 @@ class Machine:
             raise KvmletError("start() the machine before waiting for it")
         if not self._stopped.wait(timeout):
             self.stop(StopReason.TIMEOUT, f"no stop within {timeout:g} s")
-        for thread in self._threads:
-            thread.join(5.0)
+        if not self._join_vcpu_threads():
+            raise KvmletError("a vCPU thread did not stop within 10 s of the guest's stop")
         self.console.flush()
         assert self._stop is not None
         return self._stop
@@ -262,8 +282,7 @@ class Machine:
         """Stop the guest if it runs and release every resource (safe to call twice)."""
         if self.started is not None and not self._stopped.is_set():
             self.stop(StopReason.HOST_QUIT, "closed")
-        for thread in self._threads:
-            thread.join(5.0)
+        self._join_vcpu_threads()
         while self._closers:
             self._closers.pop()()
 

@@ -10,7 +10,6 @@ kernel keeps the page cache coherent with direct I/O on the same file).
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import fcntl
 import mmap
@@ -25,7 +24,9 @@ FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+# The symbols already loaded into the process (libc among them): find_library("c") would run
+# ldconfig in a subprocess at every start.
+_libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _libc.fallocate.restype = ctypes.c_int
 
