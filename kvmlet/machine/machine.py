@@ -207,7 +207,7 @@ class Machine:
         elif action is EscapeAction.HELP:
             from kvmlet.machine.terminal import EscapeFilter
 
-            os.write(2, ("\r\n" + EscapeFilter().help_text().replace("\n", "\r\n")).encode())
+            os.write(2, ("\r\n" + EscapeFilter().help_text.replace("\n", "\r\n")).encode())
 
     def stop(self, reason: StopReason = StopReason.HOST_QUIT, detail: str = "", vcpu=None) -> None:
         """Record why the run ends (the first reason wins) and kick every vCPU out of KVM."""

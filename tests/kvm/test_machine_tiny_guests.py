@@ -133,3 +133,23 @@ def test_virtio_devices_wire_their_doorbells_to_kvm(tmp_path, transport):
     assert stop.reason is StopReason.RESET
     assert len(machine.kvm_listener.ioeventfds) == 2  # one queue each: blk, rng
     assert all(("virtio" in name) for name in doorbells)
+
+
+def test_ctrl_a_escapes_from_the_terminal_reach_the_monitor(capfd):
+    import os
+
+    read_end, write_end = os.pipe()
+    config = MachineConfig(boot_code=bytes.fromhex("fa f4"), rng=False, host_profile="none")
+    machine = Machine(config, console_input_fd=read_end, escape=True)
+    try:
+        machine.start()
+        os.write(write_end, b"\x01h\x01s\x01x")  # help, statistics, quit
+        stop = machine.wait(10)
+    finally:
+        machine.close()
+        os.close(write_end)
+        os.close(read_end)
+    assert stop.reason is StopReason.HOST_QUIT
+    err = capfd.readouterr().err
+    assert "Ctrl-A x" in err  # the help text
+    assert '"port_io"' in err  # the statistics dump
