@@ -31,12 +31,12 @@ from kvmlet.machine.boot import load_kernel
 from kvmlet.machine.config import BOOT_CODE_ADDRESS, MachineConfig
 from kvmlet.machine.console import Console
 from kvmlet.machine.cpu import apply_boot_state, configure_vcpu, start_real_mode
-from kvmlet.machine.diagnostics import describe_vcpu, trace_printer
+from kvmlet.machine.diagnostics import describe_vcpu, format_stats, trace_printer
 from kvmlet.machine.interrupts import KvmIrqLine
 from kvmlet.machine.kvm_bridge import KvmBusListener
 from kvmlet.machine.legacy import attach_legacy_devices
 from kvmlet.machine.memory_map import MemoryMap
-from kvmlet.machine.terminal import EscapeAction
+from kvmlet.machine.terminal import EscapeAction, EscapeFilter
 from kvmlet.machine.vcpu_loop import GuestStop, StopReason, run_vcpu
 from kvmlet.machine.virtio_devices import VirtioDevices
 from kvmlet.memory import GuestMemory
@@ -201,12 +201,8 @@ class Machine:
         if action is EscapeAction.QUIT:
             self.stop(StopReason.HOST_QUIT, "Ctrl-A x")
         elif action is EscapeAction.STATS:
-            from kvmlet.machine.diagnostics import format_stats
-
             os.write(2, ("\r\n" + format_stats(self.stats()).replace("\n", "\r\n")).encode())
         elif action is EscapeAction.HELP:
-            from kvmlet.machine.terminal import EscapeFilter
-
             os.write(2, ("\r\n" + EscapeFilter().help_text.replace("\n", "\r\n")).encode())
 
     def stop(self, reason: StopReason = StopReason.HOST_QUIT, detail: str = "", vcpu=None) -> None:
