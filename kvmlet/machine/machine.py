@@ -20,7 +20,6 @@ import os
 import signal
 import threading
 import time
-from pathlib import Path
 
 from kvmlet.bus import RamRegion, mmio_space, port_io_space
 from kvmlet.bus.pci import PciHostBridge
@@ -287,11 +286,3 @@ class Machine:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-
-def kernel_path(path: str | os.PathLike[str]) -> Path:
-    """A user's kernel path, with a one-line error when it is missing."""
-    candidate = Path(path)
-    if not candidate.is_file():
-        raise KvmletError(f"kernel {candidate} not found")
-    return candidate
