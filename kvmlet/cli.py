@@ -7,7 +7,7 @@ bug in kvmlet.
 from __future__ import annotations
 
 import argparse
-import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -208,8 +208,8 @@ def _command_run(args: argparse.Namespace) -> int:
         )
     )
     _notice_profile(config)
-    interactive = os.isatty(0)
-    with RawTerminal(0) if interactive else _NoTerminal():
+    with RawTerminal(0) as terminal:  # raw mode only when stdin is a terminal
+        interactive = terminal.is_tty
         machine = Machine(config, console_echo_fd=1, console_input_fd=0, escape=interactive)
         try:
             machine.start()
@@ -224,14 +224,6 @@ def _command_run(args: argparse.Namespace) -> int:
     return stop.reason.exit_status
 
 
-class _NoTerminal:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc_info: object) -> None:
-        return None
-
-
 def _command_sandbox(args: argparse.Namespace) -> int:
     from kvmlet.machine.vcpu_loop import StopReason
     from kvmlet.sandbox import sandbox
@@ -239,7 +231,7 @@ def _command_sandbox(args: argparse.Namespace) -> int:
     argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
     if not argv:
         raise KvmletError("no command given: kvmlet sandbox -- COMMAND...")
-    command = argv[0] if len(argv) == 1 else " ".join(_shell_quote(word) for word in argv)
+    command = argv[0] if len(argv) == 1 else shlex.join(argv)
     config = _machine_config(args)
     _notice_profile(config)
     result = sandbox(command, config, timeout=args.timeout or 600.0)
@@ -250,12 +242,6 @@ def _command_sandbox(args: argparse.Namespace) -> int:
             raise KvmletError(str(result.stop))
         raise KvmletError(f"the command reported no exit status ({result.stop})")
     return result.status
-
-
-def _shell_quote(word: str) -> str:
-    import shlex
-
-    return shlex.quote(word)
 
 
 def _command_build_guest(args: argparse.Namespace) -> int:

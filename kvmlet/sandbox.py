@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 
 from kvmlet.api import with_default_guest
 from kvmlet.errors import KvmletError
-from kvmlet.guest import READY_MARKER, parse_exit_status, run_parameter
+from kvmlet.guest.run_protocol import command_output, parse_exit_status, run_parameter
 from kvmlet.machine.config import MachineConfig
 from kvmlet.machine.machine import Machine
 from kvmlet.machine.vcpu_loop import GuestStop, StopReason
@@ -31,18 +31,6 @@ class SandboxResult:
     output: str
     stop: GuestStop
     stats: dict = field(default_factory=dict, repr=False)
-
-
-def command_output(transcript: bytes) -> str:
-    """The command's own output: what the console showed between the ready marker and the
-    exit marker, with the terminal's CR LF turned back into LF."""
-    text = transcript.decode(errors="replace").replace("\r\n", "\n")
-    start = text.find(READY_MARKER + "\n")
-    if start < 0:
-        return ""
-    body = text[start + len(READY_MARKER) + 1 :]
-    end = body.rfind("kvmlet-exit: ")
-    return body if end < 0 else body[:end]
 
 
 def sandbox(

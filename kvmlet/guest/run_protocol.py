@@ -16,7 +16,8 @@ import re
 
 READY_MARKER = "kvmlet-guest: ready"
 RUN_PARAMETER = "kvmlet.run"
-_EXIT_MARKER = re.compile(rb"kvmlet-exit: (\d{1,3})\r?\n")
+EXIT_PREFIX = "kvmlet-exit: "
+_EXIT_MARKER = re.compile(EXIT_PREFIX.encode() + rb"(\d{1,3})\r?\n")
 # x86 COMMAND_LINE_SIZE is 2048 bytes, shared with the monitor's own parameters.
 MAX_ENCODED_COMMAND = 1536
 
@@ -39,3 +40,15 @@ def parse_exit_status(console_output: bytes) -> int | None:
         return None
     status = int(matches[-1])
     return status if status <= 255 else None
+
+
+def command_output(console_output: bytes) -> str:
+    """The command's own output: what the console showed between the ready marker and the
+    last exit marker, with the terminal's CR LF turned back into LF."""
+    text = console_output.decode(errors="replace").replace("\r\n", "\n")
+    start = text.find(READY_MARKER + "\n")
+    if start < 0:
+        return ""
+    body = text[start + len(READY_MARKER) + 1 :]
+    end = body.rfind(EXIT_PREFIX)
+    return body if end < 0 else body[:end]

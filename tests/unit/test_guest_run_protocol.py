@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kvmlet.guest.run_protocol import parse_exit_status, run_parameter
+from kvmlet.guest.run_protocol import command_output, parse_exit_status, run_parameter
 
 
 def test_parameter_carries_the_command_without_spaces():
@@ -35,3 +35,10 @@ def test_last_well_formed_marker_wins():
 def test_any_console_bytes_parse_without_error(console):
     status = parse_exit_status(console)
     assert status is None or 0 <= status <= 255
+
+
+def test_command_output_is_what_lies_between_the_markers():
+    console = b"[ 1.0] boot\r\nkvmlet-guest: ready\r\nline one\r\nline two\r\nkvmlet-exit: 3\r\n"
+    assert command_output(console) == "line one\nline two\n"
+    assert command_output(b"[ 1.0] boot, no init yet\r\n") == ""
+    assert command_output(b"kvmlet-guest: ready\r\npartial") == "partial"
