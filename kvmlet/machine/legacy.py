@@ -10,14 +10,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from kvmlet.bus import AccessSizes, AddressSpace, IoRegion
+from kvmlet.devices.i8042 import REGION_SIZE as I8042_REGION_SIZE
 from kvmlet.devices.i8042 import I8042Controller
 from kvmlet.devices.irq import IrqLine
 from kvmlet.devices.post import PostCodeSink
 from kvmlet.devices.rtc import CmosRtc
 from kvmlet.devices.serial import LEGACY_SERIAL_PORTS, REGION_SIZE, Uart16550
 
-I8042_DATA_PORT = 0x60
-I8042_COMMAND_PORT = 0x64
+I8042_PORT = 0x60
 I8042_KEYBOARD_IRQ = 1
 RTC_PORT = 0x70
 POST_PORT = 0x80
@@ -67,10 +67,9 @@ def attach_legacy_devices(
             io.root.add_subregion(port.base, region)
             uarts.append(uart)
         i8042 = I8042Controller(on_reset, kbd_irq=irq_line(I8042_KEYBOARD_IRQ))
-        io.root.add_subregion(I8042_DATA_PORT, IoRegion("i8042-data", 1, i8042, impl=_BYTE))
-        io.root.add_subregion(
-            I8042_COMMAND_PORT, IoRegion("i8042-command", 1, _Offset(i8042, 4), impl=_BYTE)
-        )
+        # One region over 0x60-0x64: 0x61 (the PC speaker) is the in-kernel PIT's and never
+        # exits; the device answers 0x62/0x63 with all-ones like an unassigned port.
+        io.root.add_subregion(I8042_PORT, IoRegion("i8042", I8042_REGION_SIZE, i8042, impl=_BYTE))
         rtc = CmosRtc()
         io.root.add_subregion(RTC_PORT, IoRegion("cmos-rtc", 2, rtc, impl=_BYTE))
         post = PostCodeSink()
@@ -80,17 +79,3 @@ def attach_legacy_devices(
 
 def _discard(data: bytes) -> None:
     """Output of the UARTs no console is attached to."""
-
-
-class _Offset:
-    """Presents a device's registers at `offset` to a region that starts later (0x64)."""
-
-    def __init__(self, device: I8042Controller, offset: int):
-        self.device = device
-        self.offset = offset
-
-    def read(self, offset: int, size: int) -> int:
-        return self.device.read(offset + self.offset, size)
-
-    def write(self, offset: int, size: int, value: int) -> None:
-        self.device.write(offset + self.offset, size, value)
