@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from kvmlet.errors import GuestMemoryError, KvmletError
 from kvmlet.kvm import InternalErrorExit, Vcpu
+from kvmlet.machine.boot.x86_64 import PAGE_LARGE, PAGE_PRESENT
 from kvmlet.machine.cpu import (
     CPUID_FEATURES,
     CR0_PG,
@@ -63,8 +64,6 @@ INT3 = 0xCC
 FWAIT = 0x9B
 BP_VECTOR = 3
 
-_PAGE_PRESENT = 1 << 0
-_PAGE_SIZE = 1 << 7
 _ADDRESS_MASK = 0x000F_FFFF_FFFF_F000
 
 
@@ -88,9 +87,9 @@ def translate(memory: GuestMemory, cr3: int, linear: int) -> int | None:
             entry = memory.read_u64(table + ((linear >> shift) & 0x1FF) * 8)
         except GuestMemoryError:
             return None
-        if not entry & _PAGE_PRESENT:
+        if not entry & PAGE_PRESENT:
             return None
-        if level in (3, 2) and entry & _PAGE_SIZE:
+        if level in (3, 2) and entry & PAGE_LARGE:  # PS: a 1 GiB or 2 MiB page
             page_mask = (1 << shift) - 1
             return (entry & _ADDRESS_MASK & ~page_mask) | (linear & page_mask)
         table = entry & _ADDRESS_MASK
