@@ -19,7 +19,11 @@ import pytest
 from tests.helpers.guests import IN_TEST_BOX, user_space_runs_here
 
 CHECKOUT = Path(__file__).resolve().parents[2]
-BOX_TIMEOUT = 1200
+BOX_TIMEOUT = 900
+BOX_ATTEMPTS = 2
+"""The box's L1 sometimes stops running nested guests altogether (L1 idle, every guest silent:
+shared/README.md §1 meets it too); a second box, from scratch, is the remedy. The inner run
+stops at its first failure (-x) so a stalled box costs minutes, not the whole timeout."""
 
 pytestmark = [
     pytest.mark.linux,
@@ -34,12 +38,11 @@ pytestmark = [
 
 INNER_PYTEST = [
     "env", "KVMLET_TESTBOX=1", "python3", "-m", "pytest", "-m", "linux and not box_runner",
-    "-v", "-p", "no:cacheprovider", "-rs", str(CHECKOUT / "tests" / "linux"),
+    "-x", "-v", "-p", "no:cacheprovider", "-rs", str(CHECKOUT / "tests" / "linux"),
 ]  # fmt: skip
 
 
-def test_linux_tier_passes_inside_the_test_box(tmp_path):
-    log_path = tmp_path / "box.log"
+def run_box(log_path: Path) -> tuple[int, str]:
     command = [sys.executable, str(CHECKOUT / "testbox" / "run.py"), "--timeout", str(BOX_TIMEOUT)]
     with open(log_path, "wb") as log:  # streamed: a stalled test shows as the last line
         status = subprocess.run(
@@ -49,8 +52,15 @@ def test_linux_tier_passes_inside_the_test_box(tmp_path):
             timeout=BOX_TIMEOUT + 120,
             check=False,
         ).returncode
-    report = log_path.read_text(errors="replace")
-    print(report)
+    return status, log_path.read_text(errors="replace")
+
+
+def test_linux_tier_passes_inside_the_test_box(tmp_path):
+    for attempt in range(1, BOX_ATTEMPTS + 1):
+        status, report = run_box(tmp_path / f"box-{attempt}.log")
+        print(f"--- test box, attempt {attempt}: exit status {status}\n{report}")
+        if status == 0:
+            break
     assert status == 0, f"exit status {status}; last lines:\n{report[-6000:]}"
     summary = re.findall(r"^=+ (\d+ passed.*?) =+$", report, re.MULTILINE)
     assert summary, report[-3000:]
