@@ -135,9 +135,10 @@ class QueueWorker:
         try:
             bell.device.notify(bell.queue_index)
         except Exception as error:  # a device bug must not stop the other devices
-            self.device_errors += 1
             log.exception("%s: queue %d failed", bell.device.name, bell.queue_index)
             bell.device.fail(f"queue {bell.queue_index}: {type(error).__name__}: {error}")
+            # Counted last: whoever sees the count also sees the device marked failed.
+            self.device_errors += 1
 
     def _call(self, callback: Callable[[], None]) -> None:
         try:
