@@ -10,7 +10,6 @@ import argparse
 import shlex
 import sys
 import time
-from pathlib import Path
 
 from kvmlet import __version__
 from kvmlet.errors import KvmletError
@@ -98,12 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "-k",
         "--kernel",
-        type=Path,
         metavar="KERNEL",
         help="bzImage or uncompressed ELF vmlinux (default: kvmlet's default guest, built "
         "and cached on first use)",
     )
-    run.add_argument("-i", "--initrd", type=Path, metavar="INITRD", help="initramfs/initrd image")
+    run.add_argument("-i", "--initrd", metavar="INITRD", help="initramfs/initrd image")
     run.add_argument(
         "-p",
         "--params",
@@ -149,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Build kvmlet's default guest from Debian's linux-source-6.1 (or --source) "
         "into ~/.cache/kvmlet; an unchanged configuration is found in the cache at once.",
     )
-    build.add_argument("--source", type=Path, metavar="DIR", help="a Linux source tree to use")
+    build.add_argument("--source", metavar="DIR", help="a Linux source tree to use")
     build.add_argument(
         "--install-source",
         action="store_true",
@@ -161,12 +159,14 @@ def build_parser() -> argparse.ArgumentParser:
 def _machine_config(args: argparse.Namespace, **extra):
     from kvmlet.machine.config import DiskConfig, MachineConfig
     from kvmlet.machine.memory_map import parse_size
-    from kvmlet.virtio.blk import parse_disk_option
 
     disks = []
-    for text in args.disk:
-        option = parse_disk_option(text)
-        disks.append(DiskConfig(Path(option.path), option.read_only, option.direct))
+    if args.disk:
+        from kvmlet.virtio.blk import parse_disk_option  # the virtio-blk stack, only for disks
+
+        for text in args.disk:
+            option = parse_disk_option(text)
+            disks.append(DiskConfig(option.path, option.read_only, option.direct))
     return MachineConfig(
         memory=parse_size(args.mem),
         cpus=args.cpus,
@@ -245,9 +245,12 @@ def _command_sandbox(args: argparse.Namespace) -> int:
 
 
 def _command_build_guest(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from kvmlet.guest import ensure_default_guest
 
-    guest = ensure_default_guest(args.source, install_source=args.install_source)
+    source = Path(args.source) if args.source is not None else None
+    guest = ensure_default_guest(source, install_source=args.install_source)
     print(f"kernel (ELF):    {guest.vmlinux}")
     print(f"kernel (bzImage): {guest.bzimage}")
     print(f"initramfs:       {guest.initrd}")

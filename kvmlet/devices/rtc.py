@@ -16,8 +16,6 @@ alarm and update interrupts are not modelled: register C reads 0 and IRQ 8 stays
 
 from __future__ import annotations
 
-import calendar
-import datetime
 import math
 import time
 from collections.abc import Callable
@@ -185,6 +183,9 @@ class CmosRtc:
 
     def _set_time(self, fields: dict[str, int]) -> None:
         """Make `fields` the guest's current time; leave the clock alone if they are invalid."""
+        import calendar  # only when the guest sets the clock: a boot imports neither
+        import datetime
+
         try:
             moment = datetime.datetime(
                 fields["century"] * 100 + fields["year"],

@@ -3,8 +3,8 @@ command line kvmlet builds from it."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 from kvmlet.errors import KvmletError
@@ -26,6 +26,9 @@ BASE_KERNEL_PARAMETERS = (
 )
 """kvmlet's own kernel parameters; `-p` adds to them (later parameters win in Linux)."""
 
+FilePath = str | os.PathLike
+"""A file name as `open()` takes it: `str` or `pathlib.Path` (kvmlet never needs pathlib's
+methods, so the CLI passes strings and does not import it)."""
 ConsoleKind = Literal["serial", "virtio"]
 Transport = Literal["pci", "mmio"]
 
@@ -34,7 +37,7 @@ Transport = Literal["pci", "mmio"]
 class DiskConfig:
     """A raw disk image given to the guest as a virtio-blk device."""
 
-    path: Path
+    path: FilePath
     read_only: bool = False
     direct: bool = False
 
@@ -48,9 +51,9 @@ class MachineConfig:
     benchmarks, firmware experiments).
     """
 
-    kernel: Path | None = None
+    kernel: FilePath | None = None
     boot_code: bytes | None = None
-    initrd: Path | None = None
+    initrd: FilePath | None = None
     params: str = ""
     memory: int = DEFAULT_MEMORY
     cpus: int = 1

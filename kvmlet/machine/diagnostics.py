@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from typing import TextIO
 
@@ -60,4 +59,6 @@ def trace_printer(stream: TextIO | None = None) -> TraceHook:
 
 def format_stats(stats: dict) -> str:
     """The statistics dump as indented JSON (stable keys, for people and scripts)."""
+    import json  # only when someone asks for statistics, not on every boot
+
     return json.dumps(stats, indent=2, sort_keys=True, default=str) + "\n"

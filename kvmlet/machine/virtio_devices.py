@@ -5,10 +5,14 @@ puts each behind virtio-pci (a PCI function the guest finds by enumeration, MSI-
 irqfd) or virtio-mmio (a register block announced on the kernel command line, a level ISA
 interrupt). Either way every queue's doorbell is an ioeventfd a `QueueWorker` thread waits on:
 a guest kick never exits to Python.
+
+Each device model and transport module is imported when the configuration asks for it, so a
+boot without disks never loads virtio-blk, and one on PCI never loads virtio-mmio.
 """
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 from kvmlet.bus.pci import BarAllocator, PciWindow
@@ -21,16 +25,14 @@ from kvmlet.machine.memory_map import (
     VIRTIO_MMIO_DEVICE_SIZE,
     VIRTIO_MMIO_WINDOW,
 )
-from kvmlet.virtio.blk import DiskOptions, VirtioBlock
-from kvmlet.virtio.console import VirtioConsole
-from kvmlet.virtio.device import VirtioDevice
-from kvmlet.virtio.mmio import VirtioMmio
-from kvmlet.virtio.pci import VirtioPci
-from kvmlet.virtio.rng import VirtioRng
 from kvmlet.virtio.worker import Doorbell, QueueWorker, doorbell
 
 if TYPE_CHECKING:
     from kvmlet.machine.machine import Machine
+    from kvmlet.virtio.console import VirtioConsole
+    from kvmlet.virtio.device import VirtioDevice
+    from kvmlet.virtio.mmio import VirtioMmio
+    from kvmlet.virtio.pci import VirtioPci
 
 MMIO_IRQS = (5, 6, 7, 9, 10, 11, 14, 15)
 """ISA lines free on kvmlet's PC (no LPT, floppy or IDE) for virtio-mmio devices."""
@@ -56,13 +58,20 @@ class VirtioDevices:
         self._pci_interrupts: list[PciInterrupt] = []
         self._started = False
         try:
-            for disk in config.disks:
-                options = DiskOptions(str(disk.path), disk.read_only, disk.direct)
-                self.devices.append(VirtioBlock(memory, options))
+            if config.disks:
+                from kvmlet.virtio.blk import DiskOptions, VirtioBlock
+
+                for disk in config.disks:
+                    options = DiskOptions(os.fspath(disk.path), disk.read_only, disk.direct)
+                    self.devices.append(VirtioBlock(memory, options))
             if config.console == "virtio":
+                from kvmlet.virtio.console import VirtioConsole
+
                 self.console = VirtioConsole(memory, machine.console.output)
                 self.devices.append(self.console)
             if config.rng:
+                from kvmlet.virtio.rng import VirtioRng
+
                 self.devices.append(VirtioRng(memory))
             if config.virtio_transport == "pci":
                 self._attach_pci(machine)
@@ -73,6 +82,8 @@ class VirtioDevices:
             raise
 
     def _attach_mmio(self, machine: Machine) -> None:
+        from kvmlet.virtio.mmio import VirtioMmio
+
         if len(self.devices) > len(MMIO_IRQS):
             raise KvmletError(f"at most {len(MMIO_IRQS)} virtio-mmio devices are supported")
         with machine.mmio.transaction():
@@ -86,6 +97,8 @@ class VirtioDevices:
                 self.transports.append(transport)
 
     def _attach_pci(self, machine: Machine) -> None:
+        from kvmlet.virtio.pci import VirtioPci
+
         if len(self.devices) > MAX_PCI_DEVICES:
             raise KvmletError(f"at most {MAX_PCI_DEVICES} virtio-pci devices are supported")
         self._router = KvmInterruptRouter(machine.vm)
