@@ -27,7 +27,7 @@ from __future__ import annotations
 import threading
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from kvmlet.devices.irq import IrqLine
 
@@ -95,8 +95,7 @@ _CONNECTED_MODEM_LINES = MSR_CTS | MSR_DSR | MSR_DCD
 _ONE_BYTE = tuple(bytes((value,)) for value in range(256))
 
 
-@dataclass(frozen=True)
-class LegacySerialPort:
+class LegacySerialPort(NamedTuple):
     """Where a PC's COM port lives: its I/O base and ISA interrupt."""
 
     name: str

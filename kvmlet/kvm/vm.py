@@ -11,8 +11,7 @@ from __future__ import annotations
 import ctypes
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from kvmlet.errors import KvmletError
 from kvmlet.kvm import ioctls as nr
@@ -29,8 +28,7 @@ TSS_ADDR = 0xFFFB_D000
 """Three pages KVM uses for the real-mode TSS on Intel (kvmtool's and Firecracker's choice)."""
 
 
-@dataclass(frozen=True, slots=True)
-class IrqchipRoute:
+class IrqchipRoute(NamedTuple):
     """A GSI routed to a pin of the PIC (chip 0/1) or the IO-APIC (chip 2)."""
 
     gsi: int
@@ -38,8 +36,7 @@ class IrqchipRoute:
     pin: int
 
 
-@dataclass(frozen=True, slots=True)
-class MsiRoute:
+class MsiRoute(NamedTuple):
     """A GSI that delivers a message-signalled interrupt (address, data)."""
 
     gsi: int
@@ -47,8 +44,7 @@ class MsiRoute:
     data: int
 
 
-@dataclass(frozen=True, slots=True)
-class MemorySlot:
+class MemorySlot(NamedTuple):
     """One KVM memory slot: guest-physical range backed by host memory."""
 
     slot: int

@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from kvmlet.kvm import Vcpu
 from kvmlet.kvm.structs import KvmCpuidEntry2, KvmFpu, KvmLapicState, KvmSegment
@@ -83,8 +82,7 @@ MXCSR_DEFAULT = 0x1F80
 _U32 = struct.Struct("<I")
 
 
-@dataclass(frozen=True, slots=True)
-class BootCpuState:
+class BootCpuState(NamedTuple):
     """Where and how the boot vCPU starts a kernel: filled in by a loader.
 
     `mode` "long64": 64-bit long mode with paging (`cr3` holds identity page tables), RIP =
@@ -103,8 +101,7 @@ class BootCpuState:
     data_selector: int = 0x18
 
 
-@dataclass(frozen=True, slots=True)
-class CpuidMask:
+class CpuidMask(NamedTuple):
     """Feature bits to clear in one CPUID register (`index` None: every sub-leaf)."""
 
     function: int

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from kvmlet.errors import GuestMemoryError, KvmletError
 from kvmlet.kvm import InternalErrorExit, Vcpu
@@ -144,8 +144,7 @@ def recognise_init_death(console_text: str) -> str | None:
     return f"{started.group(1)} died at its first system call (host profile pvm)"
 
 
-@dataclass(frozen=True)
-class HostProfile:
+class HostProfile(NamedTuple):
     """A named set of host workarounds; `NONE` is the identity."""
 
     name: str
@@ -153,7 +152,7 @@ class HostProfile:
     cpuid_masks: tuple[CpuidMask, ...] = ()
     kernel_parameters: tuple[str, ...] = ()
     fixes_emulation_failures: bool = False
-    console_explainer: Callable[[str], str | None] | None = field(default=None, repr=False)
+    console_explainer: Callable[[str], str | None] | None = None
 
     def kernel_cmdline_additions(self) -> str:
         """Kernel parameters to append to the command line ("" for none)."""

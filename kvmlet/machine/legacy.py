@@ -7,7 +7,6 @@ machine), the CMOS RTC and the POST-code port. The PIT and PIC live in KVM's in-
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from kvmlet.bus import AccessSizes, AddressSpace, IoRegion
 from kvmlet.devices.i8042 import REGION_SIZE as I8042_REGION_SIZE
@@ -26,14 +25,16 @@ _BYTE = AccessSizes(1, 1)
 _ANY_WIDTH = AccessSizes(1, 4)
 
 
-@dataclass
 class LegacyDevices:
     """The legacy devices of one machine, for the console wiring and the stats dump."""
 
-    uarts: list[Uart16550]
-    i8042: I8042Controller
-    rtc: CmosRtc
-    post: PostCodeSink
+    def __init__(
+        self, uarts: list[Uart16550], i8042: I8042Controller, rtc: CmosRtc, post: PostCodeSink
+    ):
+        self.uarts = uarts
+        self.i8042 = i8042
+        self.rtc = rtc
+        self.post = post
 
     @property
     def console_uart(self) -> Uart16550:

@@ -13,8 +13,8 @@ into bytes, with a one-line `KvmletError` for anything it cannot accept.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from enum import IntEnum
+from typing import NamedTuple
 
 from kvmlet.errors import KvmletError
 
@@ -24,8 +24,7 @@ GiB = 1 << 30
 PAGE_SIZE = 4 * KiB
 
 
-@dataclass(frozen=True)
-class AddressRange:
+class AddressRange(NamedTuple):
     """A half-open guest-physical (or I/O port) range [base, base + size)."""
 
     base: int
@@ -87,8 +86,7 @@ class E820Type(IntEnum):
     RESERVED = 2
 
 
-@dataclass(frozen=True)
-class E820Entry:
+class E820Entry(NamedTuple):
     """One e820 range, as written into the zero page or the PVH memory map."""
 
     address: int
@@ -100,20 +98,23 @@ class E820Entry:
         return self.address + self.size
 
 
-@dataclass(frozen=True)
 class MemoryMap:
     """Where RAM lives for a given RAM size, and the e820 map that describes it."""
 
-    ram_size: int
+    __slots__ = ("ram_size",)
 
-    def __post_init__(self) -> None:
-        if self.ram_size < MIN_RAM_SIZE or self.ram_size > MAX_RAM_SIZE:
+    def __init__(self, ram_size: int):
+        if ram_size < MIN_RAM_SIZE or ram_size > MAX_RAM_SIZE:
             raise KvmletError(
-                f"RAM size {format_size(self.ram_size)} is out of range "
+                f"RAM size {format_size(ram_size)} is out of range "
                 f"({format_size(MIN_RAM_SIZE)} to {format_size(MAX_RAM_SIZE)})"
             )
-        if self.ram_size % PAGE_SIZE:
-            raise KvmletError(f"RAM size {self.ram_size} bytes is not a multiple of 4 KiB")
+        if ram_size % PAGE_SIZE:
+            raise KvmletError(f"RAM size {ram_size} bytes is not a multiple of 4 KiB")
+        self.ram_size = ram_size
+
+    def __repr__(self) -> str:
+        return f"MemoryMap({format_size(self.ram_size)})"
 
     @property
     def low_ram_size(self) -> int:

@@ -24,7 +24,7 @@ import termios
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 CTRL_A = 0x01
 
@@ -48,8 +48,7 @@ _ACTION_KEYS = {
 }
 
 
-@dataclass(frozen=True)
-class FilteredInput:
+class FilteredInput(NamedTuple):
     """The result of filtering one chunk of keyboard input."""
 
     to_guest: bytes

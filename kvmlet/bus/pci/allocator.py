@@ -9,25 +9,19 @@ decoding is enabled.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from kvmlet.bus.pci import config_space as cfg
 from kvmlet.bus.pci.device import BarKind, PciDevice
 from kvmlet.errors import KvmletError
 
 
-@dataclass
 class PciWindow:
     """A bump allocator over [base, base + size)."""
 
-    name: str
-    base: int
-    size: int
-    next_free: int = -1
-
-    def __post_init__(self) -> None:
-        if self.next_free < 0:
-            self.next_free = self.base
+    def __init__(self, name: str, base: int, size: int):
+        self.name = name
+        self.base = base
+        self.size = size
+        self.next_free = base
 
     @property
     def end(self) -> int:

@@ -16,8 +16,7 @@ from __future__ import annotations
 import enum
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from kvmlet.bus import topology
 from kvmlet.bus.pci import config_space as cfg
@@ -37,17 +36,23 @@ class BarKind(enum.Enum):
     MEM64 = "mem64"
 
 
-@dataclass
 class PciBar:
-    """One base address register and the region it decodes to."""
+    """One base address register and the region it decodes to. `mapped_at` is the address
+    the region decodes at (None while decoding is off or no valid address is programmed);
+    `placed` turns true once the region has been added to the bus."""
 
-    index: int
-    kind: BarKind
-    size: int
-    region: Region
-    prefetchable: bool = False
-    mapped_at: int | None = None
-    placed: bool = False
+    __slots__ = ("index", "kind", "mapped_at", "placed", "prefetchable", "region", "size")
+
+    def __init__(
+        self, index: int, kind: BarKind, size: int, region: Region, prefetchable: bool = False
+    ):
+        self.index = index
+        self.kind = kind
+        self.size = size
+        self.region = region
+        self.prefetchable = prefetchable
+        self.mapped_at: int | None = None
+        self.placed = False
 
     @property
     def register(self) -> int:
@@ -58,8 +63,7 @@ class PciBar:
         return self.kind is BarKind.IO
 
 
-@dataclass(frozen=True)
-class PciCapability:
+class PciCapability(NamedTuple):
     cap_id: int
     offset: int
     length: int

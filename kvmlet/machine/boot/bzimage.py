@@ -14,7 +14,7 @@ We need protocol 2.12 or later (xloadflags, 64-bit entry declared by XLF_KERNEL_
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from kvmlet.errors import KvmletError
 from kvmlet.machine.boot import zero_page as zp
@@ -46,8 +46,7 @@ def _u64(data: bytes, offset: int) -> int:
     return struct.unpack_from("<Q", data, offset)[0]
 
 
-@dataclass(frozen=True)
-class SetupHeader:
+class SetupHeader(NamedTuple):
     """The fields of a bzImage setup header kvmlet uses, plus its raw bytes for the zero page."""
 
     version: int
@@ -61,7 +60,7 @@ class SetupHeader:
     cmdline_size: int
     pref_address: int
     init_size: int
-    raw: bytes = field(repr=False)
+    raw: bytes
 
     @property
     def version_text(self) -> str:
@@ -140,8 +139,7 @@ def parse_setup_header(data: bytes) -> SetupHeader:
     return header
 
 
-@dataclass(frozen=True)
-class LoadedBzImage:
+class LoadedBzImage(NamedTuple):
     """A bzImage placed in guest memory, and what the rest of the boot needs from it."""
 
     header: SetupHeader

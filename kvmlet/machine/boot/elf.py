@@ -19,7 +19,7 @@ waits tens of seconds for entropy. PVH stays available on request.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from kvmlet.errors import KvmletError
 from kvmlet.machine.boot.zero_page import Initrd
@@ -57,8 +57,7 @@ MODLIST_ADDRESS = START_INFO_ADDRESS + 0x40
 MEMMAP_ADDRESS = MODLIST_ADDRESS + 0x40
 
 
-@dataclass(frozen=True)
-class Segment:
+class Segment(NamedTuple):
     """One PT_LOAD segment: where its bytes are in the file and where they go."""
 
     file_offset: int
@@ -72,8 +71,7 @@ class Segment:
         return self.physical_address + self.memory_size
 
 
-@dataclass(frozen=True)
-class ElfKernel:
+class ElfKernel(NamedTuple):
     """What kvmlet needs from a vmlinux: its segments and its two possible entry points."""
 
     segments: tuple[Segment, ...]

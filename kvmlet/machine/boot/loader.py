@@ -13,8 +13,7 @@ import mmap
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from kvmlet.errors import KvmletError
 from kvmlet.machine.boot import elf, zero_page
@@ -30,8 +29,7 @@ BootMethod = Literal["auto", "linux64", "pvh"]
 BOOT_METHODS: tuple[BootMethod, ...] = ("auto", "linux64", "pvh")
 
 
-@dataclass(frozen=True)
-class KernelInfo:
+class KernelInfo(NamedTuple):
     """What kind of kernel a file holds and which entry points it offers."""
 
     format: Literal["bzImage", "elf"]

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from kvmlet.errors import KvmletError
 from kvmlet.machine.memory_map import IOAPIC_ADDRESS, LAPIC_ADDRESS, MP_TABLE_AREA
@@ -55,24 +54,27 @@ ISA_BUS_ID = 1
 MAX_CPUS = 254  # APIC IDs are 8 bits, 0xFF is broadcast, and the IOAPIC takes ID N
 
 
-@dataclass(frozen=True)
 class PciInterrupt:
     """A PCI device's INTx line on bus 0 wired to an IOAPIC pin.
 
     `pin` is as in the device's Interrupt Pin register: 1 = INTA# ... 4 = INTD#.
     """
 
-    device: int
-    pin: int
-    irq: int
+    __slots__ = ("device", "irq", "pin")
 
-    def __post_init__(self) -> None:
-        if not 0 <= self.device < 32:
-            raise ValueError(f"PCI device number {self.device} out of range 0-31")
-        if not 1 <= self.pin <= 4:
-            raise ValueError(f"PCI interrupt pin {self.pin} out of range 1 (INTA) - 4 (INTD)")
-        if not 0 <= self.irq < IOAPIC_PINS:
-            raise ValueError(f"IOAPIC pin {self.irq} out of range 0-{IOAPIC_PINS - 1}")
+    def __init__(self, device: int, pin: int, irq: int):
+        if not 0 <= device < 32:
+            raise ValueError(f"PCI device number {device} out of range 0-31")
+        if not 1 <= pin <= 4:
+            raise ValueError(f"PCI interrupt pin {pin} out of range 1 (INTA) - 4 (INTD)")
+        if not 0 <= irq < IOAPIC_PINS:
+            raise ValueError(f"IOAPIC pin {irq} out of range 0-{IOAPIC_PINS - 1}")
+        self.device = device
+        self.pin = pin
+        self.irq = irq
+
+    def __repr__(self) -> str:
+        return f"PciInterrupt(device={self.device}, pin={self.pin}, irq={self.irq})"
 
 
 def checksum_byte(data: bytes) -> int:

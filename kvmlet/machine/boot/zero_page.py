@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from kvmlet.errors import KvmletError
 from kvmlet.machine.memory_map import SETUP_DATA_AREA, ZERO_PAGE_ADDRESS, E820Entry
@@ -71,8 +71,7 @@ SETUP_RNG_SEED = 9
 RNG_SEED_SIZE = 32
 
 
-@dataclass(frozen=True)
-class Initrd:
+class Initrd(NamedTuple):
     """Where an initial ramdisk was loaded in guest memory."""
 
     address: int
