@@ -185,12 +185,11 @@ def _notice_profile(config) -> None:
         print(profile.notice, file=sys.stderr)
 
 
-def _command_run(args: argparse.Namespace) -> int:
+def run_config(args: argparse.Namespace):
+    """The `MachineConfig` of `kvmlet run ARGS`, the kernel checked and the host profile
+    announced (the default guest is built or found only when no -k is given)."""
     from kvmlet.api import with_default_guest
     from kvmlet.machine.boot import inspect_kernel
-    from kvmlet.machine.diagnostics import format_stats
-    from kvmlet.machine.machine import Machine
-    from kvmlet.machine.terminal import RawTerminal
 
     if args.initrd is not None and args.kernel is None:
         raise KvmletError("-i/--initrd needs -k/--kernel (the default guest has its own)")
@@ -208,6 +207,15 @@ def _command_run(args: argparse.Namespace) -> int:
         )
     )
     _notice_profile(config)
+    return config
+
+
+def _command_run(args: argparse.Namespace) -> int:
+    from kvmlet.machine.diagnostics import format_stats
+    from kvmlet.machine.machine import Machine
+    from kvmlet.machine.terminal import RawTerminal
+
+    config = run_config(args)
     with RawTerminal(0) as terminal:  # raw mode only when stdin is a terminal
         interactive = terminal.is_tty
         machine = Machine(config, console_echo_fd=1, console_input_fd=0, escape=interactive)

@@ -1,0 +1,81 @@
+"""What `kvmlet run -k KERNEL` imports before its first KVM_RUN (issue 4: set-up <= 60 ms).
+
+Each case runs in a fresh `python3 -S` (no site: this sandbox's site imports pathlib and more
+on its own) that goes down the CLI's own path: parse the arguments, check the kernel, build the
+`MachineConfig` (`cli.run_config`) and import the machine. Not a timing test: it checks which
+modules got loaded, which does not depend on the machine's load.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.unit.boot.synthetic_kernels import MiB, make_elf, pvh_note
+
+ROOT = Path(__file__).resolve().parents[2]
+
+BOOT_ONLY_NEEDS_NONE_OF = (
+    "kvmlet.guest",  # building the default guest: only without -k, or build-guest
+    "kvmlet.sandbox",
+    "kvmlet.virtio.blk",  # only with -d
+    "kvmlet.virtio.blk_io",
+    "kvmlet.virtio.console",  # only with --console virtio
+    "kvmlet.virtio.mmio",  # only with --virtio-transport mmio
+    "hashlib",  # the guest build's cache keys
+    "subprocess",
+    "tempfile",
+    "pathlib",  # paths stay str from argparse to open()
+    "json",  # only for --stats
+    "datetime",  # only when the guest sets its RTC
+    "calendar",
+)
+
+CHILD = """
+import sys
+from kvmlet import cli
+args = cli.build_parser().parse_args(sys.argv[1:])
+cli.run_config(args)
+import kvmlet.machine.machine
+print("\\n".join(sorted(sys.modules)))
+"""
+
+
+def modules_after(tmp_path: Path, *arguments: str) -> set[str]:
+    """sys.modules of a fresh interpreter after the CLI built its run configuration."""
+    kernel = tmp_path / "vmlinux"
+    segments = [(16 * MiB, 0xFFFF_FFFF_8100_0000, b"\x90" * 64, 4096)]
+    kernel.write_bytes(make_elf(segments, entry=16 * MiB, notes=pvh_note(16 * MiB)))
+    argv = ["run", "-k", str(kernel), "--host-profile", "none", *arguments]
+    result = subprocess.run(
+        [sys.executable, "-S", "-c", CHILD, *argv],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return set(result.stdout.split())
+
+
+def loaded(modules: set[str], name: str) -> bool:
+    return any(module == name or module.startswith(name + ".") for module in modules)
+
+
+def test_a_boot_with_a_kernel_imports_only_what_it_needs(tmp_path):
+    modules = modules_after(tmp_path)
+    assert "kvmlet.machine.machine" in modules
+    assert "kvmlet.cli" in modules
+    unwanted = [name for name in BOOT_ONLY_NEEDS_NONE_OF if loaded(modules, name)]
+    assert unwanted == []
+
+
+def test_a_disk_brings_in_virtio_blk(tmp_path):
+    """The same check sees a module when the configuration does need it."""
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(4096))
+    modules = modules_after(tmp_path, "-d", str(disk))
+    assert "kvmlet.virtio.blk" in modules
+    assert not loaded(modules, "kvmlet.guest")
