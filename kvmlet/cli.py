@@ -7,7 +7,8 @@ bug in kvmlet.
 from __future__ import annotations
 
 import argparse
-import shlex
+import functools
+import os
 import sys
 import time
 
@@ -78,9 +79,30 @@ def _add_machine_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _help_width() -> int:
+    """The width argparse would wrap help at: COLUMNS, else stdout's terminal, else 80 columns,
+    less argparse's margin of 2 (what `shutil.get_terminal_size` answers argparse)."""
+    try:
+        columns = int(os.environ.get("COLUMNS", ""))
+    except ValueError:
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return (columns or 80) - 2
+
+
 def build_parser() -> argparse.ArgumentParser:
+    # argparse builds a help formatter for every add_argument; told the width, the formatter
+    # does not import shutil (and bz2, lzma...) on each boot just to ask the terminal for it.
+    width = _help_width()
+    plain = functools.partial(argparse.HelpFormatter, width=width)
+    raw_description = functools.partial(argparse.RawDescriptionHelpFormatter, width=width)
     parser = argparse.ArgumentParser(
         prog="kvmlet",
+        formatter_class=plain,
         description="A lightweight KVM virtual machine monitor: boots a Linux kernel directly, "
         "with a serial console, virtio disks, console and entropy.",
     )
@@ -92,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="boot a kernel (default: kvmlet's own minimal guest)",
         description="Boot a Linux kernel with its console on this terminal.",
         epilog=RUN_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=raw_description,
     )
     run.add_argument(
         "-k",
@@ -136,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="run a command in a throwaway microVM, return its output and status",
         description="Run COMMAND in kvmlet's default guest and exit with its status.",
         epilog=SANDBOX_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=raw_description,
     )
     _add_machine_arguments(sandbox)
     sandbox.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND...")
@@ -146,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="build (or find cached) the default guest kernel and initramfs",
         description="Build kvmlet's default guest from Debian's linux-source-6.1 (or --source) "
         "into ~/.cache/kvmlet; an unchanged configuration is found in the cache at once.",
+        formatter_class=plain,
     )
     build.add_argument("--source", metavar="DIR", help="a Linux source tree to use")
     build.add_argument(
@@ -239,6 +262,8 @@ def _command_sandbox(args: argparse.Namespace) -> int:
     argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
     if not argv:
         raise KvmletError("no command given: kvmlet sandbox -- COMMAND...")
+    import shlex
+
     command = argv[0] if len(argv) == 1 else shlex.join(argv)
     config = _machine_config(args)
     _notice_profile(config)

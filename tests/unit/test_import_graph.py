@@ -30,6 +30,8 @@ BOOT_ONLY_NEEDS_NONE_OF = (
     "json",  # only for --stats
     "datetime",  # only when the guest sets its RTC
     "calendar",
+    "shutil",  # argparse asks it for the terminal width unless the CLI passes the width
+    "shlex",  # only for `kvmlet sandbox`
 )
 
 CHILD = """
