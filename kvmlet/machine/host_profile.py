@@ -124,8 +124,9 @@ def _inject_breakpoint(vcpu: Vcpu) -> None:
     vcpu.set_vcpu_events(events)
 
 
-_RUN_INIT = re.compile(r"Run (\S+) as init process")
-_INIT_DEATH = re.compile(
+# Patterns, compiled (and cached by `re`) the first time a guest stops, not at every import.
+_RUN_INIT = r"Run (\S+) as init process"
+_INIT_DEATH = (
     r"Attempted to kill init"
     r"|\btraps: \S+\[1\]"
     r"|\S+\[1\]: segfault at"
@@ -136,10 +137,10 @@ _INIT_DEATH = re.compile(
 def recognise_init_death(console_text: str) -> str | None:
     """One line explaining that the guest reached user space and its init died at once,
     or None when the console shows no such thing (pure: the machine adds the timing)."""
-    started = _RUN_INIT.search(console_text)
+    started = re.search(_RUN_INIT, console_text)
     if started is None:
         return None
-    if _INIT_DEATH.search(console_text, started.end()) is None:
+    if re.compile(_INIT_DEATH).search(console_text, started.end()) is None:
         return None
     return f"{started.group(1)} died at its first system call (host profile pvm)"
 
