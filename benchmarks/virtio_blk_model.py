@@ -21,6 +21,7 @@ import struct
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -32,31 +33,73 @@ from tests.helpers.virtio_driver import MockDriver
 IMAGE_SIZE = 256 << 20
 GUEST_RAM = 64 << 20
 MIB = 1 << 20
-SEGMENT = 64 << 10
+PAGE = 4096
 
 
-def device_rate(device, driver, request_type, size, depth, seconds, offsets):
-    """Requests per second of device time for `depth`-deep batches of `size`-byte requests."""
+@dataclass(frozen=True)
+class Case:
+    """One measured case: request type and size, requests per notify, and the buffer layout."""
+
+    name: str
+    request_type: int
+    size: int
+    depth: int
+    sequential: bool
+    unit: str
+    segment: int = 64 << 10
+    scattered: bool = False
+    indirect: bool = False
+
+
+CASES = [
+    Case("seq_read_1MiB", VIRTIO_BLK_T_IN, MIB, 8, True, "MB/s"),
+    Case("seq_write_1MiB", VIRTIO_BLK_T_OUT, MIB, 8, True, "MB/s"),
+    Case("rand_read_4KiB", VIRTIO_BLK_T_IN, PAGE, 64, False, "requests/s"),
+    Case("rand_write_4KiB", VIRTIO_BLK_T_OUT, PAGE, 64, False, "requests/s"),
+    # As Linux posts an O_DIRECT 1 MiB request: two requests of 128 scattered pages, each in
+    # an indirect table; and a 4 KiB read at queue depth 1 (three descriptors, indirect).
+    Case("linux_seq_read_512KiB", VIRTIO_BLK_T_IN, MIB // 2, 2, True, "MB/s", PAGE, True, True),
+    Case("linux_seq_write_512KiB", VIRTIO_BLK_T_OUT, MIB // 2, 2, True, "MB/s", PAGE, True, True),
+    Case(
+        "linux_rand_read_4KiB_qd1", VIRTIO_BLK_T_IN, PAGE, 1, False, "requests/s", PAGE, False, True
+    ),
+]
+
+
+def data_buffers(driver, size, segment, scattered):
+    """Guest buffers for one request's data: `segment`-byte pieces of one aligned block, or,
+    `scattered`, 4 KiB pages no two of them adjacent and in shuffled order (what a guest's
+    O_DIRECT buffer looks like after its block layer merged whatever was contiguous)."""
+    if not scattered:
+        address = driver.allocate(size, 4096)
+        return [(address + start, min(segment, size - start)) for start in range(0, size, segment)]
+    pages = size // PAGE
+    block = driver.allocate(2 * pages * PAGE, PAGE)
+    buffers = [(block + 2 * index * PAGE, PAGE) for index in range(pages)]
+    random.Random(size).shuffle(buffers)
+    return buffers
+
+
+def device_rate(device, driver, case, seconds, offsets):
+    """Requests per second of device time for batches of `case.depth` requests."""
     memory = driver.memory
+    depth, size = case.depth, case.size
     headers = [driver.allocate(16) for _ in range(depth)]
     statuses = [driver.allocate(1) for _ in range(depth)]
-    data = [driver.allocate(size, 4096) for _ in range(depth)]
-    segments = [
-        [(address + start, min(SEGMENT, size - start)) for start in range(0, size, SEGMENT)]
-        for address in data
-    ]
+    data = [data_buffers(driver, size, case.segment, case.scattered) for _ in range(depth)]
+    tables = [driver.allocate(16 * (len(buffers) + 2), 16) for buffers in data]
     requests, busy = 0, 0.0
     while busy < seconds:
         for slot in range(depth):
             sector = next(offsets) // 512
-            memory.write(headers[slot], struct.pack("<IIQ", request_type, 0, sector))
+            memory.write(headers[slot], struct.pack("<IIQ", case.request_type, 0, sector))
             readable = [(headers[slot], 16)]
             writable = [(statuses[slot], 1)]
-            if request_type == VIRTIO_BLK_T_IN:
-                writable = segments[slot] + writable
+            if case.request_type == VIRTIO_BLK_T_IN:
+                writable = data[slot] + writable
             else:
-                readable += segments[slot]
-            driver.post(0, readable, writable)
+                readable += data[slot]
+            driver.post(0, readable, writable, indirect=case.indirect, table=tables[slot])
         started = time.perf_counter()
         device.notify(0)
         busy += time.perf_counter() - started
@@ -67,17 +110,27 @@ def device_rate(device, driver, request_type, size, depth, seconds, offsets):
     return requests / busy
 
 
-def reference_rate(fd, operation, size, depth, seconds, offsets):
-    """Requests per second of a bare preadv/pwritev loop over `depth` buffers of `size` bytes."""
-    buffers = [mmap.mmap(-1, size) for _ in range(depth)]
-    requests, started = 0, time.perf_counter()
+def reference_rate(fd, case, seconds, offsets):
+    """Requests per second of a bare preadv/pwritev loop over `case.depth` requests with the
+    same number and sizes of buffers."""
+    operation = os.preadv if case.request_type == VIRTIO_BLK_T_IN else os.pwritev
+    piece = PAGE if case.scattered else case.segment
+    mappings = [mmap.mmap(-1, case.size) for _ in range(case.depth)]
+    requests = [
+        [memoryview(mapping)[start : start + piece] for start in range(0, case.size, piece)]
+        for mapping in mappings
+    ]
+    count, started = 0, time.perf_counter()
     while (elapsed := time.perf_counter() - started) < seconds:
-        for buffer in buffers:
-            operation(fd, [buffer], next(offsets))
-        requests += depth
-    for buffer in buffers:
-        buffer.close()
-    return requests / elapsed
+        for buffers in requests:
+            operation(fd, buffers, next(offsets))
+        count += case.depth
+    for buffers in requests:
+        for view in buffers:
+            view.release()
+    for mapping in mappings:
+        mapping.close()
+    return count / elapsed
 
 
 def offsets_for(size, sequential):
@@ -110,34 +163,22 @@ def main():
         driver.initialize()
         flags = os.O_RDWR | (os.O_DIRECT if arguments.direct else 0)
         reference_fd = os.open(path, flags)
-        cases = [
-            ("seq_read_1MiB", VIRTIO_BLK_T_IN, os.preadv, MIB, 8, True, "MB/s"),
-            ("seq_write_1MiB", VIRTIO_BLK_T_OUT, os.pwritev, MIB, 8, True, "MB/s"),
-            ("rand_read_4KiB", VIRTIO_BLK_T_IN, os.preadv, 4096, 64, False, "requests/s"),
-            ("rand_write_4KiB", VIRTIO_BLK_T_OUT, os.pwritev, 4096, 64, False, "requests/s"),
-        ]
         try:
-            for name, request_type, operation, size, depth, sequential, unit in cases:
+            for case in CASES:
                 seconds = arguments.seconds
                 model = device_rate(
-                    device,
-                    driver,
-                    request_type,
-                    size,
-                    depth,
-                    seconds,
-                    offsets_for(size, sequential),
+                    device, driver, case, seconds, offsets_for(case.size, case.sequential)
                 )
                 limit = reference_rate(
-                    reference_fd, operation, size, depth, seconds, offsets_for(size, sequential)
+                    reference_fd, case, seconds, offsets_for(case.size, case.sequential)
                 )
-                scale = size / 1e6 if unit == "MB/s" else 1
+                scale = case.size / 1e6 if case.unit == "MB/s" else 1
                 print(
                     json.dumps(
                         {
-                            "case": name + ("_direct" if arguments.direct else ""),
+                            "case": case.name + ("_direct" if arguments.direct else ""),
                             "value": round(model * scale, 1),
-                            "unit": unit,
+                            "unit": case.unit,
                             "ratio_to_preadv": round(model / limit, 3),
                             "reference": round(limit * scale, 1),
                         }

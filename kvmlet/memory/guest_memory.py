@@ -12,12 +12,14 @@ the address KVM needs for a memory slot.
 
 from __future__ import annotations
 
+import array
 import contextlib
 import ctypes
 import itertools
 import mmap
+import operator
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import NewType
 
@@ -26,6 +28,8 @@ from kvmlet.errors import GuestMemoryError
 GuestAddress = NewType("GuestAddress", int)
 """A guest-physical address (static typing only: at run time it is a plain int)."""
 
+# From this many buffers on, one bounds check over all of them beats one check each (measured).
+_MANY_BUFFERS = 8
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
@@ -54,6 +58,27 @@ class RamBank:
         return ctypes.addressof(ctypes.c_char.from_buffer(self.mapping))
 
 
+@dataclass(eq=False)
+class HostIovec:
+    """Guest buffers as host `struct iovec`s (address, length), for preadv/pwritev through
+    ctypes. `pin` is a view of the bank they lie in: while it is held, the bank cannot be
+    unmapped under the system call; `with` releases it."""
+
+    words: array.array
+    count: int
+    pin: memoryview = field(repr=False)
+
+    def address(self) -> int:
+        """Where the iovec array starts in host memory."""
+        return self.words.buffer_info()[0]
+
+    def __enter__(self) -> HostIovec:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.pin.release()
+
+
 class GuestMemory:
     """Bounds-checked access to guest RAM made of one or more banks."""
 
@@ -67,6 +92,7 @@ class GuestMemory:
         # The bank holding low RAM serves nearly every access (rings, buffers, boot data):
         # `view()` checks it inline before the general search.
         self._low = (ordered[0].base, ordered[0].size, self._views[0]) if ordered else (0, 0, b"")
+        self._low_host_offset = ordered[0].host_address() - ordered[0].base if ordered else 0
 
     @classmethod
     def anonymous(cls, layout: list[tuple[int, int]]) -> GuestMemory:
@@ -111,6 +137,40 @@ class GuestMemory:
             return low[offset : offset + length]
         view, offset = self._locate(address, length)
         return view[offset : offset + length]
+
+    def contains_all(self, addresses: Sequence[int], lengths: Sequence[int]) -> bool:
+        """Whether every buffer (addresses[i], lengths[i]) lies inside the low-RAM bank.
+
+        One check for the lot (lowest start, highest end) instead of one per buffer; False
+        says only that some buffer is elsewhere (perhaps in another bank): check each one.
+        """
+        base, size, _ = self._low
+        if not addresses:
+            return True
+        if len(addresses) != len(lengths) or min(addresses) < base or min(lengths) < 0:
+            return False
+        return max(map(operator.add, addresses, lengths)) <= base + size
+
+    def views(self, addresses: Sequence[int], lengths: Sequence[int]) -> list[memoryview]:
+        """Zero-copy views of many buffers (addresses[i], lengths[i]); raises GuestMemoryError
+        when one is out of bounds. One bounds check for the lot when there are many buffers
+        and `contains_all` holds (for a few, one check each is cheaper)."""
+        if len(addresses) < _MANY_BUFFERS or not self.contains_all(addresses, lengths):
+            return [self.view(a, n) for a, n in zip(addresses, lengths, strict=True)]
+        base, _, low = self._low
+        starts = [address - base for address in addresses] if base else addresses
+        return [low[start : start + length] for start, length in zip(starts, lengths, strict=True)]
+
+    def host_iovec(self, addresses: Sequence[int], lengths: Sequence[int]) -> HostIovec | None:
+        """The buffers as a `struct iovec` array for a vectored system call, when
+        `contains_all` holds; else None. Built without a Python step per buffer."""
+        if not self.contains_all(addresses, lengths):
+            return None
+        pin = self._low[2][:]
+        words = [0] * (2 * len(addresses))
+        words[0::2] = map(operator.add, addresses, itertools.repeat(self._low_host_offset))
+        words[1::2] = lengths
+        return HostIovec(array.array("Q", words), len(addresses), pin)
 
     def read(self, address: int, length: int) -> bytes:
         view, offset = self._locate(address, length)

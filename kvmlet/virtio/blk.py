@@ -166,7 +166,7 @@ class VirtioBlock(VirtioDevice):
         try:
             if chain.readable_length < _HEADER.size:
                 raise _RequestFailed(VIRTIO_BLK_S_IOERR)
-            first = chain.readable_views[0]
+            first = chain.buffer_view(0)
             header = first if len(first) >= _HEADER.size else chain.read(0, _HEADER.size)
             request_type, _, sector = _HEADER.unpack_from(header)
             written = self._serve(chain, request_type, sector)
@@ -175,7 +175,7 @@ class VirtioBlock(VirtioDevice):
             written, status = 0, failure.status
         except OSError:
             written, status = 0, VIRTIO_BLK_S_IOERR
-        last = chain.writable_views[-1]
+        last = chain.buffer_view(-1)
         if last:
             last[-1] = status
         else:
@@ -184,18 +184,37 @@ class VirtioBlock(VirtioDevice):
 
     def _serve(self, chain: DescriptorChain, request_type: int, sector: int) -> int:
         status_offset = chain.writable_length - 1
+        # A chain walked as a whole table has no views yet: its data goes to the kernel as an
+        # iovec made from the guest addresses (when the header and the status byte have buffers
+        # of their own, as Linux lays them out). A chain walked buffer by buffer has views.
         if request_type == VIRTIO_BLK_T_IN:
             offset = self._byte_range(sector, status_offset)
-            views = _data_views(chain.writable_views, 0, status_offset, chain.writable_length)
-            return self.image.read_into(views, offset, status_offset)
+            if chain.known_views is None and chain.lengths[-1] == 1:
+                start, stop = chain.readable_count, len(chain.lengths) - 1
+                self.image.read_guest(
+                    self.memory,
+                    chain.addresses[start:stop],
+                    chain.lengths[start:stop],
+                    offset,
+                    status_offset,
+                )
+            else:
+                views = _data_views(chain.writable_views, 0, status_offset, chain.writable_length)
+                self.image.read_into(views, offset, status_offset)
+            return status_offset
         if request_type == VIRTIO_BLK_T_OUT:
             self._refuse_if_read_only()
             length = chain.readable_length - _HEADER.size
             offset = self._byte_range(sector, length)
-            total = chain.readable_length
-            self.image.write_from(
-                _data_views(chain.readable_views, _HEADER.size, total, total), offset, length
-            )
+            if chain.known_views is None and chain.lengths[0] == _HEADER.size:
+                stop = chain.readable_count
+                self.image.write_guest(
+                    self.memory, chain.addresses[1:stop], chain.lengths[1:stop], offset, length
+                )
+            else:
+                total = chain.readable_length
+                views = _data_views(chain.readable_views, _HEADER.size, total, total)
+                self.image.write_from(views, offset, length)
             return 0
         if request_type == VIRTIO_BLK_T_FLUSH:
             self.image.flush()

@@ -153,14 +153,20 @@ class MockDriver:
         readable: list[tuple[int, int]],
         writable: list[tuple[int, int]],
         indirect: bool = False,
+        table: int | None = None,
     ) -> int:
-        """Make a chain of (address, length) buffers available; returns its head index."""
+        """Make a chain of (address, length) buffers available; returns its head index.
+
+        With `indirect`, the buffers go in an indirect table at `table` (a fresh allocation
+        when None; a caller posting many chains reuses its own table to keep the arena).
+        """
         queue = self.queues[queue_index]
         buffers = [(a, n, 0) for a, n in readable] + [
             (a, n, VIRTQ_DESC_F_WRITE) for a, n in writable
         ]
         if indirect:
-            table = self.allocate(16 * len(buffers), 16)
+            if table is None:
+                table = self.allocate(16 * len(buffers), 16)
             self._write_descriptors(table, list(range(len(buffers))), buffers)
             head = queue.free.pop()
             self.write_descriptor(queue, head, table, 16 * len(buffers), VIRTQ_DESC_F_INDIRECT, 0)
