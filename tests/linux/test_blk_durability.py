@@ -41,16 +41,7 @@ COMMAND += "echo FLUSH-DONE; sleep 5"  # then init resets the machine
 END_SIGNAL = signal.SIGCONT if IN_TEST_BOX else signal.SIGKILL
 
 
-SECOND_MONITOR_STALLS_IN_BOX = pytest.mark.skipif(
-    IN_TEST_BOX,
-    reason="in the test box a second monitor process in a row stalled in 3 of ~10 runs "
-    "(L1 busy, not root-caused); the block path is the same as pci's",
-)
-
-
-@pytest.mark.parametrize(
-    "transport", ["pci", pytest.param("mmio", marks=SECOND_MONITOR_STALLS_IN_BOX)]
-)
+@pytest.mark.parametrize("transport", ["pci", "mmio"])
 def test_flushed_data_survives_sigkill_of_the_monitor(tmp_path, transport):
     image = tmp_path / "disk.img"
     image.write_bytes(bytes(1 << 20))

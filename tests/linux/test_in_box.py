@@ -20,10 +20,12 @@ from tests.helpers.guests import IN_TEST_BOX, user_space_runs_here
 
 CHECKOUT = Path(__file__).resolve().parents[2]
 BOX_TIMEOUT = 900
-BOX_ATTEMPTS = 2
+BOX_ATTEMPTS = 3
 """The box's L1 sometimes stops running nested guests altogether (L1 idle, every guest silent:
-shared/README.md §1 meets it too); a second box, from scratch, is the remedy. The inner run
-stops at its first failure (-x) so a stalled box costs minutes, not the whole timeout."""
+shared/README.md §1 meets it too). It was seen in ~3 of 12 runs while the host was loaded by
+other jobs, and in none of 50 back-to-back guest boots (all transports, SMP, SIGKILLed
+monitors) on a quieter host; a fresh box is the remedy. The inner run stops at its first
+failure (-x) so a stalled box costs minutes, not the whole timeout."""
 
 pytestmark = [
     pytest.mark.linux,
@@ -66,4 +68,4 @@ def test_linux_tier_passes_inside_the_test_box(tmp_path):
     assert summary, report[-3000:]
     assert "failed" not in summary[-1], summary[-1]
     skipped = re.findall(r"^SKIPPED \[\d+\] (.*)$", report, re.MULTILINE)
-    assert all("second monitor process" in line for line in skipped), skipped
+    assert not skipped, f"the whole tier runs in the box, nothing may skip there: {skipped}"
