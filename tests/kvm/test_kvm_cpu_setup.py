@@ -1,63 +1,33 @@
 """vCPU set-up of kvmlet.machine.cpu on /dev/kvm: long mode and 32-bit protected mode boot
 states, CPUID the guest sees, boot MSRs and LAPIC wiring, with tiny guests of our own.
 
-The test writes what a loader would: a GDT with flat code/data at 0x10/0x18 and a 2 MiB
-identity map (PML4 -> PDPT -> PD with one large page).
+The VM (tests/helpers/long_mode_vm.py) holds what a loader would write: a flat GDT and a
+2 MiB identity map.
 """
 
 from __future__ import annotations
 
-import signal
 import struct
 
 import pytest
 
-from kvmlet.kvm import IoExit, Kvm
+from kvmlet.kvm import IoExit
 from kvmlet.machine import cpu
-from kvmlet.memory import GuestMemory
+from tests.helpers.long_mode_vm import GDT, GDT_LIMIT, PML4, long_mode_vm
 
 pytestmark = pytest.mark.kvm
 
-RAM_SIZE = 0x20_0000
-GDT = 0x500
-PML4, PDPT, PD = 0x9000, 0xA000, 0xB000
 CODE = 0x1000
-GDT_ENTRIES = (
-    0,
-    0,
-    0x00AF_9B00_0000_FFFF,  # 0x10: 64-bit code, present, DPL 0
-    0x00CF_9300_0000_FFFF,  # 0x18: data, 4 GiB flat
-    0x00CF_9B00_0000_FFFF,  # 0x20: 32-bit code, 4 GiB flat
-)
 
 
 @pytest.fixture
 def machine():
-    previous = signal.signal(signal.SIGALRM, lambda *_: None)
-    signal.setitimer(signal.ITIMER_REAL, 2.0)
-    kvm = Kvm()
-    vm = kvm.create_vm()
-    vm.setup_x86_platform()
-    memory = GuestMemory.anonymous([(0, RAM_SIZE)])
-    vm.add_memory(0, RAM_SIZE, memory.banks[0].host_address())
-    memory.write(GDT, struct.pack(f"<{len(GDT_ENTRIES)}Q", *GDT_ENTRIES))
-    memory.write_u64(PML4, PDPT | 0x3)
-    memory.write_u64(PDPT, PD | 0x3)
-    memory.write_u64(PD, 0x0 | 0x83)  # 2 MiB page at 0, present + writable + large
-    vcpu = vm.create_vcpu(0)
-    yield kvm, vcpu, memory
-    vcpu.close()
-    vm.close()
-    memory.close()
-    kvm.close()
-    signal.setitimer(signal.ITIMER_REAL, 0)
-    signal.signal(signal.SIGALRM, previous)
+    with long_mode_vm(watchdog_seconds=2.0) as guest:
+        yield guest.kvm, guest.vcpu, guest.memory
 
 
 def long_mode(entry: int = CODE, rsi: int = 0) -> cpu.BootCpuState:
-    return cpu.BootCpuState(
-        "long64", entry, rsi=rsi, cr3=PML4, gdt_base=GDT, gdt_limit=len(GDT_ENTRIES) * 8 - 1
-    )
+    return cpu.BootCpuState("long64", entry, rsi=rsi, cr3=PML4, gdt_base=GDT, gdt_limit=GDT_LIMIT)
 
 
 def out_value(vcpu) -> int:
@@ -96,7 +66,7 @@ def test_protected_mode_entry_with_rbx_and_paging_off(machine):
     )
     cpu.configure_vcpu(vcpu, kvm.supported_cpuid(), vcpu_count=1)
     state = cpu.BootCpuState(
-        "protected32", CODE, rbx=0x6000, gdt_base=GDT, gdt_limit=39, code_selector=0x20
+        "protected32", CODE, rbx=0x6000, gdt_base=GDT, gdt_limit=GDT_LIMIT, code_selector=0x20
     )
     cpu.apply_boot_state(vcpu, state)
     assert out_value(vcpu) == 0x6000

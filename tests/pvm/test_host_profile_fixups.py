@@ -9,21 +9,17 @@ the CPU pushed, proving the breakpoint was delivered after INT3 as on hardware.
 
 from __future__ import annotations
 
-import signal
 import struct
 
 import pytest
 
-from kvmlet.kvm import InternalErrorExit, IoExit, Kvm
+from kvmlet.kvm import InternalErrorExit, IoExit
 from kvmlet.machine import cpu, host_profile
-from kvmlet.memory import GuestMemory
+from tests.helpers.long_mode_vm import GDT, GDT_LIMIT, HIGHER_HALF, PML4, long_mode_vm
 
 pytestmark = pytest.mark.pvm
 
-RAM_SIZE = 0x20_0000
-GDT, IDT = 0x500, 0x3000
-PML4, PDPT, PD = 0x9000, 0xA000, 0xB000
-HIGH = 0xFFFF_8000_0000_0000  # PML4 slot 256 maps the same 2 MiB as the identity map
+IDT = 0x3000
 CODE, BP_HANDLER, STACK_TOP = 0x1000, 0x2000, 0x8000
 
 
@@ -38,18 +34,13 @@ def idt_gate(handler: int, selector: int = 0x10) -> bytes:
 def guest():
     if not host_profile.is_software_kvm():
         pytest.skip("this host's KVM is not the software PVM KVM")
-    previous = signal.signal(signal.SIGALRM, lambda *_: None)
-    signal.setitimer(signal.ITIMER_REAL, 3.0)
-    kvm = Kvm()
-    vm = kvm.create_vm()
-    vm.setup_x86_platform()
-    memory = GuestMemory.anonymous([(0, RAM_SIZE)])
-    vm.add_memory(0, RAM_SIZE, memory.banks[0].host_address())
-    memory.write(GDT, struct.pack("<4Q", 0, 0, 0x00AF_9B00_0000_FFFF, 0x00CF_9300_0000_FFFF))
-    memory.write_u64(PML4, PDPT | 3)
-    memory.write_u64(PML4 + 256 * 8, PDPT | 3)
-    memory.write_u64(PDPT, PD | 3)
-    memory.write_u64(PD, 0x83)
+    with long_mode_vm(watchdog_seconds=3.0) as vm:
+        yield breakpoint_guest(vm)
+
+
+def breakpoint_guest(vm):
+    """Install the #BP handler; return `start(code)`, which runs `code` from the higher half."""
+    kvm, vcpu, memory = vm.kvm, vm.vcpu, vm.memory
     memory.write(IDT + 3 * 16, idt_gate(BP_HANDLER))
     memory.write(
         BP_HANDLER,
@@ -58,14 +49,13 @@ def guest():
         + bytes.fromhex("48c1e820")  # shr rax, 32
         + bytes.fromhex("e713"),  # out 0x13, eax
     )
-    vcpu = vm.create_vcpu(0)
     cpu.configure_vcpu(vcpu, kvm.supported_cpuid(), 1, host_profile.PVM.cpuid_masks)
 
     def start(code: bytes):
         memory.write(CODE, code)
-        cpu.apply_boot_state(
-            vcpu, cpu.BootCpuState("long64", HIGH + CODE, cr3=PML4, gdt_base=GDT, gdt_limit=31)
-        )
+        entry = HIGHER_HALF + CODE
+        state = cpu.BootCpuState("long64", entry, cr3=PML4, gdt_base=GDT, gdt_limit=GDT_LIMIT)
+        cpu.apply_boot_state(vcpu, state)
         sregs = vcpu.get_sregs()
         sregs.idt.base = IDT
         sregs.idt.limit = 16 * 4 - 1
@@ -75,13 +65,7 @@ def guest():
         vcpu.set_regs(regs)
         return vcpu, memory
 
-    yield start
-    vcpu.close()
-    vm.close()
-    memory.close()
-    kvm.close()
-    signal.setitimer(signal.ITIMER_REAL, 0)
-    signal.signal(signal.SIGALRM, previous)
+    return start
 
 
 def run_with_profile(vcpu, memory, profile, limit=8):
@@ -111,7 +95,7 @@ def test_int3_fixup_delivers_breakpoint_after_the_instruction(guest):
     pushed = int.from_bytes(low.data, "little")
     high = run_with_profile(vcpu, memory, host_profile.PVM)
     pushed |= int.from_bytes(high.data, "little") << 32
-    assert pushed == HIGH + CODE + 1
+    assert pushed == HIGHER_HALF + CODE + 1
 
 
 def test_fwait_is_refused_then_skipped(guest):
