@@ -22,6 +22,9 @@ from kvmlet.kvm.structs import KvmCpuidEntry2, KvmFpu, KvmLapicState, KvmSegment
 # CPUID
 CPUID_FEATURES = 0x1
 CPUID_EXTENDED_TOPOLOGY = 0xB
+CPUID_AMD_SIZE_IDENTIFIERS = 0x8000_0008
+AMD_CORE_COUNT_MASK = 0xF0FF
+"""0x8000_0008 ECX: NC (cores - 1, bits 7:0) and ApicIdCoreIdSize (bits 15:12)."""
 CPUID_KVM_SIGNATURE = 0x4000_0000
 CPUID_KVM_FEATURES = 0x4000_0001
 KVM_SIGNATURE = b"KVMKVMKVM\0\0\0"
@@ -137,6 +140,12 @@ def build_cpuid(
             entry.edx = entry.edx | LEAF1_EDX_HTT if vcpu_count > 1 else entry.edx & ~LEAF1_EDX_HTT
         elif entry.function == CPUID_EXTENDED_TOPOLOGY:
             entry.edx = vcpu_id
+        elif entry.function == CPUID_AMD_SIZE_IDENTIFIERS:
+            # KVM passes the host's core count through; an AMD guest would count packages
+            # from it. One package holding every vCPU, APIC IDs 0..n-1 as core IDs.
+            cores = min(vcpu_count, 0x100)
+            core_id_bits = max(1, (cores - 1).bit_length())
+            entry.ecx = entry.ecx & ~AMD_CORE_COUNT_MASK | core_id_bits << 12 | (cores - 1)
         elif entry.function == CPUID_KVM_SIGNATURE:
             entry.eax = max(entry.eax, CPUID_KVM_FEATURES)
             entry.ebx, entry.ecx, entry.edx = struct.unpack("<III", KVM_SIGNATURE)

@@ -15,6 +15,7 @@ def supported() -> list[KvmCpuidEntry2]:
         KvmCpuidEntry2(function=0xB, index=0, ecx=0x100, edx=0x55),
         KvmCpuidEntry2(function=0xB, index=1, ecx=0x201, edx=0x55),
         KvmCpuidEntry2(function=cpu.CPUID_KVM_FEATURES, eax=0x0100_00FB),
+        KvmCpuidEntry2(function=0x8000_0008, eax=0x3030, ecx=0x3_7001),  # host: 2 cores
     ]
 
 
@@ -36,6 +37,14 @@ def test_x2apic_id_in_every_topology_subleaf():
     table = cpu.build_cpuid(supported(), vcpu_id=5, vcpu_count=8)
     assert leaf(table, 0xB, 0).edx == 5
     assert leaf(table, 0xB, 1).edx == 5
+
+
+def test_amd_core_count_is_the_vcpu_count_not_the_hosts():
+    for vcpu_count, core_id_bits in ((1, 1), (4, 2), (5, 3), (64, 6)):
+        ecx = leaf(cpu.build_cpuid(supported(), 0, vcpu_count), 0x8000_0008).ecx
+        assert ecx & 0xFF == vcpu_count - 1
+        assert (ecx >> 12) & 0xF == core_id_bits
+        assert ecx >> 16 == 0x3  # the other bits are KVM's
 
 
 def test_kvm_signature_leaf_is_added_and_features_kept():
