@@ -11,9 +11,13 @@ import functools
 import os
 import sys
 import time
+from typing import TYPE_CHECKING
 
 from kvmlet import __version__
 from kvmlet.errors import KvmletError
+
+if TYPE_CHECKING:
+    from kvmlet.machine.config import MachineConfig
 
 RUN_EPILOG = """\
 examples:
@@ -208,7 +212,7 @@ def _notice_profile(config) -> None:
         print(profile.notice, file=sys.stderr)
 
 
-def run_config(args: argparse.Namespace):
+def run_config(args: argparse.Namespace) -> MachineConfig:
     """The `MachineConfig` of `kvmlet run ARGS`, the kernel checked and the host profile
     announced (the default guest is built or found only when no -k is given)."""
     from kvmlet.api import with_default_guest
