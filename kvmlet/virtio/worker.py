@@ -2,7 +2,7 @@
 
 A guest's kick is a write to a notify address that KVM turns into an eventfd signal (an
 ioeventfd) without leaving the kernel. A `QueueWorker` waits on the eventfds of any number of
-doorbells with epoll (`selectors`), reads each signalled counter and calls
+doorbells with epoll, reads each signalled counter and calls
 `device.notify(queue_index)`. One worker can serve every device, or the machine can start one per
 device (`workers_per_device`). Other file descriptors can be watched too (`watch`), e.g. the
 resample eventfd of a level-triggered irqfd line.
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
-import selectors
+import select
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -78,9 +78,11 @@ class QueueWorker:
         self.wakeups = 0
         self.notifications = 0
         self.device_errors = 0
-        self._selector = selectors.DefaultSelector()
+        self._epoll = select.epoll()
         self._stop_fd = new_eventfd()
-        self._selector.register(self._stop_fd, selectors.EVENT_READ, None)
+        self._epoll.register(self._stop_fd, select.EPOLLIN)
+        # What a signalled descriptor means: a Doorbell, a watched callback, or None (stop).
+        self._targets: dict[int, Doorbell | Callable[[], None] | None] = {self._stop_fd: None}
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.doorbells: list[Doorbell] = []
@@ -88,11 +90,13 @@ class QueueWorker:
     def add(self, bell: Doorbell) -> None:
         """Serve `bell` from now on (before or after `start`)."""
         self.doorbells.append(bell)
-        self._selector.register(bell.eventfd, selectors.EVENT_READ, bell)
+        self._targets[bell.eventfd] = bell
+        self._epoll.register(bell.eventfd, select.EPOLLIN)
 
     def watch(self, fd: int, callback: Callable[[], None]) -> None:
         """Call `callback()` on this thread whenever `fd` (an eventfd) is signalled."""
-        self._selector.register(fd, selectors.EVENT_READ, callback)
+        self._targets[fd] = callback
+        self._epoll.register(fd, select.EPOLLIN)
 
     def start(self) -> None:
         if self._thread is not None:
@@ -111,23 +115,25 @@ class QueueWorker:
             if self._thread.is_alive():
                 log.warning("%s did not stop within %.1f s", self.name, timeout)
                 return
-        self._selector.close()
+        self._epoll.close()
         os.close(self._stop_fd)
 
     def _run(self) -> None:
+        poll, targets = self._epoll.poll, self._targets
         while not self._stopping:
-            for key, _ in self._selector.select():
-                if key.data is None:
+            for fd, _ in poll():
+                target = targets.get(fd)
+                if target is None:
                     continue
                 self.wakeups += 1
-                count = _drain(key.fd)
+                count = _drain(fd)
                 if not count:
                     continue
-                if isinstance(key.data, Doorbell):
-                    key.data.kicks += count
-                    self._ring(key.data)
+                if type(target) is Doorbell:
+                    target.kicks += count
+                    self._ring(target)
                 else:
-                    self._call(key.data)
+                    self._call(target)
 
     def _ring(self, bell: Doorbell) -> None:
         bell.wakeups += 1
