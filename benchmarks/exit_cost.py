@@ -16,6 +16,10 @@ Cases, interleaved in each round (medians over rounds: shared machines are noisy
   behind the default per-region lock; the MMIO device sits over RAM below 1 MiB at priority 1.
 - `kvmlet_vcpu_only_port`, `kvmlet_vcpu_only_mmio`: `Vcpu.run()` (KVM_RUN and the exit decode)
   in a bare Python loop with no run loop and no bus: what the Python KVM layer alone costs.
+- `c_loop_on_kvmlet_vm_*`: the reference's C loop (the same source, built as a library and
+  called through ctypes) driving the vCPU of a kvmlet `Machine`: what kvmlet's VM set-up
+  (memory slots, CPUID, MSRs, LAPIC) costs per exit, with no Python in the loop.
+- `kvmlet_python_only_*`: the whole kvmlet path with KVM_RUN replaced by a Python no-op.
 
     python3 benchmarks/exit_cost.py [--exits N] [--rounds R]
 
@@ -26,6 +30,7 @@ kind, median of the per-round ratios) and the per-round figures.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import platform
@@ -110,7 +115,7 @@ C_SOURCE = r"""
 
 #define RAM_SIZE 0xd0000 /* RAM stops where the MMIO device starts */
 
-static void check(long result, const char *what) {
+static void __attribute__((unused)) check(long result, const char *what) {
     if (result < 0) { perror(what); exit(1); }
 }
 
@@ -120,6 +125,43 @@ static uint64_t now_ns(void) {
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
+/* The KVM_RUN loop: returns the marker-to-marker interval in ns, or -1. */
+long long run_loop(int vcpu, struct kvm_run *run, unsigned long *writes_out) {
+    uint64_t marks[2] = {0, 0};
+    int marks_seen = 0;
+    unsigned long writes = 0;
+    volatile uint64_t device_register __attribute__((unused)) = 0;
+    for (;;) {
+        if (ioctl(vcpu, KVM_RUN, 0) < 0) {
+            if (errno == EINTR || errno == EAGAIN) continue;
+            perror("KVM_RUN");
+            return -1;
+        }
+        if (run->exit_reason == KVM_EXIT_IO && run->io.direction == KVM_EXIT_IO_OUT) {
+            uint8_t value = *((uint8_t *)run + run->io.data_offset);
+            if (run->io.port == MARKER_PORT) {
+                if (marks_seen < 2) marks[marks_seen++] = now_ns();
+            } else if (run->io.port == RESET_PORT) {
+                break;
+            } else if (run->io.port == DEVICE_PORT) {
+                device_register = value;
+                writes++;
+            }
+        } else if (run->exit_reason == KVM_EXIT_MMIO && run->mmio.is_write) {
+            uint64_t value = 0;
+            memcpy(&value, run->mmio.data, run->mmio.len <= 8 ? run->mmio.len : 8);
+            device_register = value;
+            writes++;
+        } else {
+            fprintf(stderr, "unexpected exit %u\n", run->exit_reason);
+            return -1;
+        }
+    }
+    *writes_out = writes;
+    return (long long)(marks[1] - marks[0]);
+}
+
+#ifndef LIBRARY
 int main(int argc, char **argv) {
     if (argc != 2) { fprintf(stderr, "usage: %s GUEST_CODE_FILE\n", argv[0]); return 2; }
     static uint8_t code[4096];
@@ -166,54 +208,31 @@ int main(int argc, char **argv) {
     struct kvm_regs regs = {.rip = 0, .rflags = 2};
     check(ioctl(vcpu, KVM_SET_REGS, &regs), "KVM_SET_REGS");
 
-    uint64_t marks[2] = {0, 0};
-    int marks_seen = 0;
     unsigned long writes = 0;
-    volatile uint64_t device_register __attribute__((unused)) = 0;
-    for (;;) {
-        if (ioctl(vcpu, KVM_RUN, 0) < 0) {
-            if (errno == EINTR || errno == EAGAIN) continue;
-            perror("KVM_RUN");
-            return 1;
-        }
-        if (run->exit_reason == KVM_EXIT_IO && run->io.direction == KVM_EXIT_IO_OUT) {
-            uint8_t value = *((uint8_t *)run + run->io.data_offset);
-            if (run->io.port == MARKER_PORT) {
-                if (marks_seen < 2) marks[marks_seen++] = now_ns();
-            } else if (run->io.port == RESET_PORT) {
-                break;
-            } else if (run->io.port == DEVICE_PORT) {
-                device_register = value;
-                writes++;
-            }
-        } else if (run->exit_reason == KVM_EXIT_MMIO && run->mmio.is_write) {
-            uint64_t value = 0;
-            memcpy(&value, run->mmio.data, run->mmio.len <= 8 ? run->mmio.len : 8);
-            device_register = value;
-            writes++;
-        } else {
-            fprintf(stderr, "unexpected exit %u\n", run->exit_reason);
-            return 1;
-        }
-    }
-    printf("%llu %lu\n", (unsigned long long)(marks[1] - marks[0]), writes);
+    long long interval = run_loop(vcpu, run, &writes);
+    if (interval < 0) return 1;
+    printf("%lld %lu\n", interval, writes);
     return 0;
 }
+#endif
 """
 
 
-def build_reference(directory: Path) -> Path:
+def build_reference(directory: Path) -> tuple[Path, Path]:
+    """The C program, and its loop alone as a shared library (`run_loop`)."""
     source = directory / "exit_loop.c"
     source.write_text(C_SOURCE)
-    binary = directory / "exit_loop"
+    binary, library = directory / "exit_loop", directory / "libexit_loop.so"
     defines = [
         f"-DCODE_ADDRESS={BOOT_CODE_ADDRESS:#x}",
         f"-DDEVICE_PORT={DEVICE_PORT:#x}",
         f"-DMARKER_PORT={MARKER_PORT:#x}",
         f"-DRESET_PORT={RESET_PORT:#x}",
     ]
-    subprocess.run(["gcc", "-O2", "-Wall", *defines, "-o", binary, source], check=True)
-    return binary
+    compile_c = ["gcc", "-O2", "-Wall", "-Werror", *defines]
+    subprocess.run([*compile_c, "-o", binary, source], check=True)
+    subprocess.run([*compile_c, "-DLIBRARY", "-shared", "-fPIC", "-o", library, source], check=True)
+    return binary, library
 
 
 def check_writes(who: str, writes: int, exits: int) -> None:
@@ -298,6 +317,30 @@ def run_kvmlet(code: bytes, exits: int) -> float:
         machine.close()
     check_writes("kvmlet", device_writes, exits)
     return (marker.stamps[1] - marker.stamps[0]) / (exits + 1)
+
+
+def run_c_loop_on_kvmlet_vm(library: ctypes.CDLL, code: bytes, exits: int) -> float:
+    """The C loop driving the vCPU of a kvmlet `Machine`: what kvmlet's VM set-up costs."""
+    machine, _, _, _ = build_machine(code)
+    vcpu = machine.vcpus[0]
+    run_page = ctypes.c_char.from_buffer(vcpu.run_page)
+    writes = ctypes.c_ulong()
+    try:
+        interval = library.run_loop(vcpu.fd, ctypes.addressof(run_page), ctypes.byref(writes))
+    finally:
+        del run_page  # the exported buffer must go before the run page is unmapped
+        machine.close()
+    if interval < 0:
+        raise RuntimeError("the C loop on kvmlet's vCPU failed (see stderr)")
+    check_writes("the C loop on kvmlet's VM", writes.value, exits)
+    return interval / (exits + 1)
+
+
+def load_loop_library(path: Path) -> ctypes.CDLL:
+    library = ctypes.CDLL(str(path))
+    library.run_loop.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_ulong)]
+    library.run_loop.restype = ctypes.c_longlong
+    return library
 
 
 def run_vcpu_only(code: bytes, exits: int) -> float:
@@ -404,7 +447,8 @@ def main() -> None:
     ratios: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory(prefix="kvmlet-exit-cost-") as temporary:
         directory = Path(temporary)
-        binary = build_reference(directory)
+        binary, library_path = build_reference(directory)
+        library = load_loop_library(library_path)
         for kind, code in guests.items():
             (directory / f"{kind}.bin").write_bytes(code)
         for round_index in range(options.rounds):
@@ -412,6 +456,7 @@ def main() -> None:
                 code_file = directory / f"{kind}.bin"
                 measurements = {
                     "c": partial(run_reference, binary, code_file, exits),
+                    "c_loop_on_kvmlet_vm": partial(run_c_loop_on_kvmlet_vm, library, code, exits),
                     "kvmlet": partial(run_kvmlet, code, exits),
                     "kvmlet_vcpu_only": partial(run_vcpu_only, code, exits),
                     "kvmlet_python_only": partial(run_python_only, kind, exits),
