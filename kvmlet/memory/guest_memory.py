@@ -72,6 +72,15 @@ class HostIovec:
         """Where the iovec array starts in host memory."""
         return self.words.buffer_info()[0]
 
+    def part(self, start: int, stop: int) -> HostIovec:
+        """Buffers [start, stop) as an iovec of their own, with a pin of its own."""
+        return HostIovec(self.words[2 * start : 2 * stop], len(range(start, stop)), self.pin[:])
+
+    def page_aligned(self, alignment: int) -> bool:
+        """Whether every buffer starts and ends on an `alignment` boundary in host memory."""
+        mask = alignment - 1
+        return not any(word & mask for word in self.words)
+
     def __enter__(self) -> HostIovec:
         return self
 

@@ -184,37 +184,15 @@ class VirtioBlock(VirtioDevice):
 
     def _serve(self, chain: DescriptorChain, request_type: int, sector: int) -> int:
         status_offset = chain.writable_length - 1
-        # A chain walked as a whole table has no views yet: its data goes to the kernel as an
-        # iovec made from the guest addresses (when the header and the status byte have buffers
-        # of their own, as Linux lays them out). A chain walked buffer by buffer has views.
         if request_type == VIRTIO_BLK_T_IN:
             offset = self._byte_range(sector, status_offset)
-            if chain.known_views is None and chain.lengths[-1] == 1:
-                start, stop = chain.readable_count, len(chain.lengths) - 1
-                self.image.read_guest(
-                    self.memory,
-                    chain.addresses[start:stop],
-                    chain.lengths[start:stop],
-                    offset,
-                    status_offset,
-                )
-            else:
-                views = _data_views(chain.writable_views, 0, status_offset, chain.writable_length)
-                self.image.read_into(views, offset, status_offset)
+            self._move_data(chain, True, offset, status_offset)
             return status_offset
         if request_type == VIRTIO_BLK_T_OUT:
             self._refuse_if_read_only()
             length = chain.readable_length - _HEADER.size
             offset = self._byte_range(sector, length)
-            if chain.known_views is None and chain.lengths[0] == _HEADER.size:
-                stop = chain.readable_count
-                self.image.write_guest(
-                    self.memory, chain.addresses[1:stop], chain.lengths[1:stop], offset, length
-                )
-            else:
-                total = chain.readable_length
-                views = _data_views(chain.readable_views, _HEADER.size, total, total)
-                self.image.write_from(views, offset, length)
+            self._move_data(chain, False, offset, length)
             return 0
         if request_type == VIRTIO_BLK_T_FLUSH:
             self.image.flush()
@@ -230,6 +208,32 @@ class VirtioBlock(VirtioDevice):
             )
             return 0
         raise _RequestFailed(VIRTIO_BLK_S_UNSUPP)
+
+    def _move_data(self, chain: DescriptorChain, reading: bool, offset: int, length: int) -> None:
+        """Move a request's data between the image and the chain.
+
+        A chain read as a whole table comes as host iovecs: when the header and the status byte
+        have buffers of their own (Linux's layout), its data goes to the kernel in one call.
+        Whatever that did not move (all of it for any other chain) goes through views.
+        """
+        image, moved = self.image, 0
+        if chain.iovec is not None:
+            if reading and chain.lengths[-1] == 1:
+                data = chain.iovec.part(chain.readable_count, len(chain.lengths) - 1)
+                moved = image.read_iovec(data, offset, length)
+            elif not reading and chain.lengths[0] == _HEADER.size:
+                moved = image.write_iovec(chain.iovec.part(1, chain.readable_count), offset, length)
+        if moved == length:
+            return
+        if reading:
+            views = _data_views(chain.writable_views, 0, length, chain.writable_length)
+        else:
+            total = chain.readable_length
+            views = _data_views(chain.readable_views, _HEADER.size, total, total)
+        if moved:
+            views = slice_views(views, moved, length)
+        move = image.read_into if reading else image.write_from
+        move(views, offset + moved, length - moved)
 
     def _refuse_if_read_only(self) -> None:
         if self.options.read_only:

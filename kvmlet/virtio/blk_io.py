@@ -16,7 +16,7 @@ import mmap
 import os
 
 from kvmlet.errors import KvmletError
-from kvmlet.memory import GuestMemory, HostIovec
+from kvmlet.memory import HostIovec
 from kvmlet.virtio.queue import slice_views
 
 DIRECT_ALIGNMENT = 4096
@@ -160,92 +160,36 @@ class ImageIo:
             window[:] = b"".join(views)
             _transfer(os.pwritev, fd, [window], offset, length)
 
-    def read_guest(
-        self,
-        memory: GuestMemory,
-        addresses: list[int],
-        lengths: list[int],
-        offset: int,
-        length: int,
-    ) -> None:
-        """Fill guest buffers (`length` bytes in all) from the image at `offset`: one preadv
-        on an iovec made from the addresses when they all lie in low RAM, else through views."""
-        fd, iovec = self._guest_iovec(memory, addresses, lengths, offset, length)
-        moved = 0
-        if iovec is not None:
-            with iovec:
-                moved = _vectored(_libc.preadv, fd, iovec, offset)
-            if moved == length:
-                return
-        views = memory.views(addresses, lengths)
-        if moved:
-            views = slice_views(views, moved, length)
-        self.read_into(views, offset + moved, length - moved)
+    def read_iovec(self, iovec: HostIovec, offset: int, length: int) -> int:
+        """Read the image at `offset` into host iovecs (`length` bytes in all) with one
+        preadv; returns the bytes moved: short at the end of a shrunk file, and 0 when O_DIRECT
+        would need a bounce buffer (the caller moves the rest through views)."""
+        return self._vectored(_libc.preadv, iovec, offset, length)
 
-    def write_guest(
-        self,
-        memory: GuestMemory,
-        addresses: list[int],
-        lengths: list[int],
-        offset: int,
-        length: int,
-    ) -> None:
-        """Write guest buffers (`length` bytes in all) to the image at `offset`, as
-        `read_guest` reads them."""
-        fd, iovec = self._guest_iovec(memory, addresses, lengths, offset, length)
-        moved = 0
-        if iovec is not None:
-            with iovec:
-                moved = _vectored(_libc.pwritev, fd, iovec, offset)
-            if moved == length:
-                return
-        views = memory.views(addresses, lengths)
-        if moved:
-            views = slice_views(views, moved, length)
-        self.write_from(views, offset + moved, length - moved)
+    def write_iovec(self, iovec: HostIovec, offset: int, length: int) -> int:
+        """Write host iovecs to the image at `offset` with one pwritev, as `read_iovec`."""
+        return self._vectored(_libc.pwritev, iovec, offset, length)
 
-    def _guest_iovec(
-        self,
-        memory: GuestMemory,
-        addresses: list[int],
-        lengths: list[int],
-        offset: int,
-        length: int,
-    ) -> tuple[int, HostIovec | None]:
-        """The descriptor for a transfer and its iovec; no iovec when the buffers are not all
-        in low RAM, are too many for one call, or would need a bounce buffer for O_DIRECT."""
+    def _vectored(self, call, iovec: HostIovec, offset: int, length: int) -> int:
         fd = self._direct_fd_for(offset, length)
-        if len(addresses) > IOV_MAX:
-            return self.fd if fd is None else fd, None
-        if fd is not None and not _page_aligned(addresses, lengths):
-            return fd, None
-        return (self.fd if fd is None else fd), memory.host_iovec(addresses, lengths)
+        if fd is not None and not iovec.page_aligned(DIRECT_ALIGNMENT):
+            return 0
+        if iovec.count > IOV_MAX:
+            return 0
+        with iovec:
+            while True:
+                moved = call(self.fd if fd is None else fd, iovec.address(), iovec.count, offset)
+                if moved >= 0:
+                    return moved
+                code = ctypes.get_errno()
+                if code != errno.EINTR:
+                    raise OSError(code, os.strerror(code))
 
     def flush(self) -> None:
         os.fdatasync(self.fd)
 
     def fallocate(self, mode: int, offset: int, length: int) -> None:
         fallocate(self.fd, mode, offset, length)
-
-
-def _page_aligned(addresses: list[int], lengths: list[int]) -> bool:
-    """Whether every buffer starts and ends on a DIRECT_ALIGNMENT boundary (RAM banks start on
-    page boundaries of host memory, so guest alignment is host alignment)."""
-    return not any(
-        address % DIRECT_ALIGNMENT or length % DIRECT_ALIGNMENT
-        for address, length in zip(addresses, lengths, strict=True)
-    )
-
-
-def _vectored(call, fd: int, iovec: HostIovec, offset: int) -> int:
-    """One preadv/pwritev through libc on a host iovec (retried on EINTR); raises OSError."""
-    while True:
-        moved = call(fd, iovec.address(), iovec.count, offset)
-        if moved >= 0:
-            return moved
-        code = ctypes.get_errno()
-        if code != errno.EINTR:
-            raise OSError(code, os.strerror(code))
 
 
 def _transfer(operation, fd: int, views: list[memoryview], offset: int, length: int) -> None:

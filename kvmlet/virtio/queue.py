@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass, field
 
 from kvmlet.errors import GuestMemoryError
-from kvmlet.memory import GuestMemory
+from kvmlet.memory import GuestMemory, HostIovec
 
 VIRTQ_DESC_F_NEXT = 1
 VIRTQ_DESC_F_WRITE = 2
@@ -88,8 +88,8 @@ class DescriptorChain:
 
     Buffers are guest addresses with their lengths (two parallel lists), each checked to lie
     inside guest RAM when the chain was popped. Zero-copy views of them are made when first
-    asked for: a block device hands most buffers to the kernel as an iovec and never needs
-    views of its data buffers (`GuestMemory.host_iovec`).
+    asked for: a chain read as a whole table comes with the host iovec the bounds check
+    built (`GuestMemory.host_iovec`), which a block device hands to preadv/pwritev instead.
     """
 
     head: int
@@ -100,6 +100,8 @@ class DescriptorChain:
     writable_length: int
     memory: GuestMemory = field(repr=False)
     known_views: list[memoryview] | None = field(default=None, repr=False)
+    iovec: HostIovec | None = field(default=None, repr=False)
+    """The buffers as host iovecs, for a chain read as a whole table (else None)."""
 
     @property
     def readable(self) -> list[tuple[int, int]]:
@@ -269,16 +271,19 @@ class Virtqueue:
             return None
         if flags != expected or sum(lengths) > MAX_CHAIN_BYTES:
             return None
-        if not self.memory.contains_all(addresses, lengths):
+        iovec = self.memory.host_iovec(addresses, lengths)
+        if iovec is None:
             return None
+        readable_length = sum(lengths[:readable])
         return DescriptorChain(
             head,
             addresses,
             lengths,
             readable,
-            sum(lengths[:readable]),
-            sum(lengths[readable:]),
+            readable_length,
+            sum(lengths) - readable_length,
             self.memory,
+            iovec=iovec,
         )
 
     def _walk_links(self, head: int) -> DescriptorChain:

@@ -175,6 +175,11 @@ def test_a_host_iovec_points_at_the_guest_bytes_and_pins_the_bank():
     memory.write(0x2000, b"guest bytes")
     iovec = memory.host_iovec([0x2000, 0x3000], [11, 5])
     assert (iovec.count, iovec.words.tolist()[1::2]) == (2, [11, 5])
+    second = iovec.part(1, 2)
+    assert (second.count, second.words.tolist()) == (1, iovec.words.tolist()[2:])
+    assert not iovec.page_aligned(PAGE) and memory.host_iovec([0x3000], [PAGE]).page_aligned(PAGE)
+    with second:
+        pass  # releases the part's own pin only
     memory.close()  # the pin keeps the mapping alive until released
     assert ctypes.string_at(iovec.words[0], 11) == b"guest bytes"
     with iovec:
