@@ -119,6 +119,8 @@ class VirtioMmio:
     # Registers -----------------------------------------------------------------------------------
 
     def read(self, offset: int, size: int) -> int:
+        if offset == INTERRUPT_STATUS and size == 4:  # read for every interrupt: first
+            return self.interrupt_status
         if offset >= CONFIG:
             return self.device.read_config(offset - CONFIG, size)
         if size != 4:
@@ -161,6 +163,9 @@ class VirtioMmio:
             self._write_register(offset, value)
 
     def _write_register(self, offset: int, value: int) -> None:
+        if offset == INTERRUPT_ACK:  # written for every interrupt: first
+            self._acknowledge(value)
+            return
         device, queue = self.device, self._queue_select
         if offset == QUEUE_NOTIFY:
             self.notify_exits += 1  # a doorbell with no ioeventfd behind it
@@ -181,8 +186,6 @@ class VirtioMmio:
             device.set_queue_size(queue, value)
         elif offset == QUEUE_READY:
             device.set_queue_ready(queue, bool(value & 1))
-        elif offset == INTERRUPT_ACK:
-            self._acknowledge(value)
         elif offset == STATUS:
             self._write_status(value)
         else:
