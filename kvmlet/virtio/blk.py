@@ -166,7 +166,7 @@ class VirtioBlock(VirtioDevice):
         try:
             if chain.readable_length < _HEADER.size:
                 raise _RequestFailed(VIRTIO_BLK_S_IOERR)
-            first = chain.buffer_view(0)
+            first = chain.first_view
             header = first if len(first) >= _HEADER.size else chain.read(0, _HEADER.size)
             request_type, _, sector = _HEADER.unpack_from(header)
             written = self._serve(chain, request_type, sector)
@@ -175,7 +175,7 @@ class VirtioBlock(VirtioDevice):
             written, status = 0, failure.status
         except OSError:
             written, status = 0, VIRTIO_BLK_S_IOERR
-        last = chain.buffer_view(-1)
+        last = chain.last_view
         if last:
             last[-1] = status
         else:
@@ -186,13 +186,22 @@ class VirtioBlock(VirtioDevice):
         status_offset = chain.writable_length - 1
         if request_type == VIRTIO_BLK_T_IN:
             offset = self._byte_range(sector, status_offset)
-            self._move_data(chain, True, offset, status_offset)
+            if chain.iovec is None:
+                views = _data_views(chain.writable_views, 0, status_offset, chain.writable_length)
+                self.image.read_into(views, offset, status_offset)
+            else:
+                self._move_whole_table_data(chain, True, offset, status_offset)
             return status_offset
         if request_type == VIRTIO_BLK_T_OUT:
             self._refuse_if_read_only()
             length = chain.readable_length - _HEADER.size
             offset = self._byte_range(sector, length)
-            self._move_data(chain, False, offset, length)
+            if chain.iovec is None:
+                total = chain.readable_length
+                views = _data_views(chain.readable_views, _HEADER.size, total, total)
+                self.image.write_from(views, offset, length)
+            else:
+                self._move_whole_table_data(chain, False, offset, length)
             return 0
         if request_type == VIRTIO_BLK_T_FLUSH:
             self.image.flush()
@@ -209,20 +218,19 @@ class VirtioBlock(VirtioDevice):
             return 0
         raise _RequestFailed(VIRTIO_BLK_S_UNSUPP)
 
-    def _move_data(self, chain: DescriptorChain, reading: bool, offset: int, length: int) -> None:
-        """Move a request's data between the image and the chain.
-
-        A chain read as a whole table comes as host iovecs: when the header and the status byte
-        have buffers of their own (Linux's layout), its data goes to the kernel in one call.
-        Whatever that did not move (all of it for any other chain) goes through views.
-        """
-        image, moved = self.image, 0
-        if chain.iovec is not None:
-            if reading and chain.lengths[-1] == 1:
-                data = chain.iovec.part(chain.readable_count, len(chain.lengths) - 1)
-                moved = image.read_iovec(data, offset, length)
-            elif not reading and chain.lengths[0] == _HEADER.size:
-                moved = image.write_iovec(chain.iovec.part(1, chain.readable_count), offset, length)
+    def _move_whole_table_data(
+        self, chain: DescriptorChain, reading: bool, offset: int, length: int
+    ) -> None:
+        """Move the data of a chain read as a whole table, which comes as host iovecs: when the
+        header and the status byte have buffers of their own (Linux's layout), in one call to
+        the kernel; whatever that did not move (all of it for another layout), through views."""
+        image, iovec, moved = self.image, chain.iovec, 0
+        if reading and chain.lengths[-1] == 1:
+            moved = image.read_iovec(
+                iovec.part(chain.readable_count, len(chain.lengths) - 1), offset, length
+            )
+        elif not reading and chain.lengths[0] == _HEADER.size:
+            moved = image.write_iovec(iovec.part(1, chain.readable_count), offset, length)
         if moved == length:
             return
         if reading:
@@ -230,8 +238,7 @@ class VirtioBlock(VirtioDevice):
         else:
             total = chain.readable_length
             views = _data_views(chain.readable_views, _HEADER.size, total, total)
-        if moved:
-            views = slice_views(views, moved, length)
+        views = slice_views(views, moved, length) if moved else views
         move = image.read_into if reading else image.write_from
         move(views, offset + moved, length - moved)
 

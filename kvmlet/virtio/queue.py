@@ -87,9 +87,11 @@ class DescriptorChain:
     """One available chain: its head index and its buffers, readable ones first.
 
     Buffers are guest addresses with their lengths (two parallel lists), each checked to lie
-    inside guest RAM when the chain was popped. Zero-copy views of them are made when first
-    asked for: a chain read as a whole table comes with the host iovec the bounds check
-    built (`GuestMemory.host_iovec`), which a block device hands to preadv/pwritev instead.
+    inside guest RAM when the chain was popped. A chain walked buffer by buffer comes with
+    zero-copy views of every buffer (its bounds checks made them). A chain read as a whole
+    table comes with the host iovec its one bounds check built (`GuestMemory.host_iovec`),
+    which a block device hands to preadv/pwritev, and views of its first and last buffers
+    only; views of the others are made if asked for.
     """
 
     head: int
@@ -99,6 +101,10 @@ class DescriptorChain:
     readable_length: int
     writable_length: int
     memory: GuestMemory = field(repr=False)
+    first_view: memoryview = field(repr=False)
+    """The first buffer (where requests usually start with a header)."""
+    last_view: memoryview = field(repr=False)
+    """The last buffer (where a device usually writes a status)."""
     known_views: list[memoryview] | None = field(default=None, repr=False)
     iovec: HostIovec | None = field(default=None, repr=False)
     """The buffers as host iovecs, for a chain read as a whole table (else None)."""
@@ -124,17 +130,13 @@ class DescriptorChain:
 
     @property
     def readable_views(self) -> list[memoryview]:
-        return self.views[: self.readable_count]
+        views = self.known_views
+        return (self.views if views is None else views)[: self.readable_count]
 
     @property
     def writable_views(self) -> list[memoryview]:
-        return self.views[self.readable_count :]
-
-    def buffer_view(self, index: int) -> memoryview:
-        """A view of buffer `index` alone (negative counts from the end)."""
-        if self.known_views is not None:
-            return self.known_views[index]
-        return self.memory.view(self.addresses[index], self.lengths[index])
+        views = self.known_views
+        return (self.views if views is None else views)[self.readable_count :]
 
     def read(self, start: int = 0, stop: int | None = None) -> bytes:
         """A copy of readable bytes [start, stop) (to the end when stop is None)."""
@@ -235,26 +237,11 @@ class Virtqueue:
         self.last_available = (self.last_available + 1) & 0xFFFF
         return self._walk(head)
 
-    def _walk(self, head: int) -> DescriptorChain:
-        """The chain at `head`: an in-order indirect table of some size in one pass when it is
-        one (what Linux posts for a request of many buffers), else descriptor by descriptor."""
-        if head < self.size:
-            address, length, flags, _ = _DESCRIPTOR.unpack_from(self._descriptors, 16 * head)
-            if (
-                flags & VIRTQ_DESC_F_INDIRECT
-                and length >= DESCRIPTOR_SIZE * WHOLE_TABLE_MIN_ENTRIES
-            ):
-                table, entries = self._indirect(address, length, flags, False)
-                chain = self._in_order_table(head, table, entries)
-                if chain is not None:
-                    return chain
-        return self._walk_links(head)
-
     def _in_order_table(self, head: int, table: memoryview, entries: int) -> DescriptorChain | None:
         """An indirect table whose chain is its entries in order, readable ones first, all in
         the low-RAM bank, checked with C-level operations over the whole table (no Python loop
-        per descriptor); None for any other table, which `_walk_links` then walks (and refuses
-        with the precise error when it is broken)."""
+        per descriptor); None for any other table, which `_walk` then walks (and refuses with
+        the precise error when it is broken)."""
         if entries > self.size or not _LITTLE_ENDIAN_HOST:
             return None
         addresses, lengths, flags, links = _table_columns(table)
@@ -283,17 +270,20 @@ class Virtqueue:
             readable_length,
             sum(lengths) - readable_length,
             self.memory,
+            self.memory.view(addresses[0], lengths[0]),
+            self.memory.view(addresses[last], lengths[last]),
             iovec=iovec,
         )
 
-    def _walk_links(self, head: int) -> DescriptorChain:
-        """Any chain, one descriptor at a time, following its links."""
+    def _walk(self, head: int) -> DescriptorChain:
+        """The chain at `head`, descriptor by descriptor; a large indirect table at the head
+        (what Linux posts for a request of many buffers) is read whole when it is in order."""
         addresses: list[int] = []
         lengths: list[int] = []
         views: list[memoryview] = []
         table, table_entries = self._descriptors, self.size
         index, in_indirect_table = head, False
-        readable_count = readable_bytes = writable_bytes = 0
+        buffers = readable_count = readable_bytes = writable_bytes = 0
         view_of, limit = self.memory.view, self.size
         while True:
             if index >= table_entries:
@@ -301,9 +291,14 @@ class Virtqueue:
             address, length, flags, next_index = _DESCRIPTOR.unpack_from(table, 16 * index)
             if flags & VIRTQ_DESC_F_INDIRECT:
                 table, table_entries = self._indirect(address, length, flags, in_indirect_table)
+                if not buffers and table_entries >= WHOLE_TABLE_MIN_ENTRIES:
+                    chain = self._in_order_table(head, table, table_entries)
+                    if chain is not None:
+                        return chain
                 index, in_indirect_table = 0, True
                 continue
-            if len(addresses) >= limit:
+            buffers += 1
+            if buffers > limit:
                 raise VirtqueueError(f"chain at head {head} is longer than the queue (a loop?)")
             try:
                 views.append(view_of(address, length))
@@ -315,7 +310,7 @@ class Virtqueue:
             lengths.append(length)
             if flags & VIRTQ_DESC_F_WRITE:
                 writable_bytes += length
-            elif readable_count != len(addresses) - 1:
+            elif readable_count != buffers - 1:
                 raise VirtqueueError(f"chain at head {head}: readable buffer after a writable one")
             else:
                 readable_count += 1
@@ -331,6 +326,8 @@ class Virtqueue:
                     readable_bytes,
                     writable_bytes,
                     self.memory,
+                    views[0],
+                    views[-1],
                     views,
                 )
             index = next_index
