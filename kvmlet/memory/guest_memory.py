@@ -6,8 +6,10 @@ addresses and lengths (descriptor tables, boot structures, DMA buffers) go throu
 `GuestMemory`, which refuses any access that is not wholly inside one bank with
 `GuestMemoryError`: the monitor never touches host memory it did not give the guest.
 
-`view()` hands out zero-copy `memoryview`s for loaders and virtqueues; `host_address()` gives
-the address KVM needs for a memory slot.
+`view()` hands out zero-copy `memoryview`s for loaders and virtqueues; `host_iovec()` turns
+many buffers, bounds-checked in one pass, into host `struct iovec`s for a vectored system call
+(pinning their bank while it runs); `host_address()` gives the address KVM needs for a memory
+slot.
 """
 
 from __future__ import annotations

@@ -1,10 +1,12 @@
 """Host-side I/O on a raw disk image for virtio-blk: open, lock, vectored I/O, fallocate.
 
 `ImageIo` moves data between guest-memory views and the image with `os.preadv`/`os.pwritev`
-(no copy). With `direct`, the image is also opened with O_DIRECT: transfers whose file offset
-and length are aligned go through it, through an aligned bounce buffer when a guest buffer is
-misaligned in memory; the rare unaligned transfer goes through the ordinary descriptor (the
-kernel keeps the page cache coherent with direct I/O on the same file).
+(no copy), or between host iovecs of guest buffers (`GuestMemory.host_iovec`: no Python object
+per buffer) and the image with one libc `preadv`/`pwritev` through ctypes. With `direct`, the
+image is also opened with O_DIRECT: transfers whose file offset and length are aligned go
+through it, through an aligned bounce buffer when a guest buffer is misaligned in memory; the
+rare unaligned transfer goes through the ordinary descriptor (the kernel keeps the page cache
+coherent with direct I/O on the same file).
 """
 
 from __future__ import annotations
