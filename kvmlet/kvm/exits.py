@@ -4,13 +4,15 @@ The two hot exits, port I/O and MMIO, are preallocated per vCPU and updated in p
 `run()` (no allocation per exit beyond the data view): an `IoExit`/`MmioExit` and its `data`
 view are valid only until the vCPU runs again, the same lifetime the kernel gives the bytes
 in the run page. Reply to an IN or an MMIO read by writing into `data` before the next run().
-Rare exits are small immutable values decoded by `decode_rare_exit`.
+Rare exits are small immutable values decoded by `decode_rare_exit`: NamedTuples, or one shared
+instance of a class for the exits that carry nothing (a frozen dataclass would cost ~0.4 ms of
+every boot's imports each, for values made a handful of times per run).
 """
 
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from kvmlet.kvm import structs as s
 
@@ -84,31 +86,41 @@ class MmioExit:
         return f"MmioExit({kind} address={self.address:#x} size={self.size})"
 
 
-@dataclass(frozen=True, slots=True)
-class HltExit:
+class _FieldlessExit:
+    """An exit that carries nothing: `run()` returns one shared instance of each kind."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class HltExit(_FieldlessExit):
     """The guest executed HLT (only without the in-kernel irqchip)."""
 
+    __slots__ = ()
 
-@dataclass(frozen=True, slots=True)
-class ShutdownExit:
+
+class ShutdownExit(_FieldlessExit):
     """The vCPU shut down (a triple fault, or a reset the guest forced that way)."""
 
+    __slots__ = ()
 
-@dataclass(frozen=True, slots=True)
-class InterruptedExit:
+
+class InterruptedExit(_FieldlessExit):
     """KVM_RUN returned early (EINTR or `immediate_exit`): a signal asked the vCPU to stop."""
 
+    __slots__ = ()
 
-@dataclass(frozen=True, slots=True)
-class SystemEventExit:
+
+class SystemEventExit(NamedTuple):
     """A platform event: `kind` is KVM_SYSTEM_EVENT_SHUTDOWN, _RESET, _CRASH, ..."""
 
     kind: int
     data: tuple[int, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
-class InternalErrorExit:
+class InternalErrorExit(NamedTuple):
     """KVM could not go on (suberror 1: the instruction emulator refused an instruction)."""
 
     suberror: int
@@ -129,16 +141,14 @@ class InternalErrorExit:
         return raw[1 : 1 + min(raw[0], 15)]
 
 
-@dataclass(frozen=True, slots=True)
-class FailEntryExit:
+class FailEntryExit(NamedTuple):
     """The hardware refused to enter the guest; `reason` is the hardware's code."""
 
     reason: int
     cpu: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class OtherExit:
+class OtherExit(NamedTuple):
     """An exit reason kvmlet does not act on (reported, never silently ignored)."""
 
     reason: int

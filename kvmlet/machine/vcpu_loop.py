@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from kvmlet.bus import AddressSpace
 from kvmlet.kvm import (
@@ -47,8 +47,7 @@ class StopReason(enum.Enum):
         self.exit_status = exit_status
 
 
-@dataclass(frozen=True)
-class GuestStop:
+class GuestStop(NamedTuple):
     """Why a run ended, with detail for the user (registers and bytes of a failure)."""
 
     reason: StopReason
