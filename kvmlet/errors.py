@@ -12,3 +12,21 @@ class KvmletError(Exception):
 
 class GuestMemoryError(KvmletError):
     """A guest-physical access that falls outside guest RAM (guest-controlled: never fatal)."""
+
+
+class LazyLogger:
+    """`logging.getLogger(name)`, looked up on each use, with `logging` imported on first use.
+
+    kvmlet logs only rare events (a failing device handler, a guest's invalid access), and
+    `logging` with traceback, string and textwrap costs ~3 ms of every boot's imports when a
+    module imports it at the top. Messages go to the very same `logging` loggers."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __getattr__(self, attribute: str) -> object:
+        import logging
+
+        return getattr(logging.getLogger(self.name), attribute)

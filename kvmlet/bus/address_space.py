@@ -13,7 +13,6 @@ event notifiers removed, then added. A listener added late gets the current stat
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from typing import Protocol
@@ -22,8 +21,9 @@ from kvmlet.bus import topology
 from kvmlet.bus.access import read_region, write_region
 from kvmlet.bus.flat import FlatView, IoEventNotifier, MemorySection
 from kvmlet.bus.region import ContainerRegion, Region
+from kvmlet.errors import LazyLogger
 
-log = logging.getLogger("kvmlet.bus")
+log = LazyLogger("kvmlet.bus")
 
 PORT_IO_SIZE = 1 << 16
 MMIO_SIZE = 1 << 64

@@ -43,15 +43,33 @@ import kvmlet.machine.machine
 print("\\n".join(sorted(sys.modules)))
 """
 
+DATACLASSES_CHILD = """
+import dataclasses, inspect, sys
+from kvmlet import cli
+cli.run_config(cli.build_parser().parse_args(sys.argv[1:]))
+import kvmlet.machine.machine
+for name, module in list(sys.modules.items()):
+    if name.startswith("kvmlet"):
+        for _, value in inspect.getmembers(module, inspect.isclass):
+            if value.__module__ == name and dataclasses.is_dataclass(value):
+                print(value.__qualname__)
+"""
 
-def modules_after(tmp_path: Path, *arguments: str) -> set[str]:
-    """sys.modules of a fresh interpreter after the CLI built its run configuration."""
+PUBLIC_DATACLASSES = {"MachineConfig", "DiskConfig"}
+"""Users derive configurations with dataclasses.replace: these stay dataclasses."""
+NOT_YET_CONVERTED = {"RamBank", "HostIovec", "DescriptorChain", "QueueStats", "Doorbell"}
+"""kvmlet.memory and kvmlet.virtio records still built as dataclasses (~0.4 ms each)."""
+
+
+def modules_after(tmp_path: Path, *arguments: str, child: str = CHILD) -> set[str]:
+    """sys.modules of a fresh interpreter after the CLI built its run configuration (or the
+    lines another `child` script prints)."""
     kernel = tmp_path / "vmlinux"
     segments = [(16 * MiB, 0xFFFF_FFFF_8100_0000, b"\x90" * 64, 4096)]
     kernel.write_bytes(make_elf(segments, entry=16 * MiB, notes=pvh_note(16 * MiB)))
     argv = ["run", "-k", str(kernel), "--host-profile", "none", *arguments]
     result = subprocess.run(
-        [sys.executable, "-S", "-c", CHILD, *argv],
+        [sys.executable, "-S", "-c", child, *argv],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -81,3 +99,36 @@ def test_a_disk_brings_in_virtio_blk(tmp_path):
     modules = modules_after(tmp_path, "-d", str(disk))
     assert "kvmlet.virtio.blk" in modules
     assert not loaded(modules, "kvmlet.guest")
+
+
+def test_a_boot_builds_no_dataclass_but_the_public_configurations(tmp_path):
+    """Building a dataclass execs generated code (~0.4 ms each at import): internal records
+    are NamedTuples or slotted classes."""
+    made = modules_after(tmp_path, child=DATACLASSES_CHILD)
+    assert made >= PUBLIC_DATACLASSES
+    assert made - PUBLIC_DATACLASSES - NOT_YET_CONVERTED == set()
+
+
+def test_the_bus_imports_logging_only_when_it_logs():
+    script = (
+        "import sys, kvmlet.bus, kvmlet.kvm\n"
+        "assert 'logging' not in sys.modules, 'imported at start'\n"
+        "from kvmlet.bus import AddressSpace, IoRegion\n"
+        "class Broken:\n"
+        "    def read(self, offset, size): raise RuntimeError('device bug')\n"
+        "    def write(self, offset, size, value): raise RuntimeError('device bug')\n"
+        "space = AddressSpace('io', 0x100)\n"
+        "space.root.add_subregion(0x10, IoRegion('broken', 4, Broken()))\n"
+        "assert space.read(0x10, 4) == 0xFFFF_FFFF\n"
+        "assert 'logging' in sys.modules\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-S", "-c", script],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "broken" in result.stderr and "device bug" in result.stderr
