@@ -341,6 +341,7 @@ def figure(mode: str, result: dict[str, float]) -> tuple[str, float, str]:
 
 def measure(args: argparse.Namespace) -> None:
     guest = ensure_default_guest(progress=QuietProgress())
+    emit({"case": "environment", "cpus": os.cpu_count(), "load_average": os.getloadavg()[0]})
     transports = [name for name in args.transports.split(",") if name]
     samples: dict[tuple[str, str], list[float]] = {}
     phases: dict[tuple[str, str], list[dict]] = {}
