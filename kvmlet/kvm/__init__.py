@@ -3,8 +3,8 @@
 with Kvm() as kvm:
     kvm.require()
     vm = kvm.create_vm()
-    vm.setup_x86_platform()
     vm.add_memory(0, len(ram), host_address)
+    vm.setup_x86_platform()
     vcpu = vm.create_vcpu(0)
     match vcpu.run():
         case IoExit(port, size, is_write, count, data): ...

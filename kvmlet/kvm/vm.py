@@ -113,7 +113,10 @@ class Vm:
     def setup_x86_platform(
         self, identity_map_addr: int = IDENTITY_MAP_ADDR, tss_addr: int = TSS_ADDR
     ) -> None:
-        """Identity map, TSS, irqchip, PIT2: in this order, before any slot or vCPU."""
+        """Identity map, TSS, irqchip, PIT2: in this order, before any vCPU.
+
+        Best after the RAM slots: a slot added once the irqchip exists cost 5-10 ms on the
+        software KVM we measured (0.2 ms before it), the largest part of a boot's set-up."""
         self.set_identity_map_addr(identity_map_addr)
         self.set_tss_addr(tss_addr)
         self.create_irqchip()

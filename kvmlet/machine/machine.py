@@ -29,7 +29,12 @@ from kvmlet.machine import host_profile
 from kvmlet.machine.boot import load_kernel
 from kvmlet.machine.config import BOOT_CODE_ADDRESS, MachineConfig
 from kvmlet.machine.console import Console
-from kvmlet.machine.cpu import apply_boot_state, configure_vcpu, start_real_mode
+from kvmlet.machine.cpu import (
+    apply_boot_state,
+    configure_vcpu,
+    start_real_mode,
+    supported_cpuid,
+)
 from kvmlet.machine.diagnostics import describe_vcpu, format_stats, trace_printer
 from kvmlet.machine.interrupts import KvmIrqLine
 from kvmlet.machine.kvm_bridge import KvmBusListener
@@ -95,7 +100,6 @@ class Machine:
         self.kvm.require()
         self.vm = vm = self.kvm.create_vm()
         self._closers.append(vm.close)
-        vm.setup_x86_platform()
         self.memory_map = MemoryMap(config.memory)
         self.memory = GuestMemory.anonymous(self.memory_map.ram_banks())
         self._closers.append(self.memory.close)
@@ -111,6 +115,7 @@ class Machine:
                 self.mmio.root.add_subregion(
                     bank.base, RamRegion(f"ram@{bank.base:#x}", bank.size, bank)
                 )
+        vm.setup_x86_platform()  # after the RAM slots: see Vm.setup_x86_platform
         self.legacy = attach_legacy_devices(
             self.io,
             lambda irq: KvmIrqLine(vm, irq),
@@ -144,7 +149,7 @@ class Machine:
             )
         else:
             self.memory.write(BOOT_CODE_ADDRESS, config.boot_code)
-        supported = self.kvm.supported_cpuid()
+        supported = supported_cpuid(self.kvm)
         self.vcpus: list[Vcpu] = []
         for index in range(config.cpus):
             vcpu = vm.create_vcpu(index)
