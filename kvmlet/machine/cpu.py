@@ -16,7 +16,8 @@ import struct
 from collections.abc import Iterable, Sequence
 from typing import Literal, NamedTuple
 
-from kvmlet.kvm import Vcpu
+from kvmlet.kvm import Kvm, Vcpu
+from kvmlet.kvm.ioctls import KVM_CAP_TSC_DEADLINE_TIMER
 from kvmlet.kvm.structs import KvmCpuidEntry2, KvmFpu, KvmLapicState, KvmSegment
 
 # CPUID
@@ -42,6 +43,7 @@ KVM_HYPERCALL_FEATURES = (
 """The PV features a guest uses by making hypercalls (VMCALL/VMMCALL): KVM_HC_KICK_CPU for PV
 spinlocks, KVM_HC_SEND_IPI, KVM_HC_SCHED_YIELD and KVM_HC_MAP_GPA_RANGE. A Linux guest with
 more than one vCPU makes the first of them as soon as an application processor comes up."""
+LEAF1_ECX_TSC_DEADLINE = 1 << 24
 LEAF1_ECX_HYPERVISOR = 1 << 31
 LEAF1_EDX_HTT = 1 << 28
 CLFLUSH_LINE_SIZE_QWORDS = 8
@@ -116,6 +118,22 @@ class CpuidMask(NamedTuple):
 HIDE_KVM_HYPERCALL_FEATURES = CpuidMask(CPUID_KVM_FEATURES, "eax", KVM_HYPERCALL_FEATURES)
 """For a host whose KVM never completes a hypercall: the guest then uses its native paths
 (IPIs through the local APIC's ICR, plain queued spinlocks, no directed yield)."""
+
+
+def supported_cpuid(kvm: Kvm) -> list[KvmCpuidEntry2]:
+    """KVM_GET_SUPPORTED_CPUID plus the TSC-deadline timer when KVM has it.
+
+    KVM never reports that bit itself: it depends on the in-kernel local APIC, which every
+    kvmlet VM has (Documentation/virt/kvm/api.rst, KVM_GET_SUPPORTED_CPUID). Without it a
+    Linux guest programs its APIC timer through MMIO, a trapped and emulated instruction each
+    time, instead of one MSR write.
+    """
+    table = kvm.supported_cpuid()
+    if kvm.check_extension(KVM_CAP_TSC_DEADLINE_TIMER) > 0:
+        for entry in table:
+            if entry.function == CPUID_FEATURES:
+                entry.ecx |= LEAF1_ECX_TSC_DEADLINE
+    return table
 
 
 def build_cpuid(

@@ -77,3 +77,25 @@ def test_boot_msrs_enable_fast_strings_and_write_back_mtrr():
     assert msrs[cpu.MSR_IA32_MISC_ENABLE] & cpu.MISC_ENABLE_FAST_STRING
     assert msrs[cpu.MSR_MTRR_DEF_TYPE] == (1 << 11) | 6
     assert msrs[cpu.MSR_LSTAR] == 0
+
+
+class FakeKvm:
+    """What `cpu.supported_cpuid` asks of a Kvm: its CPUID and one capability."""
+
+    def __init__(self, tsc_deadline: int):
+        self.tsc_deadline = tsc_deadline
+
+    def supported_cpuid(self):
+        return supported()
+
+    def check_extension(self, capability: int) -> int:
+        assert capability == 72  # KVM_CAP_TSC_DEADLINE_TIMER
+        return self.tsc_deadline
+
+
+def test_tsc_deadline_timer_is_offered_exactly_when_kvm_has_it():
+    with_it = leaf(cpu.supported_cpuid(FakeKvm(1)), 1)
+    without = leaf(cpu.supported_cpuid(FakeKvm(0)), 1)
+    assert with_it.ecx & cpu.LEAF1_ECX_TSC_DEADLINE
+    assert not without.ecx & cpu.LEAF1_ECX_TSC_DEADLINE
+    assert with_it.ecx & ~cpu.LEAF1_ECX_TSC_DEADLINE == without.ecx  # nothing else changes
