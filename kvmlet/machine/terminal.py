@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import os
-import selectors
+import select
 import signal
 import termios
 import threading
@@ -265,34 +265,34 @@ class ConsoleInput:
 
     def _run(self) -> None:
         # poll(), not epoll: stdin may be a regular file (`< file`), which epoll refuses.
-        with selectors.PollSelector() as selector:
-            selector.register(self._fd, selectors.EVENT_READ)
-            selector.register(self._wake_read, selectors.EVENT_READ)
-            while not self._stopping.is_set():
-                ready = {key.fd for key, _ in selector.select()}
-                if self._wake_read in ready or self._stopping.is_set():
+        poller = select.poll()
+        poller.register(self._fd, select.POLLIN)
+        poller.register(self._wake_read, select.POLLIN)
+        while not self._stopping.is_set():
+            ready = {fd for fd, _ in poller.poll()}  # any event (a hang-up too) means: read
+            if self._wake_read in ready or self._stopping.is_set():
+                return
+            try:
+                data = os.read(self._fd, self._read_size)
+            except BlockingIOError:
+                continue
+            except OSError as error:
+                self.read_error = error
+                return
+            if not data:
+                self.reached_eof = True
+                return
+            if self._filter is not None:
+                filtered = self._filter.feed(data)
+                data = filtered.to_guest
+                self._deliver_all(data)
+                for action in filtered.actions:
+                    if self._on_action is not None:
+                        self._on_action(action)
+                if self._filter.quit_requested:
                     return
-                try:
-                    data = os.read(self._fd, self._read_size)
-                except BlockingIOError:
-                    continue
-                except OSError as error:
-                    self.read_error = error
-                    return
-                if not data:
-                    self.reached_eof = True
-                    return
-                if self._filter is not None:
-                    filtered = self._filter.feed(data)
-                    data = filtered.to_guest
-                    self._deliver_all(data)
-                    for action in filtered.actions:
-                        if self._on_action is not None:
-                            self._on_action(action)
-                    if self._filter.quit_requested:
-                        return
-                else:
-                    self._deliver_all(data)
+            else:
+                self._deliver_all(data)
 
     def _deliver_all(self, data: bytes) -> None:
         while data and not self._stopping.is_set():

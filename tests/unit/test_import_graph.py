@@ -32,6 +32,7 @@ BOOT_ONLY_NEEDS_NONE_OF = (
     "calendar",
     "shutil",  # argparse asks it for the terminal width unless the CLI passes the width
     "shlex",  # only for `kvmlet sandbox`
+    "selectors",  # the console input thread polls with select.poll
 )
 
 CHILD = """
