@@ -17,7 +17,6 @@ from typing import Literal, NamedTuple
 
 from kvmlet.errors import KvmletError
 from kvmlet.machine.boot import elf, zero_page
-from kvmlet.machine.boot.bzimage import is_bzimage, load_bzimage, parse_setup_header
 from kvmlet.machine.boot.mptable import PciInterrupt, write_mp_table
 from kvmlet.machine.boot.placement import DEFAULT_CMDLINE_SIZE, load_initrd, write_command_line
 from kvmlet.machine.boot.x86_64 import long_mode_entry, protected_mode_entry
@@ -74,12 +73,14 @@ def _mapped_file(path: str | os.PathLike[str], what: str) -> Iterator[mmap.mmap]
 
 
 def _describe(data: bytes) -> KernelInfo:
-    if is_bzimage(data):
-        parse_setup_header(data)
-        return KernelInfo("bzImage", has_64bit_entry=True, has_pvh_entry=False)
     if elf.is_elf(data):
         kernel = elf.parse_elf(data)
         return KernelInfo("elf", kernel.entry is not None, kernel.pvh_entry is not None)
+    from kvmlet.machine.boot import bzimage  # only for a bzImage: an ELF boot never imports it
+
+    if bzimage.is_bzimage(data):
+        bzimage.parse_setup_header(data)
+        return KernelInfo("bzImage", has_64bit_entry=True, has_pvh_entry=False)
     raise KvmletError("not a Linux kernel: neither a bzImage nor an ELF vmlinux")
 
 
@@ -112,6 +113,8 @@ def load_kernel(
             info = _describe(data)
             method = info.boot_method(boot_method)
             if info.format == "bzImage":
+                from kvmlet.machine.boot.bzimage import load_bzimage
+
                 loaded = load_bzimage(memory, data, memory_map)
                 entry, kernel_end = loaded.entry, loaded.kernel_end
                 cmdline_size = loaded.header.cmdline_size
