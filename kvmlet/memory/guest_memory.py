@@ -22,7 +22,6 @@ import mmap
 import operator
 import struct
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import NewType
 
 from kvmlet.errors import GuestMemoryError
@@ -37,13 +36,16 @@ _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 
 
-@dataclass(eq=False)
 class RamBank:
     """One contiguous guest-physical range backed by one host mapping."""
 
-    base: int
-    size: int
-    mapping: mmap.mmap = field(repr=False)
+    def __init__(self, base: int, size: int, mapping: mmap.mmap):
+        self.base = base
+        self.size = size
+        self.mapping = mapping
+
+    def __repr__(self) -> str:
+        return f"RamBank(base={self.base:#x}, size={self.size:#x})"
 
     @classmethod
     def anonymous(cls, base: int, size: int) -> RamBank:
@@ -60,15 +62,20 @@ class RamBank:
         return ctypes.addressof(ctypes.c_char.from_buffer(self.mapping))
 
 
-@dataclass(eq=False)
 class HostIovec:
     """Guest buffers as host `struct iovec`s (address, length), for preadv/pwritev through
     ctypes. `pin` is a view of the bank they lie in: while it is held, the bank cannot be
     unmapped under the system call; `with` releases it."""
 
-    words: array.array
-    count: int
-    pin: memoryview = field(repr=False)
+    __slots__ = ("count", "pin", "words")
+
+    def __init__(self, words: array.array, count: int, pin: memoryview):
+        self.words = words
+        self.count = count
+        self.pin = pin
+
+    def __repr__(self) -> str:
+        return f"HostIovec({self.count} buffers)"
 
     def address(self) -> int:
         """Where the iovec array starts in host memory."""

@@ -15,17 +15,15 @@ ignores its queues until the driver resets it.
 from __future__ import annotations
 
 import enum
-import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Protocol
 
-from kvmlet.errors import GuestMemoryError
+from kvmlet.errors import GuestMemoryError, LazyLogger
 from kvmlet.memory import GuestMemory
 from kvmlet.virtio.queue import DescriptorChain, Virtqueue, VirtqueueError
 
-log = logging.getLogger(__name__)
+log = LazyLogger(__name__)
 
 # Device status bits (§2.1).
 ACKNOWLEDGE = 1
@@ -65,15 +63,15 @@ class RingPart(enum.Enum):
     DEVICE = "device"
 
 
-@dataclass
 class QueueStats:
-    """Per-queue counters for the statistics dump."""
+    """Per-queue counters for the statistics dump (`vars()` of one is its line there)."""
 
-    notifications: int = 0
-    requests: int = 0
-    bytes_from_guest: int = 0
-    bytes_to_guest: int = 0
-    interrupts: int = 0
+    def __init__(self) -> None:
+        self.notifications = 0
+        self.requests = 0
+        self.bytes_from_guest = 0
+        self.bytes_to_guest = 0
+        self.interrupts = 0
 
 
 class VirtioDevice:

@@ -10,14 +10,14 @@ Linux finds the device through `kernel_parameter()`: `virtio_mmio.device=SIZE@BA
 
 from __future__ import annotations
 
-import logging
 import threading
 
 from kvmlet.bus import AccessSizes, IoRegion
 from kvmlet.devices.irq import IrqLine
+from kvmlet.errors import LazyLogger
 from kvmlet.virtio.device import InterruptKind, RingPart, VirtioDevice
 
-log = logging.getLogger(__name__)
+log = LazyLogger(__name__)
 
 MAGIC_VALUE = 0x000
 VERSION = 0x004

@@ -17,18 +17,17 @@ another lock of this device; the configuration window performs its BAR access ou
 
 from __future__ import annotations
 
-import logging
-
 from kvmlet.bus import AccessSizes, ContainerRegion, IoRegion
 from kvmlet.bus.access import read_region, write_region
 from kvmlet.bus.pci import config_space as cfg
 from kvmlet.bus.pci.device import BarKind, PciDevice
 from kvmlet.bus.pci.msi import NO_VECTOR, MsiController, Msix
 from kvmlet.devices.irq import IrqLine
+from kvmlet.errors import LazyLogger
 from kvmlet.virtio import pci_layout as layout
 from kvmlet.virtio.device import InterruptKind, RingPart, VirtioDevice
 
-log = logging.getLogger(__name__)
+log = LazyLogger(__name__)
 
 _RING_FIELDS = {
     layout.QUEUE_DESC: RingPart.DESCRIPTOR,

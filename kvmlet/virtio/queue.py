@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import struct
 import sys
-from dataclasses import dataclass, field
 
 from kvmlet.errors import GuestMemoryError
 from kvmlet.memory import GuestMemory, HostIovec
@@ -82,7 +81,6 @@ def _table_columns(table: memoryview) -> tuple[list[int], list[int], list[int], 
     )
 
 
-@dataclass(slots=True, eq=False)
 class DescriptorChain:
     """One available chain: its head index and its buffers, readable ones first.
 
@@ -94,20 +92,51 @@ class DescriptorChain:
     only; views of the others are made if asked for.
     """
 
-    head: int
-    addresses: list[int]
-    lengths: list[int]
-    readable_count: int
-    readable_length: int
-    writable_length: int
-    memory: GuestMemory = field(repr=False)
-    first_view: memoryview = field(repr=False)
-    """The first buffer (where requests usually start with a header)."""
-    last_view: memoryview = field(repr=False)
-    """The last buffer (where a device usually writes a status)."""
-    known_views: list[memoryview] | None = field(default=None, repr=False)
-    iovec: HostIovec | None = field(default=None, repr=False)
-    """The buffers as host iovecs, for a chain read as a whole table (else None)."""
+    __slots__ = (
+        "addresses",
+        "first_view",
+        "head",
+        "iovec",
+        "known_views",
+        "last_view",
+        "lengths",
+        "memory",
+        "readable_count",
+        "readable_length",
+        "writable_length",
+    )
+
+    def __init__(
+        self,
+        head: int,
+        addresses: list[int],
+        lengths: list[int],
+        readable_count: int,
+        readable_length: int,
+        writable_length: int,
+        memory: GuestMemory,
+        first_view: memoryview,
+        last_view: memoryview,
+        known_views: list[memoryview] | None = None,
+        iovec: HostIovec | None = None,
+    ):
+        self.head = head
+        self.addresses = addresses
+        self.lengths = lengths
+        self.readable_count = readable_count
+        self.readable_length = readable_length
+        self.writable_length = writable_length
+        self.memory = memory
+        self.first_view = first_view  # where requests usually start with a header
+        self.last_view = last_view  # where a device usually writes a status
+        self.known_views = known_views
+        self.iovec = iovec  # for a chain read as a whole table, else None
+
+    def __repr__(self) -> str:
+        return (
+            f"DescriptorChain(head={self.head}, {len(self.addresses)} buffers, "
+            f"{self.readable_length} bytes readable, {self.writable_length} writable)"
+        )
 
     @property
     def readable(self) -> list[tuple[int, int]]:

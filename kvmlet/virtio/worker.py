@@ -14,16 +14,15 @@ through its own eventfd and joins it.
 
 from __future__ import annotations
 
-import logging
 import os
 import select
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 
+from kvmlet.errors import LazyLogger
 from kvmlet.virtio.device import VirtioDevice
 
-log = logging.getLogger(__name__)
+log = LazyLogger(__name__)
 
 
 def new_eventfd() -> int:
@@ -31,16 +30,21 @@ def new_eventfd() -> int:
     return os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
 
 
-@dataclass(eq=False)
 class Doorbell:
-    """The eventfd KVM signals when the guest kicks queue `queue_index` of `device`."""
+    """The eventfd KVM signals when the guest kicks queue `queue_index` of `device`.
 
-    device: VirtioDevice
-    queue_index: int
-    eventfd: int
-    wakeups: int = 0
-    kicks: int = 0
-    """Guest writes counted by the eventfd; more than `wakeups` when kicks were coalesced."""
+    `kicks` counts the guest writes the eventfd counted: more than `wakeups` when kicks were
+    coalesced."""
+
+    def __init__(self, device: VirtioDevice, queue_index: int, eventfd: int):
+        self.device = device
+        self.queue_index = queue_index
+        self.eventfd = eventfd
+        self.wakeups = 0
+        self.kicks = 0
+
+    def __repr__(self) -> str:
+        return f"Doorbell({self.device.name!r}, queue {self.queue_index}, fd {self.eventfd})"
 
     def fileno(self) -> int:
         return self.eventfd
