@@ -24,7 +24,12 @@ import struct
 from collections.abc import Iterator, Sequence
 from typing import NewType
 
-from kvmlet.errors import GuestMemoryError
+from kvmlet.errors import GuestMemoryError, KvmletError
+
+MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
+"""Linux's flag (x86 value; Python's mmap module exports it only from 3.13): without it a large
+guest counts against the host's overcommit limit in full before touching a page."""
+GiB = 1 << 30
 
 GuestAddress = NewType("GuestAddress", int)
 """A guest-physical address (static typing only: at run time it is a plain int)."""
@@ -49,8 +54,15 @@ class RamBank:
 
     @classmethod
     def anonymous(cls, base: int, size: int) -> RamBank:
-        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
-        return cls(base, size, mmap.mmap(-1, size, flags=flags))
+        """A bank of fresh RAM; KvmletError (one line for the user) when the host refuses it."""
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE
+        try:
+            mapping = mmap.mmap(-1, size, flags=flags)
+        except OSError as error:
+            raise KvmletError(
+                f"cannot map {size / GiB:g} GiB of guest RAM: {error.strerror.lower()}"
+            ) from None
+        return cls(base, size, mapping)
 
     @property
     def end(self) -> int:

@@ -1,10 +1,13 @@
 """Guest memory: every access is bounds-checked against the RAM banks."""
 
+import errno
+import mmap
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kvmlet.errors import GuestMemoryError
+from kvmlet.errors import GuestMemoryError, KvmletError
 from kvmlet.memory import GuestMemory
 
 LAYOUT = [(0, 0x10000), (0x100000, 0x1000)]
@@ -65,3 +68,40 @@ def test_arbitrary_accesses_stay_inside_ram(address, length):
                 mem.read(address, length)
     finally:
         mem.close()
+
+
+def host_memory_bytes() -> int:
+    """RAM plus swap, from /proc/meminfo."""
+    with open("/proc/meminfo") as meminfo:
+        fields = dict(line.split(":", 1) for line in meminfo)
+    return sum(int(fields[name].split()[0]) * 1024 for name in ("MemTotal", "SwapTotal"))
+
+
+def strict_overcommit() -> bool:
+    with open("/proc/sys/vm/overcommit_memory") as setting:
+        return setting.read().strip() == "2"
+
+
+@pytest.mark.skipif(
+    strict_overcommit(),
+    reason="strict overcommit (vm.overcommit_memory=2) refuses every mapping beyond the limit",
+)
+def test_a_bank_larger_than_the_host_costs_nothing_until_touched():
+    size = 2 * host_memory_bytes() & ~0xFFFFF
+    memory = GuestMemory.anonymous([(0, size)])
+    try:
+        memory.write(size - 4, b"last")
+        assert memory.read(size - 4, 4) == b"last"
+    finally:
+        memory.close()
+
+
+def test_a_refused_mapping_is_one_clear_error(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise OSError(errno.ENOMEM, "Cannot allocate memory")
+
+    monkeypatch.setattr(mmap, "mmap", refuse)
+    with pytest.raises(
+        KvmletError, match=r"^cannot map 2 GiB of guest RAM: cannot allocate memory$"
+    ):
+        GuestMemory.anonymous([(0, 2 << 30)])
