@@ -264,7 +264,7 @@ def _command_run(args: argparse.Namespace) -> int:
 
 def _command_sandbox(args: argparse.Namespace) -> int:
     from kvmlet.machine.vcpu_loop import StopReason
-    from kvmlet.sandbox import sandbox
+    from kvmlet.sandbox import DEFAULT_TIMEOUT, sandbox
 
     argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
     if not argv:
@@ -274,10 +274,14 @@ def _command_sandbox(args: argparse.Namespace) -> int:
     command = argv[0] if len(argv) == 1 else shlex.join(argv)
     config = _machine_config(args)
     _notice_profile(config)
-    result = sandbox(command, config, timeout=args.timeout or 600.0)
+    timeout = args.timeout or DEFAULT_TIMEOUT
+    result = sandbox(command, config, timeout=timeout)
     sys.stdout.write(result.output)
     sys.stdout.flush()
     if result.status is None:
+        if result.stop.reason is StopReason.TIMEOUT:
+            print(f"kvmlet: the command timed out after {timeout:g} s", file=sys.stderr)
+            return result.stop.reason.exit_status
         if result.stop.reason is StopReason.USER_SPACE_UNSUPPORTED:
             raise KvmletError(str(result.stop))
         raise KvmletError(f"the command reported no exit status ({result.stop})")

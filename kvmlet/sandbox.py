@@ -43,8 +43,10 @@ def sandbox(
     """Run `command` (a shell line) in the default guest and return its result.
 
     `config` sets memory, CPUs, disks...; its kernel defaults to kvmlet's default guest.
-    Raises KvmletError when the guest could not run the command at all (e.g. this host's KVM
-    cannot run guest user space), with the reason in one line.
+    A command still running after `timeout` seconds is stopped: the result then has status
+    None, `stop.reason` TIMEOUT and whatever the command printed. Raises KvmletError when the
+    guest could not run the command at all (e.g. this host's KVM cannot run guest user
+    space), with the reason in one line.
     """
     base = with_default_guest(config)
     run_config = replace(
@@ -55,6 +57,6 @@ def sandbox(
         transcript = machine.console.transcript()
         stats = machine.stats()
     status = parse_exit_status(transcript)
-    if status is None and stop.reason is not StopReason.RESET:
+    if status is None and stop.reason not in (StopReason.RESET, StopReason.TIMEOUT):
         raise KvmletError(f"the sandbox did not run the command: {stop}")
     return SandboxResult(status, command_output(transcript), stop, stats)

@@ -45,3 +45,9 @@ def test_guest_sees_the_memory_it_was_given(guest_config):
     result = sandbox("grep MemTotal /proc/meminfo", config, timeout=BOOT_TIMEOUT)
     total_kib = int(result.output.split()[1])
     assert 300 * 1024 < total_kib <= 384 * 1024
+
+
+def test_a_command_still_running_at_the_timeout_is_stopped_with_its_output(guest_config):
+    result = sandbox("echo started; sleep 600", guest_config, timeout=40)
+    assert result.status is None and result.stop.reason is StopReason.TIMEOUT
+    assert result.output.startswith("started\n"), result.output

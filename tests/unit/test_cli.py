@@ -91,3 +91,22 @@ def test_version():
 @pytest.mark.parametrize("argv", [["run", "-i", "initrd"], ["run", "-c", "0"]])
 def test_inconsistent_flags_are_one_line(argv):
     assert_one_line_error(run_cli(*argv))
+
+
+def test_a_sandbox_command_that_times_out_exits_124_with_its_output(monkeypatch, capsys):
+    from kvmlet import sandbox as sandbox_module
+    from kvmlet.machine.vcpu_loop import GuestStop, StopReason
+
+    asked = {}
+
+    def still_running(command, config, *, timeout):
+        asked.update(command=command, timeout=timeout)
+        stop = GuestStop(StopReason.TIMEOUT, "the guest was still running after 3 s")
+        return sandbox_module.SandboxResult(None, "started\n", stop)
+
+    monkeypatch.setattr(sandbox_module, "sandbox", still_running)
+    status = cli.main(["sandbox", "--timeout", "3", "--host-profile", "none", "--", "sleep 9"])
+    captured = capsys.readouterr()
+    assert (status, asked) == (124, {"command": "sleep 9", "timeout": 3.0})
+    assert captured.out == "started\n"
+    assert captured.err.strip().splitlines()[-1] == "kvmlet: the command timed out after 3 s"
