@@ -15,7 +15,7 @@ costs ~0.4 ms of every boot's imports to build.
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
-from operator import gt
+from operator import attrgetter, gt
 from typing import Any, NamedTuple
 
 from kvmlet.bus.region import RamRegion, Region
@@ -38,7 +38,27 @@ class FlatRange(NamedTuple):
     offset: int
 
 
-class MemorySection:
+class _KeyedRecord:
+    """A slotted record compared and hashed by the attributes `_key` names: a value for set
+    differences, with room for a field that must stay out of equality."""
+
+    __slots__ = ()
+    _key: attrgetter
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        return self._key(self) == self._key(other)
+
+    def __hash__(self) -> int:
+        return hash(self._key(self))
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
+        return f"{type(self).__name__}({fields})"
+
+
+class MemorySection(_KeyedRecord):
     """A visible piece of a RAM/ROM region, for the KVM layer's memory slots.
 
     Equal (and hashed) by everything but `backing`, which may be an unhashable buffer."""
@@ -52,6 +72,9 @@ class MemorySection:
         "region_offset",
         "size",
         "start",
+    )
+    _key = attrgetter(
+        "address_space", "start", "size", "region", "region_offset", "readonly", "backing_offset"
     )
 
     def __init__(
@@ -78,34 +101,8 @@ class MemorySection:
     def end(self) -> int:
         return self.start + self.size
 
-    def _key(self) -> tuple:
-        return (
-            self.address_space,
-            self.start,
-            self.size,
-            self.region,
-            self.region_offset,
-            self.readonly,
-            self.backing_offset,
-        )
 
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, MemorySection):
-            return NotImplemented
-        return self._key() == other._key()
-
-    def __hash__(self) -> int:
-        return hash(self._key())
-
-    def __repr__(self) -> str:
-        return (
-            f"MemorySection({self.address_space!r}, start={self.start:#x}, size={self.size:#x}, "
-            f"region={self.region.name!r}, region_offset={self.region_offset:#x}, "
-            f"readonly={self.readonly}, backing_offset={self.backing_offset:#x})"
-        )
-
-
-class IoEventNotifier:
+class IoEventNotifier(_KeyedRecord):
     """A visible doorbell, for the KVM layer's ioeventfds (KVM_IOEVENTFD_FLAG_PIO if port_io).
 
     Equal (and hashed) by everything but `region_name`, which only names it in messages."""
@@ -119,6 +116,7 @@ class IoEventNotifier:
         "region_name",
         "size",
     )
+    _key = attrgetter("address_space", "port_io", "address", "size", "datamatch", "eventfd")
 
     def __init__(
         self,
@@ -137,31 +135,6 @@ class IoEventNotifier:
         self.datamatch = datamatch
         self.eventfd = eventfd
         self.region_name = region_name
-
-    def _key(self) -> tuple:
-        return (
-            self.address_space,
-            self.port_io,
-            self.address,
-            self.size,
-            self.datamatch,
-            self.eventfd,
-        )
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, IoEventNotifier):
-            return NotImplemented
-        return self._key() == other._key()
-
-    def __hash__(self) -> int:
-        return hash(self._key())
-
-    def __repr__(self) -> str:
-        return (
-            f"IoEventNotifier({self.address_space!r}, port_io={self.port_io}, "
-            f"address={self.address:#x}, size={self.size}, datamatch={self.datamatch}, "
-            f"eventfd={self.eventfd!r}, region_name={self.region_name!r})"
-        )
 
 
 class _Painter:
