@@ -7,15 +7,12 @@ on its own) and lists the kvmlet modules loaded once it is built.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.kvm
+from tests.helpers.fresh_python import run_fresh_python
 
-ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.kvm
 
 CHILD = """
 import json, sys
@@ -30,16 +27,7 @@ print("\\n".join(sorted(name for name in sys.modules if name.startswith("kvmlet.
 
 
 def virtio_modules_of(**options) -> set[str]:
-    result = subprocess.run(
-        [sys.executable, "-S", "-c", CHILD, json.dumps(options)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    return set(result.stdout.split())
+    return set(run_fresh_python(CHILD, json.dumps(options)).stdout.split())
 
 
 def test_the_default_machine_loads_virtio_rng_on_pci_only():

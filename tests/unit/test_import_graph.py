@@ -8,13 +8,10 @@ modules got loaded, which does not depend on the machine's load.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
+from tests.helpers.fresh_python import run_fresh_python
 from tests.unit.boot.synthetic_kernels import MiB, make_elf, pvh_note
-
-ROOT = Path(__file__).resolve().parents[2]
 
 BOOT_ONLY_NEEDS_NONE_OF = (
     "kvmlet.guest",  # building the default guest: only without -k, or build-guest
@@ -69,16 +66,7 @@ def modules_after(tmp_path: Path, *arguments: str, child: str = CHILD) -> set[st
     segments = [(16 * MiB, 0xFFFF_FFFF_8100_0000, b"\x90" * 64, 4096)]
     kernel.write_bytes(make_elf(segments, entry=16 * MiB, notes=pvh_note(16 * MiB)))
     argv = ["run", "-k", str(kernel), "--host-profile", "none", *arguments]
-    result = subprocess.run(
-        [sys.executable, "-S", "-c", child, *argv],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    return set(result.stdout.split())
+    return set(run_fresh_python(child, *argv).stdout.split())
 
 
 def loaded(modules: set[str], name: str) -> bool:
@@ -123,13 +111,5 @@ def test_the_bus_imports_logging_only_when_it_logs():
         "assert space.read(0x10, 4) == 0xFFFF_FFFF\n"
         "assert 'logging' in sys.modules\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-S", "-c", script],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
+    result = run_fresh_python(script)
     assert "broken" in result.stderr and "device bug" in result.stderr
