@@ -241,7 +241,6 @@ def _command_run(args: argparse.Namespace) -> int:
     from kvmlet.machine.diagnostics import format_stats
     from kvmlet.machine.machine import Machine
     from kvmlet.machine.terminal import RawTerminal
-    from kvmlet.machine.vcpu_loop import StopReason
 
     config = run_config(args)
     with RawTerminal(0) as terminal:  # raw mode only when stdin is a terminal
@@ -254,9 +253,7 @@ def _command_run(args: argparse.Namespace) -> int:
             machine.close()
     elapsed = time.monotonic() - (machine.started or machine.created)
     newline = "\r\n" if interactive else ""  # the raw-mode console may end mid-line
-    # A timeout's own detail repeats the time: the reason and the elapsed time say it all.
-    said = stop.reason.description if stop.reason is StopReason.TIMEOUT else stop
-    print(f"{newline}kvmlet: {said} after {elapsed:.1f} s", file=sys.stderr)
+    print(f"{newline}kvmlet: {stop} after {elapsed:.1f} s", file=sys.stderr)
     if args.stats:
         sys.stderr.write(format_stats(machine.stats()))
     return stop.reason.exit_status

@@ -264,7 +264,7 @@ class Machine:
         if self.started is None:
             raise KvmletError("start() the machine before waiting for it")
         if not self._stopped.wait(timeout):
-            self.stop(StopReason.TIMEOUT, f"the guest was still running after {timeout:g} s")
+            self.stop(StopReason.TIMEOUT)  # the caller knows how long it waited
         if not self._join_vcpu_threads():
             raise KvmletError("a vCPU thread did not stop within 10 s of the guest's stop")
         self.console.flush()

@@ -101,7 +101,7 @@ def test_a_sandbox_command_that_times_out_exits_124_with_its_output(monkeypatch,
 
     def still_running(command, config, *, timeout):
         asked.update(command=command, timeout=timeout)
-        stop = GuestStop(StopReason.TIMEOUT, "the guest was still running after 3 s")
+        stop = GuestStop(StopReason.TIMEOUT)
         return sandbox_module.SandboxResult(None, "started\n", stop)
 
     monkeypatch.setattr(sandbox_module, "sandbox", still_running)
