@@ -43,7 +43,7 @@ READY_MARKER = "kvmlet-guest: ready"
 PVM_MARKER = "Run /init as init process"
 TARGETS = {"setup_ms": 60.0, "monitor_rss_mib": 30.0}
 MiB = 1 << 20
-CHILD_IMPORTS = "import json, re, kvmlet.cli, kvmlet.api, kvmlet.machine.machine, kvmlet.virtio.pci"
+CHILD_IMPORTS = "import json, re, kvmlet.cli, kvmlet.machine.machine, kvmlet.virtio.pci"
 """What a boot imports (compiled once by the warm-up, with the stdlib modules they pull in)."""
 
 
@@ -265,7 +265,7 @@ def main() -> None:
     options = parser.parse_args()
 
     from kvmlet.guest import ensure_default_guest
-    from kvmlet.machine import host_profile
+    from kvmlet.vstate import host_profile
 
     guest = ensure_default_guest()
     profile = host_profile.detect()

@@ -58,10 +58,10 @@ from kvmlet.kvm.exits import (
     KVM_EXIT_MMIO,
     MMIO_LAYOUT,
 )
-from kvmlet.machine import host_profile
 from kvmlet.machine.config import BOOT_CODE_ADDRESS, MachineConfig
 from kvmlet.machine.machine import Machine
-from kvmlet.machine.vcpu_loop import StopReason, run_vcpu
+from kvmlet.vstate import host_profile
+from kvmlet.vstate.vcpu_loop import StopReason, run_vcpu
 
 DEVICE_PORT = 0x510
 MARKER_PORT = 0x520

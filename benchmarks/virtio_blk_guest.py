@@ -48,12 +48,15 @@ from pathlib import Path
 CHECKOUT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(CHECKOUT))
 
-from kvmlet.api import with_default_guest  # noqa: E402
 from kvmlet.guest import QuietProgress, ensure_default_guest, parse_exit_status, run_parameter  # noqa: E402
 from kvmlet.guest.cpio import CpioWriter  # noqa: E402
-from kvmlet.machine.config import DiskConfig, MachineConfig  # noqa: E402
-from kvmlet.machine.host_profile import detect  # noqa: E402
+from kvmlet.machine.config import (  # noqa: E402
+    DiskConfig,
+    MachineConfig,
+    with_default_guest,
+)
 from kvmlet.machine.machine import Machine  # noqa: E402
+from kvmlet.vstate.host_profile import detect  # noqa: E402
 
 MIB = 1 << 20
 GUEST_PROGRAM = "/bin/blkbench"

@@ -15,14 +15,14 @@ __version__ = "0.1.0"
 
 _PUBLIC = {
     "DiskConfig": "kvmlet.machine.config",
-    "GuestStop": "kvmlet.machine.vcpu_loop",
+    "GuestStop": "kvmlet.vstate.vcpu_loop",
     "KvmletError": "kvmlet.errors",
     "Machine": "kvmlet.machine.machine",
     "MachineConfig": "kvmlet.machine.config",
     "SandboxResult": "kvmlet.sandbox",
-    "StopReason": "kvmlet.machine.vcpu_loop",
+    "StopReason": "kvmlet.vstate.vcpu_loop",
     "sandbox": "kvmlet.sandbox",
-    "with_default_guest": "kvmlet.api",
+    "with_default_guest": "kvmlet.machine.config",
 }
 
 __all__ = [
@@ -39,12 +39,11 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from kvmlet.api import with_default_guest
     from kvmlet.errors import KvmletError
-    from kvmlet.machine.config import DiskConfig, MachineConfig
+    from kvmlet.machine.config import DiskConfig, MachineConfig, with_default_guest
     from kvmlet.machine.machine import Machine
-    from kvmlet.machine.vcpu_loop import GuestStop, StopReason
     from kvmlet.sandbox import SandboxResult, sandbox
+    from kvmlet.vstate.vcpu_loop import GuestStop, StopReason
 
 
 def __getattr__(name: str) -> object:

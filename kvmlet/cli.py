@@ -184,8 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _machine_config(args: argparse.Namespace, **extra):
+    from kvmlet.boot.memory_map import parse_size
     from kvmlet.machine.config import DiskConfig, MachineConfig
-    from kvmlet.machine.memory_map import parse_size
 
     disks = []
     if args.disk:
@@ -205,7 +205,7 @@ def _machine_config(args: argparse.Namespace, **extra):
 
 
 def _notice_profile(config) -> None:
-    from kvmlet.machine.host_profile import resolve
+    from kvmlet.vstate.host_profile import resolve
 
     profile = resolve(config.host_profile)
     if profile.notice:
@@ -215,8 +215,8 @@ def _notice_profile(config) -> None:
 def run_config(args: argparse.Namespace) -> MachineConfig:
     """The `MachineConfig` of `kvmlet run ARGS`, the kernel checked and the host profile
     announced (the default guest is built or found only when no -k is given)."""
-    from kvmlet.api import with_default_guest
-    from kvmlet.machine.boot import inspect_kernel
+    from kvmlet.boot import inspect_kernel
+    from kvmlet.machine.config import with_default_guest
 
     if args.initrd is not None and args.kernel is None:
         raise KvmletError("-i/--initrd needs -k/--kernel (the default guest has its own)")
@@ -238,9 +238,9 @@ def run_config(args: argparse.Namespace) -> MachineConfig:
 
 
 def _command_run(args: argparse.Namespace) -> int:
-    from kvmlet.machine.diagnostics import format_stats
+    from kvmlet.host.report import format_stats
+    from kvmlet.host.terminal import RawTerminal
     from kvmlet.machine.machine import Machine
-    from kvmlet.machine.terminal import RawTerminal
 
     config = run_config(args)
     with RawTerminal(0) as terminal:  # raw mode only when stdin is a terminal
@@ -260,8 +260,8 @@ def _command_run(args: argparse.Namespace) -> int:
 
 
 def _command_sandbox(args: argparse.Namespace) -> int:
-    from kvmlet.machine.vcpu_loop import StopReason
     from kvmlet.sandbox import DEFAULT_TIMEOUT, sandbox
+    from kvmlet.vstate.vcpu_loop import StopReason
 
     argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
     if not argv:

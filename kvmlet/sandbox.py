@@ -12,12 +12,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from kvmlet.api import with_default_guest
 from kvmlet.errors import KvmletError
 from kvmlet.guest.run_protocol import command_output, parse_exit_status, run_parameter
-from kvmlet.machine.config import MachineConfig
+from kvmlet.machine.config import MachineConfig, with_default_guest
 from kvmlet.machine.machine import Machine
-from kvmlet.machine.vcpu_loop import GuestStop, StopReason
+from kvmlet.vstate.vcpu_loop import GuestStop, StopReason
 
 DEFAULT_TIMEOUT = 600.0
 

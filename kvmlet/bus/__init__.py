@@ -26,7 +26,7 @@ from kvmlet.bus.region import (
     RamRegion,
     Region,
 )
-from kvmlet.bus.topology import transaction
+from kvmlet.bus.transactions import transaction
 
 __all__ = [
     "MMIO_SIZE",

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from typing import Protocol
 
-from kvmlet.bus import topology
+from kvmlet.bus import transactions
 from kvmlet.bus.access import read_region, write_region
 from kvmlet.bus.flat import FlatView, IoEventNotifier, MemorySection
 from kvmlet.bus.region import ContainerRegion, Region
@@ -77,11 +77,11 @@ class AddressSpace:
 
     def transaction(self) -> AbstractContextManager[None]:
         """Batch tree changes (of any address space) into one rebuild each."""
-        return topology.transaction()
+        return transactions.transaction()
 
     def rebuild(self) -> None:
         """Re-render the flat view, publish it, and tell listeners what changed."""
-        with topology.lock:
+        with transactions.lock:
             old = self._view
             new = FlatView(self.name, self.port_io, self.root, self.size)
             self._view = new
@@ -106,7 +106,7 @@ class AddressSpace:
 
     def add_listener(self, listener: MemoryListener) -> None:
         """Register `listener` and replay the current sections and notifiers to it as adds."""
-        with topology.lock:
+        with transactions.lock:
             self.listeners.append(listener)
             view = self._view
             for section in sorted(view.sections, key=_section_key):
@@ -115,7 +115,7 @@ class AddressSpace:
                 listener.eventfd_added(notifier)
 
     def remove_listener(self, listener: MemoryListener) -> None:
-        with topology.lock:
+        with transactions.lock:
             self.listeners.remove(listener)
 
     def read(self, address: int, size: int) -> int:

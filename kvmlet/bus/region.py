@@ -17,7 +17,7 @@ import sys
 import threading
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
-from kvmlet.bus import topology
+from kvmlet.bus import transactions
 from kvmlet.memory import RamBank
 
 if TYPE_CHECKING:
@@ -140,7 +140,7 @@ class Region:
             raise ValueError(f"region {region.name!r} is already placed")
         if offset < 0:
             raise ValueError(f"region {region.name!r}: negative offset {offset:#x}")
-        with topology.lock:
+        with transactions.lock:
             region.parent = self
             region.offset = offset
             region.priority = priority
@@ -152,7 +152,7 @@ class Region:
     def remove_subregion(self, region: Region) -> None:
         if region.parent is not self:
             raise ValueError(f"{region.name!r} is not a subregion of {self.name!r}")
-        with topology.lock:
+        with transactions.lock:
             self.subregions.remove(region)
             region.parent = None
             self._changed()
@@ -164,14 +164,14 @@ class Region:
         """Change this region's offset inside its parent."""
         if offset < 0:
             raise ValueError(f"region {self.name!r}: negative offset {offset:#x}")
-        with topology.lock:
+        with transactions.lock:
             if offset != self.offset:
                 self.offset = offset
                 self._changed()
 
     def set_enabled(self, enabled: bool) -> None:
         """Show or hide this region (and its subregions) without removing it."""
-        with topology.lock:
+        with transactions.lock:
             if enabled != self.enabled:
                 self.enabled = enabled
                 self._changed()
@@ -189,7 +189,7 @@ class Region:
         if size not in (1, 2, 4, 8) or not 0 <= offset <= self.size - size:
             raise ValueError(f"region {self.name!r}: bad eventfd {size} bytes at {offset:#x}")
         notifier = EventNotifier(offset, size, eventfd, datamatch)
-        with topology.lock:
+        with transactions.lock:
             self.eventfds.append(notifier)
             self._changed()
         return notifier
@@ -197,7 +197,7 @@ class Region:
     def remove_eventfd(
         self, offset: int, size: int, eventfd: Any, datamatch: int | None = None
     ) -> None:
-        with topology.lock:
+        with transactions.lock:
             self.eventfds.remove(EventNotifier(offset, size, eventfd, datamatch))
             self._changed()
 
@@ -238,7 +238,7 @@ class Region:
         return direct, self.lock, self.handler_read, self.handler_write, self
 
     def _changed(self) -> None:
-        topology.mark_dirty(self.root().spaces)
+        transactions.mark_dirty(self.root().spaces)
 
     def handler_read(self, offset: int, size: int) -> int:
         raise NotImplementedError
@@ -312,7 +312,7 @@ class RamRegion(Region):
         self.dispatch_plan = self._make_dispatch_plan()
 
     def set_readonly(self, readonly: bool) -> None:
-        with topology.lock:
+        with transactions.lock:
             if readonly != self.readonly:
                 self.readonly = readonly
                 self._changed()

@@ -4,12 +4,15 @@ command line kvmlet builds from it."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Literal
 
+from kvmlet.boot import BOOT_METHODS, BootMethod
+from kvmlet.boot.memory_map import MiB
 from kvmlet.errors import KvmletError
-from kvmlet.machine.boot import BOOT_METHODS, BootMethod
-from kvmlet.machine.memory_map import MiB
+
+if TYPE_CHECKING:
+    from kvmlet.guest import Progress
 
 MAX_CPUS = 64
 BOOT_CODE_ADDRESS = 0x10000
@@ -46,7 +49,7 @@ class DiskConfig:
 class MachineConfig:
     """Everything that defines one run.
 
-    `kernel=None` means kvmlet's default guest (see `kvmlet.api.with_default_guest`);
+    `kernel=None` means kvmlet's default guest (see `with_default_guest`);
     `boot_code` instead of a kernel runs raw real-mode code from `BOOT_CODE_ADDRESS` (tests,
     benchmarks, firmware experiments).
     """
@@ -88,3 +91,17 @@ class MachineConfig:
             self.params,
         ]
         return " ".join(part for part in parts if part)
+
+
+def with_default_guest(
+    config: MachineConfig | None = None, progress: Progress | None = None
+) -> MachineConfig:
+    """`config` with kvmlet's default guest kernel (ELF) and initramfs where it names no
+    kernel; builds the default guest first if it is not cached (minutes, once)."""
+    config = config or MachineConfig()
+    if config.kernel is not None:
+        return config
+    from kvmlet.guest import ensure_default_guest  # the build machinery, only when needed
+
+    guest = ensure_default_guest(progress=progress)
+    return replace(config, kernel=guest.vmlinux, initrd=config.initrd or guest.initrd)

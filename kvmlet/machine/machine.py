@@ -22,29 +22,30 @@ import signal
 import threading
 import time
 
+from kvmlet.boot import load_kernel
+from kvmlet.boot.memory_map import MemoryMap
 from kvmlet.bus import RamRegion, mmio_space, port_io_space
 from kvmlet.bus.pci import PciHostBridge
 from kvmlet.errors import KvmletError
+from kvmlet.host.console import Console
+from kvmlet.host.report import format_stats, trace_printer
+from kvmlet.host.terminal import EscapeAction, EscapeFilter
 from kvmlet.kvm import InternalErrorExit, Kvm, Vcpu
-from kvmlet.machine import host_profile
-from kvmlet.machine.boot import load_kernel
 from kvmlet.machine.config import BOOT_CODE_ADDRESS, MachineConfig
-from kvmlet.machine.console import Console
-from kvmlet.machine.cpu import (
+from kvmlet.machine.legacy import attach_legacy_devices
+from kvmlet.machine.virtio_devices import VirtioDevices
+from kvmlet.memory import GuestMemory
+from kvmlet.vstate import host_profile
+from kvmlet.vstate.bus_listener import KvmBusListener
+from kvmlet.vstate.cpu import (
     apply_boot_state,
     configure_vcpu,
     start_real_mode,
     supported_cpuid,
 )
-from kvmlet.machine.diagnostics import describe_vcpu, format_stats, trace_printer
-from kvmlet.machine.interrupts import KvmIrqLine
-from kvmlet.machine.kvm_bridge import KvmBusListener
-from kvmlet.machine.legacy import attach_legacy_devices
-from kvmlet.machine.memory_map import MemoryMap
-from kvmlet.machine.terminal import EscapeAction, EscapeFilter
-from kvmlet.machine.vcpu_loop import GuestStop, StopReason, run_vcpu
-from kvmlet.machine.virtio_devices import VirtioDevices
-from kvmlet.memory import GuestMemory
+from kvmlet.vstate.diagnostics import describe_vcpu
+from kvmlet.vstate.interrupts import KvmIrqLine
+from kvmlet.vstate.vcpu_loop import GuestStop, StopReason, run_vcpu
 
 KICK_SIGNAL = signal.SIGRTMIN + 4
 """Sent to a vCPU thread to make KVM_RUN return (its handler does nothing)."""

@@ -15,17 +15,17 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
-from kvmlet.bus.pci import BarAllocator, PciWindow
-from kvmlet.errors import KvmletError
-from kvmlet.machine.boot import PciInterrupt
-from kvmlet.machine.interrupts import IrqfdLine, KvmInterruptRouter, KvmIrqLine
-from kvmlet.machine.memory_map import (
+from kvmlet.boot import PciInterrupt
+from kvmlet.boot.memory_map import (
     PCI_IO_WINDOW,
     PCI_MMIO_WINDOW,
     VIRTIO_MMIO_DEVICE_SIZE,
     VIRTIO_MMIO_WINDOW,
 )
+from kvmlet.bus.pci import BarAllocator, PciWindow
+from kvmlet.errors import KvmletError
 from kvmlet.virtio.worker import Doorbell, QueueWorker, doorbell
+from kvmlet.vstate.interrupts import IrqfdLine, KvmInterruptRouter, KvmIrqLine
 
 if TYPE_CHECKING:
     from kvmlet.machine.machine import Machine

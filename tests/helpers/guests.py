@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from kvmlet.machine.host_profile import detect
+from kvmlet.vstate.host_profile import detect
 
 IN_TEST_BOX = os.environ.get("KVMLET_TESTBOX") == "1"
 BOOT_TIMEOUT = 120.0

@@ -22,10 +22,10 @@ from kvmlet.kvm import InterruptedExit, IoExit, Kvm
 from kvmlet.kvm import ioctls as nr
 from kvmlet.kvm import structs as s
 from kvmlet.kvm._syscall import ioctl_struct
-from kvmlet.machine.interrupts import IrqfdLine, KvmInterruptRouter, KvmIrqLine, default_routes
 from kvmlet.memory import GuestMemory
 from kvmlet.virtio.rng import VirtioRng
 from kvmlet.virtio.worker import QueueWorker, doorbell
+from kvmlet.vstate.interrupts import IrqfdLine, KvmInterruptRouter, KvmIrqLine, default_routes
 from tests.helpers.virtio_driver import MockDriver
 
 pytestmark = pytest.mark.kvm

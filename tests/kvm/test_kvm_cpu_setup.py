@@ -1,4 +1,4 @@
-"""vCPU set-up of kvmlet.machine.cpu on /dev/kvm: long mode and 32-bit protected mode boot
+"""vCPU set-up of kvmlet.vstate.cpu on /dev/kvm: long mode and 32-bit protected mode boot
 states, CPUID the guest sees, boot MSRs and LAPIC wiring, with tiny guests of our own.
 
 The VM (tests/helpers/long_mode_vm.py) holds what a loader would write: a flat GDT and a
@@ -11,8 +11,9 @@ import struct
 
 import pytest
 
+from kvmlet.boot.x86_64 import BootCpuState
 from kvmlet.kvm import IoExit
-from kvmlet.machine import cpu
+from kvmlet.vstate import cpu
 from tests.helpers.long_mode_vm import GDT, GDT_LIMIT, PML4, long_mode_vm
 
 pytestmark = pytest.mark.kvm
@@ -26,8 +27,8 @@ def machine():
         yield guest.kvm, guest.vcpu, guest.memory
 
 
-def long_mode(entry: int = CODE, rsi: int = 0) -> cpu.BootCpuState:
-    return cpu.BootCpuState("long64", entry, rsi=rsi, cr3=PML4, gdt_base=GDT, gdt_limit=GDT_LIMIT)
+def long_mode(entry: int = CODE, rsi: int = 0) -> BootCpuState:
+    return BootCpuState("long64", entry, rsi=rsi, cr3=PML4, gdt_base=GDT, gdt_limit=GDT_LIMIT)
 
 
 def out_value(vcpu) -> int:
@@ -65,7 +66,7 @@ def test_protected_mode_entry_with_rbx_and_paging_off(machine):
         + bytes.fromhex("e710"),  # out 0x10, eax
     )
     cpu.configure_vcpu(vcpu, kvm.supported_cpuid(), vcpu_count=1)
-    state = cpu.BootCpuState(
+    state = BootCpuState(
         "protected32", CODE, rbx=0x6000, gdt_base=GDT, gdt_limit=GDT_LIMIT, code_selector=0x20
     )
     cpu.apply_boot_state(vcpu, state)

@@ -15,7 +15,7 @@ import pytest
 from kvmlet.kvm import Vm
 from kvmlet.machine.config import MachineConfig
 from kvmlet.machine.machine import Machine
-from kvmlet.machine.vcpu_loop import StopReason
+from kvmlet.vstate.vcpu_loop import StopReason
 
 pytestmark = pytest.mark.kvm
 

@@ -9,7 +9,7 @@ import pytest
 from kvmlet.bus import AccessSizes, IoRegion
 from kvmlet.machine.config import DiskConfig, MachineConfig
 from kvmlet.machine.machine import Machine
-from kvmlet.machine.vcpu_loop import StopReason
+from kvmlet.vstate.vcpu_loop import StopReason
 
 pytestmark = pytest.mark.kvm
 

@@ -20,7 +20,7 @@ import pytest
 from kvmlet.kvm.ioctls import KVM_MP_STATE_RUNNABLE, KVM_MP_STATE_UNINITIALIZED
 from kvmlet.machine.config import BOOT_CODE_ADDRESS, MachineConfig
 from kvmlet.machine.machine import Machine
-from kvmlet.machine.vcpu_loop import StopReason
+from kvmlet.vstate.vcpu_loop import StopReason
 
 I8042_RESET = bytes.fromhex("b0fe e664")  # mov al, 0xfe ; out 0x64, al
 

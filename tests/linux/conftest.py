@@ -11,9 +11,8 @@ from dataclasses import replace
 
 import pytest
 
-from kvmlet.api import with_default_guest
 from kvmlet.guest import QuietProgress, ensure_default_guest
-from kvmlet.machine.config import MachineConfig
+from kvmlet.machine.config import MachineConfig, with_default_guest
 from tests.helpers.guests import user_space_runs_here
 
 

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.linux
 MONITOR = """
 import sys
 from pathlib import Path
-from kvmlet.api import with_default_guest
+from kvmlet.machine.config import with_default_guest
 from kvmlet.guest import run_parameter
 from kvmlet.machine.config import DiskConfig, MachineConfig
 from kvmlet.machine.machine import Machine

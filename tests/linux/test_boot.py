@@ -8,8 +8,8 @@ import pytest
 
 from kvmlet.guest import READY_MARKER
 from kvmlet.machine.machine import Machine
-from kvmlet.machine.vcpu_loop import StopReason
 from kvmlet.sandbox import sandbox
+from kvmlet.vstate.vcpu_loop import StopReason
 from tests.helpers.guests import BOOT_TIMEOUT
 
 pytestmark = pytest.mark.linux

@@ -14,8 +14,8 @@ import sys
 import pytest
 
 from kvmlet.guest import QuietProgress, ensure_default_guest
-from kvmlet.machine.host_profile import detect
-from kvmlet.machine.vcpu_loop import StopReason
+from kvmlet.vstate.host_profile import detect
+from kvmlet.vstate.vcpu_loop import StopReason
 
 pytestmark = [
     pytest.mark.pvm,

@@ -13,8 +13,9 @@ import struct
 
 import pytest
 
+from kvmlet.boot.x86_64 import BootCpuState
 from kvmlet.kvm import InternalErrorExit, IoExit
-from kvmlet.machine import cpu, host_profile
+from kvmlet.vstate import cpu, host_profile
 from tests.helpers.long_mode_vm import GDT, GDT_LIMIT, HIGHER_HALF, PML4, long_mode_vm
 
 pytestmark = pytest.mark.pvm
@@ -54,7 +55,7 @@ def breakpoint_guest(vm):
     def start(code: bytes):
         memory.write(CODE, code)
         entry = HIGHER_HALF + CODE
-        state = cpu.BootCpuState("long64", entry, cr3=PML4, gdt_base=GDT, gdt_limit=GDT_LIMIT)
+        state = BootCpuState("long64", entry, cr3=PML4, gdt_base=GDT, gdt_limit=GDT_LIMIT)
         cpu.apply_boot_state(vcpu, state)
         sregs = vcpu.get_sregs()
         sregs.idt.base = IDT

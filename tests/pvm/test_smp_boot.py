@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import pytest
 
-from kvmlet.api import with_default_guest
 from kvmlet.kvm import Kvm
-from kvmlet.machine import host_profile
-from kvmlet.machine.config import MachineConfig
-from kvmlet.machine.cpu import CPUID_KVM_FEATURES, KVM_HYPERCALL_FEATURES
+from kvmlet.machine.config import MachineConfig, with_default_guest
 from kvmlet.machine.machine import Machine
-from kvmlet.machine.vcpu_loop import StopReason
+from kvmlet.vstate import host_profile
+from kvmlet.vstate.cpu import CPUID_KVM_FEATURES, KVM_HYPERCALL_FEATURES
+from kvmlet.vstate.vcpu_loop import StopReason
 
 pytestmark = pytest.mark.pvm
 

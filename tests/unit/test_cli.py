@@ -95,7 +95,7 @@ def test_inconsistent_flags_are_one_line(argv):
 
 def test_a_sandbox_command_that_times_out_exits_124_with_its_output(monkeypatch, capsys):
     from kvmlet import sandbox as sandbox_module
-    from kvmlet.machine.vcpu_loop import GuestStop, StopReason
+    from kvmlet.vstate.vcpu_loop import GuestStop, StopReason
 
     asked = {}
 

@@ -5,7 +5,7 @@ hypercalls and keep the ones it uses through MSRs and shared memory."""
 from __future__ import annotations
 
 from kvmlet.kvm.structs import KvmCpuidEntry2
-from kvmlet.machine import cpu
+from kvmlet.vstate import cpu
 
 # What this repository's software KVM offers in CPUID 0x4000_0001 EAX: clocksource (0),
 # NOP I/O delay (1), clocksource2 (3), async PF (4), steal time (5), PV EOI (6), PV unhalt (7),

@@ -10,9 +10,9 @@ from hypothesis import strategies as st
 from kvmlet.errors import KvmletError
 from kvmlet.kvm import InternalErrorExit
 from kvmlet.kvm.structs import KvmRegs, KvmSregs, KvmVcpuEvents
-from kvmlet.machine import cpu
-from kvmlet.machine import host_profile as hp
 from kvmlet.memory import GuestMemory
+from kvmlet.vstate import cpu
+from kvmlet.vstate import host_profile as hp
 
 EMULATION_FAILURE = InternalErrorExit(1, (0,))
 

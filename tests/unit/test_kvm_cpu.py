@@ -1,11 +1,11 @@
-"""CPUID table editing and boot MSR values of kvmlet.machine.cpu (no KVM needed)."""
+"""CPUID table editing and boot MSR values of kvmlet.vstate.cpu (no KVM needed)."""
 
 from __future__ import annotations
 
 import struct
 
 from kvmlet.kvm.structs import KvmCpuidEntry2
-from kvmlet.machine import cpu
+from kvmlet.vstate import cpu
 
 
 def supported() -> list[KvmCpuidEntry2]:

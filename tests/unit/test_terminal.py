@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from kvmlet.devices.irq import RecordingIrqLine
 from kvmlet.devices.serial import Uart16550
-from kvmlet.machine.terminal import (
+from kvmlet.host.terminal import (
     BatchedWriter,
     ConsoleInput,
     EscapeAction,
@@ -276,7 +276,7 @@ def test_raw_terminal_restores_before_a_default_sigterm_kills_the_process():
     controller, terminal = os.openpty()
     child_code = (
         "import os, signal, time\n"
-        "from kvmlet.machine.terminal import RawTerminal\n"
+        "from kvmlet.host.terminal import RawTerminal\n"
         "with RawTerminal(0):\n"
         "    os.write(1, b'raw\\n')\n"
         "    time.sleep(30)\n"

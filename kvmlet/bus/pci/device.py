@@ -18,7 +18,7 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, NamedTuple
 
-from kvmlet.bus import topology
+from kvmlet.bus import transactions
 from kvmlet.bus.pci import config_space as cfg
 from kvmlet.bus.pci.config_space import ConfigSpace
 from kvmlet.bus.region import Region
@@ -273,7 +273,7 @@ class PciDevice:
         """Place, move or hide each BAR's region to match the header (one rebuild)."""
         if self.bus is None:
             return
-        with topology.transaction():
+        with transactions.transaction():
             for bar in self.bars:
                 if bar is None:
                     continue

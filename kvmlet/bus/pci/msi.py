@@ -2,7 +2,7 @@
 
 A device model never talks to KVM: it is handed an `MsiController` whose `vector(index)` gives
 an `MsiVector` to program (`update(address, data, masked)`) and to signal (`fire()`). The
-machine supplies the KVM implementation (`kvmlet.machine.interrupts`: a GSI route and an irqfd
+machine supplies the KVM implementation (`kvmlet.vstate.interrupts`: a GSI route and an irqfd
 per vector); tests supply `RecordingMsiController`.
 
 `Msix` keeps the guest-visible state: the capability's enable and function-mask bits, a table of

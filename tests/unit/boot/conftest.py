@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvmlet.machine.memory_map import MemoryMap, MiB
+from kvmlet.boot.memory_map import MemoryMap, MiB
 from kvmlet.memory import GuestMemory
 
 

@@ -8,10 +8,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from kvmlet.boot import load_kernel
+from kvmlet.boot.bzimage import load_bzimage, parse_setup_header
+from kvmlet.boot.memory_map import CMDLINE_AREA, MemoryMap, MiB
 from kvmlet.errors import KvmletError
-from kvmlet.machine.boot import load_kernel
-from kvmlet.machine.boot.bzimage import load_bzimage, parse_setup_header
-from kvmlet.machine.memory_map import CMDLINE_AREA, MemoryMap, MiB
 from kvmlet.memory import GuestMemory
 from tests.unit.boot.synthetic_kernels import make_bzimage
 

@@ -8,11 +8,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kvmlet.boot import load_kernel
+from kvmlet.boot.elf import load_elf, parse_elf
+from kvmlet.boot.memory_map import CMDLINE_AREA, MemoryMap, MiB
+from kvmlet.boot.x86_64 import CODE32_SELECTOR, CODE64_SELECTOR
 from kvmlet.errors import KvmletError
-from kvmlet.machine.boot import load_kernel
-from kvmlet.machine.boot.elf import load_elf, parse_elf
-from kvmlet.machine.boot.x86_64 import CODE32_SELECTOR, CODE64_SELECTOR
-from kvmlet.machine.memory_map import CMDLINE_AREA, MemoryMap, MiB
 from kvmlet.memory import GuestMemory
 from tests.unit.boot.synthetic_kernels import make_elf, note, pvh_note
 

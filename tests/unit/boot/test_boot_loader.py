@@ -6,12 +6,12 @@ import struct
 
 import pytest
 
+from kvmlet.boot import KernelInfo, inspect_kernel, load_kernel
+from kvmlet.boot.bzimage import parse_setup_header
+from kvmlet.boot.elf import parse_elf
+from kvmlet.boot.memory_map import MP_TABLE_AREA, MemoryMap, MiB
 from kvmlet.errors import KvmletError
 from kvmlet.guest.kernel import cache_root
-from kvmlet.machine.boot import KernelInfo, inspect_kernel, load_kernel
-from kvmlet.machine.boot.bzimage import parse_setup_header
-from kvmlet.machine.boot.elf import parse_elf
-from kvmlet.machine.memory_map import MP_TABLE_AREA, MemoryMap, MiB
 from kvmlet.memory import GuestMemory
 from tests.unit.boot.synthetic_kernels import make_bzimage, make_elf, pvh_note
 

@@ -6,9 +6,9 @@ import struct
 
 import pytest
 
+from kvmlet.boot.memory_map import IOAPIC_ADDRESS, LAPIC_ADDRESS, MP_TABLE_AREA
+from kvmlet.boot.mptable import PciInterrupt, build_mp_table, write_mp_table
 from kvmlet.errors import KvmletError
-from kvmlet.machine.boot.mptable import PciInterrupt, build_mp_table, write_mp_table
-from kvmlet.machine.memory_map import IOAPIC_ADDRESS, LAPIC_ADDRESS, MP_TABLE_AREA
 
 ENTRY_SIZES = {0: 20, 1: 8, 2: 8, 3: 8, 4: 8}
 

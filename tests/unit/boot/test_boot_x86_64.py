@@ -7,8 +7,8 @@ import struct
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kvmlet.machine.boot import x86_64
-from kvmlet.machine.memory_map import GDT_ADDRESS, GiB, MemoryMap, MiB
+from kvmlet.boot import x86_64
+from kvmlet.boot.memory_map import GDT_ADDRESS, GiB, MemoryMap, MiB
 from kvmlet.memory import GuestMemory
 
 

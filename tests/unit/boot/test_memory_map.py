@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from kvmlet.boot import memory_map as mm
+from kvmlet.boot.memory_map import E820Entry, E820Type, GiB, MemoryMap, MiB, parse_size
 from kvmlet.errors import KvmletError
-from kvmlet.machine import memory_map as mm
-from kvmlet.machine.memory_map import E820Entry, E820Type, GiB, MemoryMap, MiB, parse_size
 
 
 @pytest.mark.parametrize(

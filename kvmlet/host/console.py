@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 
 from kvmlet.errors import KvmletError
-from kvmlet.machine.terminal import BatchedWriter, ConsoleInput, EscapeAction, EscapeFilter
+from kvmlet.host.terminal import BatchedWriter, ConsoleInput, EscapeAction, EscapeFilter
 
 TRANSCRIPT_LIMIT = 64 << 20
 """Bytes of console output kept for readers; past it the oldest half is dropped (counted)."""

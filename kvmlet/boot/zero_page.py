@@ -17,8 +17,8 @@ import os
 import struct
 from typing import NamedTuple
 
+from kvmlet.boot.memory_map import SETUP_DATA_AREA, ZERO_PAGE_ADDRESS, E820Entry
 from kvmlet.errors import KvmletError
-from kvmlet.machine.memory_map import SETUP_DATA_AREA, ZERO_PAGE_ADDRESS, E820Entry
 from kvmlet.memory import GuestMemory
 
 ZERO_PAGE_SIZE = 0x1000

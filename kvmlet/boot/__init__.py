@@ -4,14 +4,14 @@ memory, with the boot-time structures (zero page or PVH start_info, MP table, GD
 Entry points: `load_kernel` (the machine) and `inspect_kernel` (early checks in the CLI).
 """
 
-from kvmlet.machine.boot.loader import (
+from kvmlet.boot.loader import (
     BOOT_METHODS,
     BootMethod,
     KernelInfo,
     inspect_kernel,
     load_kernel,
 )
-from kvmlet.machine.boot.mptable import PciInterrupt
+from kvmlet.boot.mptable import PciInterrupt
 
 __all__ = [
     "BOOT_METHODS",

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import os
 
+from kvmlet.boot.memory_map import CMDLINE_AREA, INITRD_ALIGNMENT, MemoryMap, format_size
+from kvmlet.boot.zero_page import Initrd
 from kvmlet.errors import KvmletError
-from kvmlet.machine.boot.zero_page import Initrd
-from kvmlet.machine.memory_map import CMDLINE_AREA, INITRD_ALIGNMENT, MemoryMap, format_size
 from kvmlet.memory import GuestMemory
 
 # COMMAND_LINE_SIZE - 1 on x86 (for kernels without a setup header saying otherwise).

@@ -14,9 +14,9 @@ by every x86-64 CPU, unlike 1 GiB pages): one PML4, one PDPT and four page direc
 from __future__ import annotations
 
 import struct
+from typing import Literal, NamedTuple
 
-from kvmlet.machine.cpu import BootCpuState
-from kvmlet.machine.memory_map import GDT_ADDRESS, PAGE_TABLES_AREA, GiB, MiB
+from kvmlet.boot.memory_map import GDT_ADDRESS, PAGE_TABLES_AREA, GiB, MiB
 from kvmlet.memory import GuestMemory
 
 CODE32_SELECTOR = 0x08
@@ -41,6 +41,25 @@ PML4_ADDRESS = PAGE_TABLES_AREA.base
 PDPT_ADDRESS = PML4_ADDRESS + 0x1000
 PAGE_DIRECTORIES_ADDRESS = PDPT_ADDRESS + 0x1000
 _PAGE_DIRECTORY_COUNT = IDENTITY_MAPPED_SIZE // GiB
+
+
+class BootCpuState(NamedTuple):
+    """Where and how the boot vCPU starts a kernel: filled in by a loader.
+
+    `mode` "long64": 64-bit long mode with paging (`cr3` holds identity page tables), RIP =
+    `entry`, RSI = `rsi` (the zero page). "protected32": flat 32-bit protected mode with
+    paging off (the PVH entry), RIP = `entry`, RBX = `rbx` (hvm_start_info).
+    """
+
+    mode: Literal["long64", "protected32"]
+    entry: int
+    rsi: int = 0
+    rbx: int = 0
+    cr3: int = 0
+    gdt_base: int = 0
+    gdt_limit: int = 0
+    code_selector: int = 0x10
+    data_selector: int = 0x18
 
 
 def write_gdt(memory: GuestMemory) -> None:

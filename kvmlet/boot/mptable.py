@@ -23,8 +23,8 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 
+from kvmlet.boot.memory_map import IOAPIC_ADDRESS, LAPIC_ADDRESS, MP_TABLE_AREA
 from kvmlet.errors import KvmletError
-from kvmlet.machine.memory_map import IOAPIC_ADDRESS, LAPIC_ADDRESS, MP_TABLE_AREA
 from kvmlet.memory import GuestMemory
 
 _FLOATING_POINTER = struct.Struct("<4sIBBBB4s")

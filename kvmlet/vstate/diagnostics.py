@@ -1,15 +1,11 @@
-"""What kvmlet tells a person about a guest: failing vCPU state, I/O traces, counters."""
+"""What kvmlet tells a person about a vCPU that failed: its registers and the code at RIP."""
 
 from __future__ import annotations
 
-import sys
-from typing import TextIO
-
-from kvmlet.bus import TraceHook
 from kvmlet.errors import GuestMemoryError
 from kvmlet.kvm import Vcpu
-from kvmlet.machine.host_profile import instruction_address
 from kvmlet.memory import GuestMemory
+from kvmlet.vstate.host_profile import instruction_address
 
 INSTRUCTION_BYTES = 16
 
@@ -40,25 +36,3 @@ def describe_vcpu(vcpu: Vcpu, memory: GuestMemory) -> str:
         except GuestMemoryError:
             code = "outside RAM"
     return f"vCPU {vcpu.id}: {' '.join(fields)} code: {code}"
-
-
-def trace_printer(stream: TextIO | None = None) -> TraceHook:
-    """A bus trace hook printing one line per guest access (`--debug-io`) to `stream`
-    (default: whatever sys.stderr is when the access happens)."""
-
-    def trace(
-        space: str, address: int, size: int, is_write: bool, value: int, region: str | None
-    ) -> None:
-        direction = "W" if is_write else "R"
-        where = region or "unassigned"
-        line = f"[io] {space:<6} {direction} {address:#010x}/{size} = {value:#x} {where}\n"
-        (stream or sys.stderr).write(line)
-
-    return trace
-
-
-def format_stats(stats: dict) -> str:
-    """The statistics dump as indented JSON (stable keys, for people and scripts)."""
-    import json  # only when someone asks for statistics, not on every boot
-
-    return json.dumps(stats, indent=2, sort_keys=True, default=str) + "\n"

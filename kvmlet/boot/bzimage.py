@@ -16,9 +16,9 @@ from __future__ import annotations
 import struct
 from typing import NamedTuple
 
+from kvmlet.boot import zero_page as zp
+from kvmlet.boot.memory_map import BZIMAGE_LOAD_ADDRESS, MemoryMap, format_size
 from kvmlet.errors import KvmletError
-from kvmlet.machine.boot import zero_page as zp
-from kvmlet.machine.memory_map import BZIMAGE_LOAD_ADDRESS, MemoryMap, format_size
 from kvmlet.memory import GuestMemory
 
 MIN_PROTOCOL = 0x020C  # 2.12: xloadflags

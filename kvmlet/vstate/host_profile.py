@@ -15,10 +15,11 @@ import re
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
+from kvmlet.boot.x86_64 import PAGE_LARGE, PAGE_PRESENT
 from kvmlet.errors import GuestMemoryError, KvmletError
 from kvmlet.kvm import InternalErrorExit, Vcpu
-from kvmlet.machine.boot.x86_64 import PAGE_LARGE, PAGE_PRESENT
-from kvmlet.machine.cpu import (
+from kvmlet.memory import GuestMemory
+from kvmlet.vstate.cpu import (
     CPUID_FEATURES,
     CR0_PG,
     CR4_PAE,
@@ -26,7 +27,6 @@ from kvmlet.machine.cpu import (
     HIDE_KVM_HYPERCALL_FEATURES,
     CpuidMask,
 )
-from kvmlet.memory import GuestMemory
 
 CHOICES = ("auto", "none", "pvm")
 

@@ -16,6 +16,7 @@ import struct
 from collections.abc import Iterable, Sequence
 from typing import Literal, NamedTuple
 
+from kvmlet.boot.x86_64 import BootCpuState
 from kvmlet.kvm import Kvm, Vcpu
 from kvmlet.kvm.ioctls import KVM_CAP_TSC_DEADLINE_TIMER
 from kvmlet.kvm.structs import KvmCpuidEntry2, KvmFpu, KvmLapicState, KvmSegment
@@ -85,25 +86,6 @@ FPU_CONTROL_WORD = 0x37F
 MXCSR_DEFAULT = 0x1F80
 
 _U32 = struct.Struct("<I")
-
-
-class BootCpuState(NamedTuple):
-    """Where and how the boot vCPU starts a kernel: filled in by a loader.
-
-    `mode` "long64": 64-bit long mode with paging (`cr3` holds identity page tables), RIP =
-    `entry`, RSI = `rsi` (the zero page). "protected32": flat 32-bit protected mode with
-    paging off (the PVH entry), RIP = `entry`, RBX = `rbx` (hvm_start_info).
-    """
-
-    mode: Literal["long64", "protected32"]
-    entry: int
-    rsi: int = 0
-    rbx: int = 0
-    cr3: int = 0
-    gdt_base: int = 0
-    gdt_limit: int = 0
-    code_selector: int = 0x10
-    data_selector: int = 0x18
 
 
 class CpuidMask(NamedTuple):

@@ -21,15 +21,15 @@ from __future__ import annotations
 import struct
 from typing import NamedTuple
 
-from kvmlet.errors import KvmletError
-from kvmlet.machine.boot.zero_page import Initrd
-from kvmlet.machine.memory_map import (
+from kvmlet.boot.memory_map import (
     HIGH_MEMORY_START,
     PVH_START_INFO_AREA,
     E820Entry,
     MemoryMap,
     format_size,
 )
+from kvmlet.boot.zero_page import Initrd
+from kvmlet.errors import KvmletError
 from kvmlet.memory import GuestMemory
 
 ELF_MAGIC = b"\x7fELF"

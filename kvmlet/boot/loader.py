@@ -15,13 +15,12 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Literal, NamedTuple
 
+from kvmlet.boot import elf, zero_page
+from kvmlet.boot.memory_map import DEFAULT_INITRD_ADDR_MAX, MemoryMap
+from kvmlet.boot.mptable import PciInterrupt, write_mp_table
+from kvmlet.boot.placement import DEFAULT_CMDLINE_SIZE, load_initrd, write_command_line
+from kvmlet.boot.x86_64 import BootCpuState, long_mode_entry, protected_mode_entry
 from kvmlet.errors import KvmletError
-from kvmlet.machine.boot import elf, zero_page
-from kvmlet.machine.boot.mptable import PciInterrupt, write_mp_table
-from kvmlet.machine.boot.placement import DEFAULT_CMDLINE_SIZE, load_initrd, write_command_line
-from kvmlet.machine.boot.x86_64 import long_mode_entry, protected_mode_entry
-from kvmlet.machine.cpu import BootCpuState
-from kvmlet.machine.memory_map import DEFAULT_INITRD_ADDR_MAX, MemoryMap
 from kvmlet.memory import GuestMemory
 
 BootMethod = Literal["auto", "linux64", "pvh"]
@@ -76,7 +75,7 @@ def _describe(data: bytes) -> KernelInfo:
     if elf.is_elf(data):
         kernel = elf.parse_elf(data)
         return KernelInfo("elf", kernel.entry is not None, kernel.pvh_entry is not None)
-    from kvmlet.machine.boot import bzimage  # only for a bzImage: an ELF boot never imports it
+    from kvmlet.boot import bzimage  # only for a bzImage: an ELF boot never imports it
 
     if bzimage.is_bzimage(data):
         bzimage.parse_setup_header(data)
@@ -113,7 +112,7 @@ def load_kernel(
             info = _describe(data)
             method = info.boot_method(boot_method)
             if info.format == "bzImage":
-                from kvmlet.machine.boot.bzimage import load_bzimage
+                from kvmlet.boot.bzimage import load_bzimage
 
                 loaded = load_bzimage(memory, data, memory_map)
                 entry, kernel_end = loaded.entry, loaded.kernel_end
