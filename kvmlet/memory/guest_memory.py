@@ -9,7 +9,7 @@ addresses and lengths (descriptor tables, boot structures, DMA buffers) go throu
 `view()` hands out zero-copy `memoryview`s for loaders and virtqueues; `host_iovec()` turns
 many buffers, bounds-checked in one pass, into host `struct iovec`s for a vectored system call
 (pinning their bank while it runs); `host_address()` gives the address KVM needs for a memory
-slot.
+slot; `discard()` gives pages the guest gave up (a balloon) back to the host.
 """
 
 from __future__ import annotations
@@ -42,12 +42,14 @@ _U64 = struct.Struct("<Q")
 
 
 class RamBank:
-    """One contiguous guest-physical range backed by one host mapping."""
+    """One contiguous guest-physical range backed by one host mapping (`shared`: a MAP_SHARED
+    mapping of a file or memfd, whose pages a discard must punch out of the file)."""
 
-    def __init__(self, base: int, size: int, mapping: mmap.mmap):
+    def __init__(self, base: int, size: int, mapping: mmap.mmap, shared: bool = False):
         self.base = base
         self.size = size
         self.mapping = mapping
+        self.shared = shared
 
     def __repr__(self) -> str:
         return f"RamBank(base={self.base:#x}, size={self.size:#x})"
@@ -72,6 +74,14 @@ class RamBank:
     def host_address(self) -> int:
         """Host virtual address of the bank's first byte (for KVM memory slots)."""
         return ctypes.addressof(ctypes.c_char.from_buffer(self.mapping))
+
+    def discard(self, offset: int, length: int) -> None:
+        """Release the host pages behind [offset, offset+length) (page-aligned): the guest
+        reads zeros there next time, and the monitor's RSS drops now. MADV_DONTNEED for
+        private anonymous memory; MADV_REMOVE for shared memory, where DONTNEED would only
+        unmap the pages and leave them in the file."""
+        advice = mmap.MADV_REMOVE if self.shared else mmap.MADV_DONTNEED
+        self.mapping.madvise(advice, offset, length)
 
 
 class HostIovec:
@@ -201,6 +211,20 @@ class GuestMemory:
         words[0::2] = map(operator.add, addresses, itertools.repeat(self._low_host_offset))
         words[1::2] = lengths
         return HostIovec(array.array("Q", words), len(addresses), pin)
+
+    def discard(self, address: int, length: int) -> None:
+        """Give the host memory behind [address, address+length) back to the host (see
+        `RamBank.discard`); GuestMemoryError when the range is not page-aligned or not wholly
+        inside one bank."""
+        if address % mmap.PAGESIZE or length % mmap.PAGESIZE:
+            raise GuestMemoryError(f"discard of {length} bytes at {address:#x}: not page-aligned")
+        for bank in self.banks:
+            offset = address - bank.base
+            if offset >= 0 and offset + length <= bank.size:
+                if length:
+                    bank.discard(offset, length)
+                return
+        raise GuestMemoryError(f"discard outside RAM: {length} bytes at {address:#x}")
 
     def read(self, address: int, length: int) -> bytes:
         view, offset = self._locate(address, length)

@@ -105,3 +105,63 @@ def test_a_refused_mapping_is_one_clear_error(monkeypatch):
         KvmletError, match=r"^cannot map 2 GiB of guest RAM: cannot allocate memory$"
     ):
         GuestMemory.anonymous([(0, 2 << 30)])
+
+
+def resident_pages(memory: GuestMemory, bank: int = 0) -> int:
+    """Pages of a bank the host has backed: its mapping's Rss in /proc/self/smaps."""
+    start = memory.banks[bank].host_address()
+    with open("/proc/self/smaps") as smaps:
+        inside = False
+        for line in smaps:
+            if "-" in line.split()[0] and not line[0].isupper():
+                inside = int(line.split("-")[0], 16) == start
+            elif inside and line.startswith("Rss:"):
+                return int(line.split()[1]) * 1024 // mmap.PAGESIZE
+    raise AssertionError("bank not found in smaps")
+
+
+def test_discard_gives_pages_back_and_the_guest_then_reads_zeros():
+    memory = GuestMemory.anonymous([(0, 64 * mmap.PAGESIZE)])
+    try:
+        memory.fill(0, 64 * mmap.PAGESIZE, 0xAB)
+        before = resident_pages(memory)
+        memory.discard(8 * mmap.PAGESIZE, 16 * mmap.PAGESIZE)
+        assert before - resident_pages(memory) == 16
+        assert memory.read(8 * mmap.PAGESIZE, 16 * mmap.PAGESIZE) == bytes(16 * mmap.PAGESIZE)
+        assert memory.read_u8(8 * mmap.PAGESIZE - 1) == 0xAB
+        assert memory.read_u8(24 * mmap.PAGESIZE) == 0xAB
+    finally:
+        memory.close()
+
+
+@pytest.mark.parametrize(
+    ("address", "length"),
+    [(0x10000, 0x1000), (0xF000, 0x2000), (0x800, 0x1000), (0, 0x800), (0x101000, 0x1000)],
+)
+def test_discard_outside_ram_or_unaligned_is_refused(memory, address, length):
+    memory.write(0xF000, b"kept")
+    with pytest.raises(GuestMemoryError):
+        memory.discard(address, length)
+    assert memory.read(0xF000, 4) == b"kept"
+
+
+def test_discard_of_shared_memory_punches_the_pages_out(monkeypatch):
+    memory = GuestMemory.anonymous([(0, 4 * mmap.PAGESIZE)])
+    advice = []
+    monkeypatch.setattr(memory.banks[0], "mapping", _RecordingMapping(advice))
+    memory.banks[0].shared = True
+    memory.discard(mmap.PAGESIZE, mmap.PAGESIZE)
+    memory.banks[0].shared = False
+    memory.discard(0, mmap.PAGESIZE)
+    assert advice == [
+        (mmap.MADV_REMOVE, mmap.PAGESIZE, mmap.PAGESIZE),
+        (mmap.MADV_DONTNEED, 0, 4096),
+    ]
+
+
+class _RecordingMapping:
+    def __init__(self, advice):
+        self.advice = advice
+
+    def madvise(self, option, start, length):
+        self.advice.append((option, start, length))
