@@ -51,7 +51,8 @@ class MachineConfig:
 
     `kernel=None` means kvmlet's default guest (see `with_default_guest`);
     `boot_code` instead of a kernel runs raw real-mode code from `BOOT_CODE_ADDRESS` (tests,
-    benchmarks, firmware experiments).
+    benchmarks, firmware experiments); `balloon` adds a virtio-balloon whose target the
+    control API sets (`kvmlet balloon`).
     """
 
     kernel: FilePath | None = None
@@ -64,6 +65,7 @@ class MachineConfig:
     console: ConsoleKind = "serial"
     virtio_transport: Transport = "pci"
     rng: bool = True
+    balloon: bool = False
     boot_method: BootMethod = "auto"
     host_profile: str = "auto"
     debug_io: bool = False

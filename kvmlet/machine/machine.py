@@ -10,7 +10,9 @@
 Construction builds everything and loads the kernel (a user mistake raises KvmletError before any
 thread starts); `start()` launches one thread per vCPU; the first vCPU that sees the guest stop
 (i8042 reset, triple fault, emulation failure...) records a `GuestStop` and kicks the others out
-of KVM_RUN with a signal.
+of KVM_RUN with a signal. `pause()`/`resume()` hold every vCPU and the queue worker with the
+guest's clock frozen (vstate/pause.py), `shutdown()` asks the guest to stop before stopping
+it, and `describe()`/`stats()` report on it: the control API (kvmlet/api) is built on these.
 """
 
 from __future__ import annotations
@@ -18,19 +20,23 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
+import platform
 import signal
 import threading
 import time
 
+from kvmlet import __version__
 from kvmlet.boot import load_kernel
 from kvmlet.boot.memory_map import MemoryMap
 from kvmlet.bus import RamRegion, mmio_space, port_io_space
 from kvmlet.bus.pci import PciHostBridge
 from kvmlet.errors import KvmletError
 from kvmlet.host.console import Console
+from kvmlet.host.process import memory_usage
 from kvmlet.host.report import format_stats, trace_printer
 from kvmlet.host.terminal import EscapeAction, EscapeFilter
 from kvmlet.kvm import InternalErrorExit, Kvm, Vcpu
+from kvmlet.kvm.ioctls import KVM_API_VERSION
 from kvmlet.machine.config import BOOT_CODE_ADDRESS, MachineConfig
 from kvmlet.machine.legacy import attach_legacy_devices
 from kvmlet.machine.virtio_devices import VirtioDevices
@@ -45,12 +51,15 @@ from kvmlet.vstate.cpu import (
 )
 from kvmlet.vstate.diagnostics import describe_vcpu
 from kvmlet.vstate.interrupts import KvmIrqLine
-from kvmlet.vstate.vcpu_loop import GuestStop, StopReason, run_vcpu
+from kvmlet.vstate.pause import PauseGate, freeze_clock, thaw_clock
+from kvmlet.vstate.vcpu_loop import ExitCounts, GuestStop, StopReason, run_vcpu
 
 KICK_SIGNAL = signal.SIGRTMIN + 4
 """Sent to a vCPU thread to make KVM_RUN return (its handler does nothing)."""
 KICK_INTERVAL = 0.05
 """Seconds between kicks while waiting for vCPU threads to stop."""
+PAUSE_TIMEOUT = 5.0
+"""Seconds `pause()` waits for the vCPUs and the queue worker to reach a safe point."""
 
 
 def _install_kick_handler() -> None:
@@ -86,6 +95,11 @@ class Machine:
         self._stop_lock = threading.Lock()
         self._stopped = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._control = threading.Lock()  # one pause, resume or shutdown at a time
+        self._gate = PauseGate()
+        self._frozen_clock = None
+        self.paused_at: float | None = None
+        self.paused_seconds = 0.0  # time spent paused before the current pause
         self.console = Console(console_echo_fd)
         self.kvm = Kvm()
         self._closers = [self.kvm.close]
@@ -105,6 +119,7 @@ class Machine:
         self.memory_map = MemoryMap(config.memory)
         self.memory = GuestMemory.anonymous(self.memory_map.ram_banks())
         self._closers.append(self.memory.close)
+        self._ram_ranges = [(bank.host_address(), bank.size) for bank in self.memory]
         ask_for_huge_pages(self.memory)
         self.io = port_io_space()
         self.mmio = mmio_space()
@@ -154,6 +169,7 @@ class Machine:
             self.memory.write(BOOT_CODE_ADDRESS, config.boot_code)
         supported = supported_cpuid(self.kvm)
         self.vcpus: list[Vcpu] = []
+        self.exit_counts = [ExitCounts() for _ in range(config.cpus)]
         for index in range(config.cpus):
             vcpu = vm.create_vcpu(index)
             self._closers.append(vcpu.close)
@@ -189,14 +205,21 @@ class Machine:
                 vcpu,
                 self.io,
                 self.mmio,
-                self._stopped.is_set,
+                self._at_safe_point,
                 fixup,
                 lambda failed: describe_vcpu(failed, self.memory),
+                self.exit_counts[vcpu.id],
             )
         except Exception as error:  # a bug in kvmlet: report it instead of hanging the guest
             stop = GuestStop(StopReason.MONITOR_ERROR, f"{type(error).__name__}: {error}", vcpu.id)
         if stop is not None:
             self.stop(stop.reason, stop.detail, vcpu=stop.vcpu)
+
+    def _at_safe_point(self) -> bool:
+        """A vCPU's KVM_RUN was interrupted: hold it while paused, then say whether to stop."""
+        if not self._stopped.is_set():
+            self._gate.hold()
+        return self._stopped.is_set()
 
     def _fix_emulation(self, vcpu: Vcpu, exit_: InternalErrorExit) -> bool:
         return self.profile.handle_emulation_failure(vcpu, self.memory, exit_)
@@ -218,9 +241,10 @@ class Machine:
             if self._stop is None:
                 self._stop = self._explain(GuestStop(reason, detail, vcpu))
             self._stopped.set()
-        for vcpu in self.vcpus:
-            # Every vCPU, the calling one too: its next KVM_RUN must return at once.
-            vcpu.immediate_exit = True
+            for vcpu in self.vcpus:
+                # Every vCPU, the calling one too: its next KVM_RUN must return at once.
+                vcpu.immediate_exit = True
+        self._gate.release()  # paused vCPUs leave their safe point and see the stop
         self._kick()
 
     def _kick(self) -> None:
@@ -252,6 +276,126 @@ class Machine:
                 return GuestStop(StopReason.USER_SPACE_UNSUPPORTED, explanation)
         return stop
 
+    # -- control -----------------------------------------------------------------------------
+
+    def pause(self, timeout: float = PAUSE_TIMEOUT) -> None:
+        """Hold every vCPU outside the guest at an instruction boundary and the queue worker
+        between notifications, and freeze the guest's kvmclock (vstate/pause.py). Pausing a
+        paused machine does nothing; KvmletError when it is not running or a vCPU or device
+        did not reach its safe point within `timeout` (the machine then runs on)."""
+        with self._control:
+            if self.paused:
+                return
+            self._require_running("pause")
+            self._gate.close()
+            for vcpu in self.vcpus:
+                vcpu.immediate_exit = True
+            alive = self._alive_vcpu_threads
+            if not self._gate.wait_parked(alive, timeout, self._kick, KICK_INTERVAL):
+                self._let_vcpus_run()
+                self._require_running("pause")
+                raise KvmletError(f"a vCPU did not stop within {timeout:g} s; the guest runs on")
+            if not self.virtio.pause(timeout):
+                self.virtio.resume()
+                self._let_vcpus_run()
+                raise KvmletError(f"a device stayed busy for {timeout:g} s; the guest runs on")
+            self._frozen_clock = freeze_clock(self.vm)
+            self.paused_at = time.monotonic()
+
+    def resume(self) -> None:
+        """Let a paused machine run again, the guest's kvmclock going on from where it was
+        frozen. Resuming a running machine does nothing; KvmletError when it has stopped."""
+        with self._control:
+            if not self.paused:
+                self._require_running("resume")
+                return
+            thaw_clock(self.vm, self.vcpus, self._frozen_clock)
+            self.virtio.resume()
+            self.paused_seconds += time.monotonic() - (self.paused_at or time.monotonic())
+            self.paused_at = None
+            self._let_vcpus_run()
+
+    def _let_vcpus_run(self) -> None:
+        with self._stop_lock:
+            if not self._stopped.is_set():
+                for vcpu in self.vcpus:
+                    vcpu.immediate_exit = False
+        self._gate.open()
+
+    def _alive_vcpu_threads(self) -> int:
+        return sum(thread.is_alive() for thread in self._threads)
+
+    def _require_running(self, action: str) -> None:
+        if not self.running:
+            raise KvmletError(f"cannot {action}: the machine is {self.state}")
+
+    def shutdown(self, grace: float = 0.0) -> GuestStop:
+        """End the guest and say how it ended. With `grace` > 0, ask it first (Ctrl-Alt-Del
+        on the i8042, which a Linux guest turns into a reboot through `reboot=k`, or the
+        orderly shutdown its init makes of it) and give it that many seconds to stop by
+        itself; then stop it from the host. A paused machine can only be stopped from the
+        host (KvmletError with a grace period)."""
+        with self._control:
+            if self.paused and grace > 0:
+                raise KvmletError("the machine is paused: resume it first, or stop it with force")
+        if self.running and grace > 0 and self.legacy.press_ctrl_alt_del():
+            self._stopped.wait(grace)
+        self.stop(StopReason.HOST_QUIT, "stopped through the control API")
+        assert self._stop is not None
+        return self._stop
+
+    @property
+    def paused(self) -> bool:
+        return self.paused_at is not None and not self._stopped.is_set()
+
+    @property
+    def state(self) -> str:
+        """ "created" (not started), "running", "paused" or "stopped"."""
+        if self.started is None:
+            return "created"
+        if self._stopped.is_set():
+            return "stopped"
+        return "paused" if self.paused else "running"
+
+    @property
+    def uptime(self) -> float:
+        """Seconds since `start()` (0 before)."""
+        return 0.0 if self.started is None else time.monotonic() - self.started
+
+    @property
+    def balloon(self):
+        """The virtio-balloon (`config.balloon`), or None."""
+        return self.virtio.balloon
+
+    def describe(self) -> dict[str, object]:
+        """What the machine is: state, resources, devices, versions (the API's `describe`)."""
+        config = self.config
+        paused_now = time.monotonic() - self.paused_at if self.paused_at is not None else 0.0
+        return {
+            "pid": os.getpid(),
+            "state": self.state,
+            "vcpus": config.cpus,
+            "memory_bytes": config.memory,
+            "uptime_seconds": round(self.uptime, 3),
+            "paused_seconds": round(self.paused_seconds + paused_now, 3),
+            "kernel": None if config.kernel is None else os.fspath(config.kernel),
+            "initrd": None if config.initrd is None else os.fspath(config.initrd),
+            "cmdline": self.cmdline,
+            "console": config.console,
+            "host_profile": self.profile.name,
+            "disks": [
+                {"path": os.fspath(disk.path), "read_only": disk.read_only, "direct": disk.direct}
+                for disk in config.disks
+            ],
+            "devices": self.legacy.describe() + self.virtio.describe(),
+            "versions": {
+                "kvmlet": __version__,
+                "python": platform.python_version(),
+                "kvm_api": KVM_API_VERSION,
+                "host_kernel": os.uname().release,
+            },
+        }
+
     @property
     def running(self) -> bool:
         return self.started is not None and not self._stopped.is_set()
@@ -273,12 +417,18 @@ class Machine:
         return self._stop
 
     def stats(self) -> dict[str, object]:
-        """Counters of the bus, the legacy devices and the virtio devices."""
+        """Counters of the vCPUs (exits by reason), the bus (per region), the legacy and virtio
+        devices (per queue), and the monitor's memory."""
         return {
+            "vcpus": [
+                {"id": vcpu.id, "exits": counts.snapshot()}
+                for vcpu, counts in zip(self.vcpus, self.exit_counts, strict=True)
+            ],
             "port_io": self.io.stats(),
             "mmio": self.mmio.stats(),
             "legacy": self.legacy.stats(),
             "virtio": self.virtio.stats(),
+            "memory": memory_usage(self._ram_ranges),
         }
 
     def close(self) -> None:
