@@ -2,7 +2,9 @@
 
 The public API: `MachineConfig` and `DiskConfig` describe a machine, `with_default_guest` adds
 kvmlet's own kernel and initramfs, `Machine` runs it, `sandbox` runs one command in a throwaway
-machine; `GuestStop`/`StopReason` say how a guest ended; `KvmletError` is every user-facing error.
+machine; `GuestStop`/`StopReason` say how a guest ended; `KvmletError` is every user-facing error;
+`connect` reaches a running machine's control API (`kvmlet.api`), `serve` gives one to a
+`Machine` of your own.
 The names load on first use, so `kvmlet --version` or a CLI error costs no import of the rest.
 """
 
@@ -15,6 +17,8 @@ __version__ = "0.1.0"
 
 _PUBLIC = {
     "DiskConfig": "kvmlet.machine.config",
+    "connect": "kvmlet.api.client",
+    "serve": "kvmlet.api.server",
     "GuestStop": "kvmlet.vstate.vcpu_loop",
     "KvmletError": "kvmlet.errors",
     "Machine": "kvmlet.machine.machine",
@@ -34,11 +38,15 @@ __all__ = [
     "SandboxResult",
     "StopReason",
     "__version__",
+    "connect",
     "sandbox",
+    "serve",
     "with_default_guest",
 ]
 
 if TYPE_CHECKING:
+    from kvmlet.api.client import connect
+    from kvmlet.api.server import serve
     from kvmlet.errors import KvmletError
     from kvmlet.machine.config import DiskConfig, MachineConfig, with_default_guest
     from kvmlet.machine.machine import Machine

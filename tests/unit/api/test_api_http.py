@@ -1,0 +1,243 @@
+"""The control API's HTTP server against hostile clients: each gets a JSON error, none stops it."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+
+import pytest
+
+from kvmlet.api.http import Limits
+from tests.helpers.api import (
+    FakeMachine,
+    closed_by_peer,
+    exchange,
+    raw_connection,
+    read_response,
+    request_bytes,
+    serving,
+)
+
+QUICK = Limits(connections=2, waiting=2, request_seconds=0.5, idle_seconds=0.5, send_seconds=0.5)
+
+
+@pytest.fixture
+def path(tmp_path):
+    return str(tmp_path / "api.sock")
+
+
+def healthy(path: str) -> bool:
+    """The server still answers a plain request correctly."""
+    status, _, body = exchange(path, request_bytes("GET", "/v1/vm"))
+    return status == 200 and body["name"] == "fake"
+
+
+def test_requests_on_one_kept_alive_connection(path):
+    with serving(path), raw_connection(path) as client:
+        for _ in range(3):
+            client.sendall(request_bytes("GET", "/v1/vm"))
+            status, headers, body = read_response(client)
+            assert (status, headers["content-type"], body["state"]) == (
+                200,
+                "application/json",
+                "running",
+            )
+
+
+@pytest.mark.parametrize(
+    ("raw", "status"),
+    [
+        (b"GARBAGE\r\n\r\n", 400),
+        (b"GET /v1/vm HTTP/1.1\r\n\r\n", 400),  # HTTP/1.1 without Host
+        (b"GET /v1/vm HTTP/1.1\r\nhost: x\r\nbad header line\r\n\r\n", 400),
+        (b"GET /v1/vm HTTP/2.0\r\nhost: x\r\n\r\n", 505),
+        (b"PUT /v1/vm/stop HTTP/1.1\r\nhost: x\r\ncontent-length: -4\r\n\r\n", 400),
+        (b"PUT /v1/vm/stop HTTP/1.1\r\nhost: x\r\ntransfer-encoding: bogus\r\n\r\n", 501),
+    ],
+)
+def test_malformed_requests_get_a_json_error_and_the_server_goes_on(path, raw, status):
+    with serving(path):
+        answer, headers, body = exchange(path, raw)
+        assert answer in (status, 400) and "error" in body
+        assert headers["content-type"] == "application/json"
+        assert healthy(path)
+
+
+def test_headers_too_large_get_431(path):
+    with serving(path):
+        raw = request_bytes("GET", "/v1/vm", x_padding="a" * 20000)
+        status, _, body = exchange(path, raw)
+        assert status == 431 and "error" in body
+        assert healthy(path)
+
+
+def test_a_huge_body_is_refused_without_being_read(path):
+    target = FakeMachine()
+    with serving(path, target), raw_connection(path) as client:
+        head = b"PUT /v1/balloon HTTP/1.1\r\nhost: x\r\ncontent-length: 1000000000\r\n\r\n"
+        client.sendall(head + b"{")
+        status, _, body = read_response(client)
+        assert status == 413 and "65536 bytes" in body["error"]
+        assert closed_by_peer(client, 2.0)
+        assert target.calls == []
+        assert healthy(path)
+
+
+def test_a_chunked_body_over_the_limit_is_refused(path):
+    with serving(path), raw_connection(path) as client:
+        client.sendall(b"PUT /v1/balloon HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n")
+        try:
+            for _ in range(100):
+                client.sendall(b"4000\r\n" + b" " * 0x4000 + b"\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        status, _, body = read_response(client)
+        assert status == 413 and "error" in body
+        assert healthy(path)
+
+
+def test_a_slow_client_gets_408_and_is_closed(path):
+    with serving(path, limits=QUICK), raw_connection(path) as client:
+        started = time.monotonic()
+        client.sendall(b"GET /v1/v")  # and never the rest
+        status, _, body = read_response(client)
+        assert status == 408 and "0.5 s" in body["error"]
+        assert time.monotonic() - started < 3
+        assert healthy(path)
+
+
+def test_a_trickling_client_cannot_hold_a_connection_past_the_request_deadline(path):
+    with serving(path, limits=QUICK), raw_connection(path) as client:
+        started = time.monotonic()
+        try:
+            for byte in request_bytes("GET", "/v1/vm", x_long="b" * 200):
+                client.sendall(bytes([byte]))
+                time.sleep(0.02)  # each byte in time, the whole request not
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        answer = read_response(client)
+        assert answer[0] == 408
+        assert time.monotonic() - started < 3
+
+
+def test_an_idle_kept_alive_connection_is_closed(path):
+    with serving(path, limits=QUICK), raw_connection(path) as client:
+        client.sendall(request_bytes("GET", "/v1/vm"))
+        assert read_response(client)[0] == 200
+        assert closed_by_peer(client, 3.0)
+
+
+def test_a_client_that_disconnects_mid_request_is_forgotten(path):
+    target = FakeMachine()
+    with serving(path, target, limits=QUICK) as server:
+        for partial in (b"PUT /v1/vm/st", request_bytes("PUT", "/v1/vm/stop", b'{"force": tr')):
+            client = raw_connection(path)
+            client.sendall(partial[: len(partial) - 3])
+            client.close()
+        assert healthy(path)
+        assert target.calls == []
+        time.sleep(0.2)
+        assert server.counters["connections"] == 3
+
+
+def test_many_clients_at_once_each_get_an_answer(path):
+    limits = Limits(connections=2, waiting=4, request_seconds=2.0)
+    results: list[int] = []
+    lock = threading.Lock()
+
+    def client():
+        try:
+            status, _, body = exchange(path, request_bytes("GET", "/v1/vm"))
+            assert "error" in body if status != 200 else body["name"] == "fake"
+        except (ConnectionError, OSError):
+            status = -1
+        with lock:
+            results.append(status)
+
+    with serving(path, limits=limits):
+        # Four connections that hold the two handlers and fill the queue...
+        holders = [raw_connection(path) for _ in range(4)]
+        for holder in holders:
+            holder.sendall(b"GET /v1/vm HTTP/1.1\r\n")
+        time.sleep(0.2)
+        threads = [threading.Thread(target=client) for _ in range(30)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(10)
+        for holder in holders:
+            holder.close()
+        assert len(results) == 30
+        assert set(results) <= {200, 503}
+        assert 503 in results
+        time.sleep(2.5)
+        assert healthy(path)
+
+
+def test_fifty_concurrent_clients_are_all_served(path):
+    statuses: list[int] = []
+
+    def client():
+        statuses.append(exchange(path, request_bytes("GET", "/v1/vm/stats"), timeout=20)[0])
+
+    with serving(path):
+        threads = [threading.Thread(target=client) for _ in range(50)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+    assert statuses == [200] * 50
+
+
+def test_a_peer_of_another_user_is_refused(path):
+    with serving(path, allowed=lambda uid: False) as server:
+        status, _, body = exchange(path, request_bytes("GET", "/v1/vm"))
+        assert status == 403 and str(os.getuid()) in body["error"]
+        assert server.counters["refused_peers"] == 1
+
+
+def test_the_peer_check_sees_the_connecting_user(path):
+    seen = []
+    with serving(path, allowed=lambda uid: seen.append(uid) or True):
+        assert healthy(path)
+    assert seen == [os.geteuid()]
+
+
+def test_a_handler_bug_is_a_500_with_a_json_message(path):
+    class Broken(FakeMachine):
+        def stats(self):
+            raise ZeroDivisionError("bug")
+
+    with serving(path, Broken()):
+        status, _, body = exchange(path, request_bytes("GET", "/v1/vm/stats"))
+        assert status == 500 and "ZeroDivisionError" in body["error"]
+        assert healthy(path)
+
+
+def test_a_client_that_never_reads_is_dropped(path):
+    class Huge(FakeMachine):
+        def console(self, size):
+            return {"text": "x" * (8 << 20), "bytes": 8 << 20, "total_bytes": 8 << 20}
+
+    with serving(path, Huge(), limits=QUICK) as server:
+        client = raw_connection(path)
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.sendall(request_bytes("GET", "/v1/vm/console"))
+        time.sleep(1.5)  # the 8 MiB answer cannot fit: the server gives up after 0.5 s
+        assert healthy(path)
+        client.close()
+        assert server.counters["requests"] >= 2
+
+
+def test_close_ends_idle_connections_at_once(path):
+    with serving(path) as server:
+        client = raw_connection(path)
+        client.sendall(request_bytes("GET", "/v1/vm"))
+        read_response(client)
+        started = time.monotonic()
+        server.close()
+        assert time.monotonic() - started < 1.0
+        assert closed_by_peer(client, 1.0)
+        client.close()
