@@ -1,4 +1,5 @@
-"""`kvmlet`: boot a Linux kernel, run a command in a microVM, build the default guest.
+"""`kvmlet`: boot a Linux kernel, run a command in a microVM, build the default guest, and
+control running machines through their API sockets (list, stop, pause, resume, stat, balloon).
 
 Every user mistake ends as one line on stderr and a non-zero exit status; a traceback means a
 bug in kvmlet.
@@ -14,6 +15,7 @@ import time
 from typing import TYPE_CHECKING
 
 from kvmlet import __version__
+from kvmlet.cli.control import CONTROL_COMMANDS, add_control_commands
 from kvmlet.errors import KvmletError
 
 if TYPE_CHECKING:
@@ -26,6 +28,9 @@ examples:
   kvmlet run -k vmlinux -i initrd.gz -d disk.img -d ro.img,ro --console virtio
 
 console: Ctrl-A x quits, Ctrl-A s prints statistics, Ctrl-A h helps, Ctrl-A Ctrl-A sends Ctrl-A.
+
+control: the machine answers its API on $XDG_RUNTIME_DIR/kvmlet/NAME.sock (else
+~/.kvmlet/NAME.sock) while it runs: `kvmlet list`, `kvmlet stat NAME`, `kvmlet stop NAME`...
 
 exit status: 0 when the guest reset or powered off (or you quit), 3 triple fault,
 4 KVM could not run or emulate the guest, 5 guest crash, 6 this host cannot run the guest's
@@ -156,6 +161,24 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--stats", action="store_true", help="print I/O and device counters when the guest stops"
     )
+    run.add_argument(
+        "--name",
+        metavar="NAME",
+        help="the machine's name for `kvmlet list/stop/...` (default: vm-PID); unique among "
+        "your running machines",
+    )
+    run.add_argument(
+        "--api-socket",
+        metavar="PATH",
+        help="where the control API listens (default: $XDG_RUNTIME_DIR/kvmlet/NAME.sock, "
+        "else ~/.kvmlet/NAME.sock)",
+    )
+    run.add_argument(
+        "--balloon",
+        action="store_true",
+        help="add a virtio-balloon: `kvmlet balloon NAME SIZE` then takes memory back from "
+        "the guest, and free memory it reports is released on the host",
+    )
 
     sandbox = commands.add_parser(
         "sandbox",
@@ -180,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="apt-get install linux-source-6.1 when it is missing (root only)",
     )
+    add_control_commands(commands, plain, raw_description)
     return parser
 
 
@@ -231,6 +255,7 @@ def run_config(args: argparse.Namespace) -> MachineConfig:
             console=args.console,
             boot_method=args.boot_method,
             debug_io=args.debug_io,
+            balloon=args.balloon,
         )
     )
     _notice_profile(config)
@@ -238,25 +263,59 @@ def run_config(args: argparse.Namespace) -> MachineConfig:
 
 
 def _command_run(args: argparse.Namespace) -> int:
+    from kvmlet.api.names import claim
     from kvmlet.host.report import format_stats
     from kvmlet.host.terminal import RawTerminal
     from kvmlet.machine.machine import Machine
 
     config = run_config(args)
-    with RawTerminal(0) as terminal:  # raw mode only when stdin is a terminal
-        interactive = terminal.is_tty
-        machine = Machine(config, console_echo_fd=1, console_input_fd=0, escape=interactive)
-        try:
-            machine.start()
-            stop = machine.wait(args.timeout)
-        finally:
-            machine.close()
+    sigterm = _SigtermStops()
+    endpoint = claim(args.name, args.api_socket)  # the name and socket, before any work
+    try:
+        with RawTerminal(0) as terminal:  # raw mode only when stdin is a terminal
+            interactive = terminal.is_tty
+            machine = Machine(config, console_echo_fd=1, console_input_fd=0, escape=interactive)
+            server = None
+            try:
+                sigterm.machine = machine
+                machine.start()
+                from kvmlet.api.server import ApiServer  # after start: not before the guest runs
+
+                server = ApiServer(machine, endpoint).start()
+                stop = machine.wait(args.timeout)
+            finally:
+                if server is not None:
+                    server.close()
+                machine.close()
+    finally:
+        endpoint.close()
     elapsed = time.monotonic() - (machine.started or machine.created)
     newline = "\r\n" if interactive else ""  # the raw-mode console may end mid-line
     print(f"{newline}kvmlet: {stop} after {elapsed:.1f} s", file=sys.stderr)
     if args.stats:
         sys.stderr.write(format_stats(machine.stats()))
     return stop.reason.exit_status
+
+
+class _SigtermStops:
+    """SIGTERM (a service manager, an orchestrator) stops the guest like Ctrl-A x, so the
+    monitor still closes its machine and removes its API socket; before the machine exists it
+    ends `kvmlet run` with one line."""
+
+    def __init__(self) -> None:
+        import signal
+        import threading
+
+        self.machine = None
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        from kvmlet.vstate.vcpu_loop import StopReason
+
+        if self.machine is None:
+            raise KvmletError("terminated (SIGTERM) before the guest started")
+        self.machine.stop(StopReason.HOST_QUIT, "SIGTERM")
 
 
 def _command_sandbox(args: argparse.Namespace) -> int:
@@ -298,7 +357,12 @@ def _command_build_guest(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": _command_run, "sandbox": _command_sandbox, "build-guest": _command_build_guest}
+COMMANDS = {
+    "run": _command_run,
+    "sandbox": _command_sandbox,
+    "build-guest": _command_build_guest,
+    **CONTROL_COMMANDS,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
