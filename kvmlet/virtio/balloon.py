@@ -273,13 +273,17 @@ class VirtioBalloon(VirtioDevice):
         """Keep the newest statistics buffer (the device returns it to ask for fresh figures);
         a driver that posts another while one is held gets the older one back at once."""
         queue = self.queues[queue_index]
-        while (chain := queue.pop()) is not None:
-            if self._held_statistics is not None:
-                queue.push(self._held_statistics, 0)
-            self._held_statistics = chain.head
-            self.queue_stats[queue_index].requests += 1
-            self.queue_stats[queue_index].bytes_from_guest += chain.readable_length
-            self._read_statistics(chain)
+        while True:
+            while (chain := queue.pop()) is not None:
+                if self._held_statistics is not None:
+                    queue.push(self._held_statistics, 0)
+                self._held_statistics = chain.head
+                self.queue_stats[queue_index].requests += 1
+                self.queue_stats[queue_index].bytes_from_guest += chain.readable_length
+                self._read_statistics(chain)
+            # With EVENT_IDX the driver kicks for its next buffer only if avail_event says so.
+            if not queue.enable_notifications():
+                break
         self.signal_used(queue_index)
 
     def _read_statistics(self, chain: DescriptorChain) -> None:
