@@ -2,26 +2,24 @@
 
 Parsing is h11's (a small, well-kept sans-I/O HTTP/1.1 library): it turns bytes into request
 events and refuses what is malformed with the status to answer. This module does the I/O, on
-threads of its own so nothing here ever runs on a vCPU thread:
+threads of its own (nothing here runs on a vCPU thread), in two parts:
 
-- an acceptor thread takes connections, checks the peer's credentials (SO_PEERCRED: only the
-  user that owns the machine may connect, whatever the socket's mode says), and queues them;
-- at most `Limits.connections` handler threads serve the queue, started as needed, at a lower
-  scheduling priority than the guest's threads;
-- every connection has deadlines: a request must arrive whole within `request_seconds` of its
-  first byte (a client that trickles bytes gets 408 and is closed), a kept-alive connection is
-  closed after `idle_seconds` without a request, and a client that does not read its response
-  within `send_seconds` is dropped;
-- headers beyond `header_bytes` get 431, bodies beyond `body_bytes` get 413 without being
-  read, malformed requests get h11's 400 (or 505 for an HTTP version it cannot speak), and a
-  connection beyond the queue's room gets 503 at once. Each error is a JSON `{"error": ...}`.
-  The acceptor answers 503 and 403 itself without waiting: it sends the answer, shuts its
-  side, and keeps the socket for up to `REJECT_LINGER` seconds, reading and dropping what the
-  client sends meanwhile (closing on unread data would reset the connection, and the client
-  might lose the answer), at most `MAX_REJECTED` at a time.
+- one I/O thread owns every socket: it accepts, checks the peer's credentials (SO_PEERCRED:
+  only the user that owns the machine may connect, whatever the socket's mode says), reads
+  without blocking and feeds h11, writes answers without blocking, and enforces deadlines. A
+  slow, idle or silent client therefore costs a socket and a few objects, never a thread;
+- at most `Limits.handlers` handler threads run the handler on whole requests, at a lower
+  scheduling priority than the guest's threads; at most `Limits.queued` requests wait for them.
 
-A client that disconnects mid-request is simply forgotten. The handler (`Handler`) runs on a
-handler thread and returns (status, JSON-able body, extra headers).
+Limits and what a client gets past them, each as a JSON `{"error": ...}`: a request that has
+not arrived whole `request_seconds` after its first byte gets 408; headers over `header_bytes`
+431; a body over `body_bytes` 413, without reading it; malformed requests h11's 400 (505 for an
+HTTP version it cannot speak); a connection beyond `connections` open ones, or a request beyond
+the queue's room, 503. A kept-alive connection idle for `idle_seconds` is closed, and so is one
+whose client does not read its answer within `send_seconds`. A client that disconnects
+mid-request is forgotten. After an error the server shuts its side and lingers up to
+`LINGER_SECONDS`, reading and dropping what the client still sends: closing with unread data
+would reset the connection, and the client could lose the answer.
 """
 
 from __future__ import annotations
@@ -44,7 +42,6 @@ from kvmlet.errors import LazyLogger
 
 log = LazyLogger(__name__)
 
-SERVER_NAME = b"kvmlet"
 REASONS = {
     200: b"OK",
     400: b"Bad Request",
@@ -53,26 +50,28 @@ REASONS = {
     405: b"Method Not Allowed",
     408: b"Request Timeout",
     409: b"Conflict",
-    411: b"Length Required",
     413: b"Content Too Large",
     415: b"Unsupported Media Type",
     431: b"Request Header Fields Too Large",
     500: b"Internal Server Error",
+    501: b"Not Implemented",
     503: b"Service Unavailable",
-    504: b"Gateway Timeout",
     505: b"HTTP Version Not Supported",
 }
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
-REJECT_LINGER = 1.0
-MAX_REJECTED = 256
 NICENESS_INCREMENT = 5
-"""The acceptor and handler threads run this much nicer than the monitor: under CPU pressure
-the guest's vCPU and device threads come first."""
+"""The server's threads run this much nicer than the monitor: under CPU pressure the guest's
+vCPU and device threads come first."""
+LINGER_SECONDS = 1.0
+READ_SIZE = 65536
+
+READING, DISPATCHED, WRITING, LINGERING = "reading", "dispatched", "writing", "lingering"
 
 
 class Limits(NamedTuple):
-    connections: int = 8
-    waiting: int = 64
+    connections: int = 64
+    handlers: int = 4
+    queued: int = 64
     header_bytes: int = 8 * 1024
     body_bytes: int = 64 * 1024
     request_seconds: float = 10.0
@@ -109,6 +108,45 @@ def encode_json(payload: object) -> bytes:
     return json.dumps(payload, separators=(",", ":"), default=str).encode() + b"\n"
 
 
+class Connection:
+    """One client. The I/O thread owns it, except while a handler answers its request."""
+
+    def __init__(self, sock: socket.socket, limits: Limits, now: float):
+        self.socket = sock
+        self.fd = sock.fileno()
+        self.http = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.header_bytes)
+        self.state = READING
+        self.deadline = now + limits.idle_seconds
+        self.request_started: float | None = None
+        self.head: h11.Request | None = None
+        self.body = bytearray()
+        self.outgoing = b""
+        self.close_after = False
+
+    def answer(self, status: int, payload: object, headers: list[tuple[str, str]]) -> bytes:
+        """The bytes of a JSON answer (empty when h11 says none can be sent now)."""
+        body = encode_json(payload)
+        head = [
+            ("content-type", "application/json"),
+            ("content-length", str(len(body))),
+            ("server", "kvmlet"),
+            *headers,
+        ]
+        if self.http.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return b""
+        try:
+            response = h11.Response(
+                status_code=status, headers=head, reason=REASONS.get(status, b"")
+            )
+            return (
+                self.http.send(response)
+                + self.http.send(h11.Data(data=body))
+                + self.http.send(h11.EndOfMessage())
+            )
+        except h11.LocalProtocolError:
+            return b""
+
+
 class HttpServer:
     """Serves `handler` on `listener` (a listening UNIX socket) until `close()`."""
 
@@ -125,318 +163,325 @@ class HttpServer:
         self.limits = limits
         self.allowed = allowed
         self.name = name
-        self.counters = collections.Counter()
-        self._waiting: collections.deque[socket.socket] = collections.deque()
-        self._condition = threading.Condition()
-        self._idle_workers = 0
-        self._workers: list[threading.Thread] = []
-        self._sessions: set[Session] = set()
+        self.counters: collections.Counter[str] = collections.Counter()
+        self._connections: dict[int, Connection] = {}
+        self._poller = select.poll()
+        self._lock = threading.Condition()
+        self._queue: collections.deque[tuple[Connection, Request]] = collections.deque()
+        self._answers: list[tuple[Connection, int, bytes]] = []
+        self._handlers: list[threading.Thread] = []
+        self._idle_handlers = 0
         self._closing = False
         self._wake_read, self._wake_write = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        self._rejected: dict[int, tuple[socket.socket, float]] = {}  # fd: (socket, deadline)
-        self._acceptor = threading.Thread(target=self._accept_loop, name=name, daemon=True)
+        self._io_thread = threading.Thread(target=self._io_loop, name=name, daemon=True)
 
     def start(self) -> HttpServer:
         self.listener.setblocking(False)
-        self._acceptor.start()
+        self._io_thread.start()
         return self
 
     def close(self, timeout: float = 2.0) -> None:
-        """Stop accepting, let requests in progress finish for up to `timeout` seconds, and
-        drop the rest. The listener itself is its owner's to close."""
-        with self._condition:
+        """Stop accepting, give requests being answered up to `timeout` seconds, close every
+        connection. The listener is its owner's to close."""
+        with self._lock:
             if self._closing:
                 return
             self._closing = True
-            self._condition.notify_all()
-            for session in self._sessions:
-                if not session.busy:  # waiting for a request: end it now
-                    with contextlib.suppress(OSError):
-                        session.connection.shutdown(socket.SHUT_RDWR)
-        with contextlib.suppress(OSError):
-            os.write(self._wake_write, b"x")
+            self._lock.notify_all()
+        self._wake()
         deadline = time.monotonic() + timeout
-        for thread in [self._acceptor, *self._workers]:
+        threads = [self._io_thread, *self._handlers]
+        for thread in threads:
             if thread.ident is not None:
                 thread.join(max(0.0, deadline - time.monotonic()))
-        with self._condition:
-            while self._waiting:
-                self._waiting.popleft().close()
-        for fd in (self._wake_read, self._wake_write):
-            os.close(fd)
-
-    # -- accepting ------------------------------------------------------------------------------
-
-    def _accept_loop(self) -> None:
-        _lower_priority()
-        self._poller = poller = select.poll()
-        listener = self.listener.fileno()
-        poller.register(listener, select.POLLIN)
-        poller.register(self._wake_read, select.POLLIN)
-        try:
-            while not self._closing:
-                timeout = None
-                if self._rejected:
-                    first = min(deadline for _, deadline in self._rejected.values())
-                    timeout = max(0, int((first - time.monotonic()) * 1000) + 1)
-                ready = {fd for fd, _ in poller.poll(timeout)}
-                if self._wake_read in ready:
-                    return
-                self._drain_rejected(ready)
-                if listener in ready:
-                    self._accept()
-        finally:
-            for connection, _ in self._rejected.values():
-                connection.close()
-            self._rejected.clear()
-
-    def _accept(self) -> None:
-        try:
-            connection, _ = self.listener.accept()
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as error:  # out of descriptors: wait rather than spin
-            log.warning("%s: accept failed: %s", self.name, error)
-            time.sleep(0.1)
-            return
-        self._admit(connection)
-
-    def _reject(self, connection: socket.socket, status: int, message: str) -> None:
-        """Answer `status` at once and linger (see the module docstring), never waiting."""
-        body = encode_json({"error": message})
-        reply = (
-            b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
-            b"connection: close\r\n\r\n" % (status, REASONS[status], len(body))
-        ) + body
-        try:
-            connection.setblocking(False)
-            connection.send(reply, socket.MSG_NOSIGNAL)
-            connection.shutdown(socket.SHUT_WR)
-        except OSError:
-            connection.close()
-            return
-        if len(self._rejected) >= MAX_REJECTED:
-            connection.close()
-            return
-        self._rejected[connection.fileno()] = (connection, time.monotonic() + REJECT_LINGER)
-        self._poller.register(connection.fileno(), select.POLLIN)
-
-    def _drain_rejected(self, ready: set[int]) -> None:
-        now = time.monotonic()
-        for fd, (connection, deadline) in list(self._rejected.items()):
-            if fd in ready:
-                try:
-                    finished = not connection.recv(65536)
-                except BlockingIOError:
-                    finished = False
-                except OSError:
-                    finished = True
-            else:
-                finished = now >= deadline
-            if finished:
-                self._poller.unregister(fd)
-                del self._rejected[fd]
-                connection.close()
-
-    def _admit(self, connection: socket.socket) -> None:
-        self.counters["connections"] += 1
-        try:
-            uid = peer_uid(connection)
-        except OSError:
-            uid = -1
-        if not self.allowed(uid):
-            self.counters["refused_peers"] += 1
-            self._reject(connection, 403, f"user {uid} may not use this machine's API")
-            return
-        with self._condition:
-            if len(self._waiting) >= self.limits.waiting:
-                self.counters["refused_busy"] += 1
-                busy = True
-            else:
-                busy = False
-                self._waiting.append(connection)
-                if (
-                    len(self._waiting) > self._idle_workers
-                    and len(self._workers) < self.limits.connections
-                ):
-                    self._start_worker()
-                self._condition.notify()
-        if busy:
-            self._reject(connection, 503, "too many clients: try again")
-
-    def _start_worker(self) -> None:
-        thread = threading.Thread(
-            target=self._worker_loop, name=f"{self.name}-{len(self._workers)}", daemon=True
-        )
-        self._workers.append(thread)
-        self._idle_workers += 1
-        thread.start()
-
-    def _worker_loop(self) -> None:
-        _lower_priority()
-        while True:
-            with self._condition:
-                while not self._waiting and not self._closing:
-                    self._condition.wait()
-                if self._closing:
-                    self._idle_workers -= 1
-                    return
-                connection = self._waiting.popleft()
-                self._idle_workers -= 1
-            session = Session(self, connection)
-            with self._condition:
-                self._sessions.add(session)
-            try:
-                session.serve()
-            except Exception:  # a bug here must not take the server down
-                log.exception("%s: connection failed", self.name)
-            finally:
-                connection.close()
-                with self._condition:
-                    self._sessions.discard(session)
-                    self._idle_workers += 1
-
-    # -- dispatch -------------------------------------------------------------------------------
+        if not any(thread.is_alive() for thread in threads):  # else a late wake-up would
+            for fd in (self._wake_read, self._wake_write):  # write to a reused descriptor
+                os.close(fd)
 
     def dispatch(self, request: Request) -> Reply:
-        self.counters["requests"] += 1
         try:
             return self.handler(request)
         except Exception as error:
             log.exception("%s: %s %s failed", self.name, request.method, request.target)
             return 500, {"error": f"internal error: {type(error).__name__}: {error}"}, []
 
+    # -- the I/O thread -------------------------------------------------------------------------
 
-class Session:
-    """One connection: requests read with h11 under deadlines, answered one at a time."""
+    def _io_loop(self) -> None:
+        _lower_priority()
+        listener = self.listener.fileno()
+        self._poller.register(listener, select.POLLIN)
+        self._poller.register(self._wake_read, select.POLLIN)
+        try:
+            while True:
+                events = self._poller.poll(self._poll_timeout())
+                for fd, mask in events:
+                    if fd == self._wake_read:
+                        with contextlib.suppress(OSError):
+                            os.read(self._wake_read, 4096)
+                    elif fd == listener:
+                        self._accept_all()
+                    elif fd in self._connections:
+                        self._ready(self._connections[fd], mask)
+                self._take_answers()
+                self._expire()
+                if self._closing and self._shut_down(listener):
+                    return
+        finally:
+            for connection in list(self._connections.values()):
+                self._drop(connection)
 
-    def __init__(self, server: HttpServer, connection: socket.socket):
-        self.server = server
-        self.limits = server.limits
-        self.connection = connection
-        self.http = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.header_bytes)
-        self.busy = False  # between a whole request and the end of its response
+    def _poll_timeout(self) -> int | None:
+        waiting = [c.deadline for c in self._connections.values() if c.state != DISPATCHED]
+        if self._closing:
+            waiting.append(time.monotonic() + 0.05)
+        if not waiting:
+            return None
+        return max(0, int((min(waiting) - time.monotonic()) * 1000) + 1)
 
-    def serve(self) -> None:
-        while not self.server._closing:
-            request = self._read_request()
-            if request is None:
+    def _shut_down(self, listener: int) -> bool:
+        """While closing: stop accepting, end connections waiting for a request; True once
+        no answer is still being made or sent."""
+        with contextlib.suppress(KeyError):
+            self._poller.unregister(listener)
+        for connection in list(self._connections.values()):
+            if connection.state in (READING, LINGERING):
+                self._drop(connection)
+        return not self._connections
+
+    def _accept_all(self) -> None:
+        for _ in range(64):  # a burst; the rest on the next round
+            try:
+                sock, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
                 return
-            self.busy = True
-            status, payload, headers = self.server.dispatch(request)
-            sent = self._send(status, payload, headers)
-            self.busy = False
-            if not sent:
+            except OSError as error:  # out of descriptors: answer the others first
+                log.warning("%s: accept failed: %s", self.name, error)
                 return
-            if self.http.our_state is not h11.DONE or self.http.their_state is not h11.DONE:
-                return
-            self.http.start_next_cycle()
+            self.counters["connections"] += 1
+            sock.setblocking(False)
+            connection = Connection(sock, self.limits, time.monotonic())
+            self._connections[connection.fd] = connection
+            try:
+                uid = peer_uid(sock)
+            except OSError:
+                uid = -1
+            if not self.allowed(uid):
+                self.counters["refused_peers"] += 1
+                self._fail(connection, 403, f"user {uid} may not use this machine's API")
+            elif len(self._connections) > self.limits.connections:
+                self.counters["refused_busy"] += 1
+                self._fail(connection, 503, "too many clients: try again")
+            else:
+                self._poller.register(connection.fd, select.POLLIN)
 
-    def _read_request(self) -> Request | None:
-        """The next whole request, or None after answering an error or losing the client."""
+    def _ready(self, connection: Connection, mask: int) -> None:
+        if connection.state == WRITING:
+            self._write(connection)
+            return
+        try:
+            data = connection.socket.recv(READ_SIZE)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if connection.state == LINGERING:
+            if not data:
+                self._drop(connection)
+            return
+        if data and connection.request_started is None:
+            connection.request_started = time.monotonic()
+            connection.deadline = connection.request_started + self.limits.request_seconds
+        connection.http.receive_data(data)
+        self._advance(connection)
+
+    def _advance(self, connection: Connection) -> None:
+        """Parse what has arrived; a whole request goes to the handlers."""
         limits = self.limits
-        idle_deadline = time.monotonic() + limits.idle_seconds
-        request_deadline: float | None = None
-        head: h11.Request | None = None
-        body = bytearray()
         while True:
             try:
-                event = self.http.next_event()
+                event = connection.http.next_event()
             except h11.RemoteProtocolError as error:  # malformed, or the client went away
-                self._error(error.error_status_hint, f"malformed request: {error}")
-                return None
+                self._fail(connection, error.error_status_hint, f"malformed request: {error}")
+                return
             if event is h11.NEED_DATA:
-                deadline = idle_deadline if request_deadline is None else request_deadline
-                data = self._receive(deadline)
-                if data is None:
-                    if request_deadline is not None:
-                        seconds = limits.request_seconds
-                        self._error(408, f"request not received within {seconds:g} s")
-                    return None
-                if data and request_deadline is None:
-                    request_deadline = time.monotonic() + limits.request_seconds
-                self.http.receive_data(data)
-            elif isinstance(event, h11.Request):
-                head = event
-                if event.http_version not in (b"1.0", b"1.1"):
-                    self._error(505, f"HTTP/{event.http_version.decode()} is not spoken here")
-                    return None
-                size = len(event.target) + sum(len(n) + len(v) + 4 for n, v in event.headers)
-                if size > limits.header_bytes:  # arrived in one read: h11 did not count it
-                    self._error(431, f"request headers over {limits.header_bytes} bytes")
-                    return None
-                length = _header(event.headers, b"content-length")
-                if length is not None and int(length) > limits.body_bytes:
-                    self._error(413, f"request body over {limits.body_bytes} bytes")
-                    return None
+                return
+            if isinstance(event, h11.Request):
+                problem = _check_head(event, limits)
+                if problem is not None:
+                    self._fail(connection, *problem)
+                    return
+                connection.head = event
             elif isinstance(event, h11.Data):
-                body += event.data
-                if len(body) > limits.body_bytes:
-                    self._error(413, f"request body over {limits.body_bytes} bytes")
-                    return None
-            elif isinstance(event, h11.EndOfMessage) and head is not None:
-                headers = {
-                    name.decode("ascii").lower(): value.decode("latin-1")
-                    for name, value in head.headers
-                }
-                return Request(
-                    head.method.decode("ascii", "replace"),
-                    head.target.decode("ascii", "replace"),
-                    headers,
-                    bytes(body),
-                )
-            else:  # ConnectionClosed, or a PAUSED state we never ask for
-                return None
+                connection.body += event.data
+                if len(connection.body) > limits.body_bytes:
+                    self._fail(connection, 413, f"request body over {limits.body_bytes} bytes")
+                    return
+            elif isinstance(event, h11.EndOfMessage) and connection.head is not None:
+                self._queue_request(connection)
+                return
+            else:  # ConnectionClosed: the client is done
+                self._drop(connection)
+                return
 
-    def _receive(self, deadline: float) -> bytes | None:
-        """Bytes from the client (b"" at its end of stream), or None at the deadline or on an
-        error of the connection."""
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return None
-        self.connection.settimeout(remaining)
+    def _queue_request(self, connection: Connection) -> None:
+        head = connection.head
+        request = Request(
+            head.method.decode("ascii", "replace"),
+            head.target.decode("ascii", "replace"),
+            {name.decode("ascii").lower(): value.decode("latin-1") for name, value in head.headers},
+            bytes(connection.body),
+        )
+        self.counters["requests"] += 1
+        with self._lock:
+            if len(self._queue) >= self.limits.queued:
+                busy = True
+            else:
+                busy = False
+                connection.state = DISPATCHED
+                self._poller.unregister(connection.fd)
+                self._queue.append((connection, request))
+                if len(self._queue) > self._idle_handlers:
+                    self._start_handler()
+                self._lock.notify()
+        if busy:
+            self.counters["refused_busy"] += 1
+            self._fail(connection, 503, "too many requests at once: try again")
+
+    def _take_answers(self) -> None:
+        with self._lock:
+            answers, self._answers = self._answers, []
+        for connection, status, data in answers:
+            if status >= 400:
+                self.counters[f"status_{status}"] += 1
+            connection.state = WRITING
+            connection.outgoing = data
+            connection.deadline = time.monotonic() + self.limits.send_seconds
+            self._poller.register(connection.fd, select.POLLOUT)
+            self._write(connection)
+
+    def _write(self, connection: Connection) -> None:
         try:
-            return self.connection.recv(65536)
-        except TimeoutError:
-            return None
+            sent = connection.socket.send(connection.outgoing, socket.MSG_NOSIGNAL)
+        except BlockingIOError:
+            return
         except OSError:
-            return b""
+            self._drop(connection)
+            return
+        connection.outgoing = connection.outgoing[sent:]
+        if connection.outgoing:
+            return
+        http = connection.http
+        if connection.close_after or (http.our_state, http.their_state) != (h11.DONE, h11.DONE):
+            self._linger(connection)
+        else:
+            http.start_next_cycle()
+            connection.state = READING
+            connection.request_started = None
+            connection.head = None
+            connection.body = bytearray()
+            connection.deadline = time.monotonic() + self.limits.idle_seconds
+            self._poller.modify(connection.fd, select.POLLIN)
+            self._advance(connection)  # a pipelined request may be buffered already
 
-    def _error(self, status: int, message: str) -> None:
-        self.server.counters[f"status_{status}"] += 1
-        self._send(status, {"error": message}, [("connection", "close")])
+    def _fail(self, connection: Connection, status: int, message: str) -> None:
+        """Answer an error and close (through lingering) once it is sent."""
+        self.counters[f"status_{status}"] += 1
+        data = connection.answer(status, {"error": message}, [("connection", "close")])
+        if not data:  # h11 cannot answer (the client broke off, or a refused connection)
+            data = _raw_answer(status, message)
+        connection.close_after = True
+        connection.state = WRITING
+        connection.outgoing = data
+        connection.deadline = time.monotonic() + self.limits.send_seconds
+        self._register(connection, select.POLLOUT)
+        self._write(connection)
 
-    def _send(self, status: int, payload: object, headers: list[tuple[str, str]]) -> bool:
-        if self.http.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
-            return False
-        body = encode_json(payload)
-        head = [
-            ("content-type", "application/json"),
-            ("content-length", str(len(body))),
-            ("server", "kvmlet"),
-            *headers,
-        ]
+    def _linger(self, connection: Connection) -> None:
+        with contextlib.suppress(OSError):
+            connection.socket.shutdown(socket.SHUT_WR)
+        connection.state = LINGERING
+        connection.deadline = time.monotonic() + LINGER_SECONDS
+        self._register(connection, select.POLLIN)
+
+    def _register(self, connection: Connection, events: int) -> None:
         try:
-            data = self.http.send(
-                h11.Response(status_code=status, headers=head, reason=REASONS.get(status, b""))
-            )
-            data += self.http.send(h11.Data(data=body))
-            data += self.http.send(h11.EndOfMessage())
-        except h11.LocalProtocolError:
-            return False
-        self.connection.settimeout(self.limits.send_seconds)
-        try:
-            self.connection.sendall(data, socket.MSG_NOSIGNAL)
-        except OSError:
-            return False
-        return True
+            self._poller.modify(connection.fd, events)
+        except FileNotFoundError:
+            self._poller.register(connection.fd, events)
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for connection in list(self._connections.values()):
+            if connection.state == DISPATCHED or now < connection.deadline:
+                continue
+            if connection.state == READING and connection.request_started is not None:
+                seconds = self.limits.request_seconds
+                self._fail(connection, 408, f"request not received within {seconds:g} s")
+            else:  # idle, a client that does not read its answer, or done lingering
+                self._drop(connection)
+
+    def _drop(self, connection: Connection) -> None:
+        if self._connections.pop(connection.fd, None) is None:
+            return
+        if connection.state != DISPATCHED:
+            with contextlib.suppress(KeyError, ValueError):
+                self._poller.unregister(connection.fd)
+        connection.socket.close()
+
+    def _wake(self) -> None:
+        with contextlib.suppress(OSError):
+            os.write(self._wake_write, b"x")
+
+    # -- the handler threads --------------------------------------------------------------------
+
+    def _start_handler(self) -> None:
+        if len(self._handlers) >= self.limits.handlers:
+            return
+        thread = threading.Thread(
+            target=self._handler_loop, name=f"{self.name}-{len(self._handlers)}", daemon=True
+        )
+        self._handlers.append(thread)
+        self._idle_handlers += 1
+        thread.start()
+
+    def _handler_loop(self) -> None:
+        _lower_priority()
+        while True:
+            with self._lock:
+                while not self._queue and not self._closing:
+                    self._lock.wait()
+                if not self._queue:
+                    return
+                connection, request = self._queue.popleft()
+                self._idle_handlers -= 1
+            status, payload, headers = self.dispatch(request)
+            data = connection.answer(status, payload, headers)
+            with self._lock:
+                self._answers.append((connection, status, data))
+                self._idle_handlers += 1
+            self._wake()
 
 
-def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
-    for key, value in headers:
-        if key == name:
-            return value
+def _check_head(event: h11.Request, limits: Limits) -> tuple[int, str] | None:
+    """Why a request head is refused (status, message), or None."""
+    if event.http_version not in (b"1.0", b"1.1"):
+        return 505, f"HTTP/{event.http_version.decode()} is not spoken here"
+    size = len(event.target) + sum(len(name) + len(value) + 4 for name, value in event.headers)
+    if size > limits.header_bytes:  # it arrived in one read: h11 did not count it
+        return 431, f"request headers over {limits.header_bytes} bytes"
+    for name, value in event.headers:
+        if name == b"content-length" and int(value) > limits.body_bytes:
+            return 413, f"request body over {limits.body_bytes} bytes"
     return None
+
+
+def _raw_answer(status: int, message: str) -> bytes:
+    body = encode_json({"error": message})
+    return (
+        b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+        b"connection: close\r\n\r\n" % (status, REASONS.get(status, b""), len(body))
+    ) + body
 
 
 def _lower_priority() -> None:
