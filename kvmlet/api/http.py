@@ -20,6 +20,12 @@ whose client does not read its answer within `send_seconds`. A client that disco
 mid-request is forgotten. After an error the server shuts its side and lingers up to
 `LINGER_SECONDS`, reading and dropping what the client still sends: closing with unread data
 would reset the connection, and the client could lose the answer.
+
+The server's threads share one interpreter with the guest's: a vCPU thread needs the
+interpreter lock for every exit it handles, so a flood of requests would slow an exit-heavy
+guest. `CpuBudget` bounds what the server takes: its threads may use `Limits.cpu_share` of one
+CPU on average (with a small burst); past that they wait, requests queue up, and their latency,
+not the guest, pays.
 """
 
 from __future__ import annotations
@@ -77,6 +83,33 @@ class Limits(NamedTuple):
     request_seconds: float = 10.0
     idle_seconds: float = 30.0
     send_seconds: float = 5.0
+    cpu_share: float = 0.25  # of one CPU, on average, for all the server's threads
+    cpu_burst: float = 0.05  # CPU seconds the server may use at once before it must wait
+
+
+class CpuBudget:
+    """CPU time the server may still use: it accrues at `share` CPU seconds per second up to
+    `burst`; threads pay what they used (`time.thread_time`) and sleep while in debt."""
+
+    def __init__(self, share: float, burst: float):
+        self.share = share
+        self.burst = burst
+        self._balance = burst
+        self._updated = time.monotonic()
+        self._lock = threading.Lock()
+        self.waited = 0.0  # seconds threads slept to stay in budget
+
+    def pay(self, cpu_seconds: float) -> None:
+        with self._lock:
+            now = time.monotonic()
+            self._balance = min(self.burst, self._balance + (now - self._updated) * self.share)
+            self._updated = now
+            self._balance -= cpu_seconds
+            debt = -self._balance
+        if debt > 0:
+            pause = debt / self.share
+            self.waited += pause
+            time.sleep(pause)
 
 
 DEFAULT_LIMITS = Limits()
@@ -173,6 +206,7 @@ class HttpServer:
         self._idle_handlers = 0
         self._closing = False
         self._wake_read, self._wake_write = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self.budget = CpuBudget(limits.cpu_share, limits.cpu_burst)
         self._io_thread = threading.Thread(target=self._io_loop, name=name, daemon=True)
 
     def start(self) -> HttpServer:
@@ -215,6 +249,7 @@ class HttpServer:
         try:
             while True:
                 events = self._poller.poll(self._poll_timeout())
+                used = time.thread_time()
                 for fd, mask in events:
                     if fd == self._wake_read:
                         with contextlib.suppress(OSError):
@@ -227,6 +262,7 @@ class HttpServer:
                 self._expire()
                 if self._closing and self._shut_down(listener):
                     return
+                self.budget.pay(time.thread_time() - used)
         finally:
             for connection in list(self._connections.values()):
                 self._drop(connection)
@@ -455,12 +491,15 @@ class HttpServer:
                     return
                 connection, request = self._queue.popleft()
                 self._idle_handlers -= 1
+            used = time.thread_time()
             status, payload, headers = self.dispatch(request)
             data = connection.answer(status, payload, headers)
             with self._lock:
                 self._answers.append((connection, status, data))
-                self._idle_handlers += 1
             self._wake()
+            self.budget.pay(time.thread_time() - used)
+            with self._lock:
+                self._idle_handlers += 1
 
 
 def _check_head(event: h11.Request, limits: Limits) -> tuple[int, str] | None:

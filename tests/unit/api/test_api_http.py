@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from kvmlet.api.http import Limits
+from kvmlet.api.http import CpuBudget, Limits
 from tests.helpers.api import (
     FakeMachine,
     closed_by_peer,
@@ -254,3 +254,31 @@ def test_close_ends_idle_connections_at_once(path):
         assert time.monotonic() - started < 1.0
         assert closed_by_peer(client, 1.0)
         client.close()
+
+
+def test_the_cpu_budget_makes_a_thread_wait_out_its_debt():
+    budget = CpuBudget(share=0.5, burst=0.01)
+    started = time.monotonic()
+    budget.pay(0.005)  # within the burst: no wait
+    assert time.monotonic() - started < 0.005
+    budget.pay(0.1)  # 0.095 s in debt, repaid at 0.5 s of CPU per second
+    assert 0.17 <= time.monotonic() - started < 0.4
+    assert 0.17 <= budget.waited < 0.4
+
+
+def test_a_flood_of_requests_waits_for_the_cpu_budget_and_is_still_served(path):
+    limits = Limits(cpu_share=0.02, cpu_burst=0.001)
+    statuses: list[int] = []
+
+    def client():
+        for _ in range(10):
+            statuses.append(exchange(path, request_bytes("GET", "/v1/vm/stats"), timeout=30)[0])
+
+    with serving(path, limits=limits) as server:
+        threads = [threading.Thread(target=client) for _ in range(5)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert server.budget.waited > 0
+    assert statuses == [200] * 50
