@@ -22,7 +22,6 @@ import mmap
 import operator
 import struct
 from collections.abc import Iterator, Sequence
-from typing import NewType
 
 from kvmlet.errors import GuestMemoryError, KvmletError
 
@@ -30,9 +29,6 @@ MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
 """Linux's flag (x86 value; Python's mmap module exports it only from 3.13): without it a large
 guest counts against the host's overcommit limit in full before touching a page."""
 GiB = 1 << 30
-
-GuestAddress = NewType("GuestAddress", int)
-"""A guest-physical address (static typing only: at run time it is a plain int)."""
 
 # From this many buffers on, one bounds check over all of them beats one check each (measured).
 _MANY_BUFFERS = 8
