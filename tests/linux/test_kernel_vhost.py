@@ -18,17 +18,17 @@ import os
 import select
 import socket
 import struct
-import time
 
 import pytest
 
 from kvmlet.memory import GuestMemory
 from kvmlet.vhost.device import VhostDevice
-from kvmlet.vhost.frontend import VhostError, VringAddresses, memory_table
+from kvmlet.vhost.frontend import VhostError, memory_table
 from kvmlet.vhost.kernel import KernelVhostVsock
 from kvmlet.virtio.device import VIRTIO_F_VERSION_1, InterruptKind
 from kvmlet.virtio.worker import QueueWorker
 from tests.helpers.guests import IN_TEST_BOX
+from tests.helpers.hand_ring import WAIT, HandRing, eventfd, wait_for
 from tests.helpers.virtio_driver import MockDriver
 
 pytestmark = [
@@ -40,55 +40,13 @@ pytestmark = [
 ]
 
 RAM = 4 << 20
-WAIT = 30.0
-"""Seconds to wait for the kernel (the box emulates its CPU: generous)."""
 HEADER = struct.Struct("<QQIIIHHIII")
 """struct virtio_vsock_hdr: src_cid, dst_cid, src_port, dst_port, len, type, op, flags,
 buf_alloc, fwd_cnt (44 bytes, little-endian)."""
 TYPE_STREAM = 1
 OP_REQUEST, OP_RESPONSE, OP_RW = 1, 2, 5
 HOST_CID = 2
-DESC_F_WRITE = 2
 RX, TX = 0, 1
-
-
-class HandRing:
-    """A split ring in guest RAM, written the way a guest driver would."""
-
-    def __init__(self, memory: GuestMemory, base: int, size: int = 16):
-        self.memory, self.size = memory, size
-        self.descriptor, self.available, self.used = base, base + 0x400, base + 0x800
-        memory.fill(base, 0x1000)
-        self.posted = 0
-
-    def addresses(self) -> VringAddresses:
-        host = self.memory.host_address
-        return VringAddresses(
-            descriptor=host(self.descriptor, 16 * self.size),
-            used=host(self.used, 6 + 8 * self.size),
-            available=host(self.available, 6 + 2 * self.size),
-        )
-
-    def post(self, address: int, length: int, writable: bool) -> None:
-        """Make one single-buffer chain available."""
-        head = self.posted % self.size
-        flags = DESC_F_WRITE if writable else 0
-        self.memory.write(
-            self.descriptor + 16 * head, struct.pack("<QIHH", address, length, flags, 0)
-        )
-        self.memory.write_u16(self.available + 4 + 2 * head, head)
-        self.posted += 1
-        self.memory.write_u16(self.available + 2, self.posted)
-
-    def used_index(self) -> int:
-        return self.memory.read_u16(self.used + 2)
-
-    def used_length(self, slot: int) -> int:
-        return self.memory.read_u32(self.used + 8 + 8 * slot)
-
-
-def eventfd() -> int:
-    return os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
 
 
 def signalled(fd: int) -> bool:
@@ -96,14 +54,6 @@ def signalled(fd: int) -> bool:
         return os.eventfd_read(fd) > 0
     except BlockingIOError:
         return False
-
-
-def wait_for(condition, what: str) -> None:
-    deadline = time.monotonic() + WAIT
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 def packet(src_port: int, dst_port: int, op: int, payload: bytes, cid: int) -> bytes:
