@@ -78,8 +78,8 @@ class VhostDevice(VirtioDevice):
         """`backend_queues`: the first that many queues go to the backend (default all; the
         rest stay idle with the device). The driver is offered the backend's features within
         `features_mask`, plus `own_features` the device implements itself. `config_size`
-        takes that many bytes of configuration space from the backend; otherwise the device
-        shows `config`."""
+        takes that many bytes of configuration space from a backend that keeps one
+        (vhost-user's CONFIG); otherwise the device shows `config`."""
         backend_queues = len(queue_sizes) if backend_queues is None else backend_queues
         if not 0 < backend_queues <= len(queue_sizes):
             raise ValueError(f"{name}: {backend_queues} backend queues of {len(queue_sizes)}")
@@ -93,11 +93,11 @@ class VhostDevice(VirtioDevice):
         offered = frontend.guest_features() & features_mask
         if not offered >> VIRTIO_F_VERSION_1 & 1:
             raise VhostError(f"{name}: the backend does not offer VIRTIO_F_VERSION_1")
-        if config_size:
-            backend_config = frontend.read_config(config_size)
-            if backend_config is None:
-                raise VhostError(f"{name}: the backend does not give its configuration space")
+        backend_config = frontend.read_config(config_size) if config_size else None
+        if backend_config is not None:
             config = backend_config
+        elif config_size and not config:
+            raise VhostError(f"{name}: the backend does not give its configuration space")
         super().__init__(memory, list(queue_sizes), 0, config)
         self.name = name
         self.device_id = device_id
@@ -106,7 +106,8 @@ class VhostDevice(VirtioDevice):
         self.backend_queues = backend_queues
         self.backend_error: str | None = None
         self.vring_bases: dict[int, int] = {}
-        self._config_size = config_size
+        # Bytes of configuration space the backend keeps (0: the device shows its own).
+        self._config_size = config_size if backend_config is not None else 0
         self._handed: set[int] = set()
         self._started = False
         self._log_failure = True

@@ -241,6 +241,17 @@ def test_only_the_backend_queues_go_to_the_backend(rig):
     assert r.driver.collect(1) == [], "the device's own queue stays idle"
 
 
+def test_a_backend_without_a_config_space_leaves_the_devices_own(rig):
+    plain = {"protocol_features": 1 << wire.PROTOCOL_F_MQ | 1 << wire.PROTOCOL_F_REPLY_ACK}
+    r = rig(backend_options=plain, device_options={"config": b"tag\0" + bytes(36)})
+    assert r.device.config_size == 40
+    assert r.device.read_config(0, 4) == int.from_bytes(b"tag\0", "little")
+    r.device.write_config(0, 1, 0x41)
+    assert r.messages(Request.SET_CONFIG) == [] and r.device.read_config(0, 1) == ord("t")
+    r.driver.initialize()
+    assert r.messages(Request.GET_CONFIG) == [], "nothing to refresh at reset"
+
+
 def test_config_writes_go_to_the_backend(rig):
     r = rig()
     r.device.write_config(20, 2, 0xBEEF)
