@@ -79,7 +79,8 @@ class VhostDevice(VirtioDevice):
         rest stay idle with the device). The driver is offered the backend's features within
         `features_mask`, plus `own_features` the device implements itself. `config_size`
         takes that many bytes of configuration space from a backend that keeps one
-        (vhost-user's CONFIG); otherwise the device shows `config`."""
+        (vhost-user's CONFIG); otherwise the device shows `config`. Once made, the device owns
+        `frontend` (`close` closes it)."""
         backend_queues = len(queue_sizes) if backend_queues is None else backend_queues
         if not 0 < backend_queues <= len(queue_sizes):
             raise ValueError(f"{name}: {backend_queues} backend queues of {len(queue_sizes)}")
