@@ -112,13 +112,12 @@ def lcreate(share: Share, message) -> Rlcreate:
         directory = share.directory(fid)
         name = message.name
         try:
-            fd = host.open_beneath(
-                directory.fd, name, flags | os.O_CREAT | os.O_EXCL | os.O_NONBLOCK, mode
-            )
+            fd = host.open_beneath(directory.fd, name, flags | os.O_CREAT | os.O_EXCL, mode)
             created = True
         except FileExistsError:
             if message.flags & L_EXCL:
                 raise
+            # What exists may be a FIFO: open it without waiting for a writer, then refuse it.
             fd = host.open_beneath(directory.fd, name, flags | os.O_NONBLOCK)
             created = False
         try:
@@ -127,11 +126,12 @@ def lcreate(share: Share, message) -> Rlcreate:
                 raise OSError(errno.EISDIR, "a directory has that name")
             if not stat.S_ISREG(status.st_mode):
                 raise OSError(errno.ENXIO, "only regular files are opened")
-            host.clear_nonblocking(fd)
             if created:
                 status = share.settle_mode(fd, status, mode)
-            elif truncate:
-                os.ftruncate(fd, 0)
+            else:
+                host.clear_nonblocking(fd)
+                if truncate:
+                    os.ftruncate(fd, 0)
             handle = os.dup(fd)
         except BaseException:
             os.close(fd)

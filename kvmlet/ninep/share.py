@@ -134,12 +134,13 @@ class Share:
         return self.adopt(host.open_beneath(node.fd, name, os.O_PATH), node, name, node)
 
     def adopt(self, fd: int, parent: Node | None, name: bytes | None, came_from: Node) -> Node:
-        """A node for a descriptor just opened from `came_from`: sealed if it is the mount
-        point of a kernel pseudo file system."""
+        """A node for a descriptor just opened from `came_from`: sealed if it lies on a kernel
+        pseudo file system (checked where the walk crosses onto another device: a mount
+        point, or a file bind-mounted from elsewhere)."""
         try:
             status = os.fstat(fd)
             sealed = False
-            if status.st_dev != came_from.identity[0] and stat.S_ISDIR(status.st_mode):
+            if status.st_dev != came_from.identity[0]:
                 sealed = host.sealed_filesystem(fd) is not None
         except BaseException:
             os.close(fd)

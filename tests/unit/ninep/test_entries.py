@@ -179,3 +179,16 @@ def test_an_open_file_outlives_its_name(client, tree):
     client.write(fid, 0, b"still")
     assert client.read(fid, 0, 100) == b"stille"
     assert client.getattr(fid).nlink == 0
+
+
+def test_set_id_bits_are_dropped_when_the_monitor_is_root(server, client, tree):
+    server.share.strip_set_id = True  # as when kvmlet runs as root
+    client.lcreate(client.walk_new(), b"suid", m.L_RDWR, 0o4755)
+    assert stat.S_IMODE((tree.share / "suid").stat().st_mode) == 0o755
+    client.setattr(client.walk_new(b"file"), m.SETATTR_MODE, mode=0o6750)
+    assert stat.S_IMODE((tree.share / "file").stat().st_mode) == 0o750
+    client.mkdir(ROOT, b"shared", 0o2775)  # a directory's set-group-ID only passes its group on
+    assert stat.S_IMODE((tree.share / "shared").stat().st_mode) == 0o2775
+    server.share.strip_set_id = False  # an ordinary user's own set-ID files are theirs to make
+    client.setattr(client.walk_new(b"file"), m.SETATTR_MODE, mode=0o4750)
+    assert stat.S_IMODE((tree.share / "file").stat().st_mode) == 0o4750

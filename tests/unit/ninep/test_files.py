@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import stat
 
@@ -194,3 +195,15 @@ def test_an_unopened_fid_reads_and_writes_nothing(client):
     assert errno_of(client.read, fid, 0, 1) == errno.EBADF
     assert errno_of(client.write, fid, 0, b"x") == errno.EBADF
     assert client.getattr(ROOT).qid.type == m.QT_DIR
+
+
+def test_opened_descriptors_are_blocking_again(server, client, tree):
+    """Opens that might meet a FIFO use O_NONBLOCK; what the fid keeps must not."""
+    opened = [client.open(b"file"), client.walk_new()]
+    client.lcreate(opened[1], b"file", m.L_RDWR)
+    for number in opened:
+        fid = server.share.table.use(number)
+        try:
+            assert not fcntl.fcntl(fid.opened, fcntl.F_GETFL) & os.O_NONBLOCK
+        finally:
+            server.share.table.done(fid)
