@@ -38,13 +38,13 @@ def cut(data: bytes | bytearray, pieces: int) -> list[memoryview]:
 class NinePClient:
     """One guest mount's worth of 9P over direct calls to a server."""
 
-    def __init__(self, server, msize: int = DEFAULT_MSIZE, pieces: int = 1):
+    def __init__(self, server, msize: int = DEFAULT_MSIZE, pieces: int = 1, first_fid: int = 1000):
         self.server = server
         self.msize = msize
         self.pieces = pieces
         self.replies: list[bytes] = []
         self._tags = itertools.count(1)
-        self._fids = itertools.count(1000)
+        self._fids = itertools.count(first_fid)
 
     def new_fid(self) -> int:
         return next(self._fids)
