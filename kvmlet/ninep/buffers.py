@@ -31,17 +31,27 @@ class Scatter:
         return b"".join(self.slices(start, stop))
 
     def slices(self, start: int, stop: int) -> list[memoryview]:
-        """Bytes [start, stop) as views of the buffers (clipped to them)."""
-        result = []
+        """Bytes [start, stop) as views of the buffers (clipped to them): whole buffers as they
+        are, only the first and last cut (bulk data usually fills page buffers of its own)."""
+        result: list[memoryview] = []
+        if start >= stop:
+            return result
+        views = self.views
+        if stop >= self.length and views and start == len(views[0]):
+            return list(views[1:])  # Linux's zero-copy layout: a header, then data buffers
         position = 0
-        for view in self.views:
+        for view in views:
             end = position + len(view)
-            low, high = max(start, position), min(stop, end)
-            if low < high:
-                result.append(view[low - position : high - position])
+            if end > start and end > position:
+                if position >= stop:
+                    break
+                if position >= start and end <= stop:
+                    result.append(view)
+                else:
+                    low = start - position if start > position else 0
+                    high = stop - position if stop < end else end - position
+                    result.append(view[low:high])
             position = end
-            if position >= stop:
-                break
         return result
 
     def write(self, data: bytes, offset: int = 0) -> int:
@@ -57,41 +67,32 @@ class Scatter:
         return copied
 
 
-def read_into(fd: int, views: list[memoryview], offset: int) -> int:
-    """preadv into `views` from file offset `offset` until they are full or the file ends."""
+def read_into(fd: int, views: list[memoryview], offset: int, length: int) -> int:
+    """preadv into `views` (`length` bytes in all) from file offset `offset` until they are
+    full or the file ends; returns the bytes read."""
     done = 0
-    for start in range(0, len(views), IOV_MAX):
-        batch = views[start : start + IOV_MAX]
-        wanted = sum(map(len, batch))
-        while wanted:
-            moved = os.preadv(fd, batch, offset + done)
-            if moved <= 0:
-                return done
-            done += moved
-            wanted -= moved
-            if wanted:
-                batch = Scatter(batch).slices(moved, moved + wanted)
+    while done < length:
+        pending = views if done == 0 else Scatter(views).slices(done, length)
+        moved = os.preadv(fd, pending[:IOV_MAX], offset + done)
+        if moved <= 0:
+            break
+        done += moved
     return done
 
 
-def write_from(fd: int, views: list[memoryview], offset: int) -> int:
-    """pwritev `views` at file offset `offset`; returns the bytes written (fewer when the file
-    system fills up after some were)."""
+def write_from(fd: int, views: list[memoryview], offset: int, length: int) -> int:
+    """pwritev `views` (`length` bytes in all) at file offset `offset`; returns the bytes
+    written (fewer when the file system fills up after some were)."""
     done = 0
-    for start in range(0, len(views), IOV_MAX):
-        batch = views[start : start + IOV_MAX]
-        wanted = sum(map(len, batch))
-        while wanted:
-            try:
-                moved = os.pwritev(fd, batch, offset + done)
-            except OSError:
-                if done:
-                    return done
-                raise
-            if moved <= 0:
-                return done
-            done += moved
-            wanted -= moved
-            if wanted:
-                batch = Scatter(batch).slices(moved, moved + wanted)
+    while done < length:
+        pending = views if done == 0 else Scatter(views).slices(done, length)
+        try:
+            moved = os.pwritev(fd, pending[:IOV_MAX], offset + done)
+        except OSError:
+            if done:
+                break
+            raise
+        if moved <= 0:
+            break
+        done += moved
     return done

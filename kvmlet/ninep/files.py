@@ -152,7 +152,7 @@ def read(share: Share, message, reply: Scatter, room: int) -> int:
         if not fid.readable:
             raise OSError(errno.EBADF, "fid not open for reading")
         views = reply.slices(DATA_REPLY_HEADER_SIZE, DATA_REPLY_HEADER_SIZE + count)
-        moved = read_into(fid.opened, views, message.offset)
+        moved = read_into(fid.opened, views, message.offset, count)
     reply.write(data_reply_header(Rread.TYPE, message.tag, moved))
     return DATA_REPLY_HEADER_SIZE + moved
 
@@ -160,12 +160,13 @@ def read(share: Share, message, reply: Scatter, room: int) -> int:
 def write(share: Share, message) -> Rwrite:
     """Twrite: pwritev straight from the request's buffers (`message.data`, memoryviews)."""
     data = message.data
+    length = sum(map(len, data))
     share.refuse_if_read_only()
-    _check_offset(message.offset + sum(map(len, data)))
+    _check_offset(message.offset + length)
     with share.using(message.fid) as fid:
         if not fid.writable:
             raise OSError(errno.EBADF, "fid not open for writing")
-        return Rwrite(message.tag, write_from(fid.opened, data, message.offset))
+        return Rwrite(message.tag, write_from(fid.opened, data, message.offset, length))
 
 
 def readdir(share: Share, message, room: int) -> bytes:

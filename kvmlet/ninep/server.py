@@ -129,6 +129,7 @@ class Server:
         self._lock = threading.Lock()
         self._tag_done = threading.Condition(self._lock)
         self._in_flight: dict[int, int] = {}  # tag -> requests with that tag being served
+        self._flushes_waiting = 0
 
     @property
     def read_only(self) -> bool:
@@ -223,11 +224,10 @@ class Server:
         if type_number == Tversion.TYPE:
             return encode(self._version(message))
         self._check_session()
-        room = min(reply.length, self.msize) - DATA_REPLY_HEADER_SIZE
         if type_number == Tread.TYPE:
-            return files.read(share, message, reply, min(room, self.msize - IO_HEADER_SIZE))
+            return files.read(share, message, reply, self._data_room(reply))
         if type_number == Treaddir.TYPE:
-            data = files.readdir(share, message, min(room, self.msize - IO_HEADER_SIZE))
+            data = files.readdir(share, message, self._data_room(reply))
             return data_reply_header(Rreaddir.TYPE, tag, len(data)) + data
         operation = _OPERATIONS.get(type_number)
         if operation is not None:
@@ -246,6 +246,12 @@ class Server:
         if type_number in _UNSUPPORTED or type_number == Tremove.TYPE:
             raise OSError(errno.EOPNOTSUPP, "not supported")
         raise UnknownMessage(f"message type {type_number}")
+
+    def _data_room(self, reply: Scatter) -> int:
+        """The most data an Rread or Rreaddir may carry: what the reply buffers hold after its
+        header, and no more than a client sizing its requests by msize expects."""
+        msize = self.msize
+        return min(reply.length - DATA_REPLY_HEADER_SIZE, msize - IO_HEADER_SIZE)
 
     def _check_session(self) -> None:
         if not self.msize:
@@ -312,11 +318,15 @@ class Server:
         deadline = time.monotonic() + FLUSH_WAIT
         own = 1 if message.oldtag == message.tag else 0
         with self._lock:
-            while self._in_flight.get(message.oldtag, 0) > own:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                self._tag_done.wait(remaining)
+            self._flushes_waiting += 1
+            try:
+                while self._in_flight.get(message.oldtag, 0) > own:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._tag_done.wait(remaining)
+            finally:
+                self._flushes_waiting -= 1
         return Rflush(message.tag)
 
     def _begin(self, tag: int) -> None:
@@ -330,4 +340,5 @@ class Server:
                 self._in_flight[tag] = left
             else:
                 del self._in_flight[tag]
-            self._tag_done.notify_all()
+            if self._flushes_waiting:
+                self._tag_done.notify_all()

@@ -48,10 +48,10 @@ def test_a_clunk_during_a_read_closes_the_descriptor_only_after_it(server, clien
     reading, release = threading.Event(), threading.Event()
     real_read_into = files.read_into
 
-    def slow_read_into(fd, views, offset):
+    def slow_read_into(fd, views, offset, length):
         reading.set()
         release.wait(10)
-        return real_read_into(fd, views, offset)
+        return real_read_into(fd, views, offset, length)
 
     monkeypatch.setattr(files, "read_into", slow_read_into)
     reply = bytearray(4096)
