@@ -19,8 +19,6 @@ import errno
 import os
 import stat
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 from kvmlet.errors import KvmletError
 from kvmlet.ninep import host
@@ -30,6 +28,23 @@ from kvmlet.ninep.wire import Qid
 
 _DEVICE_BITS = 15
 _INODE_BITS = 48
+
+
+class FidInUse:
+    """A fid marked in use from `with` to its end (a class: cheaper than a generator)."""
+
+    __slots__ = ("fid", "number", "table")
+
+    def __init__(self, table: FidTable, number: int):
+        self.table = table
+        self.number = number
+
+    def __enter__(self) -> Fid:
+        self.fid = self.table.use(self.number)
+        return self.fid
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.table.done(self.fid)
 
 
 def qid_type(mode: int) -> int:
@@ -95,14 +110,10 @@ class Share:
 
     # Fids ------------------------------------------------------------------------------------
 
-    @contextmanager
-    def using(self, number: int) -> Iterator[Fid]:
-        """The fid `number` for the length of a request (EBADF when there is none)."""
-        fid = self.table.use(number)
-        try:
-            yield fid
-        finally:
-            self.table.done(fid)
+    def using(self, number: int) -> FidInUse:
+        """`with share.using(number) as fid:` the fid for the length of a request (EBADF when
+        there is none)."""
+        return FidInUse(self.table, number)
 
     def refuse_if_read_only(self) -> None:
         if self.read_only:

@@ -17,6 +17,7 @@ end: a field that does not fit raises `MalformedMessage`.
 
 from __future__ import annotations
 
+import functools
 import struct
 from typing import NamedTuple
 
@@ -110,14 +111,10 @@ class Layout:
         try:
             for fixed, letters in self.steps:
                 if fixed is not None:
-                    flat: list = []
-                    for letter in letters:
-                        value = values[position]
-                        position += 1
-                        if letter == "Q":
-                            flat.extend(value)
-                        else:
-                            flat.append(value)
+                    flat = list(values[position : position + len(letters)])
+                    position += len(letters)
+                    for index in _qid_indexes(letters):  # from the last: indexes stay right
+                        flat[index : index + 1] = flat[index]
                     parts.append(fixed.pack(*flat))
                     continue
                 value = values[position]
@@ -136,6 +133,12 @@ class Layout:
         except struct.error as error:
             raise ValueError(f"{self.format}: {error}") from None
         return b"".join(parts)
+
+
+@functools.cache
+def _qid_indexes(letters: str) -> tuple[int, ...]:
+    """Where the qids are in a run of fixed fields, last first."""
+    return tuple(index for index in reversed(range(len(letters))) if letters[index] == "Q")
 
 
 def _run_struct(letters: str) -> struct.Struct:
