@@ -131,10 +131,6 @@ class Server:
         self._in_flight: dict[int, int] = {}  # tag -> requests with that tag being served
         self._flushes_waiting = 0
 
-    @property
-    def read_only(self) -> bool:
-        return self.share.read_only
-
     def reset(self) -> None:
         """Forget the session (the transport was reset): every fid clunked, msize unset."""
         self.share.table.clear()

@@ -27,6 +27,15 @@ class NinePError(Exception):
         self.errno = errno
 
 
+def errno_of(call, *args, **kwargs) -> int:
+    """The errno of the NinePError `call(*args, **kwargs)` must raise."""
+    try:
+        call(*args, **kwargs)
+    except NinePError as error:
+        return error.errno
+    raise AssertionError(f"{getattr(call, '__name__', call)} succeeded")
+
+
 def cut(data: bytes | bytearray, pieces: int) -> list[memoryview]:
     """`data` as `pieces` consecutive views of (about) equal size (none empty)."""
     view = memoryview(data)

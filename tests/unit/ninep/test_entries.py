@@ -7,9 +7,9 @@ import errno
 import os
 import stat
 
+from kvmlet.ninep import host
 from kvmlet.ninep import messages as m
-from tests.helpers.ninep_client import ROOT
-from tests.unit.ninep.test_session import errno_of
+from tests.helpers.ninep_client import ROOT, errno_of
 
 
 def test_getattr_reports_what_stat_says(client, tree):
@@ -192,3 +192,12 @@ def test_set_id_bits_are_dropped_when_the_monitor_is_root(server, client, tree):
     server.share.strip_set_id = False  # an ordinary user's own set-ID files are theirs to make
     client.setattr(client.walk_new(b"file"), m.SETATTR_MODE, mode=0o4750)
     assert stat.S_IMODE((tree.share / "file").stat().st_mode) == 0o4750
+
+
+def test_chmod_without_fchmodat2_still_changes_the_walked_file(client, tree, monkeypatch):
+    """Before Linux 6.6 (no fchmodat2) the mode changes through the server's own descriptor."""
+    monkeypatch.setattr(host, "SYS_FCHMODAT2", 0x7FFF)  # no such call: ENOSYS
+    walked = client.walk_new(b"file")
+    os.rename(tree.share / "file", tree.share / "renamed_on_the_host")
+    client.setattr(walked, m.SETATTR_MODE, mode=0o604)
+    assert stat.S_IMODE((tree.share / "renamed_on_the_host").stat().st_mode) == 0o604

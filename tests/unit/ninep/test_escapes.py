@@ -15,9 +15,8 @@ import pytest
 
 from kvmlet.ninep import Server, host
 from kvmlet.ninep import messages as m
-from tests.helpers.ninep_client import ROOT, NinePClient
+from tests.helpers.ninep_client import ROOT, NinePClient, errno_of
 from tests.unit.ninep.conftest import SECRET, assert_no_secret
-from tests.unit.ninep.test_session import errno_of
 
 BAD_NAMES = [b"", b".", b"..", b"a/b", b"../outside", b"/etc/passwd", b"a\0b", b"x" * 256]
 

@@ -10,8 +10,7 @@ import stat
 import pytest
 
 from kvmlet.ninep import messages as m
-from tests.helpers.ninep_client import ROOT, NinePClient
-from tests.unit.ninep.test_session import errno_of
+from tests.helpers.ninep_client import ROOT, NinePClient, errno_of
 
 
 def test_lopen_opens_for_reading_and_writing(client, tree):

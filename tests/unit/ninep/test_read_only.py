@@ -9,8 +9,7 @@ import pytest
 
 from kvmlet.ninep import Server
 from kvmlet.ninep import messages as m
-from tests.helpers.ninep_client import ROOT, NinePClient
-from tests.unit.ninep.test_session import errno_of
+from tests.helpers.ninep_client import ROOT, NinePClient, errno_of
 
 
 def share_state(tree) -> dict:

@@ -14,14 +14,7 @@ from kvmlet.errors import KvmletError
 from kvmlet.ninep import Server
 from kvmlet.ninep import messages as m
 from kvmlet.ninep import server as server_module
-from tests.helpers.ninep_client import ROOT, NinePClient, NinePError
-
-
-def errno_of(call, *args, **kwargs) -> int:
-    with pytest.raises(NinePError) as caught:
-        call(*args, **kwargs)
-    return caught.value.errno
-
+from tests.helpers.ninep_client import ROOT, NinePClient, errno_of
 
 # Version ---------------------------------------------------------------------------------
 
