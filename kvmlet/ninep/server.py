@@ -185,7 +185,9 @@ class Server:
         return self.msize or self.max_msize
 
     def _reply(self, reply: Scatter, tag: int, message: bytes) -> int:
-        if len(message) > min(reply.length, self._size_limit()):
+        """Write the reply; one that does not fit the buffers or is not smaller than msize
+        (Linux refuses those) becomes EMSGSIZE."""
+        if len(message) > reply.length or len(message) >= self._size_limit():
             message = error_reply(tag, errno.EMSGSIZE)
             if len(message) > reply.length:
                 return 0

@@ -246,3 +246,12 @@ def test_unshareable_directories_are_one_clear_error(tmp_path):
         Server("/proc")
     with pytest.raises(KvmletError, match="sysfs"):
         Server("/sys")
+
+
+def test_every_reply_is_smaller_than_msize_as_linux_requires(server, tree):
+    client = NinePClient(server, msize=4096).mount()
+    header = m.HEADER_SIZE + 2  # Rreadlink: the message header and the string's length
+    os.symlink("t" * (4096 - header - 1), tree.share / "fits")
+    os.symlink("t" * (4096 - header), tree.share / "exactly")
+    assert len(client.readlink(client.walk_new(b"fits"))) == 4096 - header - 1
+    assert errno_of(client.readlink, client.walk_new(b"exactly")) == errno.EMSGSIZE
