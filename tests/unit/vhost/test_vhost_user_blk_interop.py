@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import time
@@ -36,11 +37,21 @@ VIRTIO_BLK_F_FLUSH = 9
 REQUEST_HEADER = struct.Struct("<IIQ")
 
 
-def wait_until(condition, timeout=10.0):
+def wait_until(condition, timeout=30.0):
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.002)
+
+
+def listening(path) -> bool:
+    """Whether a server accepts connections at `path` (the file appears before listen())."""
+    with socket.socket(socket.AF_UNIX) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
 
 
 class Disk:
@@ -62,9 +73,9 @@ class Disk:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
-        wait_until(socket_path.exists)
+        wait_until(lambda: listening(socket_path))
         self.memory = GuestMemory.memfd([(0, GUEST_RAM_SIZE)])
-        self.frontend = VhostUserFrontend.connect(str(socket_path), name="qsd", timeout=5.0)
+        self.frontend = VhostUserFrontend.connect(str(socket_path), name="qsd", timeout=30.0)
         self.device = VhostDevice(
             self.memory,
             self.frontend,
