@@ -71,8 +71,16 @@ class Disk:
                 f"addr.type=unix,addr.path={socket_path}",
             ],
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
         )
+        try:
+            self._connect(socket_path)
+        except BaseException:
+            self.daemon.kill()  # never leave a daemon behind a failed set-up
+            self.daemon.wait()
+            raise
+
+    def _connect(self, socket_path):
         wait_until(lambda: listening(socket_path))
         self.memory = GuestMemory.memfd([(0, GUEST_RAM_SIZE)])
         self.frontend = VhostUserFrontend.connect(str(socket_path), name="qsd", timeout=30.0)
