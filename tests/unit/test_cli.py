@@ -41,7 +41,7 @@ def test_missing_kernel_is_one_line(tmp_path):
 def test_file_that_is_not_a_kernel_is_one_line(tmp_path):
     (tmp_path / "notes.txt").write_text("not a kernel\n" * 100)
     result = run_cli("run", "-k", str(tmp_path / "notes.txt"))
-    assert_one_line_error(result, "not a Linux kernel")
+    assert_one_line_error(result, "not a kernel kvmlet can boot", "multiboot")
 
 
 def test_32_bit_only_kernel_is_one_line(tmp_path):
