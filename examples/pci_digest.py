@@ -25,14 +25,14 @@ class PciDigest(PciFunction):
         self.registers = RegisterBlock(0x20, [
             Register("address", 0x00, width=8),
             Register("length", 0x08),
-            Register("command", 0x0C, on_write=self.command),
+            Register("command", 0x0C, on_write=self.start),
             Register("digest_address", 0x10, width=8),
             Register("status", 0x18, read_only=True, w1c=DONE | ERROR, on_write=self.cleared),
         ])  # fmt: skip
         self.add_register_bar(0, self.registers)
         self.worker = context.worker()
 
-    def command(self, command):
+    def start(self, command):
         registers = self.registers
         if command != DIGEST or registers["status"] & BUSY:
             return

@@ -233,11 +233,20 @@ class Machine:
     def add_device(self, device: DeviceConfig) -> Any:
         """Make and place a device model of the user's; on a running machine it is hot-added
         (the bus rebuilds at once; a PCI function appears to the guest's next scan). Returns
-        the model."""
-        model = self._user_devices().add(device)
-        placed = self._devices.placed[-1]
-        if self.recorder is not None:
-            self.recorder.device_added(placed, _region_names(placed.model, placed.name))
+        the model. A recording machine is paused meanwhile, so that no access is in flight
+        when the recording says where the device appeared."""
+        pause = self.recorder is not None and self.running and not self.watchpoints.paused
+        if pause:
+            self.pause()
+            self.wait_for_break(timeout=10.0)
+        try:
+            model = self._user_devices().add(device)
+            placed = self._devices.placed[-1]
+            if self.recorder is not None:
+                self.recorder.device_added(placed, _region_names(placed.model, placed.name))
+        finally:
+            if pause:
+                self.resume()
         return model
 
     @property
