@@ -278,7 +278,9 @@ def run_config(args: argparse.Namespace) -> MachineConfig:
     if args.initrd is not None and args.kernel is None:
         raise KvmletError("-i/--initrd needs -k/--kernel (the default guest has its own)")
     if args.kernel is not None:
-        inspect_kernel(args.kernel).boot_method(args.boot_method)
+        method = inspect_kernel(args.kernel).boot_method(args.boot_method)
+        if args.module and method != "multiboot":
+            raise KvmletError(f"--module is for multiboot kernels; {args.kernel} boots {method}")
     extra = {}
     if args.module:
         from kvmlet.machine.config import parse_module_option

@@ -155,7 +155,7 @@ class RegisterBlock:
         old = self.values[register.name]
         changeable = register.mask & touched
         new = (old & ~changeable) | (value & changeable)
-        new &= ~(value & register.w1c & touched)
+        new &= ~(value & register.w1c)  # `value` has bits only in the touched bytes
         self.values[register.name] = new
         if register.on_write is not None:
             register.on_write((old & ~touched) | (value & touched))

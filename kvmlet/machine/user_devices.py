@@ -153,7 +153,7 @@ class UserDevices:
         raise KvmletError("no free PCI slot for another device")
 
     def _check_irq(self, irq: int) -> None:
-        used = {placed.config.irq for placed in self.placed if placed.config.at != "pci"}
+        used = {p.config.irq for p in self.placed if p.config.at != "pci" and p.config.irq}
         if not 1 <= irq <= 15 or irq in self.taken_irqs or irq in used:
             raise KvmletError(
                 f"interrupt line {irq} is not free for a device: choose an ISA line 1-15 "
