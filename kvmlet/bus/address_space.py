@@ -127,8 +127,9 @@ class AddressSpace:
             self._publish_trace()
 
     def remove_trace(self, hook: TraceHook) -> None:
+        """Take `hook` away (compared by equality: a bound method is a new object each time)."""
         with transactions.lock:
-            self._trace_hooks = tuple(other for other in self._trace_hooks if other is not hook)
+            self._trace_hooks = tuple(other for other in self._trace_hooks if other != hook)
             self._publish_trace()
 
     def _publish_trace(self) -> None:

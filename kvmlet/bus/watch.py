@@ -16,7 +16,12 @@ import threading
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-_thread = threading.local()
+
+class _ThreadState(threading.local):
+    vcpu: int | None = None  # a class default: reading it on any thread costs no exception
+
+
+_thread = _ThreadState()
 
 
 def set_current_vcpu(index: int | None) -> None:
@@ -26,7 +31,7 @@ def set_current_vcpu(index: int | None) -> None:
 
 def current_vcpu() -> int | None:
     """The vCPU the calling thread runs, if any."""
-    return getattr(_thread, "vcpu", None)
+    return _thread.vcpu
 
 
 class Access(NamedTuple):

@@ -34,7 +34,7 @@ import json
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO, NamedTuple
 
 from kvmlet.errors import KvmletError
@@ -115,28 +115,26 @@ Event = AccessEvent | ClockEvent | DmaEvent | IrqEvent | DoneEvent | InputEvent 
 class JournalWriter:
     """Appends events to an open binary file; safe to call from any thread.
 
-    The header is written by `begin` (a machine knows it once its devices are placed); what
-    happens before waits in memory and follows the header."""
+    Each event is one `write` of the (buffered) file, which the file serialises, so events
+    keep the order of their calls without a lock of ours; only numbering a new name takes
+    one (its NAME event is written before any event can use the number). The header is
+    written by `begin` (a machine knows it once its devices are placed); what happens before
+    waits in memory and follows the header. `events` counts events (approximately, when
+    several threads record at once)."""
 
     def __init__(self, file: BinaryIO):
         self.file = file
         self.events = 0
-        self._names: dict[str, int] = {}
+        self._names: dict[str | None, int] = {None: NO_NAME}
         self._lock = threading.Lock()
-        self._start = time.monotonic()
+        self._start = time.monotonic_ns()
         self._early: bytearray | None = bytearray()
+        self._write: Callable[[bytes], Any] = self._early.extend
 
     @property
     def begun(self) -> bool:
         """Whether the header is written."""
         return self._early is None
-
-    def _write(self, data: bytes) -> None:
-        """Append `data` (lock held)."""
-        if self._early is None:
-            self.file.write(data)
-        else:
-            self._early += data
 
     def begin(self, header: dict[str, Any]) -> None:
         """Write the magic and the header, then the events recorded so far."""
@@ -146,20 +144,20 @@ class JournalWriter:
             if self._early:
                 self.file.write(self._early)
             self._early = None
+            self._write = self.file.write
 
-    def _id(self, name: str | None) -> int:
-        """The number of `name`, announcing it with a NAME event first (lock held)."""
-        if name is None:
-            return NO_NAME
-        number = self._names.get(name)
-        if number is None:
-            number = len(self._names)
-            if number >= NO_NAME:
-                raise KvmletError("the recording has more names than its format can number")
-            self._names[name] = number
-            encoded = name.encode()
-            self._write(bytes([NAME]) + _FIXED[NAME].pack(number, len(encoded)) + encoded)
-        return number
+    def _number(self, name: str) -> int:
+        """Number a new name, writing its NAME event before publishing the number."""
+        with self._lock:
+            number = self._names.get(name)
+            if number is None:
+                number = len(self._names) - 1
+                if number >= NO_NAME:
+                    raise KvmletError("the recording has more names than its format can number")
+                encoded = name.encode()
+                self._write(bytes([NAME]) + _FIXED[NAME].pack(number, len(encoded)) + encoded)
+                self._names[name] = number
+            return number
 
     def access(
         self,
@@ -171,26 +169,29 @@ class JournalWriter:
         region: str | None,
         vcpu: int | None,
     ) -> None:
-        flags = (FLAG_WRITE if is_write else 0) | (FLAG_MMIO if mmio else 0) | size << 4
-        elapsed = int((time.monotonic() - self._start) * 1000) & 0xFFFF_FFFF
-        with self._lock:
-            record = _ACCESS_RECORD.pack(
+        number = self._names.get(region)
+        if number is None:
+            number = self._number(region)
+        self._write(
+            _ACCESS_RECORD.pack(
                 ACCESS,
-                flags,
-                self._id(region),
+                (FLAG_WRITE if is_write else 0) | (FLAG_MMIO if mmio else 0) | size << 4,
+                number,
                 NO_VCPU if vcpu is None else vcpu,
-                elapsed,
+                (time.monotonic_ns() - self._start) // 1_000_000 & 0xFFFF_FFFF,
                 address & 0xFFFF_FFFF_FFFF_FFFF,
                 value,
             )
-            self._write(record)
-            self.events += 1
+        )
+        self.events += 1
 
     def _event(self, kind: int, *fields: Any, device: str | None = None, tail: bytes = b""):
-        with self._lock:
-            prefix = () if device is None else (self._id(device),)
-            self._write(bytes([kind]) + _FIXED[kind].pack(*prefix, *fields) + tail)
-            self.events += 1
+        prefix = ()
+        if device is not None:
+            number = self._names.get(device)
+            prefix = (self._number(device) if number is None else number,)
+        self._write(bytes([kind]) + _FIXED[kind].pack(*prefix, *fields) + tail)
+        self.events += 1
 
     def clock(self, device: str, job: int, value: float) -> None:
         self._event(CLOCK, job, value, device=device)

@@ -47,7 +47,10 @@ def recording() -> bytes:
 def test_what_is_written_is_read_back_in_order():
     reader = JournalReader(recording())
     assert reader.header == {"memory": 1 << 28, "devices": []}
-    assert list(reader.events()) == [
+    events = list(reader.events())
+    assert all(e.time_ms < 1000 for e in events if isinstance(e, AccessEvent))
+    events = [e._replace(time_ms=0) if isinstance(e, AccessEvent) else e for e in events]
+    assert events == [
         ClockEvent("early", 0, 1.5),
         AccessEvent("io", 0x3F8, 1, True, 0x41, "com1", 0, 0),
         AccessEvent("memory", 0xF100_0010, 4, False, 0xDEAD_BEEF, "mailbox", None, 0),

@@ -44,6 +44,20 @@ def test_trace_hooks_fan_out_and_the_last_removal_leaves_none():
     assert space.trace is None
 
 
+def test_a_bound_method_hook_is_removed_by_another_binding_of_it():
+    space = space_with_device()
+    calls = []
+
+    class Recorder:
+        def hook(self, *event):
+            calls.append(event)
+
+    recorder = Recorder()
+    space.add_trace(recorder.hook)
+    space.remove_trace(recorder.hook)
+    assert space.trace is None
+
+
 def test_a_watch_list_calls_the_watches_an_access_touches_with_the_vcpu():
     space = space_with_device()
     calls = []
