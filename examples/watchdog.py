@@ -2,14 +2,13 @@
 KICK (any value) within the timeout, the device sets EXPIRED, counts the expiry and raises its
 interrupt until the guest clears EXPIRED.
 
-The waiting happens on a worker thread; the wait's deadline is handed to the job (a job never
-reads registers), and the completion, under the device lock, looks again: a kick since then
-means waiting for the new deadline. Time comes from `context.clock()`, so a recording replays.
+The waiting happens on a worker thread (`worker.sleep`, which a closing machine interrupts);
+the wait's deadline is handed to the job (a job never reads registers), and the completion,
+under the device lock, looks again: a kick since then means waiting for the new deadline. Time
+comes from `context.clock()`, so a recording replays (without the waiting).
 
     kvmlet run ... --device examples/watchdog.py:Watchdog,port=0x510,irq=11,timeout_ms=500
 """
-
-import time
 
 from kvmlet.devices import Register, RegisterDevice
 
@@ -46,7 +45,7 @@ class Watchdog(RegisterDevice):
     def sleep_until(self, deadline):
         """On the worker thread: sleep until `deadline` (monotonic seconds)."""
         while (remaining := deadline - self.context.clock()) > 0:
-            time.sleep(remaining)
+            self.worker.sleep(remaining)
 
     def check(self, _result):
         """Under the device lock: expire, unless a kick moved the deadline meanwhile."""

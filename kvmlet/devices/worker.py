@@ -10,6 +10,10 @@ registers and raises the interrupt. Jobs run one at a time, in the order submitt
 While recording, each job's completion is journaled; a replay runs the job at that point of
 the guest's accesses, so a model with a worker replays deterministically. A job whose `work`
 raises is logged and counted (`errors`) and completes without calling `done`.
+
+A job that waits (a timer) calls `worker.sleep(seconds)`: it ends the job (no `done`) when the
+machine closes, and returns at once in a replay, where the recorded clock readings drive the
+job instead of time.
 """
 
 from __future__ import annotations
@@ -29,6 +33,10 @@ log = LazyLogger("kvmlet.devices")
 _STOP = object()
 
 
+class JobCancelled(Exception):
+    """Raised by `DeviceWorker.sleep` in a job when the machine closes: the job ends."""
+
+
 class DeviceWorker:
     """One thread running a device's jobs; see the module docstring."""
 
@@ -40,6 +48,7 @@ class DeviceWorker:
         self.errors = 0
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self._closing = threading.Event()
 
     def submit(self, work: Callable[[], Any], done: Callable[[Any], Any] | None = None) -> int:
         """Queue a job; returns its number (counted from 1 per device, across its workers)."""
@@ -62,6 +71,8 @@ class DeviceWorker:
             try:
                 result = work()
                 apply = (lambda: done(result)) if done is not None else _nothing
+            except JobCancelled:
+                return
             except Exception:
                 self.errors += 1
                 log.exception("%s: job %d failed", self.name, job)
@@ -75,6 +86,14 @@ class DeviceWorker:
             self.completed += 1
         finally:
             leave_job(previous)
+
+    def sleep(self, seconds: float) -> None:
+        """Wait `seconds` in a job; see the module docstring."""
+        journal = self.context.journal
+        if journal is not None and journal.replaying:
+            return
+        if self._closing.wait(max(0.0, seconds)):
+            raise JobCancelled
 
     def start(self) -> None:
         """Start the thread (jobs submitted before wait in the queue)."""
@@ -105,7 +124,8 @@ class DeviceWorker:
         return drained.wait(timeout)
 
     def close(self, timeout: float = 10.0) -> None:
-        """Finish the queued jobs and stop the thread."""
+        """Finish the queued jobs (a sleeping one ends at once) and stop the thread."""
+        self._closing.set()
         if self._thread is not None:
             self._queue.put(_STOP)
             self._thread.join(timeout)

@@ -4,6 +4,7 @@ the calling thread with their completion under the lock, failures counted, order
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -146,3 +147,26 @@ def test_the_test_context_runs_jobs_inline_with_a_recording_line():
     context.irq.set_level(True)
     assert context.irq.history == [True]
     assert context.memory.read(0, 4) == bytes(4)
+
+
+def test_a_sleeping_job_ends_when_the_machine_closes(memory):
+    context = DeviceContext("timer", memory)
+    worker = context.worker()
+    context.start()
+    finished = []
+    worker.submit(lambda: worker.sleep(30), finished.append)
+    started = time.monotonic()
+    time.sleep(0.05)
+    context.close()
+    assert time.monotonic() - started < 5
+    assert finished == [] and worker.errors == 0 and worker.completed == 0
+
+
+def test_in_a_replay_sleeping_returns_at_once(memory):
+    class Replaying:
+        replaying = True
+
+    worker = DeviceContext("timer", memory, journal=Replaying()).worker()
+    started = time.monotonic()
+    worker.sleep(30)
+    assert time.monotonic() - started < 1
