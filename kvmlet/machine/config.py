@@ -22,6 +22,7 @@ DEFAULT_MEMORY = 256 * MiB
 BASE_KERNEL_PARAMETERS = (
     "reboot=k",  # reboot through the i8042: the monitor stops on its reset line
     "panic=-1",  # a panicking guest reboots at once, so the run ends instead of hanging
+    "acpi=off",  # kvmlet gives no ACPI tables (the MP table describes the CPUs and IRQs)
     "i8042.noaux",
     "i8042.nomux",
     "i8042.nopnp",

@@ -451,9 +451,9 @@ class Machine:
 def ask_for_huge_pages(memory: GuestMemory) -> None:
     """Ask for transparent huge pages under guest RAM (MADV_HUGEPAGE, as QEMU does).
 
-    Where the host grants them, one page fault fills 2 MiB instead of 4 KiB: loading a 9 MiB
-    kernel took ~2 ms instead of 5-7 ms here, and KVM can map the guest with large pages. A
-    host kernel without them refuses the advice; guest RAM then keeps small pages."""
+    Where the host grants them, one page fault fills 2 MiB instead of 4 KiB (loading the
+    kernel is faster: docs/performance.md) and KVM can map the guest with large pages. A host
+    kernel without them refuses the advice; guest RAM then keeps small pages."""
     for bank in memory:
         with contextlib.suppress(OSError):
             bank.mapping.madvise(mmap.MADV_HUGEPAGE)

@@ -2,8 +2,8 @@
 
 Each vCPU runs `run_vcpu` on a thread of its own (KVM_RUN releases the GIL). Port I/O and MMIO
 exits go straight to the bus's `read`/`write`; everything else ends the loop with a
-`GuestStop` saying how the guest stopped. The loop is deliberately flat: on our machines an exit
-costs ~7.6 µs and every attribute lookup inside it shows in the exit-cost benchmark.
+`GuestStop` saying how the guest stopped. The loop is deliberately flat: every attribute lookup
+inside it shows in the exit-cost benchmark (benchmarks/exit_cost.py).
 """
 
 from __future__ import annotations
