@@ -208,8 +208,12 @@ class DeviceContext:
         self.journal = journal
         self.memory = DeviceMemory(self, memory)
         journaled = journal is not None
-        self.irq: IrqLine | None = _JournaledLine(self, irq) if irq and journaled else irq
-        self.msi: Any = _JournaledMsi(self, msi) if msi and journaled else msi
+        self.irq: IrqLine | None = irq
+        self.msi: Any = msi
+        if journaled and irq is not None:
+            self.irq = _JournaledLine(self, irq)
+        if journaled and msi is not None:
+            self.msi = _JournaledMsi(self, msi)
         self.worker_mode = worker_mode
         self.workers: list[DeviceWorker] = []
         self.job_numbers = itertools.count(1)

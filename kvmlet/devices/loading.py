@@ -54,8 +54,12 @@ def _load_file(path: str):
 
 
 def factory_name(factory: Callable[..., Any] | str) -> str:
-    """How a recording names a factory: the spec as given, or module:qualname."""
+    """How a recording names a factory: the spec as given (a file's path made absolute, so a
+    replay from elsewhere finds it), or module:qualname."""
     if isinstance(factory, str):
+        location, _, attribute = factory.rpartition(":")
+        if location.endswith(".py") or os.sep in location:
+            return f"{os.path.abspath(location)}:{attribute}"
         return factory
     module = getattr(factory, "__module__", None)
     qualname = getattr(factory, "__qualname__", None)

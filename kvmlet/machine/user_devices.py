@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from kvmlet.bus import AddressSpace, transaction
+from kvmlet.bus import AddressSpace, transaction, transactions
 from kvmlet.bus.pci import PciDevice, PciHostBridge
 from kvmlet.bus.pci import config_space as cfg
 from kvmlet.devices.context import DeviceContext, DeviceJournal
@@ -128,7 +128,8 @@ class UserDevices:
         return model
 
     def _name_for(self, config: DeviceConfig, factory: Callable[..., Any]) -> str:
-        taken = {region.name for space in (self.io, self.mmio) for region in space.regions()}
+        with transactions.lock:  # the trees may change meanwhile (a guest moving a BAR)
+            taken = {region.name for space in (self.io, self.mmio) for region in space.regions()}
         taken |= {placed.name for placed in self.placed}
         if config.name is not None:
             if config.name in taken:

@@ -194,3 +194,11 @@ def test_a_model_of_the_wrong_kind_for_its_place_is_one_line(board, tmp_path):
         board.add(DeviceConfig.port(f"{models}:plain", 0x600))
     with pytest.raises(KvmletError, match=r"must be a kvmlet\.devices\.PciFunction"):
         board.add(DeviceConfig.pci(f"{models}:plain"))
+
+
+def test_a_recording_names_a_model_file_by_its_absolute_path(board, monkeypatch):
+    monkeypatch.chdir(EXAMPLES)
+    board.add(DeviceConfig.port("mailbox_device.py:Mailbox", 0x600))
+    board.add(DeviceConfig.port(MAILBOX, 0x700))
+    specs = [placed.spec()["model"] for placed in board]
+    assert specs == [MAILBOX, MAILBOX]
