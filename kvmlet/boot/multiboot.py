@@ -57,6 +57,7 @@ INFO_MEMORY_MAP = 1 << 6
 INFO_BOOT_LOADER_NAME = 1 << 9
 
 _HEADER = struct.Struct("<III")
+_MAGIC_BYTES = HEADER_MAGIC.to_bytes(4, "little")
 _ADDRESSES = struct.Struct("<IIIII")
 _INFO_SIZE = 88  # the fields through the VBE ones (flags 11 and 12: never set, left zero)
 _INFO = struct.Struct("<IIIIIII16xIIIIIII")
@@ -127,15 +128,28 @@ class Module(NamedTuple):
     string: str
 
 
+def _magic_offsets(data: bytes):
+    """Offsets of the magic word at 4-byte aligned places in the first 8 KiB (a C search:
+    every boot looks, Linux kernels included)."""
+    end = min(len(data), SEARCH_LIMIT)
+    offset = data.find(_MAGIC_BYTES, 0, end)
+    while offset != -1:
+        if offset % 4 == 0:
+            yield offset
+        offset = data.find(_MAGIC_BYTES, offset + 1, end)
+
+
 def find_header(data: bytes) -> MultibootHeader | None:
     """The first valid header in the image's first 8 KiB, or None.
 
-    A magic word whose checksum does not match is not a header (the scan goes on). Raises
+    A magic word whose checksum does not match is not a header (the search goes on). Raises
     KvmletError when a valid header asks for what kvmlet cannot give or is inconsistent."""
     limit = min(len(data), SEARCH_LIMIT) - _HEADER.size
-    for offset in range(0, limit + 1, 4):
+    for offset in _magic_offsets(data):
+        if offset > limit:
+            break
         magic, flags, checksum = _HEADER.unpack_from(data, offset)
-        if magic == HEADER_MAGIC and (magic + flags + checksum) & 0xFFFF_FFFF == 0:
+        if (magic + flags + checksum) & 0xFFFF_FFFF == 0:
             return _parse_header(data, offset, flags)
     return None
 
@@ -143,11 +157,7 @@ def find_header(data: bytes) -> MultibootHeader | None:
 def has_bad_checksum_header(data: bytes) -> bool:
     """Whether the first 8 KiB hold the magic word at an aligned offset (for a clearer error
     when `find_header` found nothing valid)."""
-    limit = min(len(data), SEARCH_LIMIT) - 4
-    return any(
-        int.from_bytes(data[offset : offset + 4], "little") == HEADER_MAGIC
-        for offset in range(0, limit + 1, 4)
-    )
+    return next(_magic_offsets(data), None) is not None
 
 
 def _parse_header(data: bytes, offset: int, flags: int) -> MultibootHeader:
