@@ -261,11 +261,9 @@ def replay(path: str | os.PathLike[str]) -> ReplayResult:
             elif isinstance(event, DeviceEvent):
                 board.add_device(event.spec)
                 names = board.region_names()
-        for (device, job), queue in board.journal.expected.items():
-            if queue:
-                raise Divergence(
-                    f"{_doer(device, job)} did not {_describe(queue[0])} as in the run"
-                )
+        for device, job in list(board.journal.expected):
+            if job == 0:  # a job the run never completed was cut off by its end: no check
+                board.journal.check_done(device, job)
     except Divergence as divergence:
         return ReplayResult(accesses, dict(skipped), str(divergence), position)
     return ReplayResult(accesses, dict(skipped), None, None)

@@ -5,6 +5,8 @@ replayed; and each kind of divergence a changed model can show."""
 from __future__ import annotations
 
 import json
+import threading
+import time
 import zlib
 from pathlib import Path
 
@@ -185,6 +187,65 @@ def test_a_changed_model_diverges_where_it_first_acts_differently(tmp_path, chan
         assert result.divergence is None
     else:
         assert divergence in result.divergence, result.divergence
+
+
+def test_a_job_that_no_longer_interrupts_diverges_at_its_completion(tmp_path):
+    path = record(tmp_path)
+    with_model(path, SOURCE.replace("        self.update_irq()\n", "        pass\n"))
+    result = replay(path)
+    assert "mailbox (job 1) did not set its interrupt line to 1" in result.divergence
+    assert result.accesses == 10  # the accesses after the job's completion were not made
+
+
+def test_an_access_that_no_longer_interrupts_diverges_there(tmp_path):
+    path = record(tmp_path)
+    with_model(path, SOURCE.replace(", on_write=self.update_irq)", ")"))
+    result = replay(path)
+    assert result.divergence == "mailbox did not set its interrupt line to 0 as in the run"
+    assert result.accesses == 12  # the W1C write, the last access, is where it diverged
+
+
+def test_a_device_placed_elsewhere_diverges_at_its_first_access(tmp_path):
+    path = record(tmp_path)
+    data = path.read_bytes()
+    length = int.from_bytes(data[8:12], "little")
+    header = json.loads(data[12 : 12 + length])
+    header["devices"][0]["address"] = MAILBOX_AT + 0x1000
+    encoded = json.dumps(header).encode()
+    path.write_bytes(MAGIC + len(encoded).to_bytes(4, "little") + encoded + data[12 + length :])
+    result = replay(path)
+    assert f"write of 4 bytes at {MAILBOX_AT + 4:#x}" in result.divergence
+    assert "reached nothing in the replay, mailbox in the run" in result.divergence
+
+
+def test_a_job_the_run_never_completed_is_no_divergence(tmp_path):
+    def session(board):
+        mailbox = board.devices.placed[0].model
+        release = threading.Event()
+        work = mailbox.work
+        mailbox.work = lambda *job: (work(*job), release.wait(10))[0]
+        board.memory.write(0x4000, b"abc")
+        board.mmio.write(MAILBOX_AT + 0x04, 4, 0x4000)
+        board.mmio.write(MAILBOX_AT + 0x08, 4, 3)
+        board.mmio.write(MAILBOX_AT + 0x0C, 4, 1)
+        for _ in range(100):  # the job read guest memory, then waits: the run ends here
+            if board.recorder.writer.events >= 4:  # 3 accesses, the read of the buffer
+                break
+            time.sleep(0.01)
+        board.recorder.file.flush()
+        board.recorder.close()
+        release.set()
+
+    path = tmp_path / "run.rec"
+    board = RecordedBoard(path, (DeviceConfig.mmio(MAILBOX, MAILBOX_AT, irq=10),))
+    try:
+        session(board)
+    finally:
+        board.devices.close()
+        board.memory.close()
+    result = replay(path)
+    assert result.divergence is None, result.summary()
+    assert result.accesses == 3
 
 
 def test_a_job_the_replay_never_submits_is_a_divergence(tmp_path):
