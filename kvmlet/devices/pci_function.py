@@ -5,8 +5,10 @@ A subclass declares its identity (vendor, device, class), its BARs (`add_registe
 (`add_capability`, inherited from `PciDevice`), and which interrupts it has: INTx (pin A, a
 level line) and/or MSI (one vector). `raise_interrupt()` sends the MSI message when the guest
 enabled MSI, else asserts INTx (unless the guest set INTx-disable) and the status register's
-interrupt bit; `lower_interrupt()` deasserts INTx. The function's header lock is its context's
-lock, so BAR registers, configuration accesses and worker completions never interleave.
+interrupt bit; `lower_interrupt()` deasserts INTx. While the guest has MSI enabled, INTx stays
+deasserted (a request made before it enabled MSI comes back on INTx if it disables MSI). The
+function's header lock is its context's lock, so BAR registers, configuration accesses and
+worker completions never interleave.
 
 The machine attaches it to the PCI bus, assigns its BARs as firmware would and gives its
 context the slot's INTx line and an MSI controller; hot-added, it appears to a guest rescan.
@@ -55,13 +57,13 @@ class PciFunction(PciDevice):
         self.context = context
         self.lock = context.lock
         self.intx = intx
+        self.interrupt_requested = False
+        self.intx_asserted = False
         self.msi: Msi | None = None
         if msi:
             if context.msi is None:
                 raise ValueError(f"{context.name}: MSI needs the context's MSI controller")
-            self.msi = Msi(self, context.msi)
-        self.interrupt_requested = False
-        self.intx_asserted = False
+            self.msi = Msi(self, context.msi, self._update_intx)
 
     def add_register_bar(
         self,

@@ -5,11 +5,13 @@ Message Capable 0 = one vector, Multiple Message Enable writable but unused, 64-
 bit 7), Message Address (dword aligned), Message Upper Address and Message Data. No per-vector
 masking. The guest programs address and data, then sets enable; each change is handed to the
 `MsiVector` (as for MSI-X, `update(address, data, masked)` with masked = not enabled) and
-`fire()` delivers the message while MSI is enabled.
+`fire()` delivers the message while MSI is enabled. `on_change()` hears of every guest write to
+the capability (a function stops using INTx while MSI is enabled).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -27,8 +29,14 @@ _BODY_SIZE = 14  # control 2, address 4, upper 4, data 2, reserved 2
 class Msi:
     """The MSI capability of one function, delivering through vector 0 of `controller`."""
 
-    def __init__(self, device: PciDevice, controller: MsiController):
+    def __init__(
+        self,
+        device: PciDevice,
+        controller: MsiController,
+        on_change: Callable[[], None] | None = None,
+    ):
         self.device = device
+        self.on_change = on_change
         self.vector = controller.vector(0)
         self.fired = 0
         body = bytearray(_BODY_SIZE)
@@ -59,6 +67,8 @@ class Msi:
     def _written(self, offset: int, size: int, value: int) -> None:
         address, data = self.message()
         self.vector.update(address, data, not self.enabled)
+        if self.on_change is not None:
+            self.on_change()
 
     def fire(self) -> bool:
         """Deliver the message; False (nothing sent) while MSI is disabled."""

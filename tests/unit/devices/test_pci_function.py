@@ -100,6 +100,20 @@ def test_msi_once_enabled_replaces_intx():
     assert device.msi.fired == 1
 
 
+def test_enabling_msi_deasserts_a_pending_intx_and_disabling_brings_it_back():
+    context = test_context("widget")
+    device = Widget(context, msi=True)
+    guest = Guest(device)
+    capability = guest.config(cfg.CAPABILITY_LIST, 1)
+    device.raise_interrupt()
+    assert context.irq.level
+    guest.config(capability + 2, 2, 1)  # MSI on: INTx must not be used
+    assert not context.irq.level
+    guest.config(capability + 2, 2, 0)
+    assert context.irq.level
+    assert context.irq.history == [True, False, True]
+
+
 def test_msi_needs_the_contexts_controller_and_no_intx_means_no_pin():
     context = test_context("widget")
     context.msi = None
