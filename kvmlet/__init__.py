@@ -1,8 +1,10 @@
 """kvmlet: a lightweight Linux KVM virtual machine monitor in pure Python.
 
-The public API: `MachineConfig` and `DiskConfig` describe a machine, `with_default_guest` adds
-kvmlet's own kernel and initramfs, `Machine` runs it, `sandbox` runs one command in a throwaway
+The public API: `MachineConfig`, `DiskConfig` and `DeviceConfig` describe a machine,
+`with_default_guest` adds kvmlet's own kernel and initramfs, `Machine` runs it (and takes
+watchpoints: a callback returns `BREAK` to pause it), `sandbox` runs one command in a throwaway
 machine; `GuestStop`/`StopReason` say how a guest ended; `KvmletError` is every user-facing error.
+Device models are written with `kvmlet.devices` (docs/devices.md).
 The names load on first use, so `kvmlet --version` or a CLI error costs no import of the rest.
 """
 
@@ -14,6 +16,8 @@ from typing import TYPE_CHECKING
 __version__ = "0.1.0"
 
 _PUBLIC = {
+    "BREAK": "kvmlet.machine.watchpoints",
+    "DeviceConfig": "kvmlet.machine.config",
     "DiskConfig": "kvmlet.machine.config",
     "GuestStop": "kvmlet.vstate.vcpu_loop",
     "KvmletError": "kvmlet.errors",
@@ -26,6 +30,8 @@ _PUBLIC = {
 }
 
 __all__ = [
+    "BREAK",
+    "DeviceConfig",
     "DiskConfig",
     "GuestStop",
     "KvmletError",
@@ -40,8 +46,9 @@ __all__ = [
 
 if TYPE_CHECKING:
     from kvmlet.errors import KvmletError
-    from kvmlet.machine.config import DiskConfig, MachineConfig, with_default_guest
+    from kvmlet.machine.config import DeviceConfig, DiskConfig, MachineConfig, with_default_guest
     from kvmlet.machine.machine import Machine
+    from kvmlet.machine.watchpoints import BREAK
     from kvmlet.sandbox import SandboxResult, sandbox
     from kvmlet.vstate.vcpu_loop import GuestStop, StopReason
 

@@ -1,4 +1,5 @@
-"""`kvmlet`: boot a Linux kernel, run a command in a microVM, build the default guest.
+"""`kvmlet`: boot a kernel, run a command in a microVM, replay a recording, build the default
+guest.
 
 Every user mistake ends as one line on stderr and a non-zero exit status; a traceback means a
 bug in kvmlet.
@@ -24,12 +25,21 @@ examples:
   kvmlet run                          boot kvmlet's default guest to a busybox shell
   kvmlet run -k bzImage -p 'loglevel=7' -m 1G -c 2
   kvmlet run -k vmlinux -i initrd.gz -d disk.img -d ro.img,ro --console virtio
+  kvmlet run -k test.elf -p 'verbose' --module data.bin,name=data --debug-exit 0x501
+  kvmlet run -k vmlinux --device examples/mailbox_device.py:Mailbox,mmio=0xf1000000,irq=10
+  kvmlet run -k test.elf --debug-exit 0x501 --record run.rec; kvmlet replay run.rec
 
 console: Ctrl-A x quits, Ctrl-A s prints statistics, Ctrl-A h helps, Ctrl-A Ctrl-A sends Ctrl-A.
 
 exit status: 0 when the guest reset or powered off (or you quit), 3 triple fault,
 4 KVM could not run or emulate the guest, 5 guest crash, 6 this host cannot run the guest's
-user space (host profile pvm), 124 timeout, 1 a usage or setup error.
+user space (host profile pvm), 7 a watchpoint's check failed, 124 timeout, 1 a usage or
+setup error; a write of V to the --debug-exit port: (V << 1) | 1 (its low 8 bits).
+"""
+
+REPLAY_EPILOG = """\
+exit status: 0 when every replayed device answered as in the run, 2 at the first divergence
+(printed), 1 when the file cannot be read or its devices rebuilt.
 """
 
 SANDBOX_EPILOG = """\
@@ -124,8 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
         "-k",
         "--kernel",
         metavar="KERNEL",
-        help="bzImage or uncompressed ELF vmlinux (default: kvmlet's default guest, built "
-        "and cached on first use)",
+        help="bzImage, uncompressed ELF vmlinux or a multiboot kernel (default: kvmlet's "
+        "default guest, built and cached on first use)",
     )
     run.add_argument("-i", "--initrd", metavar="INITRD", help="initramfs/initrd image")
     run.add_argument(
@@ -133,7 +143,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--params",
         default="",
         metavar="PARAMS",
-        help="kernel parameters added after kvmlet's own (console=ttyS0 reboot=k panic=-1 ...)",
+        help="kernel parameters added after kvmlet's own (console=ttyS0 reboot=k panic=-1 ...); "
+        "a multiboot kernel's command line is its file name and PARAMS only",
+    )
+    run.add_argument(
+        "--module",
+        action="append",
+        default=[],
+        metavar="FILE[,ARGS]",
+        help="a multiboot module, its string being FILE and ARGS; repeatable",
     )
     _add_machine_arguments(run)
     run.add_argument(
@@ -144,9 +162,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--boot-method",
-        choices=("auto", "linux64", "pvh"),
+        choices=("auto", "linux64", "pvh", "multiboot"),
         default="auto",
-        help="ELF kernels: 64-bit boot protocol entry (carries an RNG seed) or PVH",
+        help="ELF kernels: 64-bit boot protocol entry (carries an RNG seed) or PVH; auto "
+        "boots a kernel with a multiboot header as multiboot",
+    )
+    run.add_argument(
+        "--debug-exit",
+        type=_port_number,
+        metavar="PORT",
+        help="an isa-debug-exit port: the guest's write of V ends kvmlet with exit status "
+        "(V << 1) | 1",
+    )
+    run.add_argument(
+        "--device",
+        action="append",
+        default=[],
+        metavar="MODEL,PLACE[,irq=N][,KEY=VALUE]",
+        help="a device model of yours (module:Name or file.py:Name) at port=ADDR, mmio=ADDR "
+        "or pci[=SLOT], with its options; repeatable (docs/devices.md)",
+    )
+    run.add_argument(
+        "--record",
+        metavar="FILE",
+        help="write every port and MMIO access that reaches kvmlet, and what each device "
+        "answered, to FILE (see kvmlet replay)",
     )
     run.add_argument(
         "--debug-io",
@@ -166,6 +206,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_machine_arguments(sandbox)
     sandbox.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND...")
+
+    replay = commands.add_parser(
+        "replay",
+        help="feed a --record file's accesses to fresh device models, report a divergence",
+        description="Rebuild the recorded machine's devices without KVM, make each recorded "
+        "access again and check that every device answers and acts as it did in the run.",
+        epilog=REPLAY_EPILOG,
+        formatter_class=raw_description,
+    )
+    replay.add_argument("file", metavar="FILE", help="a file written by kvmlet run --record")
 
     build = commands.add_parser(
         "build-guest",
@@ -204,6 +254,13 @@ def _machine_config(args: argparse.Namespace, **extra):
     )
 
 
+def _port_number(text: str) -> int:
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+
+
 def _notice_profile(config) -> None:
     from kvmlet.vstate.host_profile import resolve
 
@@ -221,7 +278,18 @@ def run_config(args: argparse.Namespace) -> MachineConfig:
     if args.initrd is not None and args.kernel is None:
         raise KvmletError("-i/--initrd needs -k/--kernel (the default guest has its own)")
     if args.kernel is not None:
-        inspect_kernel(args.kernel)
+        method = inspect_kernel(args.kernel).boot_method(args.boot_method)
+        if args.module and method != "multiboot":
+            raise KvmletError(f"--module is for multiboot kernels; {args.kernel} boots {method}")
+    extra = {}
+    if args.module:
+        from kvmlet.machine.config import parse_module_option
+
+        extra["modules"] = tuple(parse_module_option(text) for text in args.module)
+    if args.device:
+        from kvmlet.machine.config import parse_device_option
+
+        extra["devices"] = tuple(parse_device_option(text) for text in args.device)
     config = with_default_guest(
         _machine_config(
             args,
@@ -231,6 +299,9 @@ def run_config(args: argparse.Namespace) -> MachineConfig:
             console=args.console,
             boot_method=args.boot_method,
             debug_io=args.debug_io,
+            debug_exit_port=args.debug_exit,
+            record=args.record,
+            **extra,
         )
     )
     _notice_profile(config)
@@ -256,7 +327,7 @@ def _command_run(args: argparse.Namespace) -> int:
     print(f"{newline}kvmlet: {stop} after {elapsed:.1f} s", file=sys.stderr)
     if args.stats:
         sys.stderr.write(format_stats(machine.stats()))
-    return stop.reason.exit_status
+    return stop.exit_status
 
 
 def _command_sandbox(args: argparse.Namespace) -> int:
@@ -285,6 +356,14 @@ def _command_sandbox(args: argparse.Namespace) -> int:
     return result.status
 
 
+def _command_replay(args: argparse.Namespace) -> int:
+    from kvmlet.machine.replay import replay
+
+    result = replay(args.file)
+    print(f"kvmlet: {result.summary()}", file=sys.stderr)
+    return 0 if result.divergence is None else 2
+
+
 def _command_build_guest(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -298,7 +377,12 @@ def _command_build_guest(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": _command_run, "sandbox": _command_sandbox, "build-guest": _command_build_guest}
+COMMANDS = {
+    "run": _command_run,
+    "sandbox": _command_sandbox,
+    "replay": _command_replay,
+    "build-guest": _command_build_guest,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
