@@ -140,19 +140,26 @@ def claim(name: str | None = None, path: str | None = None) -> Endpoint:
         if lock_fd is None:
             raise KvmletError(f"a machine named {name} is already running")
     link = os.path.join(directory, name + SOCKET_SUFFIX)
+    target = link if path is None else os.path.abspath(path)
+    listener = None
     try:
-        target = link if path is None else os.path.abspath(path)
         listener = _listen(target, replace_stale=path is None)
         if target != link:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(link)
             os.symlink(target, link)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(os.path.join(directory, name + LOCK_SUFFIX))
+        return Endpoint(name, target, listener, lock_fd, link)
+    except BaseException:  # nothing of the claim is left behind
+        if listener is not None:
+            listener.close()
+            leftovers = [target, link]
+        else:
+            leftovers = [link] if path is None else []
+        for leftover in [*leftovers, os.path.join(directory, name + LOCK_SUFFIX)]:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(leftover)
         os.close(lock_fd)
         raise
-    return Endpoint(name, target, listener, lock_fd, link)
 
 
 def _claim_fresh_name(directory: str) -> tuple[str, int]:
@@ -201,13 +208,19 @@ def _listen(path: str, replace_stale: bool) -> socket.socket:
             raise KvmletError(f"something is already listening on {path}")
         os.unlink(path)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    bound = False
     try:
         listener.bind(path)
+        bound = True
         os.chmod(path, 0o600)
         listener.listen(LISTEN_BACKLOG)
-    except OSError as error:
+    except BaseException as error:
         listener.close()
-        raise KvmletError(f"cannot listen on {path}: {error.strerror.lower()}") from None
+        if bound:
+            os.unlink(path)
+        if isinstance(error, OSError):
+            raise KvmletError(f"cannot listen on {path}: {error.strerror.lower()}") from None
+        raise
     return listener
 
 

@@ -4,8 +4,8 @@ events).
 
 `run()` is the monitor's innermost loop: one KVM_RUN (`fcntl.ioctl` with no argument, which
 releases the GIL) and a decode of the shared run page with precompiled `struct` layouts into a
-preallocated exit object. Keep it that way: every 100 ns here is ~1.3 % of an exit on the
-software KVM of our machines.
+preallocated exit object. Keep it that way: every exit pays for each step here, and
+benchmarks/exit_cost.py shows it (docs/performance.md, "Exit cost").
 """
 
 from __future__ import annotations

@@ -115,8 +115,8 @@ class Vm:
     ) -> None:
         """Identity map, TSS, irqchip, PIT2: in this order, before any vCPU.
 
-        Best after the RAM slots: a slot added once the irqchip exists cost 5-10 ms on the
-        software KVM we measured (0.2 ms before it), the largest part of a boot's set-up."""
+        Best after the RAM slots: on some KVMs a slot added once the irqchip exists is much
+        slower to register (docs/performance.md, "Boot")."""
         self.set_identity_map_addr(identity_map_addr)
         self.set_tss_addr(tss_addr)
         self.create_irqchip()

@@ -2,19 +2,24 @@
 
 Four 16550A UARTs (COM1 carries the serial console), the i8042 (whose reset line stops the
 machine), the CMOS RTC and the POST-code port. The PIT and PIC live in KVM's in-kernel irqchip.
+On request, an isa-debug-exit port through which a test kernel ends the run with a status.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 from kvmlet.bus import AccessSizes, AddressSpace, IoRegion
+from kvmlet.devices.debug_exit import REGION_SIZE as DEBUG_EXIT_SIZE
+from kvmlet.devices.debug_exit import DebugExit
 from kvmlet.devices.i8042 import REGION_SIZE as I8042_REGION_SIZE
 from kvmlet.devices.i8042 import I8042Controller
 from kvmlet.devices.irq import IrqLine
 from kvmlet.devices.post import PostCodeSink
 from kvmlet.devices.rtc import CmosRtc
 from kvmlet.devices.serial import LEGACY_SERIAL_PORTS, REGION_SIZE, Uart16550
+from kvmlet.errors import KvmletError
 
 I8042_PORT = 0x60
 I8042_KEYBOARD_IRQ = 1
@@ -23,6 +28,7 @@ POST_PORT = 0x80
 
 _BYTE = AccessSizes(1, 1)
 _ANY_WIDTH = AccessSizes(1, 4)
+_AS_WRITTEN = AccessSizes(1, 4, unaligned=True)
 
 
 class LegacyDevices:
@@ -77,8 +83,10 @@ def attach_legacy_devices(
     irq_line: Callable[[int], IrqLine],
     console_output: Callable[[bytes], None],
     on_reset: Callable[[], None],
+    rtc_clock: Callable[[], float] = time.time,
 ) -> LegacyDevices:
-    """Create the legacy devices and place them on `io`; COM1 writes to `console_output`."""
+    """Create the legacy devices and place them on `io`; COM1 writes to `console_output`,
+    the RTC follows `rtc_clock` (UTC seconds)."""
     uarts = []
     with io.transaction():
         for index, port in enumerate(LEGACY_SERIAL_PORTS):
@@ -94,7 +102,7 @@ def attach_legacy_devices(
         # exits; the device answers 0x62/0x63 with all-ones like an unassigned port.
         i8042_region = IoRegion("i8042", I8042_REGION_SIZE, i8042, impl=_BYTE)
         io.root.add_subregion(I8042_PORT, i8042_region)
-        rtc = CmosRtc()
+        rtc = CmosRtc(rtc_clock)
         io.root.add_subregion(RTC_PORT, IoRegion("cmos-rtc", 2, rtc, impl=_BYTE))
         post = PostCodeSink()
         io.root.add_subregion(POST_PORT, IoRegion("post", 1, post, valid=_ANY_WIDTH))
@@ -103,3 +111,18 @@ def attach_legacy_devices(
 
 def _discard(data: bytes) -> None:
     """Output of the UARTs no console is attached to."""
+
+
+def attach_debug_exit(io: AddressSpace, port: int, on_exit: Callable[[int, int], None]) -> None:
+    """Place an isa-debug-exit port at `port` (4 ports wide, so an `outl` reaches it whole);
+    `on_exit(value, status)` is called on each write. KvmletError if the ports are taken."""
+    end = port + DEBUG_EXIT_SIZE
+    for flat in io.view.assigned():
+        if flat.start < end and port < flat.end:
+            raise KvmletError(
+                f"--debug-exit port {port:#x} overlaps {flat.region.name} at {flat.start:#x}"
+            )
+    region = IoRegion(
+        "debug-exit", DEBUG_EXIT_SIZE, DebugExit(on_exit), valid=_AS_WRITTEN, impl=_AS_WRITTEN
+    )
+    io.root.add_subregion(port, region)

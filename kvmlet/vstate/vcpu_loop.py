@@ -2,8 +2,8 @@
 
 Each vCPU runs `run_vcpu` on a thread of its own (KVM_RUN releases the GIL). Port I/O and MMIO
 exits go straight to the bus's `read`/`write`; everything else ends the loop with a
-`GuestStop` saying how the guest stopped. The loop is deliberately flat: an exit costs a few
-microseconds and every attribute lookup inside it shows in the exit-cost benchmark.
+`GuestStop` saying how the guest stopped. The loop is deliberately flat: every attribute lookup
+inside it shows in the exit-cost benchmark (benchmarks/exit_cost.py).
 
 The loop counts its exits by reason in variables of its own frame that a reader function
 closes over (cell variables: as cheap to increment as locals, and readable from any thread),
@@ -43,6 +43,8 @@ class StopReason(enum.Enum):
     ENTRY_FAILURE = ("KVM could not enter the guest", 4)
     GUEST_CRASH = ("the guest crashed", 5)
     USER_SPACE_UNSUPPORTED = ("the guest reached user space, which this host cannot run", 6)
+    WATCH_FAILED = ("a watchpoint's check failed", 7)
+    DEBUG_EXIT = ("the guest wrote to the debug-exit port", 1)  # the status is the guest's
     TIMEOUT = ("the run timed out", 124)
     MONITOR_ERROR = ("kvmlet failed", 70)
 
@@ -52,11 +54,18 @@ class StopReason(enum.Enum):
 
 
 class GuestStop(NamedTuple):
-    """Why a run ended, with detail for the user (registers and bytes of a failure)."""
+    """Why a run ended, with detail for the user (registers and bytes of a failure);
+    `status` is an exit status the guest chose (the debug-exit port), else None."""
 
     reason: StopReason
     detail: str = ""
     vcpu: int | None = None
+    status: int | None = None
+
+    @property
+    def exit_status(self) -> int:
+        """What `kvmlet run` exits with."""
+        return self.reason.exit_status if self.status is None else self.status
 
     def __str__(self) -> str:
         text = self.reason.description

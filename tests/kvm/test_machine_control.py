@@ -65,7 +65,7 @@ def test_pause_reaches_halted_and_not_yet_started_vcpus():
     with machine_for(HALT, cpus=3) as machine:  # vCPUs 1-2 wait for INIT forever
         time.sleep(0.2)
         machine.pause(timeout=5)
-        assert machine._gate.parked == 3
+        assert len(machine.watchpoints.parked) == 3
         machine.resume()
         machine.pause(timeout=5)
         machine.resume()

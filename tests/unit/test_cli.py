@@ -41,7 +41,7 @@ def test_missing_kernel_is_one_line(tmp_path):
 def test_file_that_is_not_a_kernel_is_one_line(tmp_path):
     (tmp_path / "notes.txt").write_text("not a kernel\n" * 100)
     result = run_cli("run", "-k", str(tmp_path / "notes.txt"))
-    assert_one_line_error(result, "not a Linux kernel")
+    assert_one_line_error(result, "not a kernel kvmlet can boot", "multiboot")
 
 
 def test_32_bit_only_kernel_is_one_line(tmp_path):
@@ -165,3 +165,37 @@ def test_balloon_sizes():
     assert parse_balloon_size("1G") == 1 << 30
     assert parse_balloon_size("0") == 0
     assert parse_balloon_size("64") == 64 << 20
+
+
+def test_help_teaches_the_programmable_machine_flags():
+    result = run_cli("run", "--help")
+    for flag in ("--module", "--debug-exit", "--device", "--record", "multiboot"):
+        assert flag in result.stdout
+    assert "(V << 1) | 1" in result.stdout
+    assert "exit status: 0 when every replayed device" in run_cli("replay", "--help").stdout
+
+
+def test_programmable_machine_mistakes_are_one_line(tmp_path):
+    kernel = tmp_path / "bzImage"
+    kernel.write_bytes(make_bzimage())
+    result = run_cli("run", "-k", str(kernel), "--device", "nomodel,port=1")
+    assert_one_line_error(result, "start with the model")
+    result = run_cli("run", "-k", str(kernel), "--module", str(kernel))
+    assert_one_line_error(result, "--module is for multiboot kernels", "boots linux64")
+    result = run_cli("run", "-k", str(kernel), "--boot-method", "multiboot")
+    assert_one_line_error(result, "no multiboot header")
+    (tmp_path / "not.rec").write_bytes(b"hello")
+    assert_one_line_error(run_cli("replay", str(tmp_path / "not.rec")), "not a kvmlet recording")
+
+
+def test_replay_reports_and_exits_0_or_2(tmp_path):
+    from tests.unit.test_record_replay import SOURCE, record, with_model
+
+    path = record(tmp_path)
+    result = run_cli("replay", str(path))
+    assert result.returncode == 0
+    assert result.stderr.startswith("kvmlet: replayed 13 accesses")
+    assert "no divergence" in result.stderr
+    with_model(path, SOURCE.replace("return zlib.crc32(data)", "return 0"))
+    result = run_cli("replay", str(path))
+    assert result.returncode == 2 and "first divergence at event" in result.stderr
