@@ -15,7 +15,7 @@ of KVM_RUN with a signal.
 The machine is programmable while it runs: `add_device` hot-adds a device model of the user's
 (docs/devices.md), `watch` puts a callback on a range of ports or MMIO that can log, check or
 break (`pause` every vCPU and hand control to the caller until `resume`, see watchpoints.py).
-`pause()` also quiesces the queue worker and freezes the guest's kvmclock (vstate/pause.py),
+`pause()` also quiesces the queue worker and freezes the guest's kvmclock (vstate/clock.py),
 `shutdown()` asks the guest to stop before stopping it, and `describe()`/`stats()` report on
 the machine: the control API (kvmlet/api) is built on these.
 """
