@@ -116,8 +116,12 @@ def device_features(vnet_header: bool, offloads: int, mergeable: bool = True) ->
     for feature, tun_flag in _GUEST_OFFLOADS:
         if offloads & tun_flag:
             features |= 1 << feature
-    # A device must not offer a feature without the ones it needs (§2.2.1): in dependency
-    # order, one pass removes a chain of them (TSO without CSUM, then ECN without TSO).
+    return without_unmet_dependencies(features)
+
+
+def without_unmet_dependencies(features: int) -> int:
+    """`features` less those whose prerequisites are missing: a device must not offer them
+    (§2.2.1). In dependency order, one pass removes a chain (TSO without CSUM, then ECN)."""
     for feature, needs in _DEPENDENCIES:
         if not features & needs:
             features &= ~(1 << feature)

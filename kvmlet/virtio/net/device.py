@@ -252,8 +252,6 @@ class VirtioNet(VirtioDevice):
         """The worker saw the backend's descriptor ready (or its peer gone)."""
         with self._lock:
             try:
-                if hangup and not readable:
-                    raise BackendClosed(f"{self.backend.description} hung up")
                 if writable and self.running:
                     self.counters.tx_refused += self.backend.flush()
                     self.guarded(TRANSMIT_QUEUE, self._transmit)

@@ -98,27 +98,33 @@ class FrameBackend(NetBackend):
             if self._pending:
                 self._pending.extend(b"".join(later) for later in frames[index:])
                 break
-            refused += self._write(frame)
+            written = self._write(frame)
+            if written is None:
+                self._pending.append(b"".join(frame))
+            elif not written:
+                refused += 1
         return refused
 
-    def _write(self, frame: Frame) -> int:
-        """Write one frame: 0 when written or kept for later, 1 when refused."""
+    def _write(self, frame: Frame) -> bool | None:
+        """Write one frame: True when written, False when refused, None to try later."""
         try:
             os.writev(self.fd, frame if len(frame) <= IOV_MAX else [b"".join(frame)])
         except OSError as error:
             if error.errno in _TRY_LATER:
-                self._pending.append(b"".join(frame))
-                return 0
+                return None
             if error.errno in _CLOSED:
                 raise self._closed(error) from None
-            return 1
-        return 0
+            return False
+        return True
 
     def flush(self) -> int:
         refused = 0
         while self._pending:
-            frame = self._pending.popleft()
-            refused += self._write([frame])
+            written = self._write([self._pending[0]])
+            if written is None:
+                break
+            self._pending.popleft()
+            refused += not written
         return refused
 
     def close(self) -> None:

@@ -56,8 +56,8 @@ class StreamBackend(NetBackend):
             length = self._frame_length()
             if length is None:
                 wanted = PREFIX_SIZE
-            elif length > MAX_FRAME_SIZE:
-                self._skipping = length - (self._filled - PREFIX_SIZE)
+            elif length > MAX_FRAME_SIZE:  # known as soon as its prefix is: nothing else read
+                self._skipping = length
                 self._filled = 0
                 self.dropped_from_peer += 1
                 wanted = PREFIX_SIZE

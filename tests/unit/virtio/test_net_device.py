@@ -25,7 +25,9 @@ from kvmlet.virtio.net.config import (
     VIRTIO_NET_F_STATUS,
     VIRTIO_NET_HDR_F_DATA_VALID,
     VIRTIO_NET_HDR_F_NEEDS_CSUM,
+    VIRTIO_NET_HDR_GSO_ECN,
     VIRTIO_NET_HDR_GSO_TCPV4,
+    VIRTIO_NET_HDR_GSO_TCPV6,
 )
 from kvmlet.virtio.net.device import RECEIVE_QUEUE, TRANSMIT_QUEUE
 from kvmlet.virtio.net.frames import TapBackend
@@ -40,6 +42,7 @@ from tests.helpers.net import (
     wait_for,
 )
 
+OFFLOADS = 1 << VIRTIO_NET_F_CSUM | 1 << VIRTIO_NET_F_HOST_TSO4
 PLAIN = COMMON_FEATURES | 1 << VIRTIO_NET_F_MAC | 1 << VIRTIO_NET_F_STATUS | 1 << VIRTIO_NET_F_MTU
 MERGEABLE = PLAIN | 1 << VIRTIO_NET_F_MRG_RXBUF
 
@@ -173,6 +176,25 @@ def test_offload_headers_pass_through_to_a_vnet_backend(vnet):
     assert vnet.device.counters.tx_bytes == len(frame)
 
 
+@pytest.mark.parametrize(
+    ("wanted", "head"),
+    [
+        (PLAIN | OFFLOADS, header(VIRTIO_NET_HDR_F_DATA_VALID)),  # receive-only flag
+        (PLAIN | OFFLOADS, header(0x80 | VIRTIO_NET_HDR_F_NEEDS_CSUM)),  # unknown flag
+        (PLAIN | OFFLOADS, header(1, VIRTIO_NET_HDR_GSO_TCPV4 | VIRTIO_NET_HDR_GSO_ECN, 54, 1448)),
+        (PLAIN | OFFLOADS, header(1, VIRTIO_NET_HDR_GSO_TCPV6, 74, 1428)),
+        (PLAIN | OFFLOADS, header(1, VIRTIO_NET_HDR_GSO_TCPV4, 54, 0)),  # no segment size
+        (PLAIN | 1 << VIRTIO_NET_F_CSUM, header(1, VIRTIO_NET_HDR_GSO_TCPV4, 54, 1448)),
+        (PLAIN, header(VIRTIO_NET_HDR_F_NEEDS_CSUM, 0, 0, 0, 34, 16)),
+    ],
+)
+def test_transmit_headers_asking_for_what_was_not_negotiated_are_dropped(vnet, wanted, head):
+    vnet.start(wanted)
+    vnet.transmit(ethernet_frame(3000), head=head)
+    assert vnet.device.counters.tx_dropped_malformed == 1
+    assert len(vnet.driver.collect(TRANSMIT_QUEUE)) == 1
+
+
 def test_a_partial_checksum_beyond_the_frame_is_dropped(vnet):
     vnet.start()
     vnet.transmit(ethernet_frame(60), head=header(VIRTIO_NET_HDR_F_NEEDS_CSUM, 0, 0, 0, 50, 16))
@@ -294,6 +316,27 @@ def test_a_merged_frame_waits_for_enough_buffers(jumbo):
     posted.update(jumbo.post_receive_buffers(2, 1024))
     jumbo.pump()
     assert [frame for _, frame in received(jumbo, posted)] == [ethernet_frame(3000)]
+
+
+def test_runts_from_the_peer_are_dropped(stream):
+    stream.start(MERGEABLE)
+    posted = stream.post_receive_buffers(4, 2048)
+    frames = [b"", ethernet_frame(13), ethernet_frame(14)]
+    stream.peer.sendall(b"".join(stream_message(frame) for frame in frames))
+    stream.pump()
+    assert received(stream, posted) == [(header(buffers=1), ethernet_frame(14))]
+    assert stream.device.counters.rx_dropped_malformed == 2
+
+
+def test_without_mergeable_buffers_a_chain_no_frame_fits_is_returned_empty(stream):
+    stream.start(PLAIN)
+    posted = stream.post_receive_buffers(1, 20)
+    posted.update(stream.post_receive_buffers(1, 2048))
+    stream.peer.sendall(stream_message(ethernet_frame(100)))
+    stream.pump()
+    completions = stream.driver.collect(RECEIVE_QUEUE)
+    assert [c.length for c in completions] == [0, 112]
+    assert stream.device.counters.rx_bad_buffers == 1
 
 
 def test_chains_too_small_for_any_frame_are_returned_empty(stream):
