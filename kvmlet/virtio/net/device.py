@@ -408,16 +408,22 @@ class VirtioNet(VirtioDevice):
             used += 1
         NUM_BUFFERS.pack_into(header, NUM_BUFFERS_OFFSET, used)
         queue, stats = self.queues[queue_index], self.queue_stats[queue_index]
-        copied = 0
-        for index, chain in enumerate(held[:used]):
-            if index == 0:
-                chain.write(header)
-                part = payload[: chain.writable_length - HEADER_SIZE]
-                written = HEADER_SIZE + chain.write(part, HEADER_SIZE)
-            else:
-                part = payload[copied : copied + chain.writable_length]
-                written = chain.write(part)
-            copied += len(part)
+        held[0].write(header)
+        copied, total, skip = 0, len(payload), HEADER_SIZE
+        for chain in held[:used]:
+            written = skip
+            for view in chain.writable_views:  # straight into each buffer: no slicing helper
+                if skip >= len(view):
+                    skip -= len(view)
+                    continue
+                count = min(len(view) - skip, total - copied)
+                view[skip : skip + count] = payload[copied : copied + count]
+                copied += count
+                written += count
+                skip = 0
+                if copied == total:
+                    break
+            skip = 0
             queue.push(chain.head, written)
         del held[:used]
         stats.requests += used
