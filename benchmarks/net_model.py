@@ -31,14 +31,19 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from kvmlet.memory import GuestMemory
-from kvmlet.virtio.net.config import HEADER, VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4
+from kvmlet.virtio.net.config import (
+    HEADER,
+    VIRTIO_NET_F_MRG_RXBUF,
+    VIRTIO_NET_HDR_F_NEEDS_CSUM,
+    VIRTIO_NET_HDR_GSO_TCPV4,
+)
 from kvmlet.virtio.net.device import RECEIVE_QUEUE, TRANSMIT_QUEUE
 from kvmlet.virtio.net.frames import DatagramBackend
 from kvmlet.virtio.net.stream import StreamBackend
 from tests.helpers.net import NetRig, ethernet_frame
 
 MIB = 1 << 20
-RECEIVE_BUFFER = 4096  # a page per mergeable receive buffer, as Linux posts at a large MTU
+RECEIVE_BUFFER = 4096  # a page per receive buffer, as Linux posts them at a large MTU
 TRANSMIT_BATCH = 64
 
 SINK = """
@@ -75,7 +80,11 @@ CASES = {
     "rx_stream_1514": ("rx", "stream", 1514),
     "rx_stream_65534": ("rx", "stream", 65534),
     "rx_vnet_1514": ("rx", "vnet", 1514),
+    # The same without mergeable buffers: each frame in one indirect chain of 17 pages, as
+    # Linux posts "big packets" when the device does not offer VIRTIO_NET_F_MRG_RXBUF.
+    "rx_stream_65534_big_buffers": ("rx", "stream", 65534),
 }
+BIG_PACKET_PAGES = 17
 
 
 def socket_pair(backend_kind):
@@ -96,13 +105,14 @@ def start_peer(script, peer, *arguments):
     return process
 
 
-def make_rig(memory, backend_kind, ours):
+def make_rig(memory, backend_kind, ours, mergeable=True):
     if backend_kind == "stream":
         backend = StreamBackend(ours, "benchmark peer")
     else:
         backend = DatagramBackend(ours, "benchmark peer", vnet_header=True, offloads=0x0F)
     rig = NetRig(memory, backend, None, mtu=65520)
-    rig.start()
+    offered = rig.device.device_features_word(0) | rig.device.device_features_word(1) << 32
+    rig.start(offered if mergeable else offered & ~(1 << VIRTIO_NET_F_MRG_RXBUF))
     return rig
 
 
@@ -143,16 +153,25 @@ def run_transmit(rig, size, seconds):
     return frames, cpu, time.perf_counter() - started
 
 
-def run_receive(rig, size, seconds):
+def run_receive(rig, size, seconds, pages=1):
+    """Keep the receive ring full of chains of `pages` 4 KiB buffers (indirect if several)."""
     driver = rig.driver
-    free = [driver.allocate(RECEIVE_BUFFER, 64) for _ in range(driver.queues[0].size)]
+    chains = driver.queues[RECEIVE_QUEUE].size // (2 if pages > 1 else 1)
+    free = [
+        (
+            [(driver.allocate(RECEIVE_BUFFER, 4096), RECEIVE_BUFFER) for _ in range(pages)],
+            driver.allocate(16 * pages, 16),
+        )
+        for _ in range(chains)
+    ]
     posted = {}
     frames = cpu = 0.0
     started = time.perf_counter()
     while time.perf_counter() - started < seconds:
         while free:
-            address = free.pop()
-            posted[driver.post(RECEIVE_QUEUE, [], [(address, RECEIVE_BUFFER)])] = address
+            buffers, table = chain = free.pop()
+            head = driver.post(RECEIVE_QUEUE, [], buffers, indirect=pages > 1, table=table)
+            posted[head] = chain
         before = time.thread_time()
         driver.kick(RECEIVE_QUEUE)
         rig.device.backend_ready(True, False, False)
@@ -204,11 +223,15 @@ def measure(name, seconds):
     direction, backend_kind, size = CASES[name]
     memory = GuestMemory.anonymous([(0, 64 << 20)])
     ours, peer = socket_pair(backend_kind)
-    rig = make_rig(memory, backend_kind, ours)
+    big_buffers = name.endswith("_big_buffers")
+    rig = make_rig(memory, backend_kind, ours, mergeable=not big_buffers)
     process = start_peer(SINK if direction == "tx" else SOURCE, peer, size, backend_kind)
     try:
-        run = run_transmit if direction == "tx" else run_receive
-        frames, cpu, wall = run(rig, size, seconds)
+        if direction == "tx":
+            frames, cpu, wall = run_transmit(rig, size, seconds)
+        else:
+            pages = BIG_PACKET_PAGES if big_buffers else 1
+            frames, cpu, wall = run_receive(rig, size, seconds, pages)
     finally:
         process.kill()
         process.wait()
