@@ -24,6 +24,7 @@ FAKE_DAEMON = textwrap.dedent(
     print("fake daemon starting", flush=True)
     if mode == "fail":
         print("cannot do the thing: no such interface", file=sys.stderr, flush=True)
+        print("Failed to send 40 bytes to syslog", file=sys.stderr, flush=True)
         sys.exit(2)
     if mode == "silent":
         time.sleep(60)
@@ -127,13 +128,15 @@ def test_connect_waits_while_the_socket_is_bound_but_not_listening(start):
 
 
 def test_a_daemon_that_exits_before_listening_is_one_line_with_its_last_words(start):
-    helper, path = start("fail")
+    died = []
+    helper, path = start("fail", lambda helper: died.append(helper))
     with pytest.raises(KvmletError) as raised:
         helper.connect(path, timeout=10)
     assert str(raised.value) == (
         f"fake exited with status 2 before it listened on {path}: "
-        "cannot do the thing: no such interface"
+        "cannot do the thing: no such interface"  # its last line but the noise after it
     )
+    assert died == [], "a daemon that never got ready is reported by the error, not the callback"
 
 
 def test_a_daemon_that_never_listens_times_out(start):
