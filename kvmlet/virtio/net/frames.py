@@ -62,6 +62,8 @@ class FrameBackend(NetBackend):
         return self.fd
 
     def _closed(self, error: OSError) -> BackendClosed:
+        if error.errno == errno.EBADFD:  # what a tap says once its interface was deleted
+            return BackendClosed(f"{self.description} was deleted")
         return BackendClosed(f"{self.description}: {error.strerror}")
 
     def receive(self) -> memoryview | None:

@@ -195,3 +195,28 @@ def test_the_python_data_path_talks_to_the_kernel_through_a_tap():
     assert result["udp"] == ["complete checksum", "partial checksum"]
     assert result["counters"]["tx_frames"] == 3
     assert result["counters"]["tx_dropped_malformed"] == 0
+
+
+def test_a_tap_deleted_under_the_guest_takes_the_link_down():
+    result = in_network_namespace(
+        """
+        import json, subprocess
+        from kvmlet.host.tap import open_tap
+        from kvmlet.memory import GuestMemory
+        from kvmlet.virtio.net.frames import TapBackend
+        from tests.helpers.net import NetRig
+
+        tap = open_tap("kvt0")
+        rig = NetRig(GuestMemory.anonymous([(0, 4 << 20)]), TapBackend(tap), None)
+        rig.start()
+        subprocess.run(["ip", "link", "delete", "kvt0"], check=True)
+        rig.pump()
+        print(json.dumps({"link_up": rig.device.link_up, "reports": rig.link_reports,
+                          "config_status": rig.device.read_config(6, 2)}))
+        """
+    )
+    assert result == {
+        "link_up": False,
+        "reports": [[False, "virtio-net: tap kvt0 was deleted: link down"]],
+        "config_status": 0,
+    }
