@@ -76,10 +76,12 @@ log = LazyLogger(__name__)
 RECEIVE_QUEUE = 0
 TRANSMIT_QUEUE = 1
 QUEUE_SIZE = 256
-TX_CHAINS_PER_WAKEUP = 256
+# Work one wakeup may do with the device lock held, before the worker serves anything else;
+# what is left goes on at the next readiness of the backend (see the module's docstring).
+TX_CHAINS_PER_WAKEUP = 128
 TX_BATCH_FRAMES = 64
 TX_BATCH_BYTES = 256 * 1024
-RX_FRAMES_PER_WAKEUP = 256
+RX_FRAMES_PER_WAKEUP = 64
 
 NUM_BUFFERS = struct.Struct("<H")
 
