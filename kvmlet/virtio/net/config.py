@@ -14,6 +14,7 @@ a backend without the header (passt's stream) gets plain Ethernet frames and non
 from __future__ import annotations
 
 import struct
+from typing import NamedTuple
 
 VIRTIO_ID_NET = 1
 
@@ -152,3 +153,56 @@ def config_space(mac: bytes, link_up: bool, mtu: int) -> bytes:
     if not MIN_MTU <= mtu <= MAX_MTU:
         raise ValueError(f"MTU {mtu} is outside {MIN_MTU}..{MAX_MTU}")
     return _CONFIG.pack(mac, VIRTIO_NET_S_LINK_UP if link_up else 0, 1, mtu)
+
+
+class _HeaderRules(NamedTuple):
+    """What a header may ask for in one direction, and the feature each thing needs."""
+
+    flags: int
+    checksum_feature: int
+    gso_features: dict[int, int]
+    ecn_feature: int
+
+
+_TRANSMIT = _HeaderRules(
+    VIRTIO_NET_HDR_F_NEEDS_CSUM,
+    VIRTIO_NET_F_CSUM,
+    {
+        VIRTIO_NET_HDR_GSO_TCPV4: VIRTIO_NET_F_HOST_TSO4,
+        VIRTIO_NET_HDR_GSO_TCPV6: VIRTIO_NET_F_HOST_TSO6,
+    },
+    VIRTIO_NET_F_HOST_ECN,
+)
+_RECEIVE = _HeaderRules(
+    VIRTIO_NET_HDR_F_NEEDS_CSUM | VIRTIO_NET_HDR_F_DATA_VALID,
+    VIRTIO_NET_F_GUEST_CSUM,
+    {
+        VIRTIO_NET_HDR_GSO_TCPV4: VIRTIO_NET_F_GUEST_TSO4,
+        VIRTIO_NET_HDR_GSO_TCPV6: VIRTIO_NET_F_GUEST_TSO6,
+        VIRTIO_NET_HDR_GSO_UDP: VIRTIO_NET_F_GUEST_UFO,
+    },
+    VIRTIO_NET_F_GUEST_ECN,
+)
+
+
+def transmit_header_ok(features: int, flags: int, gso_type: int, gso_size: int) -> bool:
+    """Whether a driver's transmit header asks only for what `features` allow (§5.1.6.2):
+    DATA_VALID and RSC_INFO are for received frames, and segmentation needs a segment size."""
+    rules_met = _header_ok(_TRANSMIT, features, flags, gso_type)
+    return rules_met and (gso_type == VIRTIO_NET_HDR_GSO_NONE or gso_size > 0)
+
+
+def receive_header_ok(features: int, flags: int, gso_type: int) -> bool:
+    """Whether a backend's header uses only offloads the driver accepted (§5.1.6.4)."""
+    return _header_ok(_RECEIVE, features, flags, gso_type)
+
+
+def _header_ok(rules: _HeaderRules, features: int, flags: int, gso_type: int) -> bool:
+    if flags & ~rules.flags or (flags and not features >> rules.checksum_feature & 1):
+        return False
+    if gso_type == VIRTIO_NET_HDR_GSO_NONE:
+        return True
+    feature = rules.gso_features.get(gso_type & ~VIRTIO_NET_HDR_GSO_ECN)
+    if feature is None or not features >> feature & 1:
+        return False
+    return not gso_type & VIRTIO_NET_HDR_GSO_ECN or bool(features >> rules.ecn_feature & 1)

@@ -44,30 +44,20 @@ from kvmlet.virtio.net.config import (
     MIN_FRAME_SIZE,
     NUM_BUFFERS_OFFSET,
     VIRTIO_ID_NET,
-    VIRTIO_NET_F_CSUM,
     VIRTIO_NET_F_GUEST_CSUM,
-    VIRTIO_NET_F_GUEST_ECN,
-    VIRTIO_NET_F_GUEST_TSO4,
-    VIRTIO_NET_F_GUEST_TSO6,
-    VIRTIO_NET_F_GUEST_UFO,
-    VIRTIO_NET_F_HOST_ECN,
-    VIRTIO_NET_F_HOST_TSO4,
-    VIRTIO_NET_F_HOST_TSO6,
     VIRTIO_NET_F_MRG_RXBUF,
     VIRTIO_NET_F_MTU,
     VIRTIO_NET_HDR_F_DATA_VALID,
     VIRTIO_NET_HDR_F_NEEDS_CSUM,
-    VIRTIO_NET_HDR_GSO_ECN,
     VIRTIO_NET_HDR_GSO_NONE,
-    VIRTIO_NET_HDR_GSO_TCPV4,
-    VIRTIO_NET_HDR_GSO_TCPV6,
-    VIRTIO_NET_HDR_GSO_UDP,
     VLAN_TAG_SIZE,
     ZERO_HEADER,
     broken_dependency,
     config_space,
     device_features,
+    receive_header_ok,
     tap_offloads,
+    transmit_header_ok,
 )
 from kvmlet.virtio.queue import DescriptorChain, slice_views
 
@@ -84,17 +74,6 @@ TX_BATCH_BYTES = 256 * 1024
 RX_FRAMES_PER_WAKEUP = 64
 
 NUM_BUFFERS = struct.Struct("<H")
-
-# Which feature a GSO type needs, guest to host (transmit) and host to guest (receive).
-_TX_GSO_FEATURE = {
-    VIRTIO_NET_HDR_GSO_TCPV4: VIRTIO_NET_F_HOST_TSO4,
-    VIRTIO_NET_HDR_GSO_TCPV6: VIRTIO_NET_F_HOST_TSO6,
-}
-_RX_GSO_FEATURE = {
-    VIRTIO_NET_HDR_GSO_TCPV4: VIRTIO_NET_F_GUEST_TSO4,
-    VIRTIO_NET_HDR_GSO_TCPV6: VIRTIO_NET_F_GUEST_TSO6,
-    VIRTIO_NET_HDR_GSO_UDP: VIRTIO_NET_F_GUEST_UFO,
-}
 
 
 class ReadinessWatch(Protocol):
@@ -338,7 +317,7 @@ class VirtioNet(VirtioDevice):
         if flags & VIRTIO_NET_HDR_F_NEEDS_CSUM and csum_start + csum_offset + 2 > frame_length:
             self.counters.tx_dropped_malformed += 1
             return None
-        if not self._transmit_header_ok(flags, gso_type, gso_size):
+        if not transmit_header_ok(self.driver_features, flags, gso_type, gso_size):
             self.counters.tx_dropped_malformed += 1
             return None
         if frame_length > (MAX_FRAME_SIZE if gso_type else self._largest_plain_frame()):
@@ -346,20 +325,6 @@ class VirtioNet(VirtioDevice):
             return None
         start = 0 if self.backend.vnet_header else HEADER_SIZE
         return slice_views(chain.readable_views, start, total)
-
-    def _transmit_header_ok(self, flags: int, gso_type: int, gso_size: int) -> bool:
-        """Whether a driver's header asks only for what was negotiated (§5.1.6.2)."""
-        if flags & ~VIRTIO_NET_HDR_F_NEEDS_CSUM:
-            return False  # DATA_VALID and RSC_INFO are receive-only
-        if flags and not self.negotiated(VIRTIO_NET_F_CSUM):
-            return False
-        if gso_type == VIRTIO_NET_HDR_GSO_NONE:
-            return True
-        base = gso_type & ~VIRTIO_NET_HDR_GSO_ECN
-        feature = _TX_GSO_FEATURE.get(base)
-        if feature is None or not self.negotiated(feature) or not gso_size:
-            return False
-        return not gso_type & VIRTIO_NET_HDR_GSO_ECN or self.negotiated(VIRTIO_NET_F_HOST_ECN)
 
     def _largest_plain_frame(self) -> int:
         """The largest frame without segmentation either way: the MTU, once negotiated."""
@@ -471,26 +436,13 @@ class VirtioNet(VirtioDevice):
             flags, gso_type = header[0], header[1]
             if not self.negotiated(VIRTIO_NET_F_GUEST_CSUM):
                 header[0] = flags = flags & ~VIRTIO_NET_HDR_F_DATA_VALID
-            if not self._receive_offloads_ok(flags, gso_type):
+            if not receive_header_ok(self.driver_features, flags, gso_type):
                 self.counters.rx_dropped_malformed += 1
                 return None
         if payload_length > (MAX_FRAME_SIZE if gso_type else self._largest_plain_frame()):
             self.counters.rx_dropped_too_big += 1
             return None
         return header
-
-    def _receive_offloads_ok(self, flags: int, gso_type: int) -> bool:
-        """Whether a backend's header uses only offloads the driver accepted (§5.1.6.4)."""
-        if flags & ~(VIRTIO_NET_HDR_F_NEEDS_CSUM | VIRTIO_NET_HDR_F_DATA_VALID):
-            return False
-        if flags and not self.negotiated(VIRTIO_NET_F_GUEST_CSUM):
-            return False
-        if gso_type == VIRTIO_NET_HDR_GSO_NONE:
-            return True
-        feature = _RX_GSO_FEATURE.get(gso_type & ~VIRTIO_NET_HDR_GSO_ECN)
-        if feature is None or not self.negotiated(feature):
-            return False
-        return not gso_type & VIRTIO_NET_HDR_GSO_ECN or self.negotiated(VIRTIO_NET_F_GUEST_ECN)
 
     # Statistics ----------------------------------------------------------------------------------
 
