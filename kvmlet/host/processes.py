@@ -9,8 +9,8 @@ takes too long, is a `KvmletError` carrying its last line of output.
 
 A monitor thread per daemon collects its output (the last lines are kept for error messages)
 and notices its exit through a pidfd: a daemon that dies on its own once it was ready (its
-socket appeared) is logged and calls `on_exit` once, from that thread; one that dies before
-is reported by the error `connect` raises. `stop()` (SIGTERM, then SIGKILL after a grace
+socket appeared) calls `on_exit` once, from that thread (or, without one, is logged); one that
+dies before is reported by the error `connect` raises. `stop()` (SIGTERM, then SIGKILL after a grace
 period) reaps it and removes its runtime directory; every daemon still running when the
 interpreter exits is stopped the same way, so none is left behind by a kvmlet that ends
 normally or by an exception.
@@ -218,7 +218,9 @@ class HelperProcess:
         self._exited.set()
         with _running_lock:
             _running.discard(self)
-        if self._ready and not self._stopping:
+        if not self._ready or self._stopping:
+            return
+        if self.on_exit is None:
             log.warning(
                 "%s (pid %d) exited with status %s: %s",
                 self.name,
@@ -226,11 +228,11 @@ class HelperProcess:
                 self.process.returncode,
                 self.last_words(),
             )
-            if self.on_exit is not None:
-                try:
-                    self.on_exit(self)
-                except Exception:
-                    log.exception("%s: exit callback failed", self.name)
+            return
+        try:
+            self.on_exit(self)
+        except Exception:
+            log.exception("%s: exit callback failed", self.name)
 
     def _read_output(self, fd: int, until_empty: bool = False) -> bool:
         """Read what the daemon printed; False at end of output (or, `until_empty`, when

@@ -221,3 +221,13 @@ def test_a_runtime_directory_can_be_handed_to_the_user_a_daemon_runs_as():
         assert (status.st_uid, status.st_gid, status.st_mode & 0o777) == (65534, 65534, 0o700)
     finally:
         os.rmdir(directory)
+
+
+def test_a_death_nobody_listens_for_is_logged_with_its_last_words(start, caplog):
+    helper, path = start("crash")
+    with caplog.at_level("WARNING", logger="kvmlet.host.processes"):
+        connection = helper.connect(path, timeout=10)
+        helper._exited.wait(10)
+        helper._monitor.join(10)
+    assert f"fake (pid {helper.pid}) exited with status 3: lost my way" in caplog.text
+    connection.close()
