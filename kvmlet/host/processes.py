@@ -139,6 +139,15 @@ class HelperProcess:
         """The exit status once it exited (negative: the signal that ended it)."""
         return self.process.returncode if self._exited.is_set() else None
 
+    def wait(self, timeout: float | None = None) -> int | None:
+        """Wait for the daemon to exit and its death to be handled; its status, or None if it
+        still runs after `timeout` seconds."""
+        if not self._exited.wait(timeout):
+            return None
+        if threading.current_thread() is not self._monitor:
+            self._monitor.join()
+        return self.process.returncode
+
     def output(self) -> list[str]:
         """The last lines the daemon printed."""
         return list(self._lines)

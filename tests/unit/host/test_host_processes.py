@@ -155,7 +155,7 @@ def test_a_daemon_that_dies_after_it_was_ready_calls_back_once(start):
 
     helper, path = start("crash", on_exit)
     connection = helper.connect(path, timeout=10)
-    assert called.wait(10)
+    assert helper.wait(10) == 3 and called.is_set()
     assert died == [3]
     assert helper.last_words() == "lost my way"
     helper.stop()
@@ -167,6 +167,7 @@ def test_a_stopped_daemon_does_not_call_back(start):
     died = []
     helper, path = start("serve", lambda helper: died.append(helper))
     helper.connect(path, timeout=10).close()
+    assert helper.wait(0.05) is None
     helper.stop()
     assert died == []
 
@@ -227,7 +228,6 @@ def test_a_death_nobody_listens_for_is_logged_with_its_last_words(start, caplog)
     helper, path = start("crash")
     with caplog.at_level("WARNING", logger="kvmlet.host.processes"):
         connection = helper.connect(path, timeout=10)
-        helper._exited.wait(10)
-        helper._monitor.join(10)
+        assert helper.wait(10) == 3
     assert f"fake (pid {helper.pid}) exited with status 3: lost my way" in caplog.text
     connection.close()
