@@ -1,1 +1,2 @@
-"""The host side of a machine: terminals, the console transcript, tap devices and supervised host processes."""
+"""The host side of a machine: terminals, the console transcript, tap devices and supervised
+host processes."""
