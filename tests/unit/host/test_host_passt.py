@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import select
+import shutil
 import signal
 import struct
 import threading
@@ -74,6 +75,8 @@ def running_passt():
         deaths.append(helper.returncode)
         died.set()
 
+    if shutil.which("passt") is None:
+        pytest.skip("passt is not installed (apt-get install passt)")
     try:
         helper, sock = start_passt(mtu=1500, on_exit=on_exit)
     except KvmletError as error:
