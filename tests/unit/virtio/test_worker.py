@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import threading
 import time
 
@@ -152,3 +153,45 @@ def test_pausing_a_worker_busy_in_a_device_times_out(memory, worker):
     wait_for(lambda: worker._parked)  # it still pauses once the device is done
     worker.resume()
     bell.close()
+
+
+def test_a_readiness_watch_calls_back_only_for_what_its_owner_wants(worker):
+    ours, peer = socket.socketpair()
+    calls = []
+    watch = worker.watch_readiness(ours.fileno(), lambda *ready: calls.append(ready))
+    worker.start()
+    peer.send(b"x")
+    time.sleep(0.05)
+    assert calls == []  # nothing wanted yet
+    watch.want(readable=True, writable=False)
+    wait_for(lambda: calls)
+    assert calls[0] == (True, False, False)
+    watch.want(readable=False, writable=False)
+    time.sleep(0.02)  # a call already under way when the owner paused
+    settled = len(calls)
+    time.sleep(0.05)
+    assert len(calls) == settled  # paused: still readable, but not called
+    peer.close()
+    wait_for(lambda: calls[-1][2])  # a hang-up is reported even while nothing is wanted
+    watch.close()
+    time.sleep(0.02)
+    settled = len(calls)
+    time.sleep(0.05)
+    assert len(calls) == settled
+    ours.close()
+
+
+def test_a_failing_readiness_callback_is_counted_and_unwatched(worker):
+    ours, peer = socket.socketpair()
+
+    def broken(readable, writable, hangup):
+        raise RuntimeError("backend bug")
+
+    watch = worker.watch_readiness(ours.fileno(), broken)
+    watch.want(readable=False, writable=True)
+    worker.start()
+    wait_for(lambda: worker.device_errors == 1)
+    time.sleep(0.05)
+    assert worker.device_errors == 1  # a level-triggered descriptor is not polled again
+    ours.close()
+    peer.close()
