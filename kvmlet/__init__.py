@@ -4,7 +4,8 @@ The public API: `MachineConfig`, `DiskConfig` and `DeviceConfig` describe a mach
 `with_default_guest` adds kvmlet's own kernel and initramfs, `Machine` runs it (and takes
 watchpoints: a callback returns `BREAK` to pause it), `sandbox` runs one command in a throwaway
 machine; `GuestStop`/`StopReason` say how a guest ended; `KvmletError` is every user-facing error.
-Device models are written with `kvmlet.devices` (docs/devices.md).
+Device models are written with `kvmlet.devices` (docs/devices.md). `connect` reaches a running
+machine's control API (`kvmlet.api`), `serve` gives one to a `Machine` of your own.
 The names load on first use, so `kvmlet --version` or a CLI error costs no import of the rest.
 """
 
@@ -19,6 +20,8 @@ _PUBLIC = {
     "BREAK": "kvmlet.machine.watchpoints",
     "DeviceConfig": "kvmlet.machine.config",
     "DiskConfig": "kvmlet.machine.config",
+    "connect": "kvmlet.api.client",
+    "serve": "kvmlet.api.server",
     "GuestStop": "kvmlet.vstate.vcpu_loop",
     "KvmletError": "kvmlet.errors",
     "Machine": "kvmlet.machine.machine",
@@ -40,11 +43,15 @@ __all__ = [
     "SandboxResult",
     "StopReason",
     "__version__",
+    "connect",
     "sandbox",
+    "serve",
     "with_default_guest",
 ]
 
 if TYPE_CHECKING:
+    from kvmlet.api.client import connect
+    from kvmlet.api.server import serve
     from kvmlet.errors import KvmletError
     from kvmlet.machine.config import DeviceConfig, DiskConfig, MachineConfig, with_default_guest
     from kvmlet.machine.machine import Machine

@@ -154,7 +154,8 @@ class MachineConfig:
     `boot_code` instead of a kernel runs raw real-mode code from `BOOT_CODE_ADDRESS` (tests,
     benchmarks, firmware experiments). `modules` go with a multiboot kernel; `devices` are
     the user's own device models; `debug_exit_port` places an isa-debug-exit port there;
-    `record` writes every user-space access to that file (`kvmlet replay` reads it).
+    `record` writes every user-space access to that file (`kvmlet replay` reads it);
+    `balloon` adds a virtio-balloon whose target the control API sets (`kvmlet balloon`).
     """
 
     kernel: FilePath | None = None
@@ -167,6 +168,7 @@ class MachineConfig:
     console: ConsoleKind = "serial"
     virtio_transport: Transport = "pci"
     rng: bool = True
+    balloon: bool = False
     boot_method: BootMethod = "auto"
     host_profile: str = "auto"
     debug_io: bool = False

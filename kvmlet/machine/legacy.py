@@ -35,12 +35,34 @@ class LegacyDevices:
     """The legacy devices of one machine, for the console wiring and the stats dump."""
 
     def __init__(
-        self, uarts: list[Uart16550], i8042: I8042Controller, rtc: CmosRtc, post: PostCodeSink
+        self,
+        uarts: list[Uart16550],
+        i8042: I8042Controller,
+        i8042_region: IoRegion,
+        rtc: CmosRtc,
+        post: PostCodeSink,
     ):
         self.uarts = uarts
         self.i8042 = i8042
+        self._i8042_region = i8042_region
         self.rtc = rtc
         self.post = post
+
+    def press_ctrl_alt_del(self) -> bool:
+        """The host's shutdown request to the guest (see `I8042Controller.press_ctrl_alt_del`),
+        under the lock the guest's accesses to the controller take."""
+        with self._i8042_region.lock:
+            return self.i8042.press_ctrl_alt_del()
+
+    def describe(self) -> list[dict[str, object]]:
+        """One entry per device: name, type and first port."""
+        entries: list[dict[str, object]] = [
+            {"name": port.name.lower(), "type": "uart-16550a", "port": port.base}
+            for port in LEGACY_SERIAL_PORTS
+        ]
+        entries.append({"name": "i8042", "type": "i8042", "port": I8042_PORT})
+        entries.append({"name": "cmos-rtc", "type": "mc146818-rtc", "port": RTC_PORT})
+        return entries
 
     @property
     def console_uart(self) -> Uart16550:
@@ -78,12 +100,13 @@ def attach_legacy_devices(
         i8042 = I8042Controller(on_reset, kbd_irq=irq_line(I8042_KEYBOARD_IRQ))
         # One region over 0x60-0x64: 0x61 (the PC speaker) is the in-kernel PIT's and never
         # exits; the device answers 0x62/0x63 with all-ones like an unassigned port.
-        io.root.add_subregion(I8042_PORT, IoRegion("i8042", I8042_REGION_SIZE, i8042, impl=_BYTE))
+        i8042_region = IoRegion("i8042", I8042_REGION_SIZE, i8042, impl=_BYTE)
+        io.root.add_subregion(I8042_PORT, i8042_region)
         rtc = CmosRtc(rtc_clock)
         io.root.add_subregion(RTC_PORT, IoRegion("cmos-rtc", 2, rtc, impl=_BYTE))
         post = PostCodeSink()
         io.root.add_subregion(POST_PORT, IoRegion("post", 1, post, valid=_ANY_WIDTH))
-    return LegacyDevices(uarts, i8042, rtc, post)
+    return LegacyDevices(uarts, i8042, i8042_region, rtc, post)
 
 
 def _discard(data: bytes) -> None:

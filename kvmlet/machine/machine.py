@@ -15,6 +15,9 @@ of KVM_RUN with a signal.
 The machine is programmable while it runs: `add_device` hot-adds a device model of the user's
 (docs/devices.md), `watch` puts a callback on a range of ports or MMIO that can log, check or
 break (`pause` every vCPU and hand control to the caller until `resume`, see watchpoints.py).
+`pause()` also quiesces the queue worker and freezes the guest's kvmclock (vstate/clock.py),
+`shutdown()` asks the guest to stop before stopping it, and `describe()`/`stats()` report on
+the machine: the control API (kvmlet/api) is built on these.
 """
 
 from __future__ import annotations
@@ -35,10 +38,12 @@ from kvmlet.bus.pci import BarAllocator, PciHostBridge, PciWindow
 from kvmlet.bus.watch import Access, Watch, WatchCallback, current_vcpu, set_current_vcpu
 from kvmlet.errors import KvmletError
 from kvmlet.host.console import Console
+from kvmlet.host.process import memory_usage
 from kvmlet.host.report import format_stats, trace_printer
 from kvmlet.host.terminal import EscapeAction, EscapeFilter
 from kvmlet.kvm import InternalErrorExit, Kvm, Vcpu
 from kvmlet.machine.config import BOOT_CODE_ADDRESS, DeviceConfig, MachineConfig
+from kvmlet.machine.control import Controls
 from kvmlet.machine.legacy import attach_debug_exit, attach_legacy_devices
 from kvmlet.machine.virtio_devices import SLOTS_WITH_INTX, VirtioDevices, intx_irq
 from kvmlet.machine.watchpoints import Watchpoints
@@ -53,7 +58,7 @@ from kvmlet.vstate.cpu import (
 )
 from kvmlet.vstate.diagnostics import describe_vcpu
 from kvmlet.vstate.interrupts import KvmInterruptRouter, KvmIrqLine
-from kvmlet.vstate.vcpu_loop import GuestStop, StopReason, run_vcpu
+from kvmlet.vstate.vcpu_loop import ExitCounts, GuestStop, StopReason, run_vcpu
 
 if TYPE_CHECKING:
     from kvmlet.machine.record import Recorder
@@ -73,7 +78,7 @@ def _install_kick_handler() -> None:
     signal.signal(KICK_SIGNAL, lambda signum, frame: None)
 
 
-class Machine:
+class Machine(Controls):
     """One virtual machine built from a `MachineConfig`; see the module docstring."""
 
     def __init__(
@@ -100,6 +105,8 @@ class Machine:
         self._threads: list[threading.Thread] = []
         self.vcpus: list[Vcpu] = []
         self.watchpoints = Watchpoints(self)
+        self._init_controls()
+        self.cmdline = ""  # the kernel's command line (none for boot code)
         self.console = Console(console_echo_fd)
         self.kvm = Kvm()
         self._closers = [self.kvm.close]
@@ -122,6 +129,7 @@ class Machine:
         self.memory_map = MemoryMap(config.memory)
         self.memory = GuestMemory.anonymous(self.memory_map.ram_banks())
         self._closers.append(self.memory.close)
+        self._ram_ranges = [(bank.host_address(), bank.size) for bank in self.memory]
         ask_for_huge_pages(self.memory)
         self.io = port_io_space()
         self.mmio = mmio_space()
@@ -177,6 +185,7 @@ class Machine:
         if boot_state is None:
             self.memory.write(BOOT_CODE_ADDRESS, config.boot_code)
         supported = supported_cpuid(self.kvm)
+        self.exit_counts = [ExitCounts() for _ in range(config.cpus)]
         for index in range(config.cpus):
             vcpu = vm.create_vcpu(index)
             self._closers.append(vcpu.close)
@@ -285,6 +294,7 @@ class Machine:
                 functools.partial(self.watchpoints.should_stop, vcpu),
                 fixup,
                 lambda failed: describe_vcpu(failed, self.memory),
+                self.exit_counts[vcpu.id],
             )
         except Exception as error:  # a bug in kvmlet: report it instead of hanging the guest
             stop = GuestStop(StopReason.MONITOR_ERROR, f"{type(error).__name__}: {error}", vcpu.id)
@@ -346,13 +356,6 @@ class Machine:
     def unwatch(self, watch: Watch) -> None:
         self.watchpoints.unwatch(watch)
 
-    def pause(self) -> None:
-        """Pause every vCPU (they park outside KVM_RUN until `resume`)."""
-        self.watchpoints.pause()
-
-    def resume(self) -> None:
-        self.watchpoints.resume()
-
     def wait_for_break(self, timeout: float | None = None) -> Access | None:
         """Wait for a break (or `pause`) to hold every vCPU: the access that broke, or None
         after `pause()`. KvmletError if the guest stops or `timeout` passes first."""
@@ -413,13 +416,18 @@ class Machine:
         return self._stop
 
     def stats(self) -> dict[str, object]:
-        """Counters of the bus, the legacy devices, the virtio devices and the user's devices'
-        workers."""
+        """Counters of the vCPUs (exits by reason), the bus (per region), the legacy and virtio
+        devices (per queue), the user's devices' workers, and the monitor's memory."""
         stats: dict[str, object] = {
+            "vcpus": [
+                {"id": vcpu.id, "exits": counts.snapshot()}
+                for vcpu, counts in zip(self.vcpus, self.exit_counts, strict=True)
+            ],
             "port_io": self.io.stats(),
             "mmio": self.mmio.stats(),
             "legacy": self.legacy.stats(),
             "virtio": self.virtio.stats(),
+            "memory": memory_usage(self._ram_ranges),
         }
         if self._devices is not None:
             stats["devices"] = {

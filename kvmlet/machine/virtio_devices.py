@@ -1,4 +1,4 @@
-"""The machine's virtio devices (disks, console, entropy) on the chosen transport.
+"""The machine's virtio devices (disks, console, entropy, balloon) on the chosen transport.
 
 Device models know nothing of transports; this module creates them from the configuration and
 puts each behind virtio-pci (a PCI function the guest finds by enumeration, MSI-X through
@@ -22,6 +22,7 @@ from kvmlet.vstate.interrupts import IrqfdLine, KvmIrqLine
 
 if TYPE_CHECKING:
     from kvmlet.machine.machine import Machine
+    from kvmlet.virtio.balloon import VirtioBalloon
     from kvmlet.virtio.console import VirtioConsole
     from kvmlet.virtio.device import VirtioDevice
     from kvmlet.virtio.mmio import VirtioMmio
@@ -51,11 +52,13 @@ class VirtioDevices:
         self.devices: list[VirtioDevice] = []
         self.transports: list[VirtioPci | VirtioMmio] = []
         self.console: VirtioConsole | None = None
+        self.balloon: VirtioBalloon | None = None
         self.worker = QueueWorker("virtio")
         self._doorbells: list[Doorbell] = []
         self._lines: list[IrqfdLine] = []
         self._parameters: list[str] = []
         self._started = False
+        self.transport_kind = config.virtio_transport
         try:
             if config.disks:
                 from kvmlet.virtio.blk import DiskOptions, VirtioBlock
@@ -72,6 +75,11 @@ class VirtioDevices:
                 from kvmlet.virtio.rng import VirtioRng
 
                 self.devices.append(VirtioRng(memory))
+            if config.balloon:
+                from kvmlet.virtio.balloon import VirtioBalloon
+
+                self.balloon = VirtioBalloon(memory)
+                self.devices.append(self.balloon)
             if config.virtio_transport == "pci":
                 self._attach_pci(machine)
             else:
@@ -130,6 +138,32 @@ class VirtioDevices:
         """Start the doorbell worker thread."""
         self.worker.start()
         self._started = True
+
+    def pause(self, timeout: float) -> bool:
+        """Hold the queue worker between notifications (see `QueueWorker.pause`); False when
+        a device stayed busy for `timeout` seconds (then `resume()`)."""
+        return self.worker.pause(timeout)
+
+    def resume(self) -> None:
+        self.worker.resume()
+
+    def describe(self) -> list[dict[str, object]]:
+        """One entry per device: its name in the statistics, type, transport and address."""
+        entries = []
+        for index, transport in enumerate(self.transports):
+            device = transport.device
+            entry: dict[str, object] = {
+                "name": f"{device.name}{index}",
+                "type": device.name,
+                "transport": self.transport_kind,
+                "queues": device.queue_count,
+            }
+            if self.transport_kind == "pci":
+                entry["pci_slot"] = 1 + index  # as _attach_pci places them
+            else:
+                entry["mmio_base"] = VIRTIO_MMIO_WINDOW.base + index * VIRTIO_MMIO_DEVICE_SIZE
+            entries.append(entry)
+        return entries
 
     def stats(self) -> dict[str, object]:
         stats: dict[str, object] = {"worker": self.worker.stats()}

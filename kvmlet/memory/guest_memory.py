@@ -11,7 +11,7 @@ addresses and lengths (descriptor tables, boot structures, DMA buffers) go throu
 `view()` hands out zero-copy `memoryview`s for loaders and virtqueues; `host_iovec()` turns
 many buffers, bounds-checked in one pass, into host `struct iovec`s for a vectored system call
 (pinning their bank while it runs); `host_address()` gives the address KVM needs for a memory
-slot.
+slot; `discard()` gives pages the guest gave up (a balloon) back to the host.
 """
 
 from __future__ import annotations
@@ -107,6 +107,14 @@ class RamBank:
     def host_address(self) -> int:
         """Host virtual address of the bank's first byte (for KVM memory slots)."""
         return ctypes.addressof(ctypes.c_char.from_buffer(self.mapping))
+
+    def discard(self, offset: int, length: int) -> None:
+        """Release the host pages behind [offset, offset+length) (page-aligned): the guest
+        reads zeros there next time, and the monitor's RSS drops now. MADV_DONTNEED for
+        private anonymous memory; MADV_REMOVE for a memfd bank, where DONTNEED would only
+        unmap the pages and leave them in the file (and in every peer's mapping of it)."""
+        advice = mmap.MADV_REMOVE if self.shareable else mmap.MADV_DONTNEED
+        self.mapping.madvise(advice, offset, length)
 
 
 def _reason(error: OSError) -> str:
@@ -270,6 +278,20 @@ class GuestMemory:
         words[0::2] = map(operator.add, addresses, itertools.repeat(self._low_host_offset))
         words[1::2] = lengths
         return HostIovec(array.array("Q", words), len(addresses), pin)
+
+    def discard(self, address: int, length: int) -> None:
+        """Give the host memory behind [address, address+length) back to the host (see
+        `RamBank.discard`); GuestMemoryError when the range is not page-aligned or not wholly
+        inside one bank."""
+        if address % mmap.PAGESIZE or length % mmap.PAGESIZE:
+            raise GuestMemoryError(f"discard of {length} bytes at {address:#x}: not page-aligned")
+        for bank in self.banks:
+            offset = address - bank.base
+            if offset >= 0 and offset + length <= bank.size:
+                if length:
+                    bank.discard(offset, length)
+                return
+        raise GuestMemoryError(f"discard outside RAM: {length} bytes at {address:#x}")
 
     def read(self, address: int, length: int) -> bytes:
         view, offset = self._locate(address, length)

@@ -11,7 +11,9 @@ whether it wants to read or write, and is called while the descriptor is ready f
 
 A device that raises never kills the worker: the error is logged and counted, the device is put
 in DEVICE_NEEDS_RESET, and the other doorbells keep being served. `stop()` wakes the thread
-through its own eventfd and joins it.
+through its own eventfd and joins it. `pause()` holds the thread between two notifications (a
+paused machine's devices touch no guest memory); kicks that arrive meanwhile stay counted in
+their eventfds and are served after `resume()`.
 """
 
 from __future__ import annotations
@@ -135,6 +137,9 @@ class QueueWorker:
         }
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._pause = threading.Condition()
+        self._pause_requested = False
+        self._parked = False
         self.doorbells: list[Doorbell] = []
 
     def add(self, bell: Doorbell) -> None:
@@ -163,11 +168,39 @@ class QueueWorker:
         self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
         self._thread.start()
 
+    def pause(self, timeout: float = 5.0) -> bool:
+        """Hold the thread once the notification it is serving is done; False if it is still
+        busy after `timeout` (it then stays asked to pause: call `resume()`)."""
+        with self._pause:
+            self._pause_requested = True
+            if self._thread is None or self._stopping:
+                return True
+            os.eventfd_write(self._stop_fd, 1)
+            return self._pause.wait_for(lambda: self._parked, timeout)
+
+    def resume(self) -> None:
+        """Let a paused thread serve its doorbells again."""
+        with self._pause:
+            self._pause_requested = False
+            self._pause.notify_all()
+
+    def _hold_while_paused(self) -> None:
+        with self._pause:
+            if not self._pause_requested:
+                return
+            self._parked = True
+            self._pause.notify_all()
+            while self._pause_requested and not self._stopping:
+                self._pause.wait()
+            self._parked = False
+
     def stop(self, timeout: float = 5.0) -> None:
         """Wake the thread, wait for it, release the selector (doorbells stay open)."""
         if self._stopping:
             return
-        self._stopping = True
+        with self._pause:
+            self._stopping = True
+            self._pause.notify_all()
         os.eventfd_write(self._stop_fd, 1)
         if self._thread is not None:
             self._thread.join(timeout)
@@ -182,8 +215,10 @@ class QueueWorker:
         while not self._stopping:
             for fd, events in poll():
                 target = targets.get(fd)
-                if target is None:
-                    continue
+                if target is None:  # the control eventfd: a stop or a pause
+                    _drain(fd)
+                    self._hold_while_paused()
+                    break
                 self.wakeups += 1
                 if type(target) is ReadinessWatch:
                     self._call_ready(target, events)

@@ -112,6 +112,61 @@ def test_a_sandbox_command_that_times_out_exits_124_with_its_output(monkeypatch,
     assert captured.err.strip().splitlines()[-1] == "kvmlet: the command timed out after 3 s"
 
 
+@pytest.mark.parametrize(
+    "command", ["list", "stop", "pause", "resume", "stat", "balloon", "console"]
+)
+def test_each_control_command_explains_itself(command):
+    result = run_cli(command, "--help")
+    assert result.returncode == 0
+    assert "NAME" in result.stdout or command == "list"
+
+
+def test_control_commands_teach_with_examples():
+    assert "kvmlet stop web --force" in run_cli("stop", "--help").stdout
+    balloon = run_cli("balloon", "--help").stdout
+    assert "kvmlet balloon web 64M" in balloon and "--balloon" in balloon
+    run = run_cli("run", "--help").stdout
+    assert "--name" in run and "--api-socket" in run and "kvmlet list" in run
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["stop", "web", "--grace", "-1"], "--grace"),
+        (["stat", "web", "--watch", "0"], "--watch"),
+        (["console", "web", "--bytes", "0"], "--bytes"),
+        (["balloon", "web", "lots"], "lots"),
+        (["stop", "two words"], "bad machine name"),
+        (["pause", "nobody-here"], "no machine named nobody-here is running"),
+    ],
+)
+def test_control_command_mistakes_are_one_line(argv, fragment, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    assert cli.main(argv) == 1
+    error = capsys.readouterr().err
+    assert error.startswith("kvmlet: ") and fragment in error
+    assert len(error.strip().splitlines()) == 1
+
+
+def test_a_list_of_no_machines_is_a_header(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    assert cli.main(["list"]) == 0
+    assert capsys.readouterr().out.split() == ["NAME", "PID", "STATE", "VCPUS", "MEMORY", "UPTIME"]
+    assert cli.main(["list", "--json"]) == 0
+    assert capsys.readouterr().out.strip() == "[]"
+
+
+def test_balloon_sizes():
+    from kvmlet.cli.control import parse_balloon_size
+
+    assert parse_balloon_size("64M") == 64 << 20
+    assert parse_balloon_size("8m") == 8 << 20  # below any RAM size: fine for a balloon
+    assert parse_balloon_size("512K") == 512 << 10
+    assert parse_balloon_size("1G") == 1 << 30
+    assert parse_balloon_size("0") == 0
+    assert parse_balloon_size("64") == 64 << 20
+
+
 def test_help_teaches_the_programmable_machine_flags():
     result = run_cli("run", "--help")
     for flag in ("--module", "--debug-exit", "--device", "--record", "multiboot"):

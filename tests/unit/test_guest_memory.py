@@ -110,6 +110,52 @@ def test_a_refused_mapping_is_one_clear_error(monkeypatch):
         GuestMemory.anonymous([(0, 2 << 30)])
 
 
+def resident_pages(memory: GuestMemory, bank: int = 0) -> int:
+    """Pages of a bank the host has backed: its mapping's Rss in /proc/self/smaps."""
+    start = memory.banks[bank].host_address()
+    with open("/proc/self/smaps") as smaps:
+        inside = False
+        for line in smaps:
+            if "-" in line.split()[0] and not line[0].isupper():
+                inside = int(line.split("-")[0], 16) == start
+            elif inside and line.startswith("Rss:"):
+                return int(line.split()[1]) * 1024 // mmap.PAGESIZE
+    raise AssertionError("bank not found in smaps")
+
+
+def test_discard_gives_pages_back_and_the_guest_then_reads_zeros():
+    memory = GuestMemory.anonymous([(0, 64 * mmap.PAGESIZE)])
+    try:
+        memory.fill(0, 64 * mmap.PAGESIZE, 0xAB)
+        before = resident_pages(memory)
+        memory.discard(8 * mmap.PAGESIZE, 16 * mmap.PAGESIZE)
+        assert before - resident_pages(memory) == 16
+        assert memory.read(8 * mmap.PAGESIZE, 16 * mmap.PAGESIZE) == bytes(16 * mmap.PAGESIZE)
+        assert memory.read_u8(8 * mmap.PAGESIZE - 1) == 0xAB
+        assert memory.read_u8(24 * mmap.PAGESIZE) == 0xAB
+    finally:
+        memory.close()
+
+
+def test_discard_of_memfd_ram_punches_the_pages_out_of_the_file():
+    """MADV_DONTNEED would only drop this mapping's pages: a peer's mapping of the memfd (a
+    vhost-user backend) would still hold the data, and so would the host."""
+    memory = GuestMemory.memfd([(0, 16 * mmap.PAGESIZE)])
+    bank = memory.banks[0]
+    peer = mmap.mmap(bank.fd, bank.size, flags=mmap.MAP_SHARED)
+    try:
+        memory.fill(0, 16 * mmap.PAGESIZE, 0xCD)
+        memory.discard(4 * mmap.PAGESIZE, 8 * mmap.PAGESIZE)
+        # Half the file's pages are gone from the host (checked first: reading a hole of a
+        # shared memory file through a mapping allocates a page again).
+        assert os.fstat(bank.fd).st_blocks * 512 == 8 * mmap.PAGESIZE
+        assert peer[4 * mmap.PAGESIZE : 12 * mmap.PAGESIZE] == bytes(8 * mmap.PAGESIZE)
+        assert peer[4 * mmap.PAGESIZE - 1] == 0xCD and peer[12 * mmap.PAGESIZE] == 0xCD
+    finally:
+        peer.close()
+        memory.close()
+
+
 def open_fd_count() -> int:
     return len(os.listdir("/proc/self/fd"))
 
@@ -128,6 +174,17 @@ def test_memfd_ram_is_the_same_pages_in_another_mapping():
         other.close()
     finally:
         memory.close()
+
+
+@pytest.mark.parametrize(
+    ("address", "length"),
+    [(0x10000, 0x1000), (0xF000, 0x2000), (0x800, 0x1000), (0, 0x800), (0x101000, 0x1000)],
+)
+def test_discard_outside_ram_or_unaligned_is_refused(memory, address, length):
+    memory.write(0xF000, b"kept")
+    with pytest.raises(GuestMemoryError):
+        memory.discard(address, length)
+    assert memory.read(0xF000, 4) == b"kept"
 
 
 def test_memfd_ram_cannot_be_truncated_by_whoever_holds_its_fd():

@@ -1,5 +1,6 @@
 """`kvmlet`: boot a kernel, run a command in a microVM, replay a recording, build the default
-guest.
+guest, and control running machines through their API sockets (list, stop, pause, resume,
+stat, balloon).
 
 Every user mistake ends as one line on stderr and a non-zero exit status; a traceback means a
 bug in kvmlet.
@@ -8,6 +9,7 @@ bug in kvmlet.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import os
 import sys
@@ -15,6 +17,7 @@ import time
 from typing import TYPE_CHECKING
 
 from kvmlet import __version__
+from kvmlet.cli.control import CONTROL_COMMANDS, add_control_commands
 from kvmlet.errors import KvmletError
 
 if TYPE_CHECKING:
@@ -30,6 +33,9 @@ examples:
   kvmlet run -k test.elf --debug-exit 0x501 --record run.rec; kvmlet replay run.rec
 
 console: Ctrl-A x quits, Ctrl-A s prints statistics, Ctrl-A h helps, Ctrl-A Ctrl-A sends Ctrl-A.
+
+control: the machine answers its API on $XDG_RUNTIME_DIR/kvmlet/NAME.sock (else
+~/.kvmlet/NAME.sock) while it runs: `kvmlet list`, `kvmlet stat NAME`, `kvmlet stop NAME`...
 
 exit status: 0 when the guest reset or powered off (or you quit), 3 triple fault,
 4 KVM could not run or emulate the guest, 5 guest crash, 6 this host cannot run the guest's
@@ -196,6 +202,24 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--stats", action="store_true", help="print I/O and device counters when the guest stops"
     )
+    run.add_argument(
+        "--name",
+        metavar="NAME",
+        help="the machine's name for `kvmlet list/stop/...` (default: vm-PID); unique among "
+        "your running machines",
+    )
+    run.add_argument(
+        "--api-socket",
+        metavar="PATH",
+        help="where the control API listens (default: $XDG_RUNTIME_DIR/kvmlet/NAME.sock, "
+        "else ~/.kvmlet/NAME.sock)",
+    )
+    run.add_argument(
+        "--balloon",
+        action="store_true",
+        help="add a virtio-balloon: `kvmlet balloon NAME SIZE` then takes memory back from "
+        "the guest, and free memory it reports is released on the host",
+    )
 
     sandbox = commands.add_parser(
         "sandbox",
@@ -230,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="apt-get install linux-source-6.1 when it is missing (root only)",
     )
+    add_control_commands(commands, plain, raw_description)
     return parser
 
 
@@ -299,6 +324,7 @@ def run_config(args: argparse.Namespace) -> MachineConfig:
             console=args.console,
             boot_method=args.boot_method,
             debug_io=args.debug_io,
+            balloon=args.balloon,
             debug_exit_port=args.debug_exit,
             record=args.record,
             **extra,
@@ -309,25 +335,81 @@ def run_config(args: argparse.Namespace) -> MachineConfig:
 
 
 def _command_run(args: argparse.Namespace) -> int:
+    from kvmlet.api.names import claim
     from kvmlet.host.report import format_stats
     from kvmlet.host.terminal import RawTerminal
     from kvmlet.machine.machine import Machine
 
     config = run_config(args)
-    with RawTerminal(0) as terminal:  # raw mode only when stdin is a terminal
-        interactive = terminal.is_tty
-        machine = Machine(config, console_echo_fd=1, console_input_fd=0, escape=interactive)
-        try:
-            machine.start()
-            stop = machine.wait(args.timeout)
-        finally:
-            machine.close()
+    sigterm = _SigtermStops()
+    # The name and socket, before any work; a SIGTERM meanwhile waits until the `try` below
+    # can clean up after it.
+    with sigterm.held():
+        endpoint = claim(args.name, args.api_socket)
+    try:
+        sigterm.deliver()
+        with RawTerminal(0) as terminal:  # raw mode only when stdin is a terminal
+            interactive = terminal.is_tty
+            machine = Machine(config, console_echo_fd=1, console_input_fd=0, escape=interactive)
+            server = None
+            try:
+                sigterm.machine = machine
+                machine.start()
+                from kvmlet.api.server import ApiServer  # after start: not before the guest runs
+
+                server = ApiServer(machine, endpoint).start()
+                stop = machine.wait(args.timeout)
+            finally:
+                if server is not None:
+                    server.close()
+                machine.close()
+    finally:
+        endpoint.close()
     elapsed = time.monotonic() - (machine.started or machine.created)
     newline = "\r\n" if interactive else ""  # the raw-mode console may end mid-line
     print(f"{newline}kvmlet: {stop} after {elapsed:.1f} s", file=sys.stderr)
     if args.stats:
         sys.stderr.write(format_stats(machine.stats()))
     return stop.exit_status
+
+
+class _SigtermStops:
+    """SIGTERM (a service manager, an orchestrator) stops the guest like Ctrl-A x, so the
+    monitor still closes its machine and removes its API socket; before the machine exists it
+    ends `kvmlet run` with one line."""
+
+    def __init__(self) -> None:
+        import signal
+        import threading
+
+        self.machine = None
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._on_signal)
+
+    @contextlib.contextmanager
+    def held(self):
+        """Block SIGTERM in the block; on failure it is let go at once, else by `deliver()`."""
+        import signal
+
+        self._previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        try:
+            yield
+        except BaseException:
+            self.deliver()
+            raise
+
+    def deliver(self) -> None:
+        """Unblock SIGTERM: one that arrived while it was held runs its handler now."""
+        import signal
+
+        signal.pthread_sigmask(signal.SIG_SETMASK, self._previous)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        from kvmlet.vstate.vcpu_loop import StopReason
+
+        if self.machine is None:
+            raise KvmletError("terminated (SIGTERM) before the guest started")
+        self.machine.stop(StopReason.HOST_QUIT, "SIGTERM")
 
 
 def _command_sandbox(args: argparse.Namespace) -> int:
@@ -382,6 +464,7 @@ COMMANDS = {
     "sandbox": _command_sandbox,
     "replay": _command_replay,
     "build-guest": _command_build_guest,
+    **CONTROL_COMMANDS,
 }
 
 
