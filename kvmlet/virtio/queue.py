@@ -17,7 +17,7 @@ import struct
 import sys
 
 from kvmlet.errors import GuestMemoryError
-from kvmlet.memory import GuestMemory, HostIovec
+from kvmlet.memory import GuestMemory, HostIovec, full_barrier
 
 VIRTQ_DESC_F_NEXT = 1
 VIRTQ_DESC_F_WRITE = 2
@@ -390,6 +390,7 @@ class Virtqueue:
         self._signalled_used = new
         if old == new:
             return False
+        full_barrier()  # the used index (stored) before used_event or the flags (loaded)
         if self.event_index:
             used_event = _U16.unpack_from(self._available, 4 + 2 * self.size)[0]
             return vring_need_event(used_event, new, old)
@@ -406,4 +407,5 @@ class Virtqueue:
             _U16.pack_into(self._used, 4 + 8 * self.size, self.last_available)
         else:
             _U16.pack_into(self._used, 0, 0)
+        full_barrier()  # what was just published (stored) before avail.idx (loaded)
         return _U16.unpack_from(self._available, 2)[0] != self.last_available
