@@ -1,15 +1,22 @@
-"""Queue workers: threads that wait on doorbell eventfds and run the devices' queue work.
+"""Queue workers: threads that wait on doorbell eventfds and serve the devices' queues.
 
 A guest's kick is a write to a notify address that KVM turns into an eventfd signal (an
-ioeventfd) without leaving the kernel. A `QueueWorker` waits on the eventfds of any number of
-doorbells with epoll, reads each signalled counter and calls
-`device.notify(queue_index)`. One worker can serve every device, or the machine can start one per
-device (`workers_per_device`). Other file descriptors can be watched too (`watch`), e.g. the
-resample eventfd of a level-triggered irqfd line.
+ioeventfd) without leaving the kernel. A `QueueWorker` waits on the eventfds of its doorbells
+with epoll, reads each signalled counter and runs a bounded round of the queue
+(`VirtioDevice.serve`); a queue with work left after its round goes to the back of the line,
+so the worker looks at its other doorbells and at a stop request between rounds whatever the
+guest put in its rings. A kick that reached a transport register instead (no ioeventfd for it)
+rings the same doorbell (`connect_kick`), so queues are only ever served here, never on a vCPU.
 
-A device that raises never kills the worker: the error is logged and counted, the device is put
-in DEVICE_NEEDS_RESET, and the other doorbells keep being served. `stop()` wakes the thread
-through its own eventfd and joins it.
+The machine runs one worker per device (`workers_per_device`): devices are served
+independently, a slow disk never holds up the console. A worker made with `threads > 1` has
+helper threads: while a queue's requests are slow (host I/O), a round asks for a hand and a
+helper takes the next request, so up to `threads` requests of the queue are in flight at once.
+
+A device that raises never kills the worker: the error is counted and logged (rate-limited),
+the device is put in DEVICE_NEEDS_RESET, and the other doorbells keep being served. Other file
+descriptors can be watched too (`watch`), e.g. the resample eventfd of a level-triggered irqfd
+line. `stop()` wakes the threads and joins them; it says whether they all ended.
 """
 
 from __future__ import annotations
@@ -17,9 +24,10 @@ from __future__ import annotations
 import os
 import select
 import threading
+from collections import deque
 from collections.abc import Callable, Iterable
 
-from kvmlet.errors import LazyLogger
+from kvmlet.errors import LazyLogger, RateLimitedLog
 from kvmlet.virtio.device import VirtioDevice
 
 log = LazyLogger(__name__)
@@ -51,7 +59,8 @@ class Doorbell:
 
     def ring(self) -> None:
         """Signal the doorbell as KVM does for a guest's notify write."""
-        os.eventfd_write(self.eventfd, 1)
+        if self.eventfd >= 0:
+            os.eventfd_write(self.eventfd, 1)
 
     def close(self) -> None:
         if self.eventfd >= 0:
@@ -75,57 +84,86 @@ def _drain(fd: int) -> int:
 
 
 class QueueWorker:
-    """One thread serving a set of doorbells (and other watched descriptors)."""
+    """A poller thread serving a set of doorbells (and watched descriptors), with
+    `threads - 1` helper threads it lends to slow queues."""
 
-    def __init__(self, name: str = "virtio-worker"):
+    def __init__(self, name: str = "virtio-worker", threads: int = 1):
         self.name = name
+        self.threads = max(1, threads)
         self.wakeups = 0
         self.notifications = 0
+        self.rounds = 0
         self.device_errors = 0
         self._epoll = select.epoll()
         self._stop_fd = new_eventfd()
         self._epoll.register(self._stop_fd, select.EPOLLIN)
         # What a signalled descriptor means: a Doorbell, a watched callback, or None (stop).
         self._targets: dict[int, Doorbell | Callable[[], None] | None] = {self._stop_fd: None}
-        self._thread: threading.Thread | None = None
+        self._ready: deque[Doorbell] = deque()  # queues with work left after their round
+        self._hand_wanted: deque[Doorbell] = deque()
+        self._idle_helpers = 0
+        self._helping = threading.Condition(threading.Lock())
+        self._hands: dict[Doorbell, Callable[[], None] | None] = {}
+        self._log = RateLimitedLog(log)
+        self._all: list[threading.Thread] = []
         self._stopping = False
+        self._closed = False
         self.doorbells: list[Doorbell] = []
 
     def add(self, bell: Doorbell) -> None:
-        """Serve `bell` from now on (before or after `start`)."""
+        """Serve `bell` from now on (before or after `start`); kicks of its queue that reach
+        a transport register ring it too."""
         self.doorbells.append(bell)
         self._targets[bell.eventfd] = bell
+        self._hands[bell] = (lambda: self._lend_hand(bell)) if self.threads > 1 else None
         self._epoll.register(bell.eventfd, select.EPOLLIN)
+        bell.device.connect_kick(bell.queue_index, bell.ring)
 
     def watch(self, fd: int, callback: Callable[[], None]) -> None:
-        """Call `callback()` on this thread whenever `fd` (an eventfd) is signalled."""
+        """Call `callback()` on the poller thread whenever `fd` (an eventfd) is signalled."""
         self._targets[fd] = callback
         self._epoll.register(fd, select.EPOLLIN)
 
-    def start(self) -> None:
-        if self._thread is not None:
-            raise RuntimeError(f"{self.name} already started")
-        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
-        self._thread.start()
+    @property
+    def _thread(self) -> threading.Thread | None:
+        """The poller thread (None before `start`)."""
+        return self._all[0] if self._all else None
 
-    def stop(self, timeout: float = 5.0) -> None:
-        """Wake the thread, wait for it, release the selector (doorbells stay open)."""
-        if self._stopping:
-            return
+    def start(self) -> None:
+        if self._all:
+            raise RuntimeError(f"{self.name} already started")
+        self._all.append(threading.Thread(target=self._poll, name=self.name, daemon=True))
+        for index in range(1, self.threads):
+            name = f"{self.name}-{index}"
+            self._all.append(threading.Thread(target=self._help, name=name, daemon=True))
+        for thread in self._all:
+            thread.start()
+
+    def stop(self, timeout: float = 5.0) -> bool:
+        """Wake the threads and wait for them; True once every one has ended. The selector is
+        released then (doorbells stay open); with a thread still running (stuck in host I/O),
+        nothing it may use is released, and a later `stop` tries again."""
+        if self._closed:
+            return True
         self._stopping = True
         os.eventfd_write(self._stop_fd, 1)
-        if self._thread is not None:
-            self._thread.join(timeout)
-            if self._thread.is_alive():
-                log.warning("%s did not stop within %.1f s", self.name, timeout)
-                return
+        with self._helping:
+            self._helping.notify_all()
+        for thread in self._all:
+            thread.join(timeout)
+        alive = [thread.name for thread in self._all if thread.is_alive()]
+        if alive:
+            log.warning("%s: %s did not stop within %.1f s", self.name, ", ".join(alive), timeout)
+            return False
+        self._closed = True
         self._epoll.close()
         os.close(self._stop_fd)
+        return True
 
-    def _run(self) -> None:
-        poll, targets = self._epoll.poll, self._targets
+    def _poll(self) -> None:
+        poll, targets, ready = self._epoll.poll, self._targets, self._ready
         while not self._stopping:
-            for fd, _ in poll():
+            for fd, _ in poll(0 if ready else -1):
                 target = targets.get(fd)
                 if target is None:
                     continue
@@ -135,42 +173,88 @@ class QueueWorker:
                     continue
                 if type(target) is Doorbell:
                     target.kicks += count
-                    self._ring(target)
+                    target.wakeups += 1
+                    self.notifications += 1
+                    target.device.queue_stats[target.queue_index].notifications += 1
+                    if target not in ready:
+                        ready.append(target)
                 else:
                     self._call(target)
+            for _ in range(len(ready)):
+                if self._stopping:
+                    return
+                bell = ready.popleft()
+                if self._serve(bell) and bell not in ready:
+                    ready.append(bell)
 
-    def _ring(self, bell: Doorbell) -> None:
-        bell.wakeups += 1
-        self.notifications += 1
+    def _serve(self, bell: Doorbell) -> bool:
+        """One round of a doorbell's queue; True when work is left."""
+        self.rounds += 1
+        device = bell.device
         try:
-            bell.device.notify(bell.queue_index)
+            return device.serve(bell.queue_index, self._hands[bell])
         except Exception as error:  # a device bug must not stop the other devices
-            log.exception("%s: queue %d failed", bell.device.name, bell.queue_index)
-            bell.device.fail(f"queue {bell.queue_index}: {type(error).__name__}: {error}")
+            self._log.error(
+                (device.name, type(error)),
+                "%s: queue %d failed",
+                device.name,
+                bell.queue_index,
+                exc_info=True,
+            )
+            device.fail(f"queue {bell.queue_index}: {type(error).__name__}: {error}")
             # Counted last: whoever sees the count also sees the device marked failed.
             self.device_errors += 1
+            return False
+
+    def _lend_hand(self, bell: Doorbell) -> None:
+        """A round of `bell`'s queue saw more slow requests waiting: wake an idle helper."""
+        with self._helping:
+            if self._idle_helpers > len(self._hand_wanted):
+                self._hand_wanted.append(bell)
+                self._helping.notify()
+
+    def _help(self) -> None:
+        while True:
+            with self._helping:
+                self._idle_helpers += 1
+                while not self._hand_wanted and not self._stopping:
+                    self._helping.wait()
+                self._idle_helpers -= 1
+                if self._stopping:
+                    return
+                bell = self._hand_wanted.popleft()
+            while not self._stopping and self._serve(bell):
+                pass
 
     def _call(self, callback: Callable[[], None]) -> None:
         try:
             callback()
-        except Exception:
+        except Exception as error:
             self.device_errors += 1
-            log.exception("%s: watched descriptor callback failed", self.name)
+            self._log.error(
+                (callback, type(error)),
+                "%s: watched descriptor callback failed",
+                self.name,
+                exc_info=True,
+            )
 
     def stats(self) -> dict[str, int]:
         return {
             "wakeups": self.wakeups,
             "notifications": self.notifications,
+            "rounds": self.rounds,
             "device_errors": self.device_errors,
         }
 
 
 def workers_per_device(doorbells: Iterable[Doorbell]) -> list[QueueWorker]:
-    """One (unstarted) worker per device, each serving that device's doorbells."""
+    """One (unstarted) worker per device, each serving that device's doorbells with as many
+    threads as the device serves requests at once."""
     by_device: dict[int, QueueWorker] = {}
     for bell in doorbells:
         worker = by_device.get(id(bell.device))
         if worker is None:
-            worker = by_device[id(bell.device)] = QueueWorker(f"virtio-{bell.device.name}")
+            name = f"virtio-{bell.device.name}"
+            worker = by_device[id(bell.device)] = QueueWorker(name, bell.device.concurrency)
         worker.add(bell)
     return list(by_device.values())

@@ -23,9 +23,9 @@ def wait_for(condition, timeout=5.0):
 
 
 class ExplodingRng(VirtioRng):
-    """A device with a bug: its queue work raises something the device does not guard."""
+    """A device with a bug: serving its queue raises something the device does not guard."""
 
-    def queue_notified(self, queue_index):
+    def serve(self, queue_index, lend_hand=None):
         raise RuntimeError("device bug")
 
 
