@@ -24,7 +24,7 @@ import time
 
 from kvmlet.bus import RamRegion, mmio_space, port_io_space
 from kvmlet.bus.pci import PciHostBridge
-from kvmlet.errors import KvmletError
+from kvmlet.errors import KvmletError, LazyLogger
 from kvmlet.kvm import InternalErrorExit, Kvm, Vcpu
 from kvmlet.machine import host_profile
 from kvmlet.machine.boot import load_kernel
@@ -50,6 +50,10 @@ KICK_SIGNAL = signal.SIGRTMIN + 4
 """Sent to a vCPU thread to make KVM_RUN return (its handler does nothing)."""
 KICK_INTERVAL = 0.05
 """Seconds between kicks while waiting for vCPU threads to stop."""
+VCPU_STOP_TIMEOUT = 10.0
+"""Seconds `wait` and `close` wait for the vCPU threads to leave after a stop."""
+
+log = LazyLogger(__name__)
 
 
 def _install_kick_handler() -> None:
@@ -230,11 +234,11 @@ class Machine:
                 with contextlib.suppress(ProcessLookupError, TypeError):
                     signal.pthread_kill(thread.ident, KICK_SIGNAL)
 
-    def _join_vcpu_threads(self, timeout: float = 10.0) -> bool:
+    def _join_vcpu_threads(self) -> bool:
         """Wait for the vCPU threads to leave, kicking again meanwhile: a kick can land just
         before a thread re-enters KVM_RUN, and a vCPU waiting for INIT/SIPI on some KVMs
-        does not look at immediate_exit. False if one is still running after `timeout`."""
-        deadline = time.monotonic() + timeout
+        does not look at immediate_exit. False if one still runs after VCPU_STOP_TIMEOUT."""
+        deadline = time.monotonic() + VCPU_STOP_TIMEOUT
         while any(thread.is_alive() for thread in self._threads):
             if time.monotonic() >= deadline:
                 return False
@@ -266,7 +270,9 @@ class Machine:
         if not self._stopped.wait(timeout):
             self.stop(StopReason.TIMEOUT)  # the caller knows how long it waited
         if not self._join_vcpu_threads():
-            raise KvmletError("a vCPU thread did not stop within 10 s of the guest's stop")
+            raise KvmletError(
+                f"a vCPU thread did not stop within {VCPU_STOP_TIMEOUT:g} s of the guest's stop"
+            )
         self.console.flush()
         assert self._stop is not None
         return self._stop
@@ -281,10 +287,16 @@ class Machine:
         }
 
     def close(self) -> None:
-        """Stop the guest if it runs and release every resource (safe to call twice)."""
+        """Stop the guest if it runs and release every resource (safe to call twice).
+
+        A vCPU thread that does not stop (stuck in a device handler) may still use the vCPU,
+        the VM, guest RAM and every device: then nothing is released, with a warning, and a
+        later `close` tries again. Devices whose worker is stuck likewise stay open."""
         if self.started is not None and not self._stopped.is_set():
             self.stop(StopReason.HOST_QUIT, "closed")
-        self._join_vcpu_threads()
+        if not self._join_vcpu_threads():
+            log.warning("a vCPU thread did not stop: the machine's resources stay open")
+            return
         while self._closers:
             self._closers.pop()()
 

@@ -4,7 +4,8 @@ Device models know nothing of transports; this module creates them from the conf
 puts each behind virtio-pci (a PCI function the guest finds by enumeration, MSI-X through
 irqfd) or virtio-mmio (a register block announced on the kernel command line, a level ISA
 interrupt). Either way every queue's doorbell is an ioeventfd a `QueueWorker` thread waits on:
-a guest kick never exits to Python.
+a guest kick never exits to Python. Each device has a worker of its own (with helper threads
+for a device that serves several requests at once), so one slow device never holds up another.
 
 Each device model and transport module is imported when the configuration asks for it, so a
 boot without disks never loads virtio-blk, and one on PCI never loads virtio-mmio.
@@ -16,7 +17,7 @@ import os
 from typing import TYPE_CHECKING
 
 from kvmlet.bus.pci import BarAllocator, PciWindow
-from kvmlet.errors import KvmletError
+from kvmlet.errors import KvmletError, LazyLogger
 from kvmlet.machine.boot import PciInterrupt
 from kvmlet.machine.interrupts import IrqfdLine, KvmInterruptRouter, KvmIrqLine
 from kvmlet.machine.memory_map import (
@@ -39,6 +40,10 @@ MMIO_IRQS = (5, 6, 7, 9, 10, 11, 14, 15)
 PCI_INTX_IRQS = tuple(range(16, 24))
 """IOAPIC pins above the ISA range, for PCI INTx (announced in the MP table)."""
 MAX_PCI_DEVICES = 31
+WORKER_STOP_TIMEOUT = 5.0
+"""Seconds `close` waits for each device's worker (a transfer stuck in host I/O holds it)."""
+
+log = LazyLogger(__name__)
 
 
 class VirtioDevices:
@@ -50,13 +55,14 @@ class VirtioDevices:
         self.devices: list[VirtioDevice] = []
         self.transports: list[VirtioPci | VirtioMmio] = []
         self.console: VirtioConsole | None = None
-        self.worker = QueueWorker("virtio")
+        self.workers: list[QueueWorker] = []
         self._doorbells: list[Doorbell] = []
         self._lines: list[IrqfdLine] = []
         self._router: KvmInterruptRouter | None = None
         self._parameters: list[str] = []
         self._pci_interrupts: list[PciInterrupt] = []
         self._started = False
+        self.left_open = False
         try:
             if config.disks:
                 from kvmlet.virtio.blk import DiskOptions, VirtioBlock
@@ -92,7 +98,7 @@ class VirtioDevices:
                 irq = MMIO_IRQS[index]
                 transport = VirtioMmio(device, KvmIrqLine(machine.vm, irq))
                 machine.mmio.root.add_subregion(base, transport.region)
-                self._add_doorbells(device, transport)
+                self._add_doorbells(device, transport, self._worker_for(device, index))
                 self._parameters.append(transport.kernel_parameter(base, irq))
                 self.transports.append(transport)
 
@@ -112,21 +118,30 @@ class VirtioDevices:
                 irq = PCI_INTX_IRQS[index % len(PCI_INTX_IRQS)]
                 line = IrqfdLine(machine.vm, irq, level=True)
                 self._lines.append(line)
-                self.worker.watch(line.resample_fd, line.resampled)
+                worker = self._worker_for(device, index)
+                worker.watch(line.resample_fd, line.resampled)
                 transport = VirtioPci(device, self._router.controller(), line)
                 transport.config.set(0x3C, 1, irq)  # interrupt line, as firmware would set it
                 machine.pci.attach(transport, slot=slot)
                 bars.assign(transport)
-                self._add_doorbells(device, transport)
+                self._add_doorbells(device, transport, worker)
                 self._pci_interrupts.append(PciInterrupt(device=slot, pin=1, irq=irq))
                 self.transports.append(transport)
 
-    def _add_doorbells(self, device: VirtioDevice, transport: VirtioPci | VirtioMmio) -> None:
+    def _worker_for(self, device: VirtioDevice, index: int) -> QueueWorker:
+        """The device's own worker, with a thread per request it may serve at once."""
+        worker = QueueWorker(f"virtio-{device.name}{index}", device.concurrency)
+        self.workers.append(worker)
+        return worker
+
+    def _add_doorbells(
+        self, device: VirtioDevice, transport: VirtioPci | VirtioMmio, worker: QueueWorker
+    ) -> None:
         for queue in range(device.queue_count):
             bell = doorbell(device, queue)
             self._doorbells.append(bell)
             transport.add_doorbell(queue, bell.eventfd)
-            self.worker.add(bell)
+            worker.add(bell)
 
     def kernel_parameters(self) -> list[str]:
         """Command-line words announcing devices (virtio-mmio) to the guest kernel."""
@@ -137,20 +152,29 @@ class VirtioDevices:
         return list(self._pci_interrupts)
 
     def start(self) -> None:
-        """Start the doorbell worker thread."""
-        self.worker.start()
+        """Start the devices' workers."""
         self._started = True
+        for worker in self.workers:
+            worker.start()
 
     def stats(self) -> dict[str, object]:
-        stats: dict[str, object] = {"worker": self.worker.stats()}
+        stats: dict[str, object] = {"workers": {w.name: w.stats() for w in self.workers}}
         for index, transport in enumerate(self.transports):
             stats[f"{transport.device.name}{index}"] = transport.stats()
         return stats
 
-    def close(self) -> None:
-        """Stop the worker, then release doorbells, lines, routes and devices."""
+    def close(self) -> bool:
+        """Stop the workers, then release doorbells, lines, routes and devices; False, with
+        everything left open, when a worker is still running (stuck in host I/O): closing a
+        descriptor it may still use could hand its number, and the guest's data or an
+        interrupt, to another file."""
         if self._started:
-            self.worker.stop()
+            stopped = [worker.stop(WORKER_STOP_TIMEOUT) for worker in self.workers]
+            if not all(stopped):
+                if not self.left_open:
+                    log.warning("virtio devices left open: a worker is still running")
+                self.left_open = True
+                return False
         for bell in self._doorbells:
             bell.close()
         for line in self._lines:
@@ -159,3 +183,5 @@ class VirtioDevices:
             self._router.close()
         for device in self.devices:
             device.close()
+        self.left_open = False
+        return True
