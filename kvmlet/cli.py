@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import os
 import sys
+import threading
 import time
 from typing import TYPE_CHECKING
 
@@ -40,6 +42,27 @@ examples:
 The command runs as root in kvmlet's default guest; its output is printed and its exit status
 is kvmlet's. Nothing of the guest remains afterwards.
 """
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with kvmlet's way of reporting mistakes: one line, exit status 1 (argparse
+    prints its usage and exits 2)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        command = self.prog.removeprefix("kvmlet").strip()
+        hint = f"kvmlet {command} --help" if command else "kvmlet --help"
+        raise KvmletError(f"{message} (see {hint})")
+
+
+def _seconds(text: str) -> float:
+    """A --timeout: a finite number of seconds above 0 that a wait can take."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= threading.TIMEOUT_MAX:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds above 0")
+    return value
 
 
 def _add_machine_arguments(parser: argparse.ArgumentParser) -> None:
@@ -76,7 +99,7 @@ def _add_machine_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--timeout",
-        type=float,
+        type=_seconds,
         default=None,
         metavar="SECONDS",
         help="stop the guest after this long (exit status 124)",
@@ -104,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     width = _help_width()
     plain = functools.partial(argparse.HelpFormatter, width=width)
     raw_description = functools.partial(argparse.RawDescriptionHelpFormatter, width=width)
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="kvmlet",
         formatter_class=plain,
         description="A lightweight KVM virtual machine monitor: boots a Linux kernel directly, "
@@ -302,8 +325,8 @@ COMMANDS = {"run": _command_run, "sandbox": _command_sandbox, "build-guest": _co
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)
     except KvmletError as error:
         print(f"kvmlet: {error}", file=sys.stderr)

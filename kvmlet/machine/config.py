@@ -75,6 +75,8 @@ class MachineConfig:
             raise KvmletError(f"unknown virtio transport {self.virtio_transport!r}: pci or mmio")
         if self.boot_method not in BOOT_METHODS:
             raise KvmletError(f"unknown boot method {self.boot_method!r}")
+        for text in (self.params, *self.extra_parameters):
+            _check_kernel_parameters(text)
 
     def kernel_command_line(self, device_parameters: list[str], profile_parameters: str) -> str:
         """kvmlet's parameters, then devices', the host profile's, and the user's last."""
@@ -88,3 +90,15 @@ class MachineConfig:
             self.params,
         ]
         return " ".join(part for part in parts if part)
+
+
+def _check_kernel_parameters(text: str) -> None:
+    """Kernel parameters are UTF-8 text without NUL (which would end the command line early);
+    a byte that is not UTF-8 reaches us from argv as a lone surrogate."""
+    try:
+        text.encode()
+    except UnicodeEncodeError as error:
+        bad = text[error.start : error.end].encode(errors="surrogateescape")
+        raise KvmletError(f"kernel parameters must be UTF-8 text, not {bad!r}") from None
+    if "\0" in text:
+        raise KvmletError("kernel parameters cannot contain a NUL character")

@@ -267,6 +267,8 @@ class Machine:
         """Wait for the guest to stop; on timeout stop it and report TIMEOUT."""
         if self.started is None:
             raise KvmletError("start() the machine before waiting for it")
+        if timeout is not None and not 0 <= timeout <= threading.TIMEOUT_MAX:
+            raise KvmletError(f"cannot wait {timeout!r} seconds for the guest")
         if not self._stopped.wait(timeout):
             self.stop(StopReason.TIMEOUT)  # the caller knows how long it waited
         if not self._join_vcpu_threads():

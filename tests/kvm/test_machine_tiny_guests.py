@@ -153,3 +153,13 @@ def test_ctrl_a_escapes_from_the_terminal_reach_the_monitor(capfd):
     err = capfd.readouterr().err
     assert "Ctrl-A x" in err  # the help text
     assert '"port_io"' in err  # the statistics dump
+
+
+@pytest.mark.parametrize("timeout", [float("inf"), float("nan"), 1e300, -1.0])
+def test_waiting_a_time_no_clock_can_wait_is_a_clear_error(timeout):
+    from kvmlet.errors import KvmletError
+
+    with machine_for(I8042_RESET) as machine:
+        with pytest.raises(KvmletError, match="cannot wait"):
+            machine.wait(timeout)
+        assert machine.wait(10).reason is StopReason.RESET

@@ -110,3 +110,53 @@ def test_a_sandbox_command_that_times_out_exits_124_with_its_output(monkeypatch,
     assert (status, asked) == (124, {"command": "sleep 9", "timeout": 3.0})
     assert captured.out == "started\n"
     assert captured.err.strip().splitlines()[-1] == "kvmlet: the command timed out after 3 s"
+
+
+@pytest.mark.parametrize("seconds", ["inf", "1e300", "0", "-1", "nan", "-inf", "soon", ""])
+def test_a_timeout_that_is_not_a_positive_number_of_seconds_is_one_line(tmp_path, seconds):
+    (tmp_path / "k").write_bytes(make_bzimage())
+    for command in (["run", "-k", str(tmp_path / "k")], ["sandbox"]):
+        result = run_cli(*command, "--timeout", seconds, "--host-profile", "none", "--", "true")
+        assert_one_line_error(result, "--timeout")
+
+
+def test_kernel_parameters_that_are_not_utf8_are_one_line(tmp_path):
+    (tmp_path / "k").write_bytes(make_bzimage())
+    result = subprocess.run(
+        [sys.executable, "-m", "kvmlet", "run", "-k", str(tmp_path / "k"), "-p", b"quiet \xff"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+    assert_one_line_error(result, "UTF-8")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["fly"],
+        ["run", "--no-such-flag"],
+        ["run", "-c"],
+        ["run", "-c", "two"],
+        ["run", "--console", "tty"],
+        ["run", "--virtio-transport", "usb"],
+        ["sandbox", "-m"],
+    ],
+)
+def test_usage_mistakes_are_one_line_and_status_1(argv):
+    result = run_cli(*argv)
+    assert_one_line_error(result)
+    assert "usage:" not in result.stderr
+
+
+def test_kernel_parameters_must_be_utf8_without_nul():
+    from kvmlet.errors import KvmletError
+    from kvmlet.machine.config import MachineConfig
+
+    with pytest.raises(KvmletError, match="kernel parameters"):
+        MachineConfig(boot_code=b"\xf4", params="console=\udcff")
+    with pytest.raises(KvmletError, match="kernel parameters"):
+        MachineConfig(boot_code=b"\xf4", extra_parameters=("a\0b",))
