@@ -31,7 +31,8 @@ console: Ctrl-A x quits, Ctrl-A s prints statistics, Ctrl-A h helps, Ctrl-A Ctrl
 
 exit status: 0 when the guest reset or powered off (or you quit), 3 triple fault,
 4 KVM could not run or emulate the guest, 5 guest crash, 6 this host cannot run the guest's
-user space (host profile pvm), 124 timeout, 1 a usage or setup error.
+user space (host profile pvm), 7 a KVM system event kvmlet does not know, 124 timeout,
+1 a usage or setup error.
 """
 
 SANDBOX_EPILOG = """\

@@ -4,8 +4,9 @@
 the handler implements, no byte swap, inside one range) costs one lookup (the view's address
 memo, else a bisect), one tuple unpack, one lock and one handler call; everything else
 (splitting, widening, byte swapping, straddling, unassigned addresses, invalid widths) takes
-`_access`, the general path. A handler that raises is logged and counted, never propagated:
-the access reads all-ones or is dropped.
+`_access`, the general path. A handler that raises is counted, never propagated: the access
+reads all-ones or is dropped; the first failures of a region are logged with their traceback,
+later ones only counted (a guest can hit a device bug in a loop).
 
 After each rebuild, listeners get the difference from the previous view: RAM sections and
 event notifiers removed, then added. A listener added late gets the current state as adds.
@@ -21,9 +22,10 @@ from kvmlet.bus import topology
 from kvmlet.bus.access import read_region, write_region
 from kvmlet.bus.flat import FlatView, IoEventNotifier, MemorySection
 from kvmlet.bus.region import ContainerRegion, Region
-from kvmlet.errors import LazyLogger
+from kvmlet.errors import LazyLogger, RateLimitedLog
 
 log = LazyLogger("kvmlet.bus")
+_handler_log = RateLimitedLog(log)
 
 PORT_IO_SIZE = 1 << 16
 MMIO_SIZE = 1 << 64
@@ -238,13 +240,15 @@ class AddressSpace:
 
     def _handler_failed(self, region: Region, address: int, size: int, is_write: bool) -> None:
         self.handler_errors += 1
-        log.exception(
+        _handler_log.error(
+            (self.name, region.name),
             "%s: handler of %r failed on %d-byte %s at %#x",
             self.name,
             region.name,
             size,
             "write" if is_write else "read",
             address,
+            exc_info=True,
         )
 
     def regions(self) -> Iterator[Region]:

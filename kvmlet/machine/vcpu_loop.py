@@ -24,7 +24,11 @@ from kvmlet.kvm import (
     SystemEventExit,
     Vcpu,
 )
-from kvmlet.kvm.exits import KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET
+from kvmlet.kvm.exits import (
+    KVM_SYSTEM_EVENT_CRASH,
+    KVM_SYSTEM_EVENT_RESET,
+    KVM_SYSTEM_EVENT_SHUTDOWN,
+)
 
 
 class StopReason(enum.Enum):
@@ -39,6 +43,7 @@ class StopReason(enum.Enum):
     ENTRY_FAILURE = ("KVM could not enter the guest", 4)
     GUEST_CRASH = ("the guest crashed", 5)
     USER_SPACE_UNSUPPORTED = ("the guest reached user space, which this host cannot run", 6)
+    UNEXPECTED_SYSTEM_EVENT = ("KVM stopped the guest with a system event kvmlet does not know", 7)
     TIMEOUT = ("the run timed out", 124)
     MONITOR_ERROR = ("kvmlet failed", 70)
 
@@ -130,7 +135,11 @@ def _rare_exit(
             return GuestStop(StopReason.RESET, "", vcpu.id)
         if exit_.kind == KVM_SYSTEM_EVENT_CRASH:
             return GuestStop(StopReason.GUEST_CRASH, "", vcpu.id)
-        return GuestStop(StopReason.POWER_OFF, "", vcpu.id)
+        if exit_.kind == KVM_SYSTEM_EVENT_SHUTDOWN:
+            return GuestStop(StopReason.POWER_OFF, "", vcpu.id)
+        data = ", ".join(f"{word:#x}" for word in exit_.data)
+        detail = f"type {exit_.kind}" + (f", data {data}" if data else "")
+        return GuestStop(StopReason.UNEXPECTED_SYSTEM_EVENT, detail, vcpu.id)
     if isinstance(exit_, InternalErrorExit):
         if fix_emulation is not None and fix_emulation(vcpu, exit_):
             return None

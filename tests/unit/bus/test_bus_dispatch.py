@@ -178,6 +178,28 @@ def test_failing_handler_reads_all_ones_and_is_counted():
     assert space.handler_errors == 3
 
 
+def test_a_handler_failing_on_every_access_is_counted_not_logged_each_time(caplog):
+    """A device bug the guest can hit in a loop: the first failures are logged with their
+    traceback, then only counted."""
+
+    class Broken:
+        def read(self, offset, size):
+            raise RuntimeError("device bug")
+
+        def write(self, offset, size, value):
+            raise RuntimeError("device bug")
+
+    space = AddressSpace("t", 0x100)
+    space.root.add_subregion(0, IoRegion("broken", 8, Broken(), impl=AccessSizes(4, 4)))
+    caplog.set_level("ERROR", logger="kvmlet.bus")
+    for _ in range(1000):
+        space.read(0, 4)
+        space.write(2, 2, 1)
+    assert space.handler_errors == 2000
+    assert 1 <= len(caplog.records) <= 11
+    assert caplog.records[0].exc_info is not None, "the first ones carry the traceback"
+
+
 def test_handler_runs_under_the_region_lock_unless_lock_free():
     seen = []
 

@@ -1,0 +1,50 @@
+"""The vCPU run loop without KVM: a fake vCPU hands it exits, the loop says how the guest ended."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvmlet.bus import mmio_space, port_io_space
+from kvmlet.kvm.exits import (
+    KVM_SYSTEM_EVENT_CRASH,
+    KVM_SYSTEM_EVENT_RESET,
+    KVM_SYSTEM_EVENT_SHUTDOWN,
+    SystemEventExit,
+)
+from kvmlet.machine.vcpu_loop import StopReason, run_vcpu
+
+
+class FakeVcpu:
+    """Returns the given exits from run(), one per call."""
+
+    id = 0
+
+    def __init__(self, *exits):
+        self.exits = list(exits)
+
+    def run(self):
+        return self.exits.pop(0)
+
+
+def run(*exits):
+    return run_vcpu(FakeVcpu(*exits), port_io_space(), mmio_space(), lambda: False)
+
+
+@pytest.mark.parametrize(
+    ("kind", "reason"),
+    [
+        (KVM_SYSTEM_EVENT_SHUTDOWN, StopReason.POWER_OFF),
+        (KVM_SYSTEM_EVENT_RESET, StopReason.RESET),
+        (KVM_SYSTEM_EVENT_CRASH, StopReason.GUEST_CRASH),
+    ],
+)
+def test_system_events_kvm_defines_stop_the_guest_as_they_say(kind, reason):
+    assert run(SystemEventExit(kind)).reason is reason
+
+
+@pytest.mark.parametrize("kind", [4, 5, 6, 99])
+def test_an_unknown_system_event_is_an_unexpected_stop_not_a_clean_power_off(kind):
+    stop = run(SystemEventExit(kind, (1, 2)))
+    assert stop.reason is StopReason.UNEXPECTED_SYSTEM_EVENT
+    assert stop.reason.exit_status not in (0, StopReason.POWER_OFF.exit_status)
+    assert str(kind) in stop.detail
