@@ -54,8 +54,15 @@ class _KeyedRecord:
         return hash(self._key(self))
 
     def __repr__(self) -> str:
-        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
+        fields = ", ".join(f"{name}={self._field_repr(name)}" for name in self.__slots__)
         return f"{type(self).__name__}({fields})"
+
+    def _field_repr(self, name: str) -> str:
+        value = getattr(self, name)
+        if name == "backing":  # guest RAM: its type and size, not its bytes
+            size = len(value) if hasattr(value, "__len__") else "?"
+            return f"<{type(value).__name__} of {size}>"
+        return repr(value)
 
 
 class MemorySection(_KeyedRecord):
