@@ -2,11 +2,11 @@
 
 `read`/`write` are the vCPU run loop's hot path. The common case (an aligned access of a width
 the handler implements, no byte swap, inside one range) costs one lookup (the view's address
-memo, else a bisect), one tuple unpack, one lock and one handler call; everything else
-(splitting, widening, byte swapping, straddling, unassigned addresses, invalid widths) takes
-`_access`, the general path. A handler that raises is counted, never propagated: the access
-reads all-ones or is dropped; the first failures of a region are logged with their traceback,
-later ones only counted (a guest can hit a device bug in a loop).
+memo, else its page index, else `entry_for`), one tuple unpack, one lock and one handler call;
+everything else (splitting, widening, byte swapping, straddling, unassigned addresses, invalid
+widths) takes `_access`, the general path. A handler that raises is counted, never
+propagated: the access reads all-ones or is dropped; the first failures of a region are logged
+with their traceback, later ones only counted (a guest can hit a device bug in a loop).
 
 After each rebuild, each listener gets the difference between the new view and what it has
 accepted so far: RAM sections and event notifiers removed, then added. A listener that raises
@@ -171,7 +171,9 @@ class AddressSpace:
         view = self._view
         entry = view.memo.get(address)
         if entry is None:
-            entry = view.entry_for(address)
+            entry = view.pages.get(address >> 12)
+            if entry is None:
+                entry = view.entry_for(address)
         end, delta, direct, lock, read, _, region = entry
         offset = address - delta
         if address + size <= end and size in direct and not offset & (size - 1):
@@ -201,7 +203,9 @@ class AddressSpace:
         view = self._view
         entry = view.memo.get(address)
         if entry is None:
-            entry = view.entry_for(address)
+            entry = view.pages.get(address >> 12)
+            if entry is None:
+                entry = view.entry_for(address)
         end, delta, direct, lock, _, write, region = entry
         offset = address - delta
         if address + size <= end and size in direct and not offset & (size - 1):

@@ -26,7 +26,14 @@ UNASSIGNED_START = -(1 << 66)
 """Start of the first unassigned range, so negative addresses still land on a range."""
 MEMO_LIMIT = 4096
 """Addresses a view remembers; guests use few register addresses, so this bounds a hostile
-guest's probing without costing a well-behaved one a bisect per access."""
+guest's probing without costing a well-behaved one a lookup per access."""
+PAGE_SHIFT = 12
+PAGE_MASK = (1 << PAGE_SHIFT) - 1
+INDEXED_RANGE_LIMIT = 1 << 16
+"""Ranges up to this size (device registers) have their pages in the view's page index;
+larger ones (RAM, the gaps between devices) are found by bisection."""
+PAGE_INDEX_LIMIT = 1 << 14
+"""Pages one view indexes at most (bounds its memory and the rebuild's time)."""
 
 
 class FlatRange(NamedTuple):
@@ -225,9 +232,24 @@ class FlatView:
 
     `starts` and `entries` serve the dispatcher: entry i is (end, start - offset, direct
     widths, lock, read, write, region) for the range beginning at starts[i]. `memo` maps
-    addresses already looked up to their entry; the view never changes, so neither do they."""
+    addresses already looked up to their entry; the view never changes, so neither do they.
+    The page index covers the 4 KiB pages small ranges touch: `pages` maps a page with one
+    assigned range, holding the page's first byte, to that range's entry (the dispatcher's
+    second try: device registers sit at the start of their page), `_shared_pages` a page
+    several assigned ranges share to their starts and entries. It is built by the view's
+    first `entry_for`, not at the rebuild: most rebuilds (a guest sizing BARs) are followed by
+    other rebuilds before any access."""
 
-    __slots__ = ("_ranges", "entries", "memo", "notifiers", "sections", "starts")
+    __slots__ = (
+        "_ranges",
+        "_shared_pages",
+        "entries",
+        "memo",
+        "notifiers",
+        "pages",
+        "sections",
+        "starts",
+    )
 
     def __init__(self, name: str, port_io: bool, root: Region, size: int):
         painted, with_notifiers = render(root, size)
@@ -251,6 +273,8 @@ class FlatView:
         self.starts = [flat[0] for flat in ranges]
         self.entries = entries
         self.memo: dict[int, tuple] = {}
+        self.pages: dict[int, tuple] = {}
+        self._shared_pages: dict[int, list] | None = None
         self.sections = frozenset(_ram_sections(name, ranges, ram_regions))
         notifiers = set()
         for region, base in with_notifiers:
@@ -272,9 +296,24 @@ class FlatView:
         self.notifiers = frozenset(notifiers)
 
     def entry_for(self, address: int) -> tuple:
-        """The dispatch entry covering `address`, by bisection; remembered in `memo` (the
-        dispatcher's first try) while it holds fewer than MEMO_LIMIT addresses."""
-        entry = self.entries[bisect_right(self.starts, address) - 1]
+        """The dispatch entry covering `address`: from the page index, or by bisection (then
+        remembered in `memo`, the dispatcher's first try, while it holds fewer than MEMO_LIMIT
+        addresses)."""
+        shared_pages = self._shared_pages
+        if shared_pages is None:  # two threads may both build it: the same index either way
+            shared_pages = self._shared_pages = _index_pages(
+                self._ranges, self.starts, self.entries, self.pages
+            )
+        page = address >> PAGE_SHIFT
+        entry = self.pages.get(page)
+        if entry is not None and address < entry[0]:
+            return entry
+        shared = shared_pages.get(page)
+        if shared is None:
+            entry = self.entries[bisect_right(self.starts, address) - 1]
+        else:
+            starts, entries = shared
+            entry = entries[bisect_right(starts, address) - 1]
         if len(self.memo) < MEMO_LIMIT:
             self.memo[address] = entry
         return entry
@@ -295,6 +334,45 @@ class FlatView:
     def assigned(self) -> list[FlatRange]:
         """The ranges that show a region (gaps left out)."""
         return [FlatRange(*flat) for flat in self._ranges if flat[2] is not None]
+
+
+def _index_pages(
+    ranges: list[tuple], starts: list[int], entries: list[tuple], pages: dict[int, tuple]
+) -> dict[int, list]:
+    """Fill `pages` for the pages that ranges of at most INDEXED_RANGE_LIMIT bytes touch, and
+    return the shared pages (page number -> [starts, entries]).
+
+    A page maps to the entry of the range holding its first byte when no other assigned range
+    touches it: every access in the page starts at or after that range's start, so the
+    dispatcher's fast path is right for it, and an access past its end (unassigned space)
+    fails the fast path's end check and takes the general path. A page several assigned
+    ranges share is bisected over its own few ranges instead."""
+    touched = set()
+    for index, (start, end, region, _) in enumerate(ranges):
+        if region is None or end - start > INDEXED_RANGE_LIMIT:
+            continue
+        first, last = -(-start >> PAGE_SHIFT), end >> PAGE_SHIFT  # the pages wholly inside
+        if last - first == 1:
+            pages[first] = entries[index]
+        elif first < last:
+            pages.update(dict.fromkeys(range(first, last), entries[index]))
+        if start & PAGE_MASK:
+            touched.add(start >> PAGE_SHIFT)
+        if end & PAGE_MASK:
+            touched.add(end >> PAGE_SHIFT)
+        if len(pages) + len(touched) >= PAGE_INDEX_LIMIT:
+            break
+    shared: dict[int, list] = {}
+    for page in touched:
+        base = page << PAGE_SHIFT
+        low = bisect_right(starts, base) - 1
+        high = bisect_left(starts, base + PAGE_MASK + 1)
+        assigned = [index for index in range(low, high) if ranges[index][2] is not None]
+        if assigned == [low]:
+            pages[page] = entries[low]
+        else:
+            shared[page] = [starts[low:high], entries[low:high]]
+    return shared
 
 
 def _ram_sections(name: str, ranges: list[tuple], ram: set[Region]) -> list[MemorySection]:
