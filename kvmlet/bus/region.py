@@ -156,12 +156,16 @@ class Region:
             self._changed()
 
     def remove_subregion(self, region: Region) -> None:
+        """Take `region` out; returns once no vCPU can still be dispatching to it through an
+        old view (at the end of the outermost transaction, or of the caller's hold of the bus
+        lock), so its device may be torn down then."""
         if region.parent is not self:
             raise ValueError(f"{region.name!r} is not a subregion of {self.name!r}")
         with topology.lock:
             self.subregions.remove(region)
             region.parent = None
             self._changed()
+            topology.lock.removals += 1
 
     def _sort_subregions(self) -> None:
         self.subregions.sort(key=lambda child: (-child.priority, -child._sequence))

@@ -22,7 +22,7 @@ import signal
 import threading
 import time
 
-from kvmlet.bus import RamRegion, mmio_space, port_io_space
+from kvmlet.bus import RamRegion, mmio_space, port_io_space, topology
 from kvmlet.bus.pci import PciHostBridge
 from kvmlet.errors import KvmletError, LazyLogger
 from kvmlet.kvm import InternalErrorExit, Kvm, Vcpu
@@ -187,6 +187,7 @@ class Machine:
         fixup = self._fix_emulation if self.profile.fixes_emulation_failures else None
         if self.first_run_at is None:
             self.first_run_at = time.monotonic()
+        reader = topology.register_reader()  # its dispatches end region removals' grace
         try:
             stop = run_vcpu(
                 vcpu,
@@ -195,9 +196,12 @@ class Machine:
                 self._stopped.is_set,
                 fixup,
                 lambda failed: describe_vcpu(failed, self.memory),
+                reader,
             )
         except Exception as error:  # a bug in kvmlet: report it instead of hanging the guest
             stop = GuestStop(StopReason.MONITOR_ERROR, f"{type(error).__name__}: {error}", vcpu.id)
+        finally:
+            topology.unregister_reader(reader)
         if stop is not None:
             self.stop(stop.reason, stop.detail, vcpu=stop.vcpu)
 

@@ -48,3 +48,48 @@ def test_an_unknown_system_event_is_an_unexpected_stop_not_a_clean_power_off(kin
     assert stop.reason is StopReason.UNEXPECTED_SYSTEM_EVENT
     assert stop.reason.exit_status not in (0, StopReason.POWER_OFF.exit_status)
     assert str(kind) in stop.detail
+
+
+def test_the_loop_marks_each_dispatch_for_the_bus_grace_period():
+    """The vCPU's read side is odd while an exit is dispatched (it may hold a view) and even
+    while the guest runs, so a region's removal waits for exactly the dispatches in flight."""
+    from kvmlet.bus import IoRegion, topology
+    from kvmlet.kvm import IoExit
+
+    seen = []
+    reader = topology.register_reader()
+
+    class Port:
+        def read(self, offset, size):
+            seen.append(("handler", reader.sequence & 1))
+            return 0
+
+        def write(self, offset, size, value):
+            seen.append(("handler", reader.sequence & 1))
+
+    class Vcpu(FakeVcpu):
+        def run(self):
+            seen.append(("guest", reader.sequence & 1))
+            return super().run()
+
+    io = port_io_space()
+    io.root.add_subregion(0x10, IoRegion("port", 1, Port()))
+    exits = []
+    for is_write in (False, True):
+        exit_ = IoExit()
+        exit_.port, exit_.size, exit_.count, exit_.is_write = 0x10, 1, 1, is_write
+        exit_.data = memoryview(bytearray(1))
+        exits.append(exit_)
+    try:
+        stop = run_vcpu(
+            Vcpu(*exits, SystemEventExit(KVM_SYSTEM_EVENT_SHUTDOWN)),
+            io,
+            mmio_space(),
+            lambda: False,
+            reader=reader,
+        )
+    finally:
+        topology.unregister_reader(reader)
+    assert stop.reason is StopReason.POWER_OFF
+    assert seen == [("guest", 0), ("handler", 1), ("guest", 0), ("handler", 1), ("guest", 0)]
+    assert reader.sequence % 2 == 0
