@@ -37,10 +37,13 @@ ROUND_REQUESTS = 256
 """Chains one round takes at most (a split ring holds at most 32768; ours 64-256)."""
 ROUND_BYTES = 32 << 20
 """Bytes one round moves at most (`bytes_read` plus written); a round always takes one chain."""
-SLOW_REQUEST_NS = 100_000
-"""Above this average service time a queue's requests wait on the host (a disk, fdatasync)
-rather than on Python, and a second thread taking the next one overlaps the waits; below it,
-handing requests between threads costs more than it saves."""
+SLOW_REQUEST_NS = 50_000
+"""When even the quickest of a queue's last SERVICE_SAMPLES requests took longer than this,
+its requests wait on the host (a disk, fdatasync) rather than on Python, and a second thread
+taking the next one overlaps the waits; below it, handing requests between threads costs more
+than it saves. The quickest, not the average: a thread the host preempted once must not make
+a fast queue look slow."""
+SERVICE_SAMPLES = 4
 DEFERRED = object()
 """What `handle_request` returns for a request the device will complete later."""
 
@@ -83,7 +86,8 @@ class RequestServing:
     def _init_serving(self) -> None:
         self.device_errors = 0
         self.guest_log = RateLimitedLog(log)
-        self._service_ns = [0] * len(self.queues)
+        self._service_ns = [[0] * SERVICE_SAMPLES for _ in self.queues]
+        self._service_next = [0] * len(self.queues)
 
     def handle_request(self, request: Request) -> int | object:
         """Serve one request: the bytes written into the chain, or DEFERRED."""
@@ -98,7 +102,8 @@ class RequestServing:
         """One bounded round of queue `queue_index`; True when chains are left for later.
 
         `lend_hand()`, when given, asks the caller for another thread to run a round of this
-        queue too; it is called when more chains wait and this queue's requests are slow."""
+        queue too; it is called when more chains wait and this queue's requests are slow
+        (SLOW_REQUEST_NS)."""
         queue = self.queues[queue_index]
         requests = moved = 0
         completed = False
@@ -124,7 +129,7 @@ class RequestServing:
                     if broken is not None:
                         self.fail(f"queue {queue_index}: {broken}", queue_index, epoch)
                     return False
-                if more and self._service_ns[queue_index] > SLOW_REQUEST_NS:
+                if more and min(self._service_ns[queue_index]) > SLOW_REQUEST_NS:
                     lend_hand()  # type: ignore[misc]
                 requests += 1
                 written = self._run(Request(self, queue_index, chain, epoch), lend_hand is not None)
@@ -147,7 +152,7 @@ class RequestServing:
 
     def _run(self, request: Request, measure: bool) -> int | object:
         """Handle one request and complete it unless deferred; with `measure`, keep the
-        queue's average service time (whether lending a hand pays)."""
+        queue's recent service times (whether lending a hand pays)."""
         started = time.perf_counter_ns() if measure else 0
         broken = None
         try:
@@ -171,9 +176,10 @@ class RequestServing:
             # holds while it waits for this request
             self.fail(f"queue {request.queue_index}: {broken}", request.queue_index, request.epoch)
         if measure:
-            average = self._service_ns[request.queue_index]
-            elapsed = time.perf_counter_ns() - started
-            self._service_ns[request.queue_index] = average + (elapsed - average) // 8
+            index = request.queue_index
+            sample = self._service_next[index]
+            self._service_ns[index][sample] = time.perf_counter_ns() - started
+            self._service_next[index] = (sample + 1) % SERVICE_SAMPLES
         return written
 
     def _failed(self, request: Request, error: Exception) -> int:

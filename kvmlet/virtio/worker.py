@@ -93,6 +93,7 @@ class QueueWorker:
         self.wakeups = 0
         self.notifications = 0
         self.rounds = 0
+        self.hands_lent = 0
         self.device_errors = 0
         self._epoll = select.epoll()
         self._stop_fd = new_eventfd()
@@ -211,6 +212,7 @@ class QueueWorker:
         with self._helping:
             if self._idle_helpers > len(self._hand_wanted):
                 self._hand_wanted.append(bell)
+                self.hands_lent += 1
                 self._helping.notify()
 
     def _help(self) -> None:
@@ -243,6 +245,7 @@ class QueueWorker:
             "wakeups": self.wakeups,
             "notifications": self.notifications,
             "rounds": self.rounds,
+            "hands_lent": self.hands_lent,
             "device_errors": self.device_errors,
         }
 

@@ -20,6 +20,7 @@ from kvmlet.virtio.blk import (
     DiskOptions,
     VirtioBlock,
 )
+from kvmlet.virtio.serving import SERVICE_SAMPLES
 from kvmlet.virtio.worker import QueueWorker, doorbell
 from tests.helpers.virtio_driver import MockDriver
 
@@ -126,18 +127,20 @@ def test_a_slow_disk_keeps_several_requests_in_flight_and_completes_out_of_order
 
     def slow_read(views, offset, length):
         if offset == 0:
-            time.sleep(0.005)  # a disk with latency: the device learns it is slow
+            time.sleep(0.005)
         elif offset // SECTOR_SIZE in (1, 2, 3):
             together.wait()  # three requests inside the disk at the same time
             if offset == SECTOR_SIZE:  # the first one posted finishes after the other two
-                wait_for(lambda: memory.read_u16(used_index) == 3, what="two completions")
+                wanted = SERVICE_SAMPLES + 2
+                wait_for(lambda: memory.read_u16(used_index) == wanted, what="two completions")
         return real_read(views, offset, length)
 
     monkeypatch.setattr(image_io, "read_into", slow_read)
     try:
-        disk.post(VIRTIO_BLK_T_IN, 0, read=SECTOR_SIZE)
+        for _ in range(SERVICE_SAMPLES):  # a disk with latency: the device learns it is slow
+            disk.post(VIRTIO_BLK_T_IN, 0, read=SECTOR_SIZE)
         disk.bell.ring()
-        disk.completions(1)
+        disk.completions(SERVICE_SAMPLES)
         posted = [disk.post(VIRTIO_BLK_T_IN, sector, read=SECTOR_SIZE) for sector in (1, 2, 3)]
         disk.bell.ring()
         order = disk.completions(3)
