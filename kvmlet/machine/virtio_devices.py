@@ -130,7 +130,7 @@ class VirtioDevices:
 
     def _worker_for(self, device: VirtioDevice, index: int) -> QueueWorker:
         """The device's own worker, with a thread per request it may serve at once."""
-        worker = QueueWorker(f"virtio-{device.name}{index}", device.concurrency)
+        worker = QueueWorker(f"{device.name}{index}", device.concurrency)
         self.workers.append(worker)
         return worker
 
