@@ -8,9 +8,8 @@ through it, through an aligned bounce buffer when a guest buffer is misaligned i
 rare unaligned transfer goes through the ordinary descriptor (the kernel keeps the page cache
 coherent with direct I/O on the same file).
 
-Several threads use one image at once. `close()` closes the descriptors only once no transfer
-is still using them: a transfer that outlives the machine's shutdown never writes into another
-file that got the same descriptor number.
+Several threads use one image at once (positioned I/O only). The device closes it once no
+request is in flight (`VirtioBlock.close`).
 """
 
 from __future__ import annotations
@@ -20,7 +19,6 @@ import errno
 import fcntl
 import mmap
 import os
-import threading
 
 from kvmlet.errors import KvmletError
 from kvmlet.memory import HostIovec
@@ -101,9 +99,6 @@ class ImageIo:
         self.fd = fd
         self.direct_fd = direct_fd
         self.size = size
-        self._users = 0
-        self._closing = False
-        self._lock = threading.Lock()
 
     @classmethod
     def open(cls, path: str, read_only: bool, direct: bool) -> ImageIo:
@@ -129,32 +124,10 @@ class ImageIo:
             raise
 
     def close(self) -> None:
-        """Close the image now, or when the last transfer using it returns."""
-        with self._lock:
-            self._closing = True
-            if self._users:
-                return
-        self._close_descriptors()
-
-    def _close_descriptors(self) -> None:
         for fd in (self.fd, self.direct_fd):
             if fd is not None and fd >= 0:
                 os.close(fd)
         self.fd, self.direct_fd = -1, None
-
-    def _enter(self) -> None:
-        """A transfer starts: the descriptors stay open until the matching `_leave`."""
-        with self._lock:
-            if self._closing:
-                raise OSError(errno.EBADF, "the disk image is closed")
-            self._users += 1
-
-    def _leave(self) -> None:
-        with self._lock:
-            self._users -= 1
-            last = self._closing and not self._users
-        if last:
-            self._close_descriptors()
 
     def _direct_fd_for(self, offset: int, length: int) -> int | None:
         if self.direct_fd is None or offset % DIRECT_ALIGNMENT or length % DIRECT_ALIGNMENT:
@@ -173,37 +146,29 @@ class ImageIo:
         """Fill `views` (`length` bytes) from the image at `offset`; returns `length`."""
         if not length:
             return 0
-        self._enter()
-        try:
-            fd = self._direct_fd_for(offset, length)
-            if fd is None or self._aligned(views):
-                _transfer(os.preadv, self.fd if fd is None else fd, views, offset, length)
-                return length
-            with mmap.mmap(-1, length) as bounce, memoryview(bounce) as window:
-                _transfer(os.preadv, fd, [window], offset, length)
-                position = 0
-                for view in views:
-                    view[:] = window[position : position + len(view)]
-                    position += len(view)
+        fd = self._direct_fd_for(offset, length)
+        if fd is None or self._aligned(views):
+            _transfer(os.preadv, self.fd if fd is None else fd, views, offset, length)
             return length
-        finally:
-            self._leave()
+        with mmap.mmap(-1, length) as bounce, memoryview(bounce) as window:
+            _transfer(os.preadv, fd, [window], offset, length)
+            position = 0
+            for view in views:
+                view[:] = window[position : position + len(view)]
+                position += len(view)
+        return length
 
     def write_from(self, views: list[memoryview], offset: int, length: int) -> None:
         """Write `views` (`length` bytes) at `offset`; returns once the kernel has all of it."""
         if not length:
             return
-        self._enter()
-        try:
-            fd = self._direct_fd_for(offset, length)
-            if fd is None or self._aligned(views):
-                _transfer(os.pwritev, self.fd if fd is None else fd, views, offset, length)
-                return
-            with mmap.mmap(-1, length) as bounce, memoryview(bounce) as window:
-                window[:] = b"".join(views)
-                _transfer(os.pwritev, fd, [window], offset, length)
-        finally:
-            self._leave()
+        fd = self._direct_fd_for(offset, length)
+        if fd is None or self._aligned(views):
+            _transfer(os.pwritev, self.fd if fd is None else fd, views, offset, length)
+            return
+        with mmap.mmap(-1, length) as bounce, memoryview(bounce) as window:
+            window[:] = b"".join(views)
+            _transfer(os.pwritev, fd, [window], offset, length)
 
     def read_iovec(self, iovec: HostIovec, offset: int, length: int) -> int:
         """Read the image at `offset` into host iovecs (`length` bytes in all) with one
@@ -216,39 +181,25 @@ class ImageIo:
         return self._vectored(_libc.pwritev, iovec, offset, length)
 
     def _vectored(self, call, iovec: HostIovec, offset: int, length: int) -> int:
+        fd = self._direct_fd_for(offset, length)
+        if fd is not None and not iovec.page_aligned(DIRECT_ALIGNMENT):
+            return 0
         if iovec.count > IOV_MAX or not length:
             return 0
-        self._enter()
-        try:
-            fd = self._direct_fd_for(offset, length)
-            if fd is not None and not iovec.page_aligned(DIRECT_ALIGNMENT):
-                return 0
-            with iovec:
-                while True:
-                    moved = call(
-                        self.fd if fd is None else fd, iovec.address(), iovec.count, offset
-                    )
-                    if moved >= 0:
-                        return moved
-                    code = ctypes.get_errno()
-                    if code != errno.EINTR:
-                        raise OSError(code, os.strerror(code))
-        finally:
-            self._leave()
+        with iovec:
+            while True:
+                moved = call(self.fd if fd is None else fd, iovec.address(), iovec.count, offset)
+                if moved >= 0:
+                    return moved
+                code = ctypes.get_errno()
+                if code != errno.EINTR:
+                    raise OSError(code, os.strerror(code))
 
     def flush(self) -> None:
-        self._enter()
-        try:
-            os.fdatasync(self.fd)
-        finally:
-            self._leave()
+        os.fdatasync(self.fd)
 
     def fallocate(self, mode: int, offset: int, length: int) -> None:
-        self._enter()
-        try:
-            fallocate(self.fd, mode, offset, length)
-        finally:
-            self._leave()
+        fallocate(self.fd, mode, offset, length)
 
 
 def _transfer(operation, fd: int, views: list[memoryview], offset: int, length: int) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import struct
 import sys
 import threading
+from collections.abc import Callable
 
 from kvmlet.errors import GuestMemoryError
 from kvmlet.memory import GuestMemory, HostIovec, full_barrier
@@ -203,6 +204,8 @@ class Virtqueue:
         self.max_size = max_size
         self.lock = threading.Lock()
         self.idle = threading.Condition(self.lock)  # notified when in_flight drops to 0
+        self.draining = 0  # threads waiting on `idle`
+        self.on_idle: Callable[[], None] | None = None  # called once when in_flight drops to 0
         self.in_flight = 0
         self.epoch = 0
         self._views: tuple[memoryview, ...] = ()

@@ -15,7 +15,8 @@ ring carries heads).
 Locks: the device's register lock (`VirtioDevice._lock`) is never held here; each queue's ring
 lock (`Virtqueue.lock`) is held only to take a chain or return one, never across host I/O or a
 handler; interrupts are fired with no lock held. Several threads may run rounds of one queue at
-once (a worker's helpers, `lend_hand`), up to the device's `concurrency`.
+once (a worker's helpers, `lend_hand`, asked for when more chains wait behind a request the
+device says may block on the host: `may_block`), up to the device's `concurrency`.
 """
 
 from __future__ import annotations
@@ -37,13 +38,6 @@ ROUND_REQUESTS = 256
 """Chains one round takes at most (a split ring holds at most 32768; ours 64-256)."""
 ROUND_BYTES = 32 << 20
 """Bytes one round moves at most (`bytes_read` plus written); a round always takes one chain."""
-SLOW_REQUEST_NS = 50_000
-"""When even the quickest of a queue's last SERVICE_SAMPLES requests took longer than this,
-its requests wait on the host (a disk, fdatasync) rather than on Python, and a second thread
-taking the next one overlaps the waits; below it, handing requests between threads costs more
-than it saves. The quickest, not the average: a thread the host preempted once must not make
-a fast queue look slow."""
-SERVICE_SAMPLES = 4
 DEFERRED = object()
 """What `handle_request` returns for a request the device will complete later."""
 
@@ -86,8 +80,6 @@ class RequestServing:
     def _init_serving(self) -> None:
         self.device_errors = 0
         self.guest_log = RateLimitedLog(log)
-        self._service_ns = [[0] * SERVICE_SAMPLES for _ in self.queues]
-        self._service_next = [0] * len(self.queues)
 
     def handle_request(self, request: Request) -> int | object:
         """Serve one request: the bytes written into the chain, or DEFERRED."""
@@ -98,122 +90,129 @@ class RequestServing:
         an error status). The default writes nothing."""
         return 0
 
+    def may_block(self, chain: DescriptorChain) -> bool:
+        """Whether serving `chain` may wait on the host (a disk, fdatasync, a remote file
+        system) rather than run Python: then another thread should take the chains behind it.
+        A hint, read before `handle_request`; the default says no."""
+        return False
+
     def serve(self, queue_index: int, lend_hand: Callable[[], None] | None = None) -> bool:
         """One bounded round of queue `queue_index`; True when chains are left for later.
 
         `lend_hand()`, when given, asks the caller for another thread to run a round of this
-        queue too; it is called when more chains wait and this queue's requests are slow
-        (SLOW_REQUEST_NS)."""
+        queue too; it is called when more chains wait behind one that `may_block`."""
+        if not self.running:
+            return False
         queue = self.queues[queue_index]
+        lock = queue.lock
         requests = moved = 0
-        completed = False
+        broken = None
         try:
             while requests < ROUND_REQUESTS and moved < ROUND_BYTES:
-                if not self.running:
-                    return False
-                more = False
-                with queue.lock:
+                with lock:
                     if not queue.active:
                         return False
                     epoch = queue.epoch
                     try:
-                        chain = self._take(queue)
+                        if not requests:
+                            queue.disable_notifications()
+                        chain = queue.pop()
+                        if chain is None and queue.enable_notifications():
+                            chain = queue.pop()
                     except (VirtqueueError, GuestMemoryError) as error:
-                        chain, broken = None, error
-                    else:
-                        broken = None
-                        if chain is not None:
-                            queue.in_flight += 1
-                            more = lend_hand is not None and queue.has_available()
-                if chain is None:
-                    if broken is not None:
-                        self.fail(f"queue {queue_index}: {broken}", queue_index, epoch)
-                    return False
-                if more and min(self._service_ns[queue_index]) > SLOW_REQUEST_NS:
+                        broken = error
+                        return False
+                    if chain is None:
+                        return False
+                    queue.in_flight += 1
+                    more = lend_hand is not None and queue.has_available()
+                if more and self.may_block(chain):
                     lend_hand()  # type: ignore[misc]
                 requests += 1
-                written = self._run(Request(self, queue_index, chain, epoch), lend_hand is not None)
+                request = Request(self, queue_index, chain, epoch)
+                try:
+                    written = self.handle_request(request)
+                except Exception as error:
+                    written = self._handler_raised(request, error)
                 if written is not DEFERRED:
-                    moved += self.bytes_read(chain) + written  # type: ignore[operator]
-                    completed = True
+                    consumed = self.bytes_read(chain)
+                    self.complete_request(request, written, consumed)  # type: ignore[arg-type]
+                    moved += consumed + written  # type: ignore[operator]
             return True
         finally:
-            if completed:
+            if broken is not None:  # outside the ring lock: fail() takes the register lock
+                self.fail(f"queue {queue_index}: {broken}", queue_index, epoch)
+            if requests:
                 self.signal_used(queue_index)
 
-    def _take(self, queue: Virtqueue) -> DescriptorChain | None:
-        """The next chain (ring lock held); when there is none, ask the driver to kick again
-        and look once more, past the barrier, for a chain posted meanwhile."""
-        queue.disable_notifications()
-        chain = queue.pop()
-        if chain is None and queue.enable_notifications():
-            chain = queue.pop()
-        return chain
-
-    def _run(self, request: Request, measure: bool) -> int | object:
-        """Handle one request and complete it unless deferred; with `measure`, keep the
-        queue's recent service times (whether lending a hand pays)."""
-        started = time.perf_counter_ns() if measure else 0
-        broken = None
+    def _handler_raised(self, request: Request, error: Exception) -> int:
+        """Complete the request the device's way after its handler raised: the driver's fault
+        found late (also NEEDS_RESET) or a bug of the device (logged, counted)."""
         try:
-            written = self.handle_request(request)
-        except (VirtqueueError, GuestMemoryError) as error:  # the driver's fault, found late
-            written, broken = self._failed(request, error), error
-        except Exception as error:  # a bug of the device: the guest still gets its request
-            written = self._failed(request, error)
-            self.device_errors += 1
-            self.guest_log.error(
-                (self.name, type(error)),
-                "%s: request on queue %d failed",
-                self.name,
-                request.queue_index,
-                exc_info=True,
-            )
-        if written is DEFERRED:
-            return written
-        self.complete_request(request, written)  # type: ignore[arg-type]
-        if broken is not None:  # only now: fail() takes the register lock, which a reset
-            # holds while it waits for this request
-            self.fail(f"queue {request.queue_index}: {broken}", request.queue_index, request.epoch)
-        if measure:
-            index = request.queue_index
-            sample = self._service_next[index]
-            self._service_ns[index][sample] = time.perf_counter_ns() - started
-            self._service_next[index] = (sample + 1) % SERVICE_SAMPLES
+            written = self.request_failed(request, error)
+        except Exception:
+            written = 0
+        if isinstance(error, (VirtqueueError, GuestMemoryError)):
+            self.complete_request(request, written, 0)
+            # Only now: fail() takes the register lock, which a reset holds while it waits for
+            # this request to complete.
+            self.fail(f"queue {request.queue_index}: {error}", request.queue_index, request.epoch)
+            return DEFERRED  # type: ignore[return-value]  # completed already
+        self.device_errors += 1
+        self.guest_log.error(
+            (self.name, type(error)),
+            "%s: request on queue %d failed",
+            self.name,
+            request.queue_index,
+            exc_info=True,
+        )
         return written
 
-    def _failed(self, request: Request, error: Exception) -> int:
-        try:
-            return self.request_failed(request, error)
-        except Exception:
-            return 0
-
-    def complete_request(self, request: Request, written: int) -> bool:
+    def complete_request(self, request: Request, written: int, consumed: int | None = None) -> bool:
         """Push a request's chain to the used ring (ring lock held); False when its queue was
         reset since it was taken (the chain belongs to a driver that is gone) or it was
-        already completed. The caller signals the driver."""
+        already completed. `consumed` is what the device read (default `bytes_read`). The
+        caller signals the driver."""
         queue = self.queues[request.queue_index]
         chain = request.chain
-        written = max(0, min(written, chain.writable_length))
+        if written > chain.writable_length:
+            written = chain.writable_length
+        if consumed is None:
+            consumed = self.bytes_read(chain)
+        went_idle = None
         with queue.lock:
             if request.done:
                 return False
             request.done = True
             queue.in_flight -= 1
             if not queue.in_flight:
-                queue.idle.notify_all()
-            if not queue.active or queue.epoch != request.epoch:
-                return False
-            queue.push(chain.head, written)
-            stats = self.queue_stats[request.queue_index]
-            stats.requests += 1
-            stats.bytes_from_guest += self.bytes_read(chain)
-            stats.bytes_to_guest += written
-        return True
+                if queue.draining:
+                    queue.idle.notify_all()
+                went_idle, queue.on_idle = queue.on_idle, None
+            if queue.active and queue.epoch == request.epoch:
+                queue.push(chain.head, written)
+                stats = self.queue_stats[request.queue_index]
+                stats.requests += 1
+                stats.bytes_from_guest += consumed
+                stats.bytes_to_guest += written
+                return True
+        if went_idle is not None:
+            went_idle()
+        return False
 
     def bytes_read(self, chain: DescriptorChain) -> int:
         """Bytes of a completed chain's readable part the device consumed (for the stats)."""
         return chain.readable_length
+
+    def when_idle(self, queue_index: int, callback: Callable[[], None]) -> None:
+        """Call `callback()` once no request of the queue is in flight: now, or when the last
+        one completes (on that thread). For releasing what requests in flight still use."""
+        queue = self.queues[queue_index]
+        with queue.lock:
+            if queue.in_flight:
+                queue.on_idle = callback
+                return
+        callback()
 
     def drain(self, timeout: float) -> bool:
         """Wait until no request taken from any queue is still being served; False on
@@ -221,8 +220,12 @@ class RequestServing:
         deadline = time.monotonic() + timeout
         for queue in self.queues:
             with queue.lock:
-                while queue.in_flight:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0 or not queue.idle.wait(remaining):
-                        return not queue.in_flight
+                queue.draining += 1
+                try:
+                    while queue.in_flight:
+                        remaining = deadline - time.monotonic()
+                        if remaining <= 0 or not queue.idle.wait(remaining):
+                            return not queue.in_flight
+                finally:
+                    queue.draining -= 1
         return True

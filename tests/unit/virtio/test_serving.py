@@ -20,7 +20,6 @@ from kvmlet.virtio.blk import (
     DiskOptions,
     VirtioBlock,
 )
-from kvmlet.virtio.serving import SERVICE_SAMPLES
 from kvmlet.virtio.worker import QueueWorker, doorbell
 from tests.helpers.virtio_driver import MockDriver
 
@@ -38,9 +37,9 @@ def wait_for(condition, timeout=5.0, what="condition"):
 class ServedDisk:
     """A virtio-blk device on a started worker, as the machine runs it, with its mock driver."""
 
-    def __init__(self, memory, path, threads: int = 4):
+    def __init__(self, memory, path, threads: int = 4, direct: bool = False):
         self.memory = memory
-        self.device = VirtioBlock(memory, DiskOptions(str(path)))
+        self.device = VirtioBlock(memory, DiskOptions(str(path), direct=direct))
         self.driver = MockDriver(self.device, memory, 0x10000, 2 << 20)
         self.driver.initialize()
         self.bell = doorbell(self.device, 0)
@@ -119,34 +118,46 @@ def test_register_accesses_do_not_wait_for_a_flush(memory, image, monkeypatch):
 def test_a_slow_disk_keeps_several_requests_in_flight_and_completes_out_of_order(
     memory, image, monkeypatch
 ):
-    disk = ServedDisk(memory, image)
-    image_io = disk.device.image
-    real_read = image_io.read_into
+    """Direct I/O waits on the disk (virtio-blk's `may_block`): the requests behind one are
+    taken by other threads, three are inside the disk at once, and the one that waits longest
+    completes last."""
+    disk = ServedDisk(memory, image, direct=True)
+    real_read = disk.device.image.read_into
     together = threading.Barrier(3, timeout=5)
     used_index = disk.driver.queues[0].used_ring + 2
 
     def slow_read(views, offset, length):
-        if offset == 0:
-            time.sleep(0.005)
-        elif offset // SECTOR_SIZE in (1, 2, 3):
-            together.wait()  # three requests inside the disk at the same time
-            if offset == SECTOR_SIZE:  # the first one posted finishes after the other two
-                wanted = SERVICE_SAMPLES + 2
-                wait_for(lambda: memory.read_u16(used_index) == wanted, what="two completions")
+        together.wait()  # three requests inside the disk at the same time
+        if offset == 0:  # the first one posted finishes after the other two
+            wait_for(lambda: memory.read_u16(used_index) == 2, what="two completions")
         return real_read(views, offset, length)
 
-    monkeypatch.setattr(image_io, "read_into", slow_read)
+    monkeypatch.setattr(disk.device.image, "read_into", slow_read)
     try:
-        for _ in range(SERVICE_SAMPLES):  # a disk with latency: the device learns it is slow
-            disk.post(VIRTIO_BLK_T_IN, 0, read=SECTOR_SIZE)
-        disk.bell.ring()
-        disk.completions(SERVICE_SAMPLES)
-        posted = [disk.post(VIRTIO_BLK_T_IN, sector, read=SECTOR_SIZE) for sector in (1, 2, 3)]
+        posted = [disk.post(VIRTIO_BLK_T_IN, sector, read=SECTOR_SIZE) for sector in (0, 1, 2)]
         disk.bell.ring()
         order = disk.completions(3)
         assert sorted(order) == sorted(head for head, _ in posted)
         assert order[-1] == posted[0][0], "the request that waited completes last"
         assert all(memory.read_u8(status) == VIRTIO_BLK_S_OK for _, status in posted)
+    finally:
+        disk.close()
+
+
+def test_buffered_requests_stay_on_one_thread(memory, image):
+    """Page-cache requests are faster than a thread handoff: no helper is woken for them."""
+    disk = ServedDisk(memory, image)
+    try:
+        for sector in range(16):
+            disk.post(VIRTIO_BLK_T_IN, sector, read=SECTOR_SIZE)
+        disk.bell.ring()
+        disk.completions(16)
+        assert disk.worker.stats()["hands_lent"] == 0
+        disk.post(VIRTIO_BLK_T_FLUSH)
+        disk.post(VIRTIO_BLK_T_IN, 0, read=SECTOR_SIZE)
+        disk.bell.ring()
+        disk.completions(2)
+        assert disk.worker.stats()["hands_lent"] == 1, "a flush may block: a hand behind it"
     finally:
         disk.close()
 
