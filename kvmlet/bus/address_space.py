@@ -24,7 +24,7 @@ from typing import Protocol
 
 from kvmlet.bus import topology
 from kvmlet.bus.access import read_region, write_region
-from kvmlet.bus.flat import FlatView, IoEventNotifier, MemorySection
+from kvmlet.bus.flat import MEMO_LIMIT, FlatView, IoEventNotifier, MemorySection
 from kvmlet.bus.region import ContainerRegion, Region
 from kvmlet.errors import LazyLogger, RateLimitedLog
 
@@ -171,9 +171,11 @@ class AddressSpace:
         view = self._view
         entry = view.memo.get(address)
         if entry is None:
-            entry = view.pages.get(address >> 12)
+            entry = view.page_entry(address >> view.page_shift)
             if entry is None:
                 entry = view.entry_for(address)
+            elif len(view.memo) < MEMO_LIMIT:
+                view.memo[address] = entry
         end, delta, direct, lock, read, _, region = entry
         offset = address - delta
         if address + size <= end and size in direct and not offset & (size - 1):
@@ -203,9 +205,11 @@ class AddressSpace:
         view = self._view
         entry = view.memo.get(address)
         if entry is None:
-            entry = view.pages.get(address >> 12)
+            entry = view.page_entry(address >> view.page_shift)
             if entry is None:
                 entry = view.entry_for(address)
+            elif len(view.memo) < MEMO_LIMIT:
+                view.memo[address] = entry
         end, delta, direct, lock, _, write, region = entry
         offset = address - delta
         if address + size <= end and size in direct and not offset & (size - 1):

@@ -28,10 +28,10 @@ MEMO_LIMIT = 4096
 """Addresses a view remembers; guests use few register addresses, so this bounds a hostile
 guest's probing without costing a well-behaved one a lookup per access."""
 PAGE_SHIFT = 12
-PAGE_MASK = (1 << PAGE_SHIFT) - 1
+"""MMIO pages are 4 KiB; in the port I/O space every port is a page of its own (shift 0)."""
 INDEXED_RANGE_LIMIT = 1 << 16
 """Ranges up to this size (device registers) have their pages in the view's page index;
-larger ones (RAM, the gaps between devices) are found by bisection."""
+larger ones (RAM, the gaps between devices) are found through the memo and by bisection."""
 PAGE_INDEX_LIMIT = 1 << 14
 """Pages one view indexes at most (bounds its memory and the rebuild's time)."""
 
@@ -233,12 +233,13 @@ class FlatView:
     `starts` and `entries` serve the dispatcher: entry i is (end, start - offset, direct
     widths, lock, read, write, region) for the range beginning at starts[i]. `memo` maps
     addresses already looked up to their entry; the view never changes, so neither do they.
-    The page index covers the 4 KiB pages small ranges touch: `pages` maps a page with one
-    assigned range, holding the page's first byte, to that range's entry (the dispatcher's
-    second try: device registers sit at the start of their page), `_shared_pages` a page
-    several assigned ranges share to their starts and entries. It is built by the view's
-    first `entry_for`, not at the rebuild: most rebuilds (a guest sizing BARs) are followed by
-    other rebuilds before any access."""
+    The page index covers the pages small ranges touch (4 KiB in MMIO, single ports in port
+    I/O): `page_entry(address >> page_shift)` gives, for a page holding one assigned range
+    that starts at or before the page, that range's entry (the dispatcher's second try, after
+    the memo: device registers start their page); `_shared_pages` maps a page several assigned
+    ranges share to their starts and entries. The index is built by the view's first
+    `entry_for`, not at the rebuild: most rebuilds (a guest sizing BARs) are followed by other
+    rebuilds before any access."""
 
     __slots__ = (
         "_ranges",
@@ -246,6 +247,8 @@ class FlatView:
         "entries",
         "memo",
         "notifiers",
+        "page_entry",
+        "page_shift",
         "pages",
         "sections",
         "starts",
@@ -274,6 +277,8 @@ class FlatView:
         self.entries = entries
         self.memo: dict[int, tuple] = {}
         self.pages: dict[int, tuple] = {}
+        self.page_entry = self.pages.get
+        self.page_shift = 0 if port_io else PAGE_SHIFT
         self._shared_pages: dict[int, list] | None = None
         self.sections = frozenset(_ram_sections(name, ranges, ram_regions))
         notifiers = set()
@@ -302,9 +307,9 @@ class FlatView:
         shared_pages = self._shared_pages
         if shared_pages is None:  # two threads may both build it: the same index either way
             shared_pages = self._shared_pages = _index_pages(
-                self._ranges, self.starts, self.entries, self.pages
+                self._ranges, self.starts, self.entries, self.pages, self.page_shift
             )
-        page = address >> PAGE_SHIFT
+        page = address >> self.page_shift
         entry = self.pages.get(page)
         if entry is not None and address < entry[0]:
             return entry
@@ -337,7 +342,11 @@ class FlatView:
 
 
 def _index_pages(
-    ranges: list[tuple], starts: list[int], entries: list[tuple], pages: dict[int, tuple]
+    ranges: list[tuple],
+    starts: list[int],
+    entries: list[tuple],
+    pages: dict[int, tuple],
+    shift: int,
 ) -> dict[int, list]:
     """Fill `pages` for the pages that ranges of at most INDEXED_RANGE_LIMIT bytes touch, and
     return the shared pages (page number -> [starts, entries]).
@@ -347,26 +356,27 @@ def _index_pages(
     dispatcher's fast path is right for it, and an access past its end (unassigned space)
     fails the fast path's end check and takes the general path. A page several assigned
     ranges share is bisected over its own few ranges instead."""
+    mask = (1 << shift) - 1
     touched = set()
     for index, (start, end, region, _) in enumerate(ranges):
         if region is None or end - start > INDEXED_RANGE_LIMIT:
             continue
-        first, last = -(-start >> PAGE_SHIFT), end >> PAGE_SHIFT  # the pages wholly inside
+        first, last = -(-start >> shift), end >> shift  # the pages wholly inside
         if last - first == 1:
             pages[first] = entries[index]
         elif first < last:
             pages.update(dict.fromkeys(range(first, last), entries[index]))
-        if start & PAGE_MASK:
-            touched.add(start >> PAGE_SHIFT)
-        if end & PAGE_MASK:
-            touched.add(end >> PAGE_SHIFT)
+        if start & mask:
+            touched.add(start >> shift)
+        if end & mask:
+            touched.add(end >> shift)
         if len(pages) + len(touched) >= PAGE_INDEX_LIMIT:
             break
     shared: dict[int, list] = {}
     for page in touched:
-        base = page << PAGE_SHIFT
+        base = page << shift
         low = bisect_right(starts, base) - 1
-        high = bisect_left(starts, base + PAGE_MASK + 1)
+        high = bisect_left(starts, base + mask + 1)
         assigned = [index for index in range(low, high) if ranges[index][2] is not None]
         if assigned == [low]:
             pages[page] = entries[low]
