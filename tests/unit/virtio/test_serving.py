@@ -20,6 +20,8 @@ from kvmlet.virtio.blk import (
     DiskOptions,
     VirtioBlock,
 )
+from kvmlet.virtio.rng import VirtioRng
+from kvmlet.virtio.serving import DEFERRED
 from kvmlet.virtio.worker import QueueWorker, doorbell
 from tests.helpers.virtio_driver import MockDriver
 
@@ -208,3 +210,58 @@ def test_closing_a_disk_never_lets_a_running_transfer_write_elsewhere(
         for fd in others:
             os.close(fd)
         disk.close()
+
+
+class LaterDevice(VirtioRng):
+    """A device that completes its requests later, from another thread (as a 9p server or a
+    network backend would): handle_request keeps them and says DEFERRED."""
+
+    def __init__(self, memory):
+        super().__init__(memory)
+        self.kept = []
+
+    def handle_request(self, request):
+        self.kept.append(request)
+        return DEFERRED
+
+
+def test_deferred_requests_complete_from_any_thread_in_any_order_exactly_once(memory):
+    device = LaterDevice(memory)
+    driver = MockDriver(device, memory, 0x1000, 1 << 20)
+    driver.initialize()
+    heads = [driver.post_data(0, [], [8])[0] for _ in range(3)]
+    driver.kick(0)
+    assert driver.collect(0) == [] and len(device.kept) == 3
+    first, second, third = device.kept
+    completer = threading.Thread(target=lambda: (third.complete(8), first.complete(2)))
+    completer.start()
+    completer.join()
+    assert [(c.head, c.length) for c in driver.collect(0)] == [(heads[2], 8), (heads[0], 2)]
+    third.complete(8)  # a second completion is ignored
+    assert driver.collect(0) == []
+    assert device.queues[0].in_flight == 1
+    used_index = memory.read_u16(driver.queues[0].used_ring + 2)
+    reset = threading.Thread(target=device.write_status, args=(0,), daemon=True)
+    reset.start()  # the reset stops the queue, then waits for the request in flight ...
+    wait_for(lambda: not device.queues[0].active, what="the reset")
+    second.complete(8)  # ... which is then dropped, not pushed for a driver that is gone
+    reset.join(5)
+    assert not reset.is_alive() and device.status == 0
+    assert memory.read_u16(driver.queues[0].used_ring + 2) == used_index
+    assert device.queues[0].in_flight == 0
+
+
+def test_a_reset_waits_for_requests_in_flight(memory):
+    device = LaterDevice(memory)
+    driver = MockDriver(device, memory, 0x1000, 1 << 20)
+    driver.initialize()
+    driver.post_data(0, [], [8])
+    driver.kick(0)
+    (kept,) = device.kept
+    reset = threading.Thread(target=device.write_status, args=(0,), daemon=True)
+    reset.start()
+    reset.join(0.3)
+    assert reset.is_alive(), "the reset completed with a request still in flight"
+    kept.complete(8)
+    reset.join(5)
+    assert not reset.is_alive() and device.status == 0
