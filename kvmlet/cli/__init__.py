@@ -11,8 +11,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import math
 import os
 import sys
+import threading
 import time
 from typing import TYPE_CHECKING
 
@@ -39,8 +41,9 @@ control: the machine answers its API on $XDG_RUNTIME_DIR/kvmlet/NAME.sock (else
 
 exit status: 0 when the guest reset or powered off (or you quit), 3 triple fault,
 4 KVM could not run or emulate the guest, 5 guest crash, 6 this host cannot run the guest's
-user space (host profile pvm), 7 a watchpoint's check failed, 124 timeout, 1 a usage or
-setup error; a write of V to the --debug-exit port: (V << 1) | 1 (its low 8 bits).
+user space (host profile pvm), 7 a watchpoint's check failed, 8 a KVM system event kvmlet does
+not know, 124 timeout, 1 a usage or setup error; a write of V to the --debug-exit port:
+(V << 1) | 1 (its low 8 bits).
 """
 
 REPLAY_EPILOG = """\
@@ -56,6 +59,27 @@ examples:
 The command runs as root in kvmlet's default guest; its output is printed and its exit status
 is kvmlet's. Nothing of the guest remains afterwards.
 """
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with kvmlet's way of reporting mistakes: one line, exit status 1 (argparse
+    prints its usage and exits 2)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        command = self.prog.removeprefix("kvmlet").strip()
+        hint = f"kvmlet {command} --help" if command else "kvmlet --help"
+        raise KvmletError(f"{message} (see {hint})")
+
+
+def _seconds(text: str) -> float:
+    """A --timeout: a finite number of seconds above 0 that a wait can take."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= threading.TIMEOUT_MAX:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds above 0")
+    return value
 
 
 def _add_machine_arguments(parser: argparse.ArgumentParser) -> None:
@@ -92,7 +116,7 @@ def _add_machine_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--timeout",
-        type=float,
+        type=_seconds,
         default=None,
         metavar="SECONDS",
         help="stop the guest after this long (exit status 124)",
@@ -120,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     width = _help_width()
     plain = functools.partial(argparse.HelpFormatter, width=width)
     raw_description = functools.partial(argparse.RawDescriptionHelpFormatter, width=width)
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="kvmlet",
         formatter_class=plain,
         description="A lightweight KVM virtual machine monitor: boots a Linux kernel directly, "
@@ -469,8 +493,8 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)
     except KvmletError as error:
         print(f"kvmlet: {error}", file=sys.stderr)
