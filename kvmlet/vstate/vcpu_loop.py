@@ -163,7 +163,12 @@ def run_vcpu(
                     data[:] = mmio_read(address, size).to_bytes(size, "little")
             elif kind is InterruptedExit:
                 interrupted_exits += 1
-                if should_stop():
+                side.sequence += 1  # quiescent while `should_stop` may hold it (a pause)
+                try:
+                    stopping = should_stop()
+                finally:
+                    side.sequence += 1
+                if stopping:
                     return None
             else:
                 rare_exits[RARE_EXIT_NAMES.get(kind, "other")] += 1

@@ -95,6 +95,34 @@ def test_the_loop_marks_each_dispatch_for_the_bus_grace_period():
     assert reader.sequence % 2 == 0
 
 
+def test_a_vcpu_held_in_should_stop_is_quiescent_for_the_bus():
+    """A pause holds the vCPU in `should_stop` after an interrupted KVM_RUN, with no view in
+    use: its read side is even there, so a region removal meanwhile does not wait for it."""
+    from kvmlet.bus import transactions
+    from kvmlet.kvm import InterruptedExit
+
+    seen = []
+    reader = transactions.register_reader()
+
+    def should_stop():
+        seen.append(reader.sequence & 1)
+        return len(seen) == 2
+
+    try:
+        stop = run_vcpu(
+            FakeVcpu(InterruptedExit(), InterruptedExit()),
+            port_io_space(),
+            mmio_space(),
+            should_stop,
+            reader=reader,
+        )
+    finally:
+        transactions.unregister_reader(reader)
+    assert stop is None
+    assert seen == [0, 0]
+    assert reader.sequence % 2 == 0
+
+
 @pytest.mark.parametrize("reason", [StopReason.WATCH_FAILED, StopReason.UNEXPECTED_SYSTEM_EVENT])
 def test_a_stop_of_kvmlets_own_has_an_exit_status_no_other_reason_has(reason):
     """A script tells a failed watch from an unknown system event by the exit status alone
