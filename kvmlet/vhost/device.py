@@ -9,7 +9,7 @@ queue its size, base (the next available index), the host addresses of its rings
 - kick: the queue's doorbell. The wiring registers it with the transport (`add_doorbell`), so
   KVM signals it on the guest's notify write and the backend wakes without Python; a kick that
   does reach Python (`notify`) is passed on to it. It is never a worker's doorbell (the backend
-  reads it).
+  reads it): `connect_kick` refuses a backend queue.
 - call: the queue's interrupt. The backend signals it when it used buffers (it applied the
   driver's suppression itself). The wiring either binds it to the queue's MSI-X vector as a KVM
   irqfd, or watches it on the device's own worker (`eventfd_watches` → `QueueWorker.watch`)
@@ -140,6 +140,17 @@ class VhostDevice(VirtioDevice):
         calls = [(fd, functools.partial(self.relay_call, i)) for i, fd in enumerate(self._call_fds)]
         errs = [(fd, functools.partial(self.vring_error, i)) for i, fd in enumerate(self._err_fds)]
         return calls + errs
+
+    def connect_kick(self, queue_index: int, kick: Callable[[], None] | None) -> None:
+        """A worker's doorbell for a queue the device keeps; the backend's queues have their
+        kick eventfd, which the backend reads (a worker draining it would steal its kicks)."""
+        if queue_index < self.backend_queues:
+            raise ValueError(f"{self.name}: queue {queue_index} is kicked through its backend")
+        super().connect_kick(queue_index, kick)
+
+    def serve(self, queue_index: int, lend_hand: Callable[[], None] | None = None) -> bool:
+        """Python never pops a descriptor: the backend serves its queues, the others stay idle."""
+        return False
 
     def relay_call(self, queue_index: int) -> None:
         """The backend signalled queue `queue_index`'s call eventfd (already read): interrupt

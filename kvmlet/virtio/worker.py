@@ -170,12 +170,12 @@ class QueueWorker:
 
     def add(self, bell: Doorbell) -> None:
         """Serve `bell` from now on (before or after `start`); kicks of its queue that reach
-        a transport register ring it too."""
+        a transport register ring it too (a device may refuse: ValueError)."""
+        bell.device.connect_kick(bell.queue_index, bell.ring)
         self.doorbells.append(bell)
         self._targets[bell.eventfd] = bell
         self._hands[bell] = (lambda: self._lend_hand(bell)) if self.threads > 1 else None
         self._epoll.register(bell.eventfd, select.EPOLLIN)
-        bell.device.connect_kick(bell.queue_index, bell.ring)
 
     def watch(self, fd: int, callback: Callable[[], None]) -> None:
         """Call `callback()` on the poller thread whenever `fd` (an eventfd) is signalled."""
