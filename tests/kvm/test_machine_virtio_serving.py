@@ -14,6 +14,7 @@ import time
 import pytest
 
 from kvmlet.bus import AccessSizes, IoRegion
+from kvmlet.errors import KvmletError
 from kvmlet.machine import machine as machine_module
 from kvmlet.machine import virtio_devices
 from kvmlet.machine.config import DiskConfig, MachineConfig
@@ -150,3 +151,36 @@ def test_closing_with_a_vcpu_stuck_in_a_handler_closes_nothing_it_uses(monkeypat
     assert wait_for(lambda: not machine._threads[0].is_alive(), timeout=10)
     machine.close()
     assert machine.vcpus[0].fd == -1 and machine.vm.fd == -1
+
+
+def test_a_pause_holds_every_devices_worker_and_waits_for_a_busy_one(
+    machine_with_disk_and_rng, monkeypatch
+):
+    """The machine pauses only when each device's worker holds between rounds: a disk stuck in
+    a flush makes the pause fail (the guest runs on); once it is done, every worker holds and
+    kicks wait until resume."""
+    machine = machine_with_disk_and_rng
+    machine.start()
+    blk, blk_driver, rng, rng_driver = drivers(machine)
+    flushing, release = stuck_flush(blk, monkeypatch)
+    try:
+        blk_driver.post_data(0, [VIRTIO_FLUSH_HEADER], [1])
+        blk.notify(0)
+        assert flushing.wait(5)
+        with pytest.raises(KvmletError, match="a device stayed busy"):
+            machine.pause(timeout=0.3)
+        assert machine.state == "running"
+    finally:
+        release.set()
+    assert wait_for(lambda: blk_driver.collect(0))
+    machine.pause(timeout=5)
+    try:
+        assert all(worker._parked for worker in machine.virtio.workers)
+        rng_driver.post_data(0, [], [16])
+        rng.notify(0)
+        time.sleep(0.1)
+        assert rng_driver.collect(0) == [], "a paused machine's device took a request"
+    finally:
+        machine.resume()
+    served = []
+    assert wait_for(lambda: served.extend(rng_driver.collect(0)) or served)
