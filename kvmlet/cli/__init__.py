@@ -374,9 +374,13 @@ def _command_run(args: argparse.Namespace) -> int:
         sigterm.deliver()
         with RawTerminal(0) as terminal:  # raw mode only when stdin is a terminal
             interactive = terminal.is_tty
-            machine = Machine(config, console_echo_fd=1, console_input_fd=0, escape=interactive)
+            # Held while the machine is built: raised from the handler there, the error could
+            # land in code that takes any exception for a device's or KVM's refusal.
+            with sigterm.held():
+                machine = Machine(config, console_echo_fd=1, console_input_fd=0, escape=interactive)
             server = None
             try:
+                sigterm.deliver()
                 sigterm.machine = machine
                 machine.start()
                 from kvmlet.api.server import ApiServer  # after start: not before the guest runs

@@ -258,3 +258,51 @@ def test_kernel_parameters_must_be_utf8_without_nul():
         MachineConfig(boot_code=b"\xf4", params="console=\udcff")
     with pytest.raises(KvmletError, match="kernel parameters"):
         MachineConfig(boot_code=b"\xf4", extra_parameters=("a\0b",))
+
+
+def test_a_sigterm_while_the_machine_is_built_is_never_swallowed(tmp_path, monkeypatch, capsys):
+    """Building a machine runs code that takes any exception for a refusal (the bus's listener
+    commits); a SIGTERM then must not raise in there, but wait until the machine exists and
+    stop it."""
+    import os
+    import signal
+
+    from kvmlet.errors import KvmletError
+    from kvmlet.machine import machine as machine_module
+
+    swallowed, stops = [], []
+
+    class Building:
+        def __init__(self, config, **options):
+            try:  # what a listener commit does with whatever a KVM call raised
+                os.kill(os.getpid(), signal.SIGTERM)
+                for _ in range(1000):  # bytecode boundaries where a handler could run
+                    pass
+            except Exception as error:
+                swallowed.append(error)
+
+        def stop(self, reason, detail=""):
+            stops.append(detail)
+
+        def start(self):
+            raise KvmletError("not a real machine")
+
+        def close(self):
+            pass
+
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    monkeypatch.setattr(machine_module, "Machine", Building)
+    previous = signal.getsignal(signal.SIGTERM)
+    kernel = tmp_path / "bzImage"
+    kernel.write_bytes(make_bzimage())
+    try:
+        status = cli.main(["run", "-k", str(kernel), "--host-profile", "none"])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert swallowed == []
+    error = capsys.readouterr().err
+    if stops:  # delivered once the machine existed: stopped, then its start failed here
+        assert stops == ["SIGTERM"] and "not a real machine" in error
+    else:
+        assert error == "kvmlet: terminated (SIGTERM) before the guest started\n"
+    assert status == 1
