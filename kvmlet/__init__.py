@@ -2,7 +2,8 @@
 
 The public API: `MachineConfig` and `DiskConfig` describe a machine, `with_default_guest` adds
 kvmlet's own kernel and initramfs, `Machine` runs it, `sandbox` runs one command in a throwaway
-machine; `GuestStop`/`StopReason` say how a guest ended; `KvmletError` is every user-facing error.
+machine; `GuestStop`/`StopReason` say how a guest ended; `KvmletError` is every user-facing error
+(`GuestStoppedError`, one of them, carries the `GuestStop` of a guest that stopped too soon).
 The names load on first use, so `kvmlet --version` or a CLI error costs no import of the rest.
 """
 
@@ -16,6 +17,7 @@ __version__ = "0.1.0"
 _PUBLIC = {
     "DiskConfig": "kvmlet.machine.config",
     "GuestStop": "kvmlet.vstate.vcpu_loop",
+    "GuestStoppedError": "kvmlet.errors",
     "KvmletError": "kvmlet.errors",
     "Machine": "kvmlet.machine.machine",
     "MachineConfig": "kvmlet.machine.config",
@@ -28,6 +30,7 @@ _PUBLIC = {
 __all__ = [
     "DiskConfig",
     "GuestStop",
+    "GuestStoppedError",
     "KvmletError",
     "Machine",
     "MachineConfig",
@@ -39,7 +42,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from kvmlet.errors import KvmletError
+    from kvmlet.errors import GuestStoppedError, KvmletError
     from kvmlet.machine.config import DiskConfig, MachineConfig, with_default_guest
     from kvmlet.machine.machine import Machine
     from kvmlet.sandbox import SandboxResult, sandbox

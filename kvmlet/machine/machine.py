@@ -86,7 +86,7 @@ class Machine:
         self._stop_lock = threading.Lock()
         self._stopped = threading.Event()
         self._threads: list[threading.Thread] = []
-        self.console = Console(console_echo_fd)
+        self.console = Console(console_echo_fd, stop_reason=lambda: self._stop)
         self.kvm = Kvm()
         self._closers = [self.kvm.close]
         try:
