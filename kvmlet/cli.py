@@ -35,10 +35,20 @@ user space (host profile pvm), 124 timeout, 1 a usage or setup error.
 SANDBOX_EPILOG = """\
 examples:
   kvmlet sandbox -- uname -a
-  kvmlet sandbox -m 512M -d data.img,ro -- 'md5sum /dev/vda; exit 7'
+  kvmlet sandbox -- 'cd /proc && grep -c processor cpuinfo; exit 7'
+  kvmlet sandbox -m 512M -d data.img,ro -- md5sum /dev/vda
 
-The command runs as root in kvmlet's default guest; its output is printed and its exit status
-is kvmlet's. Nothing of the guest remains afterwards.
+One argument is a shell command line, run with `sh -c` (pipes, `;` and `$VAR`
+work); several arguments are one program and its arguments, each passed on
+exactly as given. The command runs as root in kvmlet's default guest (busybox);
+its output, stdout and stderr alike, goes to stdout. Nothing of the guest
+remains afterwards.
+
+exit status: the command's own. When the status is kvmlet's own, the last line
+on stderr says why (`kvmlet: ...`): 1 a usage or setup error, or the command
+reported no status; 124 the command was still running at --timeout (its output
+so far is printed); 6 this host cannot run the guest's user space (host profile
+pvm); 3, 4, 5 the guest crashed, as for `kvmlet run`.
 """
 
 
@@ -260,6 +270,7 @@ def _command_run(args: argparse.Namespace) -> int:
 
 
 def _command_sandbox(args: argparse.Namespace) -> int:
+    from kvmlet.errors import GuestStoppedError
     from kvmlet.sandbox import DEFAULT_TIMEOUT, sandbox
     from kvmlet.vstate.vcpu_loop import StopReason
 
@@ -272,16 +283,19 @@ def _command_sandbox(args: argparse.Namespace) -> int:
     config = _machine_config(args)
     _notice_profile(config)
     timeout = args.timeout or DEFAULT_TIMEOUT
-    result = sandbox(command, config, timeout=timeout)
+    try:
+        result = sandbox(command, config, timeout=timeout)
+    except GuestStoppedError as error:  # the guest never ran the command
+        print(f"kvmlet: {error}", file=sys.stderr)
+        return error.stop.reason.exit_status or 1
     sys.stdout.write(result.output)
     sys.stdout.flush()
     if result.status is None:
         if result.stop.reason is StopReason.TIMEOUT:
             print(f"kvmlet: the command timed out after {timeout:g} s", file=sys.stderr)
-            return result.stop.reason.exit_status
-        if result.stop.reason is StopReason.USER_SPACE_UNSUPPORTED:
-            raise KvmletError(str(result.stop))
-        raise KvmletError(f"the command reported no exit status ({result.stop})")
+        else:
+            print(f"kvmlet: the command reported no exit status ({result.stop})", file=sys.stderr)
+        return result.stop.reason.exit_status or 1
     return result.status
 
 
