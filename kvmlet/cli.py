@@ -181,14 +181,23 @@ def build_parser() -> argparse.ArgumentParser:
         "build-guest",
         help="build (or find cached) the default guest kernel and initramfs",
         description="Build kvmlet's default guest from Debian's linux-source-6.1 (or --source) "
-        "into ~/.cache/kvmlet; an unchanged configuration is found in the cache at once.",
+        "into kvmlet's cache: $KVMLET_CACHE_DIR, else $XDG_CACHE_HOME/kvmlet, else "
+        "~/.cache/kvmlet. An unchanged configuration is found in the cache at once. The first "
+        "build takes about 6 minutes on 2 idle cores and keeps the extracted source (1.5 GB) "
+        "and the build objects for faster rebuilds.",
         formatter_class=plain,
     )
     build.add_argument("--source", metavar="DIR", help="a Linux source tree to use")
     build.add_argument(
         "--install-source",
         action="store_true",
-        help="apt-get install linux-source-6.1 when it is missing (root only)",
+        help="apt-get install linux-source-6.1 and the build tools when missing (root only)",
+    )
+    build.add_argument(
+        "--clean",
+        action="store_true",
+        help="remove what only a rebuild needs (the extracted source and the build objects) "
+        "and cached guests of other configurations, keep the current default guest, and exit",
     )
     return parser
 
@@ -302,8 +311,17 @@ def _command_sandbox(args: argparse.Namespace) -> int:
 def _command_build_guest(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from kvmlet.guest import ensure_default_guest
+    from kvmlet.guest import clean_cache, ensure_default_guest
+    from kvmlet.guest.cache import format_bytes
 
+    if args.clean:
+        removed, kept = clean_cache()
+        for path, size in removed:
+            print(f"removed {path} ({format_bytes(size)})")
+        for path in kept:
+            print(f"kept    {path}")
+        print(f"freed {format_bytes(sum(size for _, size in removed))}")
+        return 0
     source = Path(args.source) if args.source is not None else None
     guest = ensure_default_guest(source, install_source=args.install_source)
     print(f"kernel (ELF):    {guest.vmlinux}")
