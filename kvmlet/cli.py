@@ -231,6 +231,17 @@ def _notice_profile(config) -> None:
         print(profile.notice, file=sys.stderr)
 
 
+def _check_kvm_before_building() -> None:
+    """Open /dev/kvm before minutes of building a default guest it could not run."""
+    from kvmlet.kvm import Kvm
+
+    kvm = Kvm()
+    try:
+        kvm.require()
+    finally:
+        kvm.close()
+
+
 def run_config(args: argparse.Namespace) -> MachineConfig:
     """The `MachineConfig` of `kvmlet run ARGS`, the kernel checked and the host profile
     announced (the default guest is built or found only when no -k is given)."""
@@ -241,6 +252,8 @@ def run_config(args: argparse.Namespace) -> MachineConfig:
         raise KvmletError("-i/--initrd needs -k/--kernel (the default guest has its own)")
     if args.kernel is not None:
         inspect_kernel(args.kernel)
+    else:
+        _check_kvm_before_building()
     config = with_default_guest(
         _machine_config(
             args,
@@ -290,6 +303,7 @@ def _command_sandbox(args: argparse.Namespace) -> int:
 
     command = argv[0] if len(argv) == 1 else shlex.join(argv)
     config = _machine_config(args)
+    _check_kvm_before_building()
     _notice_profile(config)
     timeout = args.timeout or DEFAULT_TIMEOUT
     try:

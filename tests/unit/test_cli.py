@@ -186,3 +186,19 @@ def test_sandbox_help_says_how_arguments_run_and_whose_status_it_is():
     assert "several arguments are one program and its arguments" in text
     for status in ("1 a usage", "124 the command", "6 this host"):
         assert status in text
+
+
+@pytest.mark.parametrize("argv", [["run"], ["sandbox", "--", "true"]])
+def test_a_host_without_kvm_is_told_so_before_the_default_guest_is_built(
+    tmp_path, monkeypatch, capsys, argv
+):
+    import kvmlet.guest
+
+    original = system.Kvm.__init__
+    monkeypatch.setattr(
+        system.Kvm, "__init__", lambda self, path="": original(self, str(tmp_path / "kvm"))
+    )
+    monkeypatch.setattr(kvmlet.guest, "ensure_default_guest", pytest.fail)
+    assert cli.main([*argv[:1], "--host-profile", "none", *argv[1:]]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("kvmlet: cannot open ") and "no such device" in line
