@@ -64,6 +64,22 @@ cpu_parse_early_param), but Linux 6.1 reads `noxsave` with cmdline_find_option_b
 registers no parameter for it, so it listed `noxsave` as unknown and passed it on to init.
 Masking XSAVE in CPUID instead is not honoured by this KVM."""
 
+PVM_CLOCKSOURCE = "clocksource=refined-jiffies"
+"""Guest timekeeping from its own tick instead of kvm-clock or the TSC.
+
+A kernel with a periodic tick and no high-resolution timers (HZ_PERIODIC without
+HIGH_RES_TIMERS, as tinyconfig leaves it) runs that tick on the local APIC's TSC-deadline
+timer, which has no periodic mode: tick_handle_periodic (kernel/time/tick-common.c) programs
+each next tick itself and, once the clocksource is valid for high resolution (kvm-clock, tsc),
+first runs every tick it missed. Under this host's instruction emulator one tick costs about a
+tick period, so from `clocksource: Switched to clocksource kvm-clock` on the guest did little
+but catch up ticks, longer the busier the host (a boot that seemed to stall there, with either
+entry, ELF/PVH or bzImage). A jiffies clocksource is not valid for high resolution: the loop
+then drops missed ticks. Kernels with high-resolution timers (the default guest) pay for their
+ticks too, in hrtimer interrupts, and also boot faster. The cost: guest time advances by the
+ticks the guest got, so it lags the host's clock, and high-resolution timers stay off;
+docs/hosts.md has the measurements."""
+
 INT3 = 0xCC
 FWAIT = 0x9B
 BP_VECTOR = 3
@@ -212,14 +228,15 @@ PVM = HostProfile(
     name="pvm",
     notice=(
         "kvmlet: host profile pvm (software KVM): masking CMPXCHG16B and KVM hypercalls, adding "
-        "clearcpuid=xsave,..., fixing up INT3/FWAIT the emulator refuses"
+        "clearcpuid=xsave,... and clocksource=refined-jiffies, fixing up INT3/FWAIT the emulator "
+        "refuses"
     ),
     # A hypercall from guest kernel code never returns here: PV IPIs hung SMP boot.
     cpuid_masks=(
         CpuidMask(CPUID_FEATURES, "ecx", CPUID1_ECX_CMPXCHG16B),
         HIDE_KVM_HYPERCALL_FEATURES,
     ),
-    kernel_parameters=(clearcpuid_parameter(PVM_CLEARED_FEATURES),),
+    kernel_parameters=(clearcpuid_parameter(PVM_CLEARED_FEATURES), PVM_CLOCKSOURCE),
     fixes_emulation_failures=True,
     console_explainer=recognise_init_death,
 )

@@ -64,7 +64,8 @@ def test_none_profile_changes_nothing():
 
 def test_pvm_profile_masks_cmpxchg16b_and_adds_parameters():
     assert hp.PVM.cpuid_masks == (cpu.CpuidMask(1, "ecx", 1 << 13), cpu.HIDE_KVM_HYPERCALL_FEATURES)
-    (clearcpuid,) = hp.PVM.kernel_cmdline_additions().split()
+    clearcpuid, clocksource = hp.PVM.kernel_cmdline_additions().split()
+    assert clocksource == "clocksource=refined-jiffies"
     assert clearcpuid.startswith("clearcpuid=xsave,smap,popcnt,")
     cleared = clearcpuid.removeprefix("clearcpuid=")
     assert len(cleared) <= 127 and cleared.split(",") == list(hp.PVM_CLEARED_FEATURES)
