@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Build kvmlet's default guest from Debian's linux-source-6.1 (or --source) "
         "into kvmlet's cache: $KVMLET_CACHE_DIR, else $XDG_CACHE_HOME/kvmlet, else "
         "~/.cache/kvmlet. An unchanged configuration is found in the cache at once. The first "
-        "build takes about 6 minutes on 2 idle cores and keeps the extracted source (1.5 GB) "
+        "build takes 7-8 minutes on 2 idle cores and keeps the extracted source (1.5 GB) "
         "and the build objects for faster rebuilds.",
         formatter_class=plain,
     )

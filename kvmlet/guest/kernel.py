@@ -232,7 +232,7 @@ def _extract_debian_source(version: str, progress: Progress) -> Path:
     target = tree.parent
     if tree.is_dir():
         return tree
-    progress.stage(f"extracting {DEBIAN_SOURCE_TARBALL} (about a minute; once per version)")
+    progress.stage(f"extracting {DEBIAN_SOURCE_TARBALL} (once per source version)")
     partial = target.with_name(target.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
