@@ -13,6 +13,7 @@ alone, what every first access to an address costs.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import random
 import sys
@@ -32,6 +33,8 @@ from kvmlet.bus import (
     port_io_space,
 )
 from kvmlet.bus.pci import BarAllocator, BarKind, PciDevice, PciHostBridge, PciWindow
+from kvmlet.bus.watch import Watch, WatchList
+from kvmlet.machine.record import Recorder
 
 BASE = 0xC000_0000
 STRIDE = 0x1000
@@ -209,12 +212,41 @@ def dispatch_cases(ranges: int, rounds: int) -> list[dict]:
             traced.clear()
         return rounds * len(addresses)
 
+    def watched_read():
+        """A watch on a range these reads never touch: the cost of looking at it."""
+        watches = WatchList(lambda watch, access: None)
+        watches.add(Watch(space.name, 0x1000, 0x2000, print))
+        space.add_trace(watches)
+        try:
+            for _ in range(rounds):
+                for address in addresses:
+                    read(address, 4)
+        finally:
+            space.remove_trace(watches)
+        return rounds * len(addresses)
+
+    recorder = Recorder(os.devnull)  # one recording: its names are numbered once
+    recorder.begin({})
+
+    def recorded_read():
+        """`--record`: every access written to a record file (here /dev/null)."""
+        recorder.attach(port_io_space(), space)
+        try:
+            for _ in range(rounds):
+                for address in addresses:
+                    read(address, 4)
+        finally:
+            space.remove_trace(recorder._trace_mmio)
+        return rounds * len(addresses)
+
     for name, function, note in (
         ("dispatch_plain_read", plain_read, "aligned 4-byte read, 4-byte handler"),
         ("dispatch_plain_write", plain_write, "aligned 4-byte write, 4-byte handler"),
         ("dispatch_split_read", split_read, "8-byte read split into two 4-byte calls"),
         ("dispatch_narrow_write", narrow_write, "1-byte write widened: read-modify-write"),
         ("dispatch_plain_read_traced", traced_read, "plain read with a trace hook set"),
+        ("dispatch_plain_read_watched", watched_read, "plain read, one watch elsewhere"),
+        ("dispatch_plain_read_recorded", recorded_read, "plain read while recording"),
     ):
         cases.append(
             {
@@ -224,6 +256,7 @@ def dispatch_cases(ranges: int, rounds: int) -> list[dict]:
                 "what": note,
             }
         )
+    recorder.close()
     return cases
 
 

@@ -20,6 +20,8 @@ Cases, interleaved in each round (medians over rounds: shared machines are noisy
   called through ctypes) driving the vCPU of a kvmlet `Machine`: what kvmlet's VM set-up
   (memory slots, CPUID, MSRs, LAPIC) costs per exit, with no Python in the loop.
 - `kvmlet_python_only_*`: the whole kvmlet path with KVM_RUN replaced by a Python no-op.
+- `kvmlet_recorded_port`, `kvmlet_recorded_mmio`: `kvmlet_*` with `--record` (every exit
+  written to a record file): what recording costs per exit.
 
     python3 benchmarks/exit_cost.py [--exits N] [--rounds R]
 
@@ -284,9 +286,13 @@ def pad(space, base: int, stride: int, ranges: int) -> None:
             index += 1
 
 
-def build_machine(code: bytes) -> tuple[Machine, Register, Register, Marker]:
-    """A stopped Machine with the benchmark devices placed and both flat tables padded."""
-    machine = Machine(MachineConfig(boot_code=code, rng=False, host_profile="none"))
+def build_machine(
+    code: bytes, record: Path | None = None
+) -> tuple[Machine, Register, Register, Marker]:
+    """A stopped Machine with the benchmark devices placed and both flat tables padded
+    (recording every access to `record` if given)."""
+    config = MachineConfig(boot_code=code, rng=False, host_profile="none", record=record)
+    machine = Machine(config)
     port_device, mmio_device, marker = Register(), Register(), Marker()
     byte = AccessSizes(1, 1)
     with machine.io.transaction():
@@ -302,8 +308,8 @@ def build_machine(code: bytes) -> tuple[Machine, Register, Register, Marker]:
     return machine, port_device, mmio_device, marker
 
 
-def run_kvmlet(code: bytes, exits: int) -> float:
-    machine, _, _, marker = build_machine(code)
+def run_kvmlet(code: bytes, exits: int, record: Path | None = None) -> float:
+    machine, _, _, marker = build_machine(code, record)
     try:
         machine.start()
         stop = machine.wait(60)
@@ -458,6 +464,7 @@ def main() -> None:
                     "c": partial(run_reference, binary, code_file, exits),
                     "c_loop_on_kvmlet_vm": partial(run_c_loop_on_kvmlet_vm, library, code, exits),
                     "kvmlet": partial(run_kvmlet, code, exits),
+                    "kvmlet_recorded": partial(run_kvmlet, code, exits, directory / "run.rec"),
                     "kvmlet_vcpu_only": partial(run_vcpu_only, code, exits),
                     "kvmlet_python_only": partial(run_python_only, kind, exits),
                 }

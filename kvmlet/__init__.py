@@ -1,9 +1,12 @@
 """kvmlet: a lightweight Linux KVM virtual machine monitor in pure Python.
 
-The public API: `MachineConfig` and `DiskConfig` describe a machine, `with_default_guest` adds
-kvmlet's own kernel and initramfs, `Machine` runs it, `sandbox` runs one command in a throwaway
+The public API: `MachineConfig`, `DiskConfig` and `DeviceConfig` describe a machine,
+`with_default_guest` adds kvmlet's own kernel and initramfs, `Machine` runs it (and takes
+watchpoints: a callback returns `BREAK` to pause it), `sandbox` runs one command in a throwaway
 machine; `GuestStop`/`StopReason` say how a guest ended; `KvmletError` is every user-facing error
 (`GuestStoppedError`, one of them, carries the `GuestStop` of a guest that stopped too soon).
+Device models are written with `kvmlet.devices` (docs/devices.md). `connect` reaches a running
+machine's control API (`kvmlet.api`), `serve` gives one to a `Machine` of your own.
 The names load on first use, so `kvmlet --version` or a CLI error costs no import of the rest.
 """
 
@@ -15,7 +18,11 @@ from typing import TYPE_CHECKING
 __version__ = "0.1.0"
 
 _PUBLIC = {
+    "BREAK": "kvmlet.machine.watchpoints",
+    "DeviceConfig": "kvmlet.machine.config",
     "DiskConfig": "kvmlet.machine.config",
+    "connect": "kvmlet.api.client",
+    "serve": "kvmlet.api.server",
     "GuestStop": "kvmlet.vstate.vcpu_loop",
     "GuestStoppedError": "kvmlet.errors",
     "KvmletError": "kvmlet.errors",
@@ -28,6 +35,8 @@ _PUBLIC = {
 }
 
 __all__ = [
+    "BREAK",
+    "DeviceConfig",
     "DiskConfig",
     "GuestStop",
     "GuestStoppedError",
@@ -37,14 +46,19 @@ __all__ = [
     "SandboxResult",
     "StopReason",
     "__version__",
+    "connect",
     "sandbox",
+    "serve",
     "with_default_guest",
 ]
 
 if TYPE_CHECKING:
+    from kvmlet.api.client import connect
+    from kvmlet.api.server import serve
     from kvmlet.errors import GuestStoppedError, KvmletError
-    from kvmlet.machine.config import DiskConfig, MachineConfig, with_default_guest
+    from kvmlet.machine.config import DeviceConfig, DiskConfig, MachineConfig, with_default_guest
     from kvmlet.machine.machine import Machine
+    from kvmlet.machine.watchpoints import BREAK
     from kvmlet.sandbox import SandboxResult, sandbox
     from kvmlet.vstate.vcpu_loop import GuestStop, StopReason
 

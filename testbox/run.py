@@ -89,6 +89,8 @@ def box_environment(extra: dict[str, str]) -> dict[str, str]:
         "PATH": ":".join(dict.fromkeys([*path, "/usr/sbin", "/usr/bin", "/sbin", "/bin"])),
         "HOME": os.environ.get("HOME", "/root"),
         "KVMLET_TESTBOX": "1",
+        # HOME is read-only in L1: kvmlet's API sockets and locks go to L1's own tmpfs.
+        "XDG_RUNTIME_DIR": "/run",
     }
     for name, value in os.environ.items():
         if name in _PASSED_VARIABLES or name.startswith(_PASSED_PREFIXES):

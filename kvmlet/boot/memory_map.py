@@ -44,10 +44,12 @@ class AddressRange(NamedTuple):
 GDT_ADDRESS = 0x500
 PVH_START_INFO_ADDRESS = 0x6000  # hvm_start_info, then its module list and memory map
 PVH_START_INFO_AREA = AddressRange(PVH_START_INFO_ADDRESS, 0x1000)
+# A multiboot kernel's information structure, memory map and module list (never beside PVH).
+MULTIBOOT_INFO_AREA = PVH_START_INFO_AREA
 ZERO_PAGE_ADDRESS = 0x7000  # struct boot_params, 4 KiB
 SETUP_DATA_AREA = AddressRange(0x8000, 0x1000)  # the setup_data linked list
 PAGE_TABLES_AREA = AddressRange(0x9000, 0x6000)  # PML4, PDPT and four page directories
-CMDLINE_AREA = AddressRange(0x20000, 0x10000)  # the kernel command line, NUL-terminated
+CMDLINE_AREA = AddressRange(0x20000, 0x10000)  # the kernel command line (multiboot: all strings)
 
 # Legacy areas the e820 map reports as reserved: EBDA, VGA window, option and system ROMs.
 EBDA_START = 0x9FC00
@@ -68,6 +70,12 @@ VIRTIO_MMIO_DEVICE_SIZE = 0x1000
 IOAPIC_ADDRESS = 0xFEC0_0000
 LAPIC_ADDRESS = 0xFEE0_0000
 HIGH_RAM_START = 4 * GiB
+
+# The port I/O space.
+PORT_IO_END = 0x10000
+
+# MMIO free for the user's own devices (DeviceConfig.mmio): after the virtio-mmio window.
+DEVICE_MMIO_WINDOW = AddressRange(0xF100_0000, 0x0100_0000)
 
 # I/O ports for PCI I/O BARs: above the legacy ISA devices and the PCI config ports (0xCF8).
 PCI_IO_WINDOW = AddressRange(0x1000, 0xF000)

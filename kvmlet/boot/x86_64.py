@@ -48,7 +48,8 @@ class BootCpuState(NamedTuple):
 
     `mode` "long64": 64-bit long mode with paging (`cr3` holds identity page tables), RIP =
     `entry`, RSI = `rsi` (the zero page). "protected32": flat 32-bit protected mode with
-    paging off (the PVH entry), RIP = `entry`, RBX = `rbx` (hvm_start_info).
+    paging off (the PVH and multiboot entries), RIP = `entry`, RBX = `rbx` (hvm_start_info or
+    the multiboot information), RAX = `rax` (the multiboot boot loader magic).
     """
 
     mode: Literal["long64", "protected32"]
@@ -60,6 +61,7 @@ class BootCpuState(NamedTuple):
     gdt_limit: int = 0
     code_selector: int = 0x10
     data_selector: int = 0x18
+    rax: int = 0
 
 
 def write_gdt(memory: GuestMemory) -> None:

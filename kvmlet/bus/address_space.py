@@ -59,6 +59,7 @@ class AddressSpace:
         self.root.spaces.append(self)
         self.listeners: list[MemoryListener] = []
         self.trace: TraceHook | None = None
+        self._trace_hooks: tuple[TraceHook, ...] = ()
         self.unassigned_reads: dict[int, int] = {}
         self.unassigned_writes: dict[int, int] = {}
         self.unassigned_total = 0
@@ -117,6 +118,31 @@ class AddressSpace:
     def remove_listener(self, listener: MemoryListener) -> None:
         with transactions.lock:
             self.listeners.remove(listener)
+
+    def add_trace(self, hook: TraceHook) -> None:
+        """Call `hook` on every access, beside the hooks already added (`remove_trace` takes
+        it away). `trace` is set to the one hook, or to a fan-out of several, or None."""
+        with transactions.lock:
+            self._trace_hooks = (*self._trace_hooks, hook)
+            self._publish_trace()
+
+    def remove_trace(self, hook: TraceHook) -> None:
+        """Take `hook` away (compared by equality: a bound method is a new object each time)."""
+        with transactions.lock:
+            self._trace_hooks = tuple(other for other in self._trace_hooks if other != hook)
+            self._publish_trace()
+
+    def _publish_trace(self) -> None:
+        hooks = self._trace_hooks
+        if len(hooks) > 1:
+
+            def fan_out(*access) -> None:
+                for hook in hooks:
+                    hook(*access)
+
+            self.trace = fan_out
+        else:
+            self.trace = hooks[0] if hooks else None
 
     def read(self, address: int, size: int) -> int:
         """Guest read of `size` bytes at `address`, as a little-endian int."""

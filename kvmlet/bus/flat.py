@@ -8,8 +8,8 @@ of `FlatRange`s that tile the address space exactly, with gaps filled by unassig
 
 The view also carries what listeners need: RAM/ROM sections and the visible event notifiers,
 as immutable, hashable values so that a rebuild's difference is a pair of set differences.
-These records are NamedTuples and small classes rather than frozen dataclasses: each of those
-costs ~0.4 ms of every boot's imports to build.
+These records are NamedTuples and small classes rather than frozen dataclasses, which are
+costly to build at import, on every boot (docs/performance.md, "Boot").
 """
 
 from __future__ import annotations

@@ -12,6 +12,14 @@ Pulsing the reset line (command 0xFE, or any 0xF0-0xFF pulse with bit 0 clear) o
 output port value with bit 0 clear calls `on_reset()`; the machine stops the guest there. The
 guest may ask more than once (Linux retries ten times), so `on_reset` must be idempotent.
 
+`press_ctrl_alt_del()` is the host's clean stop request, as Firecracker's SendCtrlAltDel: the
+keystrokes of Ctrl-Alt-Del arrive as keyboard scan codes. A Linux guest booted with
+`i8042.dumbkbd` (kvmlet's default parameters) binds its AT keyboard driver without talking to
+the keyboard, and its keyboard handler turns the keys into `ctrl_alt_del()`: a reboot, through
+`reboot=k` back to this controller's reset line, or the SIGINT to init that systemd and
+busybox init turn into an orderly shutdown. A kernel without the AT keyboard driver or the
+virtual terminal layer (CONFIG_KEYBOARD_ATKBD, CONFIG_VT) ignores the keys.
+
 Two interrupt lines: IRQ1 while a keyboard-side byte waits in the output buffer with the command
 byte's KBDINT set, IRQ12 likewise for AUX bytes with AUXINT. They are ISA edge-triggered inputs,
 so the line drops after each data read and rises again for the next queued byte.
@@ -75,6 +83,11 @@ SELF_TEST_PASSED = 0x55
 INTERFACE_TEST_PASSED = 0x00
 INPUT_PORT_NO_KEYLOCK = 0x80  # bit 7 high: keyboard not inhibited
 
+# Ctrl, Alt and Delete pressed, then released: scan code set 1, which the guest reads while
+# the controller translates (the command byte's bit 6, as firmware leaves it), and set 2.
+CTRL_ALT_DEL_SET1 = bytes.fromhex("1d 38 e053 e0d3 b8 9d")
+CTRL_ALT_DEL_SET2 = bytes.fromhex("14 11 e071 e0f071 f011 f014")
+
 _RAM_SIZE = 32
 _OUTPUT_BUFFER_LIMIT = 16
 _COMMANDS_WITH_DATA = frozenset(
@@ -118,6 +131,18 @@ class I8042Controller:
     @property
     def output_port(self) -> int:
         return self._output_port
+
+    def press_ctrl_alt_del(self) -> bool:
+        """Queue the keystrokes of Ctrl-Alt-Del for the guest's keyboard driver (IRQ 1);
+        False when the guest disabled the keyboard interface or the buffer has no room."""
+        if self._ram[0] & CTR_KBD_DISABLED:
+            return False
+        codes = CTRL_ALT_DEL_SET1 if self._ram[0] & CTR_TRANSLATE else CTRL_ALT_DEL_SET2
+        if len(self._output) + len(codes) > _OUTPUT_BUFFER_LIMIT:
+            return False
+        self._output.extend((code, 0) for code in codes)
+        self._update_irqs()
+        return True
 
     def read(self, offset: int, size: int) -> int:
         """Offset 0 pops the output buffer, offset 4 is the status register."""

@@ -64,6 +64,13 @@ class Console:
         with self._lock:
             return bytes(self._transcript)
 
+    def tail(self, size: int) -> tuple[bytes, int]:
+        """The last `size` bytes of output (fewer when there is less), and how many bytes the
+        guest has written in all."""
+        with self._lock:
+            total = self._dropped + len(self._transcript)
+            return bytes(self._transcript[-size:] if size > 0 else b""), total
+
     def read(self) -> bytes:
         """Output that arrived since the previous `read()`."""
         with self._lock:

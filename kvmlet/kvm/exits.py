@@ -5,8 +5,9 @@ The two hot exits, port I/O and MMIO, are preallocated per vCPU and updated in p
 view are valid only until the vCPU runs again, the same lifetime the kernel gives the bytes
 in the run page. Reply to an IN or an MMIO read by writing into `data` before the next run().
 Rare exits are small immutable values decoded by `decode_rare_exit`: NamedTuples, or one shared
-instance of a class for the exits that carry nothing (a frozen dataclass would cost ~0.4 ms of
-every boot's imports each, for values made a handful of times per run).
+instance of a class for the exits that carry nothing: building a frozen dataclass at import
+costs more of every boot's set-up than values made a handful of times per run are worth
+(docs/performance.md, "Boot").
 """
 
 from __future__ import annotations

@@ -230,6 +230,19 @@ class KvmMpState(ctypes.Structure):
     _fields_ = [("mp_state", u32)]
 
 
+class KvmClockData(ctypes.Structure):
+    """KVM_GET_CLOCK/KVM_SET_CLOCK: the VM's kvmclock in nanoseconds (and what it was read at)."""
+
+    _fields_ = [
+        ("clock", u64),
+        ("flags", u32),
+        ("pad0", u32),
+        ("realtime", u64),
+        ("host_tsc", u64),
+        ("pad", u32 * 4),
+    ]
+
+
 # struct kvm_run: the header, then the exit-reason union (256 bytes), then the register
 # synchronisation area. kvmlet decodes the run page with struct offsets taken from these
 # declarations (see exits.py), so the declarations are the single source of the layout.

@@ -4,14 +4,15 @@ events).
 
 `run()` is the monitor's innermost loop: one KVM_RUN (`fcntl.ioctl` with no argument, which
 releases the GIL) and a decode of the shared run page with precompiled `struct` layouts into a
-preallocated exit object. Keep it that way: every 100 ns here is ~1.3 % of an exit on the
-software KVM of our machines.
+preallocated exit object. Keep it that way: every exit pays for each step here, and
+benchmarks/exit_cost.py shows it (docs/performance.md, "Exit cost").
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import fcntl
 import mmap
 import os
@@ -20,7 +21,7 @@ from collections.abc import Iterable, Mapping
 from kvmlet.errors import KvmletError
 from kvmlet.kvm import ioctls as nr
 from kvmlet.kvm import structs as s
-from kvmlet.kvm._syscall import failure, ioctl_struct
+from kvmlet.kvm._syscall import failure, ioctl_int, ioctl_struct
 from kvmlet.kvm.exits import (
     EXIT_UNION_OFFSET,
     INTERRUPTED,
@@ -182,6 +183,17 @@ class Vcpu:
         return [
             s.KvmCpuidEntry2.from_buffer_copy(entry) for entry in cpuid.entries[: cpuid.header.nent]
         ]
+
+    def kvmclock_ctrl(self) -> bool:
+        """KVM_KVMCLOCK_CTRL: tell the guest it was paused by the host (its soft-lockup
+        watchdog then does not fire); False when the guest has no kvmclock page registered."""
+        try:
+            ioctl_int(self.fd, nr.KVM_KVMCLOCK_CTRL)
+        except OSError as error:
+            if error.errno == errno.EINVAL:
+                return False
+            raise failure(f"KVM_KVMCLOCK_CTRL on vCPU {self.id}", error) from None
+        return True
 
     def _get(self, what: str, request: int, argument):
         self._call(what, request, argument)

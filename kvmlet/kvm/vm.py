@@ -115,8 +115,8 @@ class Vm:
     ) -> None:
         """Identity map, TSS, irqchip, PIT2: in this order, before any vCPU.
 
-        Best after the RAM slots: a slot added once the irqchip exists cost 5-10 ms on the
-        software KVM we measured (0.2 ms before it), the largest part of a boot's set-up."""
+        Best after the RAM slots: on some KVMs a slot added once the irqchip exists is much
+        slower to register (docs/performance.md, "Boot")."""
         self.set_identity_map_addr(identity_map_addr)
         self.set_tss_addr(tss_addr)
         self.create_irqchip()
@@ -211,6 +211,17 @@ class Vm:
         message = s.KvmMsi(address_lo=address & 0xFFFF_FFFF, address_hi=address >> 32, data=data)
         return self._call("KVM_SIGNAL_MSI", nr.KVM_SIGNAL_MSI, message) > 0
 
+    # -- clock ------------------------------------------------------------------------------
+
+    def get_clock(self) -> s.KvmClockData:
+        """KVM_GET_CLOCK: the kvmclock value the guest reads now (ns), with its flags
+        (KVM_CLOCK_TSC_STABLE: the value is the same for every vCPU)."""
+        return self._get("KVM_GET_CLOCK", nr.KVM_GET_CLOCK, s.KvmClockData())
+
+    def set_clock(self, clock: int) -> None:
+        """KVM_SET_CLOCK: make the guest's kvmclock read `clock` ns from now on."""
+        self._call("KVM_SET_CLOCK", nr.KVM_SET_CLOCK, s.KvmClockData(clock=clock))
+
     # -- vCPUs and lifetime -----------------------------------------------------------------
 
     def create_vcpu(self, vcpu_id: int) -> Vcpu:
@@ -220,6 +231,10 @@ class Vm:
         except OSError as error:
             raise failure(f"KVM_CREATE_VCPU {vcpu_id}", error) from None
         return Vcpu(fd, vcpu_id, self.vcpu_mmap_size)
+
+    def _get(self, what: str, request: int, argument):
+        self._call(what, request, argument)
+        return argument
 
     def _call(self, what: str, request: int, argument: ctypes.Structure | ctypes.c_uint64) -> int:
         try:

@@ -1,14 +1,15 @@
-"""What a user asks of a machine: kernel, memory, CPUs, disks, console; and the kernel
-command line kvmlet builds from it."""
+"""What a user asks of a machine: kernel, memory, CPUs, disks, console, devices of their own;
+and the kernel command line kvmlet builds from it."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
-from kvmlet.boot import BOOT_METHODS, BootMethod
-from kvmlet.boot.memory_map import MiB
+from kvmlet.boot import BOOT_METHODS, BootMethod, BootModule
+from kvmlet.boot.memory_map import PORT_IO_END, MiB
 from kvmlet.errors import KvmletError
 
 if TYPE_CHECKING:
@@ -21,6 +22,7 @@ DEFAULT_MEMORY = 256 * MiB
 BASE_KERNEL_PARAMETERS = (
     "reboot=k",  # reboot through the i8042: the monitor stops on its reset line
     "panic=-1",  # a panicking guest reboots at once, so the run ends instead of hanging
+    "acpi=off",  # kvmlet gives no ACPI tables (the MP table describes the CPUs and IRQs)
     "i8042.noaux",
     "i8042.nomux",
     "i8042.nopnp",
@@ -34,6 +36,105 @@ FilePath = str | os.PathLike
 methods, so the CLI passes strings and does not import it)."""
 ConsoleKind = Literal["serial", "virtio"]
 Transport = Literal["pci", "mmio"]
+Placement = Literal["port", "mmio", "pci"]
+PLACEMENTS: tuple[Placement, ...] = ("port", "mmio", "pci")
+
+
+class DeviceConfig(NamedTuple):
+    """A device model of the user's own, placed at a port range, an MMIO range or on PCI.
+
+    `model` is the factory (called with a `DeviceContext` and `options` as keyword
+    arguments) or its name, "module:Name" or "path/file.py:Name" (what a recording keeps).
+    `address` is the first port or the physical address (port and mmio); `irq` the interrupt
+    line of a port or MMIO device (None: it has none); `slot` the PCI slot (None: the first
+    free one); `name` names its region and context (default: the factory's name)."""
+
+    model: Callable[..., Any] | str
+    at: Placement
+    address: int | None = None
+    irq: int | None = None
+    slot: int | None = None
+    name: str | None = None
+    options: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def port(cls, model, address: int, *, irq=None, name=None, **options: str) -> DeviceConfig:
+        return cls(model, "port", address, irq, None, name, tuple(options.items()))
+
+    @classmethod
+    def mmio(cls, model, address: int, *, irq=None, name=None, **options: str) -> DeviceConfig:
+        return cls(model, "mmio", address, irq, None, name, tuple(options.items()))
+
+    @classmethod
+    def pci(cls, model, *, slot=None, name=None, **options: str) -> DeviceConfig:
+        return cls(model, "pci", None, None, slot, name, tuple(options.items()))
+
+    def check(self) -> None:
+        """KvmletError (one line) for a placement that cannot be right."""
+        if self.at not in PLACEMENTS:
+            raise KvmletError(f"device placement {self.at!r}: use port, mmio or pci")
+        if self.at != "pci" and self.address is None:
+            raise KvmletError(f"a {self.at} device needs an address ({self.at}=ADDRESS)")
+        if self.at == "port" and not 0 <= self.address < PORT_IO_END:
+            raise KvmletError(f"port {self.address:#x} is beyond the 64 KiB port space")
+        if self.at == "mmio" and not 0 <= self.address < 1 << 52:
+            raise KvmletError(f"MMIO address {self.address:#x} is beyond physical memory")
+        if self.at == "pci" and (self.irq is not None or self.address is not None):
+            raise KvmletError("a PCI device gets its address and interrupt from the bus")
+        if self.slot is not None and not 1 <= self.slot < 32:
+            raise KvmletError(f"PCI slot {self.slot} is not 1-31 (slot 0 is the host bridge)")
+
+
+def parse_device_option(text: str) -> DeviceConfig:
+    """`--device MODEL,port=ADDR[,irq=N]`, `MODEL,mmio=ADDR[,irq=N]` or `MODEL,pci[=SLOT]`,
+    with `name=NAME` and any `key=value` options for the model."""
+    model, *words = text.split(",")
+    if not model or ":" not in model:
+        raise KvmletError(f"--device {text!r}: start with the model, module:Name or file.py:Name")
+    at: Placement | None = None
+    numbers: dict[str, int | None] = {"address": None, "irq": None, "slot": None}
+    name = None
+    options = []
+    for word in words:
+        key, has_value, value = word.partition("=")
+        if key in PLACEMENTS:
+            if at is not None:
+                raise KvmletError(f"--device {text!r}: give one of port=, mmio= or pci")
+            at = key  # type: ignore[assignment]
+            if key == "pci":
+                numbers["slot"] = _number(value, text) if has_value else None
+            else:
+                numbers["address"] = _number(value, text)
+        elif key == "irq":
+            numbers["irq"] = _number(value, text)
+        elif key == "name" and value:
+            name = value
+        elif has_value and key:
+            options.append((key, value))
+        else:
+            raise KvmletError(f"--device {text!r}: {word!r} is not key=value")
+    if at is None:
+        raise KvmletError(f"--device {text!r}: say where it goes: port=, mmio= or pci")
+    config = DeviceConfig(
+        model, at, numbers["address"], numbers["irq"], numbers["slot"], name, tuple(options)
+    )
+    config.check()
+    return config
+
+
+def _number(value: str, text: str) -> int:
+    try:
+        return int(value, 0)
+    except ValueError:
+        raise KvmletError(f"--device {text!r}: {value!r} is not a number") from None
+
+
+def parse_module_option(text: str) -> BootModule:
+    """`--module FILE[,ARGUMENTS]`: a multiboot module and the arguments its string carries."""
+    path, _, cmdline = text.partition(",")
+    if not path:
+        raise KvmletError(f"--module {text!r}: name a file")
+    return BootModule(path, cmdline)
 
 
 @dataclass(frozen=True)
@@ -51,7 +152,10 @@ class MachineConfig:
 
     `kernel=None` means kvmlet's default guest (see `with_default_guest`);
     `boot_code` instead of a kernel runs raw real-mode code from `BOOT_CODE_ADDRESS` (tests,
-    benchmarks, firmware experiments).
+    benchmarks, firmware experiments). `modules` go with a multiboot kernel; `devices` are
+    the user's own device models; `debug_exit_port` places an isa-debug-exit port there;
+    `record` writes every user-space access to that file (`kvmlet replay` reads it);
+    `balloon` adds a virtio-balloon whose target the control API sets (`kvmlet balloon`).
     """
 
     kernel: FilePath | None = None
@@ -64,10 +168,15 @@ class MachineConfig:
     console: ConsoleKind = "serial"
     virtio_transport: Transport = "pci"
     rng: bool = True
+    balloon: bool = False
     boot_method: BootMethod = "auto"
     host_profile: str = "auto"
     debug_io: bool = False
     extra_parameters: tuple[str, ...] = field(default=())
+    modules: tuple[BootModule, ...] = ()
+    devices: tuple[DeviceConfig, ...] = ()
+    debug_exit_port: int | None = None
+    record: FilePath | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.cpus <= MAX_CPUS:
@@ -78,6 +187,10 @@ class MachineConfig:
             raise KvmletError(f"unknown virtio transport {self.virtio_transport!r}: pci or mmio")
         if self.boot_method not in BOOT_METHODS:
             raise KvmletError(f"unknown boot method {self.boot_method!r}")
+        if self.debug_exit_port is not None and not 0 <= self.debug_exit_port <= 0xFFFC:
+            raise KvmletError(f"--debug-exit port {self.debug_exit_port:#x} is not 0-0xfffc")
+        for device in self.devices:
+            device.check()
 
     def kernel_command_line(self, device_parameters: list[str], profile_parameters: str) -> str:
         """kvmlet's parameters, then devices', the host profile's, and the user's last."""
@@ -91,6 +204,11 @@ class MachineConfig:
             self.params,
         ]
         return " ".join(part for part in parts if part)
+
+    def multiboot_command_line(self) -> str:
+        """A multiboot kernel's command line: its file name, then `params` (as GRUB and
+        QEMU give it; kvmlet's Linux parameters mean nothing to it)."""
+        return f"{os.fspath(self.kernel)} {self.params}".rstrip()
 
 
 def with_default_guest(

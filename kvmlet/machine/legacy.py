@@ -2,19 +2,24 @@
 
 Four 16550A UARTs (COM1 carries the serial console), the i8042 (whose reset line stops the
 machine), the CMOS RTC and the POST-code port. The PIT and PIC live in KVM's in-kernel irqchip.
+On request, an isa-debug-exit port through which a test kernel ends the run with a status.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 from kvmlet.bus import AccessSizes, AddressSpace, IoRegion
+from kvmlet.devices.debug_exit import REGION_SIZE as DEBUG_EXIT_SIZE
+from kvmlet.devices.debug_exit import DebugExit
 from kvmlet.devices.i8042 import REGION_SIZE as I8042_REGION_SIZE
 from kvmlet.devices.i8042 import I8042Controller
 from kvmlet.devices.irq import IrqLine
 from kvmlet.devices.post import PostCodeSink
 from kvmlet.devices.rtc import CmosRtc
 from kvmlet.devices.serial import LEGACY_SERIAL_PORTS, REGION_SIZE, Uart16550
+from kvmlet.errors import KvmletError
 
 I8042_PORT = 0x60
 I8042_KEYBOARD_IRQ = 1
@@ -23,18 +28,41 @@ POST_PORT = 0x80
 
 _BYTE = AccessSizes(1, 1)
 _ANY_WIDTH = AccessSizes(1, 4)
+_AS_WRITTEN = AccessSizes(1, 4, unaligned=True)
 
 
 class LegacyDevices:
     """The legacy devices of one machine, for the console wiring and the stats dump."""
 
     def __init__(
-        self, uarts: list[Uart16550], i8042: I8042Controller, rtc: CmosRtc, post: PostCodeSink
+        self,
+        uarts: list[Uart16550],
+        i8042: I8042Controller,
+        i8042_region: IoRegion,
+        rtc: CmosRtc,
+        post: PostCodeSink,
     ):
         self.uarts = uarts
         self.i8042 = i8042
+        self._i8042_region = i8042_region
         self.rtc = rtc
         self.post = post
+
+    def press_ctrl_alt_del(self) -> bool:
+        """The host's shutdown request to the guest (see `I8042Controller.press_ctrl_alt_del`),
+        under the lock the guest's accesses to the controller take."""
+        with self._i8042_region.lock:
+            return self.i8042.press_ctrl_alt_del()
+
+    def describe(self) -> list[dict[str, object]]:
+        """One entry per device: name, type and first port."""
+        entries: list[dict[str, object]] = [
+            {"name": port.name.lower(), "type": "uart-16550a", "port": port.base}
+            for port in LEGACY_SERIAL_PORTS
+        ]
+        entries.append({"name": "i8042", "type": "i8042", "port": I8042_PORT})
+        entries.append({"name": "cmos-rtc", "type": "mc146818-rtc", "port": RTC_PORT})
+        return entries
 
     @property
     def console_uart(self) -> Uart16550:
@@ -55,8 +83,10 @@ def attach_legacy_devices(
     irq_line: Callable[[int], IrqLine],
     console_output: Callable[[bytes], None],
     on_reset: Callable[[], None],
+    rtc_clock: Callable[[], float] = time.time,
 ) -> LegacyDevices:
-    """Create the legacy devices and place them on `io`; COM1 writes to `console_output`."""
+    """Create the legacy devices and place them on `io`; COM1 writes to `console_output`,
+    the RTC follows `rtc_clock` (UTC seconds)."""
     uarts = []
     with io.transaction():
         for index, port in enumerate(LEGACY_SERIAL_PORTS):
@@ -70,13 +100,29 @@ def attach_legacy_devices(
         i8042 = I8042Controller(on_reset, kbd_irq=irq_line(I8042_KEYBOARD_IRQ))
         # One region over 0x60-0x64: 0x61 (the PC speaker) is the in-kernel PIT's and never
         # exits; the device answers 0x62/0x63 with all-ones like an unassigned port.
-        io.root.add_subregion(I8042_PORT, IoRegion("i8042", I8042_REGION_SIZE, i8042, impl=_BYTE))
-        rtc = CmosRtc()
+        i8042_region = IoRegion("i8042", I8042_REGION_SIZE, i8042, impl=_BYTE)
+        io.root.add_subregion(I8042_PORT, i8042_region)
+        rtc = CmosRtc(rtc_clock)
         io.root.add_subregion(RTC_PORT, IoRegion("cmos-rtc", 2, rtc, impl=_BYTE))
         post = PostCodeSink()
         io.root.add_subregion(POST_PORT, IoRegion("post", 1, post, valid=_ANY_WIDTH))
-    return LegacyDevices(uarts, i8042, rtc, post)
+    return LegacyDevices(uarts, i8042, i8042_region, rtc, post)
 
 
 def _discard(data: bytes) -> None:
     """Output of the UARTs no console is attached to."""
+
+
+def attach_debug_exit(io: AddressSpace, port: int, on_exit: Callable[[int, int], None]) -> None:
+    """Place an isa-debug-exit port at `port` (4 ports wide, so an `outl` reaches it whole);
+    `on_exit(value, status)` is called on each write. KvmletError if the ports are taken."""
+    end = port + DEBUG_EXIT_SIZE
+    for flat in io.view.assigned():
+        if flat.start < end and port < flat.end:
+            raise KvmletError(
+                f"--debug-exit port {port:#x} overlaps {flat.region.name} at {flat.start:#x}"
+            )
+    region = IoRegion(
+        "debug-exit", DEBUG_EXIT_SIZE, DebugExit(on_exit), valid=_AS_WRITTEN, impl=_AS_WRITTEN
+    )
+    io.root.add_subregion(port, region)

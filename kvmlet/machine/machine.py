@@ -11,29 +11,42 @@ Construction builds everything and loads the kernel (a user mistake raises Kvmle
 thread starts); `start()` launches one thread per vCPU; the first vCPU that sees the guest stop
 (i8042 reset, triple fault, emulation failure...) records a `GuestStop` and kicks the others out
 of KVM_RUN with a signal.
+
+The machine is programmable while it runs: `add_device` hot-adds a device model of the user's
+(docs/devices.md), `watch` puts a callback on a range of ports or MMIO that can log, check or
+break (`pause` every vCPU and hand control to the caller until `resume`, see watchpoints.py).
+`pause()` also quiesces the queue worker and freezes the guest's kvmclock (vstate/clock.py),
+`shutdown()` asks the guest to stop before stopping it, and `describe()`/`stats()` report on
+the machine: the control API (kvmlet/api) is built on these.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import mmap
 import os
 import signal
 import threading
 import time
+from typing import TYPE_CHECKING, Any
 
-from kvmlet.boot import load_kernel
-from kvmlet.boot.memory_map import MemoryMap
-from kvmlet.bus import RamRegion, mmio_space, port_io_space
-from kvmlet.bus.pci import PciHostBridge
+from kvmlet.boot import PciInterrupt, inspect_kernel, load_kernel
+from kvmlet.boot.memory_map import PCI_IO_WINDOW, PCI_MMIO_WINDOW, MemoryMap
+from kvmlet.bus import AddressSpace, RamRegion, mmio_space, port_io_space
+from kvmlet.bus.pci import BarAllocator, PciHostBridge, PciWindow
+from kvmlet.bus.watch import Access, Watch, WatchCallback, current_vcpu, set_current_vcpu
 from kvmlet.errors import KvmletError
 from kvmlet.host.console import Console
+from kvmlet.host.process import memory_usage
 from kvmlet.host.report import format_stats, trace_printer
 from kvmlet.host.terminal import EscapeAction, EscapeFilter
 from kvmlet.kvm import InternalErrorExit, Kvm, Vcpu
-from kvmlet.machine.config import BOOT_CODE_ADDRESS, MachineConfig
-from kvmlet.machine.legacy import attach_legacy_devices
-from kvmlet.machine.virtio_devices import VirtioDevices
+from kvmlet.machine.config import BOOT_CODE_ADDRESS, DeviceConfig, MachineConfig
+from kvmlet.machine.control import Controls
+from kvmlet.machine.legacy import attach_debug_exit, attach_legacy_devices
+from kvmlet.machine.virtio_devices import SLOTS_WITH_INTX, VirtioDevices, intx_irq
+from kvmlet.machine.watchpoints import Watchpoints
 from kvmlet.memory import GuestMemory
 from kvmlet.vstate import host_profile
 from kvmlet.vstate.bus_listener import KvmBusListener
@@ -44,8 +57,12 @@ from kvmlet.vstate.cpu import (
     supported_cpuid,
 )
 from kvmlet.vstate.diagnostics import describe_vcpu
-from kvmlet.vstate.interrupts import KvmIrqLine
-from kvmlet.vstate.vcpu_loop import GuestStop, StopReason, run_vcpu
+from kvmlet.vstate.interrupts import KvmInterruptRouter, KvmIrqLine
+from kvmlet.vstate.vcpu_loop import ExitCounts, GuestStop, StopReason, run_vcpu
+
+if TYPE_CHECKING:
+    from kvmlet.machine.record import Recorder
+    from kvmlet.machine.user_devices import UserDevices
 
 KICK_SIGNAL = signal.SIGRTMIN + 4
 """Sent to a vCPU thread to make KVM_RUN return (its handler does nothing)."""
@@ -61,7 +78,7 @@ def _install_kick_handler() -> None:
     signal.signal(KICK_SIGNAL, lambda signum, frame: None)
 
 
-class Machine:
+class Machine(Controls):
     """One virtual machine built from a `MachineConfig`; see the module docstring."""
 
     def __init__(
@@ -86,9 +103,16 @@ class Machine:
         self._stop_lock = threading.Lock()
         self._stopped = threading.Event()
         self._threads: list[threading.Thread] = []
+        self.vcpus: list[Vcpu] = []
+        self.watchpoints = Watchpoints(self)
+        self._init_controls()
+        self.cmdline = ""  # the kernel's command line (none for boot code)
         self.console = Console(console_echo_fd, stop_reason=lambda: self._stop)
         self.kvm = Kvm()
         self._closers = [self.kvm.close]
+        self._router: KvmInterruptRouter | None = None
+        self._devices: UserDevices | None = None
+        self.recorder: Recorder | None = None
         try:
             self._build(console_input_fd, escape)
         except BaseException:
@@ -105,6 +129,7 @@ class Machine:
         self.memory_map = MemoryMap(config.memory)
         self.memory = GuestMemory.anonymous(self.memory_map.ram_banks())
         self._closers.append(self.memory.close)
+        self._ram_ranges = [(bank.host_address(), bank.size) for bank in self.memory]
         ask_for_huge_pages(self.memory)
         self.io = port_io_space()
         self.mmio = mmio_space()
@@ -112,7 +137,17 @@ class Machine:
         self.io.add_listener(self.kvm_listener)
         self.mmio.add_listener(self.kvm_listener)
         if config.debug_io:
-            self.io.trace = self.mmio.trace = trace_printer()
+            printer = trace_printer()
+            self.io.add_trace(printer)
+            self.mmio.add_trace(printer)
+        rtc_clock = time.time
+        if config.record is not None:
+            from kvmlet.machine.record import Recorder
+
+            self.recorder = Recorder(config.record)
+            self._closers.append(self.recorder.close)
+            self.recorder.attach(self.io, self.mmio)
+            rtc_clock = self.recorder.clock("cmos-rtc")
         with self.mmio.transaction():
             for bank in self.memory:
                 self.mmio.root.add_subregion(
@@ -124,36 +159,33 @@ class Machine:
             lambda irq: KvmIrqLine(vm, irq),
             self.console.output,
             self._guest_reset,
+            rtc_clock,
         )
+        if config.debug_exit_port is not None:
+            attach_debug_exit(self.io, config.debug_exit_port, self._debug_exit)
         self.pci = PciHostBridge(self.io, self.mmio)
+        self.bar_allocator = BarAllocator(
+            PciWindow("pci-io", PCI_IO_WINDOW.base, PCI_IO_WINDOW.size),
+            PciWindow("pci-mmio32", PCI_MMIO_WINDOW.base, PCI_MMIO_WINDOW.size),
+        )
         self.virtio = VirtioDevices(self)
         self._closers.append(self.virtio.close)
+        for device in config.devices:
+            self.add_device(device)
         console_device = self.virtio.console or self.legacy.console_uart
+        receive = console_device.receive
+        if self.recorder is not None and self.virtio.console is None:
+            receive = self.recorder.input("com1", receive)  # a replay rebuilds COM1
         on_space = self.console.connect_input(
-            console_device.receive, console_input_fd, escape=escape, on_action=self._on_escape
+            receive, console_input_fd, escape=escape, on_action=self._on_escape
         )
         self._closers.append(self.console.close)
         console_device.on_rx_space = on_space
-        cmdline = config.kernel_command_line(
-            self.virtio.kernel_parameters(), self.profile.kernel_cmdline_additions()
-        )
-        self.cmdline = cmdline
-        boot_state = None
-        if config.boot_code is None:
-            boot_state = load_kernel(
-                self.memory,
-                config.kernel,
-                config.initrd,
-                cmdline,
-                self.memory_map,
-                config.cpus,
-                config.boot_method,
-                self.virtio.pci_interrupts(),
-            )
-        else:
+        boot_state = self._load_kernel() if config.boot_code is None else None
+        if boot_state is None:
             self.memory.write(BOOT_CODE_ADDRESS, config.boot_code)
         supported = supported_cpuid(self.kvm)
-        self.vcpus: list[Vcpu] = []
+        self.exit_counts = [ExitCounts() for _ in range(config.cpus)]
         for index in range(config.cpus):
             vcpu = vm.create_vcpu(index)
             self._closers.append(vcpu.close)
@@ -163,6 +195,73 @@ class Machine:
             start_real_mode(self.vcpus[0], BOOT_CODE_ADDRESS)
         else:
             apply_boot_state(self.vcpus[0], boot_state)
+        if self.recorder is not None:
+            from kvmlet.machine.record import record_header
+
+            self.recorder.begin(record_header(self))
+
+    def _load_kernel(self):
+        """Load the configured kernel with the command line its boot method takes."""
+        config = self.config
+        method = inspect_kernel(config.kernel).boot_method(config.boot_method)
+        if method == "multiboot":
+            self.cmdline = config.multiboot_command_line()
+        else:
+            self.cmdline = config.kernel_command_line(
+                self.virtio.kernel_parameters(), self.profile.kernel_cmdline_additions()
+            )
+        return load_kernel(
+            self.memory,
+            config.kernel,
+            config.initrd,
+            self.cmdline,
+            self.memory_map,
+            config.cpus,
+            method,
+            [PciInterrupt(device=slot, pin=1, irq=intx_irq(slot)) for slot in SLOTS_WITH_INTX],
+            config.modules,
+        )
+
+    def interrupt_router(self) -> KvmInterruptRouter:
+        """The VM's GSI routing table (MSI and MSI-X vectors), made on first use."""
+        if self._router is None:
+            self._router = KvmInterruptRouter(self.vm)
+            self._closers.append(self._router.close)
+        return self._router
+
+    def _user_devices(self) -> UserDevices:
+        if self._devices is None:
+            from kvmlet.machine.user_devices import machine_devices
+
+            self._devices = machine_devices(self)
+            self._closers.append(self._devices.close)
+            if self.started is not None:
+                self._devices.start()
+        return self._devices
+
+    def add_device(self, device: DeviceConfig) -> Any:
+        """Make and place a device model of the user's; on a running machine it is hot-added
+        (the bus rebuilds at once; a PCI function appears to the guest's next scan). Returns
+        the model. A recording machine is paused meanwhile, so that no access is in flight
+        when the recording says where the device appeared."""
+        pause = self.recorder is not None and self.running and not self.watchpoints.paused
+        if pause:
+            self.pause()
+            self.wait_for_break(timeout=10.0)
+        try:
+            model = self._user_devices().add(device)
+            placed = self._devices.placed[-1]
+            if self.recorder is not None:
+                self.recorder.device_added(placed, _region_names(placed.model, placed.name))
+        finally:
+            if pause:
+                self.resume()
+        return model
+
+    @property
+    def devices(self) -> dict[str, Any]:
+        """The user's device models by name."""
+        return {} if self._devices is None else {p.name: p.model for p in self._devices}
 
     # -- running ---------------------------------------------------------------------------
 
@@ -172,6 +271,8 @@ class Machine:
             raise KvmletError("this machine has already been started")
         self.started = time.monotonic()
         self.virtio.start()
+        if self._devices is not None:
+            self._devices.start()
         for vcpu in self.vcpus:
             thread = threading.Thread(
                 target=self._vcpu_thread, args=(vcpu,), name=f"vcpu{vcpu.id}", daemon=True
@@ -182,6 +283,7 @@ class Machine:
 
     def _vcpu_thread(self, vcpu: Vcpu) -> None:
         fixup = self._fix_emulation if self.profile.fixes_emulation_failures else None
+        set_current_vcpu(vcpu.id)
         if self.first_run_at is None:
             self.first_run_at = time.monotonic()
         try:
@@ -189,9 +291,10 @@ class Machine:
                 vcpu,
                 self.io,
                 self.mmio,
-                self._stopped.is_set,
+                functools.partial(self.watchpoints.should_stop, vcpu),
                 fixup,
                 lambda failed: describe_vcpu(failed, self.memory),
+                self.exit_counts[vcpu.id],
             )
         except Exception as error:  # a bug in kvmlet: report it instead of hanging the guest
             stop = GuestStop(StopReason.MONITOR_ERROR, f"{type(error).__name__}: {error}", vcpu.id)
@@ -204,6 +307,11 @@ class Machine:
     def _guest_reset(self) -> None:
         self.stop(StopReason.RESET)
 
+    def _debug_exit(self, value: int, status: int) -> None:
+        self.stop(
+            StopReason.DEBUG_EXIT, f"{value:#x}, exit status {status}", current_vcpu(), status
+        )
+
     def _on_escape(self, action: EscapeAction) -> None:
         if action is EscapeAction.QUIT:
             self.stop(StopReason.HOST_QUIT, "Ctrl-A x")
@@ -212,16 +320,51 @@ class Machine:
         elif action is EscapeAction.HELP:
             os.write(2, ("\r\n" + EscapeFilter().help_text.replace("\n", "\r\n")).encode())
 
-    def stop(self, reason: StopReason = StopReason.HOST_QUIT, detail: str = "", vcpu=None) -> None:
-        """Record why the run ends (the first reason wins) and kick every vCPU out of KVM."""
+    def stop(
+        self,
+        reason: StopReason = StopReason.HOST_QUIT,
+        detail: str = "",
+        vcpu: int | None = None,
+        status: int | None = None,
+    ) -> None:
+        """Record why the run ends (the first reason wins) and kick every vCPU out of KVM
+        (paused ones included); `status` is an exit status the guest chose."""
         with self._stop_lock:
             if self._stop is None:
-                self._stop = self._explain(GuestStop(reason, detail, vcpu))
+                self._stop = self._explain(GuestStop(reason, detail, vcpu, status))
             self._stopped.set()
-        for vcpu in self.vcpus:
-            # Every vCPU, the calling one too: its next KVM_RUN must return at once.
-            vcpu.immediate_exit = True
+        # Every vCPU, the calling one too: its next KVM_RUN must return at once.
+        self.watchpoints.stopping()
         self._kick()
+
+    # -- watchpoints and breaks ---------------------------------------------------------------
+
+    def watch(
+        self,
+        space: str | AddressSpace,
+        start: int,
+        end: int,
+        on_access: WatchCallback,
+        *,
+        reads: bool = True,
+        writes: bool = True,
+    ) -> Watch:
+        """Call `on_access(access)` on every access to [start, end) of `space` ("io" or
+        "mmio"); it returns BREAK to pause the machine, raises to stop it (watchpoints.py)."""
+        return self.watchpoints.watch(space, start, end, on_access, reads=reads, writes=writes)
+
+    def unwatch(self, watch: Watch) -> None:
+        self.watchpoints.unwatch(watch)
+
+    def wait_for_break(self, timeout: float | None = None) -> Access | None:
+        """Wait for a break (or `pause`) to hold every vCPU: the access that broke, or None
+        after `pause()`. KvmletError if the guest stops or `timeout` passes first."""
+        return self.watchpoints.wait_for_break(timeout)
+
+    @property
+    def watch_error(self) -> BaseException | None:
+        """What a watch callback raised to stop the run (StopReason.WATCH_FAILED)."""
+        return self.watchpoints.error
 
     def _kick(self) -> None:
         """Signal every other vCPU thread still alive, so a KVM_RUN it sleeps in returns."""
@@ -273,13 +416,30 @@ class Machine:
         return self._stop
 
     def stats(self) -> dict[str, object]:
-        """Counters of the bus, the legacy devices and the virtio devices."""
-        return {
+        """Counters of the vCPUs (exits by reason), the bus (per region), the legacy and virtio
+        devices (per queue), the user's devices' workers, and the monitor's memory."""
+        stats: dict[str, object] = {
+            "vcpus": [
+                {"id": vcpu.id, "exits": counts.snapshot()}
+                for vcpu, counts in zip(self.vcpus, self.exit_counts, strict=True)
+            ],
             "port_io": self.io.stats(),
             "mmio": self.mmio.stats(),
             "legacy": self.legacy.stats(),
             "virtio": self.virtio.stats(),
+            "memory": memory_usage(self._ram_ranges),
         }
+        if self._devices is not None:
+            stats["devices"] = {
+                placed.name: {
+                    "jobs": sum(worker.completed for worker in placed.context.workers),
+                    "job_errors": sum(worker.errors for worker in placed.context.workers),
+                }
+                for placed in self._devices
+            }
+        if self.recorder is not None:
+            stats["recorded_events"] = self.recorder.writer.events
+        return stats
 
     def close(self) -> None:
         """Stop the guest if it runs and release every resource (safe to call twice)."""
@@ -299,9 +459,17 @@ class Machine:
 def ask_for_huge_pages(memory: GuestMemory) -> None:
     """Ask for transparent huge pages under guest RAM (MADV_HUGEPAGE, as QEMU does).
 
-    Where the host grants them, one page fault fills 2 MiB instead of 4 KiB: loading a 9 MiB
-    kernel took ~2 ms instead of 5-7 ms here, and KVM can map the guest with large pages. A
-    host kernel without them refuses the advice; guest RAM then keeps small pages."""
+    Where the host grants them, one page fault fills 2 MiB instead of 4 KiB (loading the
+    kernel is faster: docs/performance.md) and KVM can map the guest with large pages. A host
+    kernel without them refuses the advice; guest RAM then keeps small pages."""
     for bank in memory:
         with contextlib.suppress(OSError):
             bank.mapping.madvise(mmap.MADV_HUGEPAGE)
+
+
+def _region_names(model: Any, name: str) -> set[str]:
+    """The regions of a user device (its own, or its BARs')."""
+    bars = getattr(model, "bars", None)
+    if bars is None:
+        return {name}
+    return {bar.region.name for bar in bars if bar is not None}

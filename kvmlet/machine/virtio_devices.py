@@ -1,4 +1,4 @@
-"""The machine's virtio devices (disks, console, entropy) on the chosen transport.
+"""The machine's virtio devices (disks, console, entropy, balloon) on the chosen transport.
 
 Device models know nothing of transports; this module creates them from the configuration and
 puts each behind virtio-pci (a PCI function the guest finds by enumeration, MSI-X through
@@ -15,20 +15,14 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
-from kvmlet.boot import PciInterrupt
-from kvmlet.boot.memory_map import (
-    PCI_IO_WINDOW,
-    PCI_MMIO_WINDOW,
-    VIRTIO_MMIO_DEVICE_SIZE,
-    VIRTIO_MMIO_WINDOW,
-)
-from kvmlet.bus.pci import BarAllocator, PciWindow
+from kvmlet.boot.memory_map import VIRTIO_MMIO_DEVICE_SIZE, VIRTIO_MMIO_WINDOW
 from kvmlet.errors import KvmletError
 from kvmlet.virtio.worker import Doorbell, QueueWorker, doorbell
-from kvmlet.vstate.interrupts import IrqfdLine, KvmInterruptRouter, KvmIrqLine
+from kvmlet.vstate.interrupts import IrqfdLine, KvmIrqLine
 
 if TYPE_CHECKING:
     from kvmlet.machine.machine import Machine
+    from kvmlet.virtio.balloon import VirtioBalloon
     from kvmlet.virtio.console import VirtioConsole
     from kvmlet.virtio.device import VirtioDevice
     from kvmlet.virtio.mmio import VirtioMmio
@@ -39,6 +33,14 @@ MMIO_IRQS = (5, 6, 7, 9, 10, 11, 14, 15)
 PCI_INTX_IRQS = tuple(range(16, 24))
 """IOAPIC pins above the ISA range, for PCI INTx (announced in the MP table)."""
 MAX_PCI_DEVICES = 31
+SLOTS_WITH_INTX = range(1, 32)
+"""PCI slots whose INTA# route the MP table announces: all but the host bridge's."""
+
+
+def intx_irq(slot: int) -> int:
+    """The IOAPIC pin of INTA# of PCI slot `slot` (announced for every slot in the MP table,
+    so a device hot-added later has its route)."""
+    return PCI_INTX_IRQS[(slot - 1) % len(PCI_INTX_IRQS)]
 
 
 class VirtioDevices:
@@ -50,13 +52,13 @@ class VirtioDevices:
         self.devices: list[VirtioDevice] = []
         self.transports: list[VirtioPci | VirtioMmio] = []
         self.console: VirtioConsole | None = None
+        self.balloon: VirtioBalloon | None = None
         self.worker = QueueWorker("virtio")
         self._doorbells: list[Doorbell] = []
         self._lines: list[IrqfdLine] = []
-        self._router: KvmInterruptRouter | None = None
         self._parameters: list[str] = []
-        self._pci_interrupts: list[PciInterrupt] = []
         self._started = False
+        self.transport_kind = config.virtio_transport
         try:
             if config.disks:
                 from kvmlet.virtio.blk import DiskOptions, VirtioBlock
@@ -73,6 +75,11 @@ class VirtioDevices:
                 from kvmlet.virtio.rng import VirtioRng
 
                 self.devices.append(VirtioRng(memory))
+            if config.balloon:
+                from kvmlet.virtio.balloon import VirtioBalloon
+
+                self.balloon = VirtioBalloon(memory)
+                self.devices.append(self.balloon)
             if config.virtio_transport == "pci":
                 self._attach_pci(machine)
             else:
@@ -101,24 +108,19 @@ class VirtioDevices:
 
         if len(self.devices) > MAX_PCI_DEVICES:
             raise KvmletError(f"at most {MAX_PCI_DEVICES} virtio-pci devices are supported")
-        self._router = KvmInterruptRouter(machine.vm)
-        bars = BarAllocator(
-            PciWindow("pci-io", PCI_IO_WINDOW.base, PCI_IO_WINDOW.size),
-            PciWindow("pci-mmio32", PCI_MMIO_WINDOW.base, PCI_MMIO_WINDOW.size),
-        )
+        router = machine.interrupt_router()
         with machine.mmio.transaction():
             for index, device in enumerate(self.devices):
                 slot = 1 + index
-                irq = PCI_INTX_IRQS[index % len(PCI_INTX_IRQS)]
+                irq = intx_irq(slot)
                 line = IrqfdLine(machine.vm, irq, level=True)
                 self._lines.append(line)
                 self.worker.watch(line.resample_fd, line.resampled)
-                transport = VirtioPci(device, self._router.controller(), line)
+                transport = VirtioPci(device, router.controller(), line)
                 transport.config.set(0x3C, 1, irq)  # interrupt line, as firmware would set it
                 machine.pci.attach(transport, slot=slot)
-                bars.assign(transport)
+                machine.bar_allocator.assign(transport)
                 self._add_doorbells(device, transport)
-                self._pci_interrupts.append(PciInterrupt(device=slot, pin=1, irq=irq))
                 self.transports.append(transport)
 
     def _add_doorbells(self, device: VirtioDevice, transport: VirtioPci | VirtioMmio) -> None:
@@ -132,14 +134,36 @@ class VirtioDevices:
         """Command-line words announcing devices (virtio-mmio) to the guest kernel."""
         return list(self._parameters)
 
-    def pci_interrupts(self) -> list[PciInterrupt]:
-        """PCI INTx routes for the MP table."""
-        return list(self._pci_interrupts)
-
     def start(self) -> None:
         """Start the doorbell worker thread."""
         self.worker.start()
         self._started = True
+
+    def pause(self, timeout: float) -> bool:
+        """Hold the queue worker between notifications (see `QueueWorker.pause`); False when
+        a device stayed busy for `timeout` seconds (then `resume()`)."""
+        return self.worker.pause(timeout)
+
+    def resume(self) -> None:
+        self.worker.resume()
+
+    def describe(self) -> list[dict[str, object]]:
+        """One entry per device: its name in the statistics, type, transport and address."""
+        entries = []
+        for index, transport in enumerate(self.transports):
+            device = transport.device
+            entry: dict[str, object] = {
+                "name": f"{device.name}{index}",
+                "type": device.name,
+                "transport": self.transport_kind,
+                "queues": device.queue_count,
+            }
+            if self.transport_kind == "pci":
+                entry["pci_slot"] = 1 + index  # as _attach_pci places them
+            else:
+                entry["mmio_base"] = VIRTIO_MMIO_WINDOW.base + index * VIRTIO_MMIO_DEVICE_SIZE
+            entries.append(entry)
+        return entries
 
     def stats(self) -> dict[str, object]:
         stats: dict[str, object] = {"worker": self.worker.stats()}
@@ -148,14 +172,13 @@ class VirtioDevices:
         return stats
 
     def close(self) -> None:
-        """Stop the worker, then release doorbells, lines, routes and devices."""
+        """Stop the worker, then release doorbells, lines and devices (the machine owns the
+        MSI routes)."""
         if self._started:
             self.worker.stop()
         for bell in self._doorbells:
             bell.close()
         for line in self._lines:
             line.close()
-        if self._router is not None:
-            self._router.close()
         for device in self.devices:
             device.close()

@@ -1,7 +1,9 @@
 """Guest RAM: host mappings of guest-physical ranges, with every access bounds-checked.
 
-Guest RAM is one or more `RamBank`s, each an anonymous `mmap` (MAP_NORESERVE, so a 4 GiB guest
-costs nothing until it touches its pages) placed at a guest-physical base. All guest-controlled
+Guest RAM is one or more `RamBank`s, each a host mapping (MAP_NORESERVE, so a 4 GiB guest costs
+nothing until it touches its pages) placed at a guest-physical base: anonymous memory, or a
+memfd mapped shared (`GuestMemory.memfd`) that another process (a vhost-user backend) can map
+too, given the bank's `fd` and `fd_offset`. All guest-controlled
 addresses and lengths (descriptor tables, boot structures, DMA buffers) go through
 `GuestMemory`, which refuses any access that is not wholly inside one bank with
 `GuestMemoryError`: the monitor never touches host memory it did not give the guest.
@@ -9,7 +11,7 @@ addresses and lengths (descriptor tables, boot structures, DMA buffers) go throu
 `view()` hands out zero-copy `memoryview`s for loaders and virtqueues; `host_iovec()` turns
 many buffers, bounds-checked in one pass, into host `struct iovec`s for a vectored system call
 (pinning their bank while it runs); `host_address()` gives the address KVM needs for a memory
-slot.
+slot; `discard()` gives pages the guest gave up (a balloon) back to the host.
 """
 
 from __future__ import annotations
@@ -17,12 +19,13 @@ from __future__ import annotations
 import array
 import contextlib
 import ctypes
+import fcntl
 import itertools
 import mmap
 import operator
+import os
 import struct
 from collections.abc import Iterator, Sequence
-from typing import NewType
 
 from kvmlet.errors import GuestMemoryError, KvmletError
 
@@ -30,9 +33,9 @@ MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
 """Linux's flag (x86 value; Python's mmap module exports it only from 3.13): without it a large
 guest counts against the host's overcommit limit in full before touching a page."""
 GiB = 1 << 30
-
-GuestAddress = NewType("GuestAddress", int)
-"""A guest-physical address (static typing only: at run time it is a plain int)."""
+MEMFD_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+"""A shared RAM file keeps its size for good: a process it was passed to cannot truncate it
+under the monitor (a truncated page would be SIGBUS on the next access)."""
 
 # From this many buffers on, one bounds check over all of them beats one check each (measured).
 _MANY_BUFFERS = 8
@@ -42,15 +45,23 @@ _U64 = struct.Struct("<Q")
 
 
 class RamBank:
-    """One contiguous guest-physical range backed by one host mapping."""
+    """One contiguous guest-physical range backed by one host mapping.
 
-    def __init__(self, base: int, size: int, mapping: mmap.mmap):
+    A shareable bank also has the file it maps: `fd` (a memfd the bank owns) and `fd_offset`,
+    where the bank's first byte lies in it; an anonymous bank has `fd` None."""
+
+    def __init__(
+        self, base: int, size: int, mapping: mmap.mmap, fd: int | None = None, fd_offset: int = 0
+    ):
         self.base = base
         self.size = size
         self.mapping = mapping
+        self.fd = fd
+        self.fd_offset = fd_offset
 
     def __repr__(self) -> str:
-        return f"RamBank(base={self.base:#x}, size={self.size:#x})"
+        shared = "" if self.fd is None else f", fd={self.fd}"
+        return f"RamBank(base={self.base:#x}, size={self.size:#x}{shared})"
 
     @classmethod
     def anonymous(cls, base: int, size: int) -> RamBank:
@@ -60,9 +71,33 @@ class RamBank:
             mapping = mmap.mmap(-1, size, flags=flags)
         except OSError as error:
             raise KvmletError(
-                f"cannot map {size / GiB:g} GiB of guest RAM: {error.strerror.lower()}"
+                f"cannot map {size / GiB:g} GiB of guest RAM: {_reason(error)}"
             ) from None
         return cls(base, size, mapping)
+
+    @classmethod
+    def memfd(cls, base: int, size: int) -> RamBank:
+        """A bank of fresh RAM in a sealed memfd, mapped shared, so that another process given
+        `fd` maps the very same pages; KvmletError when the host refuses it."""
+        try:
+            fd = os.memfd_create(f"kvmlet-ram@{base:#x}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        except OSError as error:
+            raise KvmletError(f"cannot create shareable guest RAM: {_reason(error)}") from None
+        try:
+            os.ftruncate(fd, size)
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, MEMFD_SEALS)
+            mapping = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | MAP_NORESERVE)
+        except OSError as error:
+            os.close(fd)
+            raise KvmletError(
+                f"cannot map {size / GiB:g} GiB of shareable guest RAM: {_reason(error)}"
+            ) from None
+        return cls(base, size, mapping, fd)
+
+    @property
+    def shareable(self) -> bool:
+        """Whether another process can map this bank (it has a file descriptor)."""
+        return self.fd is not None
 
     @property
     def end(self) -> int:
@@ -72,6 +107,18 @@ class RamBank:
     def host_address(self) -> int:
         """Host virtual address of the bank's first byte (for KVM memory slots)."""
         return ctypes.addressof(ctypes.c_char.from_buffer(self.mapping))
+
+    def discard(self, offset: int, length: int) -> None:
+        """Release the host pages behind [offset, offset+length) (page-aligned): the guest
+        reads zeros there next time, and the monitor's RSS drops now. MADV_DONTNEED for
+        private anonymous memory; MADV_REMOVE for a memfd bank, where DONTNEED would only
+        unmap the pages and leave them in the file (and in every peer's mapping of it)."""
+        advice = mmap.MADV_REMOVE if self.shareable else mmap.MADV_DONTNEED
+        self.mapping.madvise(advice, offset, length)
+
+
+def _reason(error: OSError) -> str:
+    return (error.strerror or str(error)).lower()
 
 
 class HostIovec:
@@ -129,6 +176,19 @@ class GuestMemory:
         """Guest RAM from (base, size) pairs, each backed by fresh anonymous memory."""
         return cls([RamBank.anonymous(base, size) for base, size in layout])
 
+    @classmethod
+    def memfd(cls, layout: list[tuple[int, int]]) -> GuestMemory:
+        """Guest RAM from (base, size) pairs, each bank in a memfd of its own (offset 0), so
+        that a vhost-user backend can map it; otherwise the same as `anonymous`."""
+        banks: list[RamBank] = []
+        try:
+            for base, size in layout:
+                banks.append(RamBank.memfd(base, size))
+        except BaseException:
+            cls(banks).close()
+            raise
+        return cls(banks)
+
     def __iter__(self) -> Iterator[RamBank]:
         return iter(self.banks)
 
@@ -142,6 +202,18 @@ class GuestMemory:
         """One past the highest guest-physical RAM address."""
         return self.banks[-1].end if self.banks else 0
 
+    @property
+    def shareable(self) -> bool:
+        """Whether every bank can be mapped by another process."""
+        return all(bank.shareable for bank in self.banks)
+
+    def host_address(self, address: int, length: int) -> int:
+        """Host virtual address of guest-physical `address`, whose `length` bytes must lie in
+        one bank (GuestMemoryError otherwise): where this process, or a kernel or vhost-user
+        backend given the memory table, finds them."""
+        bank = self.banks[self._bank_index(address, length)]
+        return bank.host_address() + address - bank.base
+
     def contains(self, address: int, length: int = 1) -> bool:
         """Whether [address, address+length) lies wholly inside one RAM bank."""
         try:
@@ -150,14 +222,19 @@ class GuestMemory:
             return False
         return True
 
-    def _locate(self, address: int, length: int) -> tuple[memoryview, int]:
+    def _bank_index(self, address: int, length: int) -> int:
+        """Which bank holds [address, address+length) whole; GuestMemoryError if none does."""
         if length < 0 or address < 0:
             raise GuestMemoryError(f"bad guest access: {length} bytes at {address:#x}")
-        for bank, view in zip(self.banks, self._views, strict=True):
+        for index, bank in enumerate(self.banks):
             offset = address - bank.base
             if offset >= 0 and offset + length <= bank.size:
-                return view, offset
+                return index
         raise GuestMemoryError(f"guest access outside RAM: {length} bytes at {address:#x}")
+
+    def _locate(self, address: int, length: int) -> tuple[memoryview, int]:
+        index = self._bank_index(address, length)
+        return self._views[index], address - self.banks[index].base
 
     def view(self, address: int, length: int) -> memoryview:
         """A zero-copy, writable view of guest RAM; raises GuestMemoryError when out of bounds."""
@@ -201,6 +278,20 @@ class GuestMemory:
         words[0::2] = map(operator.add, addresses, itertools.repeat(self._low_host_offset))
         words[1::2] = lengths
         return HostIovec(array.array("Q", words), len(addresses), pin)
+
+    def discard(self, address: int, length: int) -> None:
+        """Give the host memory behind [address, address+length) back to the host (see
+        `RamBank.discard`); GuestMemoryError when the range is not page-aligned or not wholly
+        inside one bank."""
+        if address % mmap.PAGESIZE or length % mmap.PAGESIZE:
+            raise GuestMemoryError(f"discard of {length} bytes at {address:#x}: not page-aligned")
+        for bank in self.banks:
+            offset = address - bank.base
+            if offset >= 0 and offset + length <= bank.size:
+                if length:
+                    bank.discard(offset, length)
+                return
+        raise GuestMemoryError(f"discard outside RAM: {length} bytes at {address:#x}")
 
     def read(self, address: int, length: int) -> bytes:
         view, offset = self._locate(address, length)
@@ -255,3 +346,6 @@ class GuestMemory:
         for bank in self.banks:
             with contextlib.suppress(BufferError):
                 bank.mapping.close()
+            if bank.fd is not None:
+                os.close(bank.fd)
+                bank.fd = None

@@ -4,16 +4,21 @@ A guest's kick is a write to a notify address that KVM turns into an eventfd sig
 ioeventfd) without leaving the kernel. A `QueueWorker` waits on the eventfds of any number of
 doorbells with epoll, reads each signalled counter and calls
 `device.notify(queue_index)`. One worker can serve every device, or the machine can start one per
-device (`workers_per_device`). Other file descriptors can be watched too (`watch`), e.g. the
-resample eventfd of a level-triggered irqfd line.
+device (`workers_per_device`). Other eventfds can be watched too (`watch`), e.g. the resample
+eventfd of a level-triggered irqfd line, and so can descriptors that are not eventfds, such as a
+network backend's socket or tap (`watch_readiness`): the owner of such a `ReadinessWatch` says
+whether it wants to read or write, and is called while the descriptor is ready for that.
 
 A device that raises never kills the worker: the error is logged and counted, the device is put
 in DEVICE_NEEDS_RESET, and the other doorbells keep being served. `stop()` wakes the thread
-through its own eventfd and joins it.
+through its own eventfd and joins it. `pause()` holds the thread between two notifications (a
+paused machine's devices touch no guest memory); kicks that arrive meanwhile stay counted in
+their eventfds and are served after `resume()`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import threading
@@ -66,6 +71,46 @@ def doorbell(device: VirtioDevice, queue_index: int) -> Doorbell:
     return Doorbell(device, queue_index, new_eventfd())
 
 
+class ReadinessWatch:
+    """A descriptor the worker polls for readiness (level-triggered, nothing drained).
+
+    The owner chooses what it waits for with `want(readable, writable)` (nothing at first) and
+    is called as `callback(readable, writable, hangup)` on the worker thread while the
+    descriptor is ready for it. The kernel reports an error or a hang-up even when nothing is
+    wanted, so the owner must `close()` the watch (or stop wanting) once the peer is gone.
+    """
+
+    def __init__(
+        self,
+        epoll: select.epoll,
+        targets: dict,
+        fd: int,
+        callback: Callable[[bool, bool, bool], None],
+    ):
+        self.fd = fd
+        self.callback = callback
+        self.events = 0
+        self._epoll = epoll
+        self._targets = targets
+
+    def __repr__(self) -> str:
+        return f"ReadinessWatch(fd {self.fd}, events {self.events:#x})"
+
+    def want(self, readable: bool, writable: bool) -> None:
+        """Wait for the descriptor to become readable and/or writable (neither: pause)."""
+        events = (select.EPOLLIN if readable else 0) | (select.EPOLLOUT if writable else 0)
+        if events != self.events and self.fd in self._targets:
+            with contextlib.suppress(ValueError):  # the worker stopped and closed its epoll
+                self._epoll.modify(self.fd, events)
+            self.events = events
+
+    def close(self) -> None:
+        """Stop watching (before the owner closes the descriptor)."""
+        if self._targets.pop(self.fd, None) is not None:
+            with contextlib.suppress(ValueError):  # the worker stopped and closed its epoll
+                self._epoll.unregister(self.fd)
+
+
 def _drain(fd: int) -> int:
     """Read and reset an eventfd counter (0 when it was not signalled)."""
     try:
@@ -85,10 +130,16 @@ class QueueWorker:
         self._epoll = select.epoll()
         self._stop_fd = new_eventfd()
         self._epoll.register(self._stop_fd, select.EPOLLIN)
-        # What a signalled descriptor means: a Doorbell, a watched callback, or None (stop).
-        self._targets: dict[int, Doorbell | Callable[[], None] | None] = {self._stop_fd: None}
+        # What a signalled descriptor means: a Doorbell, a watched eventfd's callback, a
+        # readiness watch, or None (stop).
+        self._targets: dict[int, Doorbell | ReadinessWatch | Callable[[], None] | None] = {
+            self._stop_fd: None
+        }
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._pause = threading.Condition()
+        self._pause_requested = False
+        self._parked = False
         self.doorbells: list[Doorbell] = []
 
     def add(self, bell: Doorbell) -> None:
@@ -102,17 +153,54 @@ class QueueWorker:
         self._targets[fd] = callback
         self._epoll.register(fd, select.EPOLLIN)
 
+    def watch_readiness(
+        self, fd: int, callback: Callable[[bool, bool, bool], None]
+    ) -> ReadinessWatch:
+        """Poll `fd` (a socket, a tap) for readiness; see `ReadinessWatch`."""
+        watch = ReadinessWatch(self._epoll, self._targets, fd, callback)
+        self._targets[fd] = watch
+        self._epoll.register(fd, 0)
+        return watch
+
     def start(self) -> None:
         if self._thread is not None:
             raise RuntimeError(f"{self.name} already started")
         self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
         self._thread.start()
 
+    def pause(self, timeout: float = 5.0) -> bool:
+        """Hold the thread once the notification it is serving is done; False if it is still
+        busy after `timeout` (it then stays asked to pause: call `resume()`)."""
+        with self._pause:
+            self._pause_requested = True
+            if self._thread is None or self._stopping:
+                return True
+            os.eventfd_write(self._stop_fd, 1)
+            return self._pause.wait_for(lambda: self._parked, timeout)
+
+    def resume(self) -> None:
+        """Let a paused thread serve its doorbells again."""
+        with self._pause:
+            self._pause_requested = False
+            self._pause.notify_all()
+
+    def _hold_while_paused(self) -> None:
+        with self._pause:
+            if not self._pause_requested:
+                return
+            self._parked = True
+            self._pause.notify_all()
+            while self._pause_requested and not self._stopping:
+                self._pause.wait()
+            self._parked = False
+
     def stop(self, timeout: float = 5.0) -> None:
         """Wake the thread, wait for it, release the selector (doorbells stay open)."""
         if self._stopping:
             return
-        self._stopping = True
+        with self._pause:
+            self._stopping = True
+            self._pause.notify_all()
         os.eventfd_write(self._stop_fd, 1)
         if self._thread is not None:
             self._thread.join(timeout)
@@ -125,11 +213,16 @@ class QueueWorker:
     def _run(self) -> None:
         poll, targets = self._epoll.poll, self._targets
         while not self._stopping:
-            for fd, _ in poll():
+            for fd, events in poll():
                 target = targets.get(fd)
-                if target is None:
-                    continue
+                if target is None:  # the control eventfd: a stop or a pause
+                    _drain(fd)
+                    self._hold_while_paused()
+                    break
                 self.wakeups += 1
+                if type(target) is ReadinessWatch:
+                    self._call_ready(target, events)
+                    continue
                 count = _drain(fd)
                 if not count:
                     continue
@@ -156,6 +249,15 @@ class QueueWorker:
         except Exception:
             self.device_errors += 1
             log.exception("%s: watched descriptor callback failed", self.name)
+
+    def _call_ready(self, watch: ReadinessWatch, events: int) -> None:
+        hangup = bool(events & (select.EPOLLHUP | select.EPOLLERR))
+        try:
+            watch.callback(bool(events & select.EPOLLIN), bool(events & select.EPOLLOUT), hangup)
+        except Exception:
+            self.device_errors += 1
+            log.exception("%s: readiness callback for fd %d failed", self.name, watch.fd)
+            watch.close()  # a level-triggered descriptor would call the broken callback forever
 
     def stats(self) -> dict[str, int]:
         return {

@@ -250,6 +250,7 @@ def apply_boot_state(vcpu: Vcpu, state: BootCpuState) -> None:
     regs.rip = state.entry
     regs.rsi = state.rsi
     regs.rbx = state.rbx
+    regs.rax = state.rax
     regs.rflags = RFLAGS_RESERVED_ONE
     vcpu.set_regs(regs)
 

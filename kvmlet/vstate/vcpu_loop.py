@@ -2,8 +2,12 @@
 
 Each vCPU runs `run_vcpu` on a thread of its own (KVM_RUN releases the GIL). Port I/O and MMIO
 exits go straight to the bus's `read`/`write`; everything else ends the loop with a
-`GuestStop` saying how the guest stopped. The loop is deliberately flat: on our machines an exit
-costs ~7.6 µs and every attribute lookup inside it shows in the exit-cost benchmark.
+`GuestStop` saying how the guest stopped. The loop is deliberately flat: every attribute lookup
+inside it shows in the exit-cost benchmark (benchmarks/exit_cost.py).
+
+The loop counts its exits by reason in variables of its own frame that a reader function
+closes over (cell variables: as cheap to increment as locals, and readable from any thread),
+published through an `ExitCounts`; docs/performance.md has what the counting costs.
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ class StopReason(enum.Enum):
     ENTRY_FAILURE = ("KVM could not enter the guest", 4)
     GUEST_CRASH = ("the guest crashed", 5)
     USER_SPACE_UNSUPPORTED = ("the guest reached user space, which this host cannot run", 6)
+    WATCH_FAILED = ("a watchpoint's check failed", 7)
+    DEBUG_EXIT = ("the guest wrote to the debug-exit port", 1)  # the status is the guest's
     TIMEOUT = ("the run timed out", 124)
     MONITOR_ERROR = ("kvmlet failed", 70)
 
@@ -48,11 +54,18 @@ class StopReason(enum.Enum):
 
 
 class GuestStop(NamedTuple):
-    """Why a run ended, with detail for the user (registers and bytes of a failure)."""
+    """Why a run ended, with detail for the user (registers and bytes of a failure);
+    `status` is an exit status the guest chose (the debug-exit port), else None."""
 
     reason: StopReason
     detail: str = ""
     vcpu: int | None = None
+    status: int | None = None
+
+    @property
+    def exit_status(self) -> int:
+        """What `kvmlet run` exits with."""
+        return self.reason.exit_status if self.status is None else self.status
 
     def __str__(self) -> str:
         text = self.reason.description
@@ -62,6 +75,29 @@ class GuestStop(NamedTuple):
 EmulationFixup = Callable[[Vcpu, InternalErrorExit], bool]
 """A host-profile hook: True when it repaired an emulation failure and the vCPU may go on."""
 
+RARE_EXIT_NAMES = {
+    HltExit: "hlt",
+    ShutdownExit: "shutdown",
+    SystemEventExit: "system_event",
+    InternalErrorExit: "internal_error",
+    FailEntryExit: "fail_entry",
+}
+"""The name under which `ExitCounts` reports each rare exit (anything else is "other")."""
+EXIT_REASONS = ("io", "mmio", "intr", *RARE_EXIT_NAMES.values(), "other")
+"""Every key of `ExitCounts.snapshot()`, in KVM's terms: `intr` is a KVM_RUN interrupted by a
+signal or `immediate_exit` (a pause, a stop or a kick)."""
+
+
+class ExitCounts:
+    """One vCPU's exits by reason (`EXIT_REASONS`), kept by `run_vcpu`, read from any thread."""
+
+    def __init__(self) -> None:
+        self._read: Callable[[], dict[str, int]] = lambda: dict.fromkeys(EXIT_REASONS, 0)
+
+    def snapshot(self) -> dict[str, int]:
+        """The counts so far (all zero before the vCPU first ran)."""
+        return self._read()
+
 
 def run_vcpu(
     vcpu: Vcpu,
@@ -70,16 +106,31 @@ def run_vcpu(
     should_stop: Callable[[], bool],
     fix_emulation: EmulationFixup | None = None,
     describe_failure: Callable[[Vcpu], str] = lambda vcpu: "",
+    counts: ExitCounts | None = None,
 ) -> GuestStop | None:
-    """Run `vcpu` until the guest stops it (a `GuestStop`) or `should_stop()` (None)."""
+    """Run `vcpu` until the guest stops it (a `GuestStop`) or `should_stop()` (None).
+
+    `should_stop()` is called whenever KVM_RUN was interrupted (a signal or `immediate_exit`):
+    the vCPU is then outside the guest at an instruction boundary, with any port I/O or MMIO
+    completed, so the callback may also hold the thread there (a pause) before answering.
+    `counts`, when given, is kept up to date with this vCPU's exits."""
     run = vcpu.run
     io_read, io_write = io.read, io.write
     mmio_read, mmio_write = mmio.read, mmio.write
     from_bytes = int.from_bytes
+    io_exits = mmio_exits = interrupted_exits = 0
+    rare_exits = dict.fromkeys(EXIT_REASONS[3:], 0)
+
+    def read_counts() -> dict[str, int]:
+        return {"io": io_exits, "mmio": mmio_exits, "intr": interrupted_exits, **rare_exits}
+
+    if counts is not None:
+        counts._read = read_counts
     while True:
         exit_ = run()
         kind = type(exit_)
         if kind is IoExit:
+            io_exits += 1
             size, data, port = exit_.size, exit_.data, exit_.port
             if exit_.count == 1:
                 if exit_.is_write:
@@ -91,15 +142,18 @@ def run_vcpu(
             else:
                 _string_io(io, exit_)
         elif kind is MmioExit:
+            mmio_exits += 1
             size, data, address = exit_.size, exit_.data, exit_.address
             if exit_.is_write:
                 mmio_write(address, size, from_bytes(data, "little"))
             else:
                 data[:] = mmio_read(address, size).to_bytes(size, "little")
         elif kind is InterruptedExit:
+            interrupted_exits += 1
             if should_stop():
                 return None
         else:
+            rare_exits[RARE_EXIT_NAMES.get(kind, "other")] += 1
             stop = _rare_exit(vcpu, exit_, fix_emulation, describe_failure)
             if stop is not None:
                 return stop

@@ -41,7 +41,7 @@ def test_missing_kernel_is_one_line(tmp_path):
 def test_file_that_is_not_a_kernel_is_one_line(tmp_path):
     (tmp_path / "notes.txt").write_text("not a kernel\n" * 100)
     result = run_cli("run", "-k", str(tmp_path / "notes.txt"))
-    assert_one_line_error(result, "not a Linux kernel")
+    assert_one_line_error(result, "not a kernel kvmlet can boot", "multiboot")
 
 
 def test_32_bit_only_kernel_is_one_line(tmp_path):
@@ -202,3 +202,92 @@ def test_a_host_without_kvm_is_told_so_before_the_default_guest_is_built(
     assert cli.main([*argv[:1], "--host-profile", "none", *argv[1:]]) == 1
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("kvmlet: cannot open ") and "no such device" in line
+
+
+@pytest.mark.parametrize(
+    "command", ["list", "stop", "pause", "resume", "stat", "balloon", "console"]
+)
+def test_each_control_command_explains_itself(command):
+    result = run_cli(command, "--help")
+    assert result.returncode == 0
+    assert "NAME" in result.stdout or command == "list"
+
+
+def test_control_commands_teach_with_examples():
+    assert "kvmlet stop web --force" in run_cli("stop", "--help").stdout
+    balloon = run_cli("balloon", "--help").stdout
+    assert "kvmlet balloon web 64M" in balloon and "--balloon" in balloon
+    run = run_cli("run", "--help").stdout
+    assert "--name" in run and "--api-socket" in run and "kvmlet list" in run
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["stop", "web", "--grace", "-1"], "--grace"),
+        (["stat", "web", "--watch", "0"], "--watch"),
+        (["console", "web", "--bytes", "0"], "--bytes"),
+        (["balloon", "web", "lots"], "lots"),
+        (["stop", "two words"], "bad machine name"),
+        (["pause", "nobody-here"], "no machine named nobody-here is running"),
+    ],
+)
+def test_control_command_mistakes_are_one_line(argv, fragment, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    assert cli.main(argv) == 1
+    error = capsys.readouterr().err
+    assert error.startswith("kvmlet: ") and fragment in error
+    assert len(error.strip().splitlines()) == 1
+
+
+def test_a_list_of_no_machines_is_a_header(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    assert cli.main(["list"]) == 0
+    assert capsys.readouterr().out.split() == ["NAME", "PID", "STATE", "VCPUS", "MEMORY", "UPTIME"]
+    assert cli.main(["list", "--json"]) == 0
+    assert capsys.readouterr().out.strip() == "[]"
+
+
+def test_balloon_sizes():
+    from kvmlet.cli.control import parse_balloon_size
+
+    assert parse_balloon_size("64M") == 64 << 20
+    assert parse_balloon_size("8m") == 8 << 20  # below any RAM size: fine for a balloon
+    assert parse_balloon_size("512K") == 512 << 10
+    assert parse_balloon_size("1G") == 1 << 30
+    assert parse_balloon_size("0") == 0
+    assert parse_balloon_size("64") == 64 << 20
+
+
+def test_help_teaches_the_programmable_machine_flags():
+    result = run_cli("run", "--help")
+    for flag in ("--module", "--debug-exit", "--device", "--record", "multiboot"):
+        assert flag in result.stdout
+    assert "(V << 1) | 1" in result.stdout
+    assert "exit status: 0 when every replayed device" in run_cli("replay", "--help").stdout
+
+
+def test_programmable_machine_mistakes_are_one_line(tmp_path):
+    kernel = tmp_path / "bzImage"
+    kernel.write_bytes(make_bzimage())
+    result = run_cli("run", "-k", str(kernel), "--device", "nomodel,port=1")
+    assert_one_line_error(result, "start with the model")
+    result = run_cli("run", "-k", str(kernel), "--module", str(kernel))
+    assert_one_line_error(result, "--module is for multiboot kernels", "boots linux64")
+    result = run_cli("run", "-k", str(kernel), "--boot-method", "multiboot")
+    assert_one_line_error(result, "no multiboot header")
+    (tmp_path / "not.rec").write_bytes(b"hello")
+    assert_one_line_error(run_cli("replay", str(tmp_path / "not.rec")), "not a kvmlet recording")
+
+
+def test_replay_reports_and_exits_0_or_2(tmp_path):
+    from tests.unit.test_record_replay import SOURCE, record, with_model
+
+    path = record(tmp_path)
+    result = run_cli("replay", str(path))
+    assert result.returncode == 0
+    assert result.stderr.startswith("kvmlet: replayed 13 accesses")
+    assert "no divergence" in result.stderr
+    with_model(path, SOURCE.replace("return zlib.crc32(data)", "return 0"))
+    result = run_cli("replay", str(path))
+    assert result.returncode == 2 and "first divergence at event" in result.stderr

@@ -162,3 +162,40 @@ def test_active_multiplexing_probe_sees_a_plain_controller():
         c.device.write(DATA_OFFSET, 1, value)
         assert c.status() & STR_AUXDATA
         assert c.device.read(DATA_OFFSET, 1) == value
+
+
+def read_keyboard_bytes(c: Controller) -> bytes:
+    """What atkbd's interrupt handler reads: one byte per IRQ 1 edge, each a keyboard byte."""
+    out = bytearray()
+    while c.status() & STR_OBF:
+        assert c.kbd_irq.level and not c.status() & STR_AUXDATA
+        out.append(c.device.read(DATA_OFFSET, 1))
+    return bytes(out)
+
+
+def test_ctrl_alt_del_arrives_as_translated_scan_codes_with_an_irq_each():
+    c = Controller()
+    assert c.device.press_ctrl_alt_del()
+    keys = read_keyboard_bytes(c)
+    assert keys == bytes([0x1D, 0x38, 0xE0, 0x53, 0xE0, 0xD3, 0xB8, 0x9D])
+    assert c.kbd_irq.history.count(True) == len(keys)
+    assert c.resets == 0  # the guest decides what the keys mean
+
+
+def test_ctrl_alt_del_in_scan_code_set_2_without_translation():
+    c = Controller()
+    c.command(0x60, bytes([CTR_KBDINT]))
+    assert c.device.press_ctrl_alt_del()
+    assert read_keyboard_bytes(c) == bytes.fromhex("14 11 e071 e0f071 f011 f014")
+
+
+def test_ctrl_alt_del_waits_for_an_enabled_keyboard_and_room():
+    c = Controller()
+    c.command(0xAD)  # keyboard interface disabled
+    assert not c.device.press_ctrl_alt_del()
+    assert not c.status() & STR_OBF
+    c.command(0xAE)
+    assert c.device.press_ctrl_alt_del()
+    assert c.device.press_ctrl_alt_del()
+    assert not c.device.press_ctrl_alt_del()  # 16 bytes of buffer: two presses, not three
+    assert len(read_keyboard_bytes(c)) == 16

@@ -20,6 +20,7 @@ BOOT_ONLY_NEEDS_NONE_OF = (
     "kvmlet.virtio.blk_io",
     "kvmlet.virtio.console",  # only with --console virtio
     "kvmlet.virtio.mmio",  # only with --virtio-transport mmio
+    "kvmlet.vhost",  # only with a vhost-user or kernel vhost device
     "kvmlet.boot.bzimage",  # only for a bzImage kernel (these cases boot an ELF)
     "hashlib",  # the guest build's cache keys
     "subprocess",

@@ -39,6 +39,7 @@ SIZES = {
     "kvm_msi": s.KvmMsi,
     "kvm_vcpu_events": s.KvmVcpuEvents,
     "kvm_lapic_state": s.KvmLapicState,
+    "kvm_clock_data": s.KvmClockData,
     "kvm_run": s.KvmRun,
 }
 
@@ -68,6 +69,7 @@ IOCTLS = [
     for name in IOCTLS
     if not name.startswith(("KVM_CAP_", "KVM_MEM_", "KVM_IRQ_ROUTING_", "KVM_IRQCHIP_"))
     and not name.startswith(("KVM_IOEVENTFD_FLAG", "KVM_IRQFD_FLAG", "KVM_VCPUEVENT_"))
+    and not name.startswith("KVM_CLOCK_")
     and name
     not in (
         "KVM_API_VERSION",
@@ -81,6 +83,7 @@ CONSTANTS = [
     for name in dir(nr)
     if name.startswith(("KVM_CAP_", "KVM_MEM_READONLY", "KVM_IRQ_ROUTING_", "KVM_IRQCHIP_"))
     or name.startswith(("KVM_IOEVENTFD_FLAG_", "KVM_IRQFD_FLAG_", "KVM_VCPUEVENT_VALID_"))
+    or name.startswith("KVM_CLOCK_")
     or name in ("KVM_API_VERSION", "KVM_PIO_PAGE_OFFSET", "KVM_PIT_SPEAKER_DUMMY")
 ]
 EXIT_CONSTANTS = [name for name in dir(exits) if name.startswith("KVM_")]

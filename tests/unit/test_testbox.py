@@ -69,6 +69,7 @@ def test_environment_puts_the_real_interpreter_first_on_path():
     environment = testbox_run.box_environment({})
     assert environment["PATH"].split(":")[0] == str(Path(sys.executable).parent)
     assert environment["KVMLET_TESTBOX"] == "1"
+    assert environment["XDG_RUNTIME_DIR"] == "/run"  # HOME is read-only in L1
 
 
 def test_qemu_command_boots_tcg_with_the_box_parameters(tmp_path):

@@ -111,3 +111,53 @@ def make_elf(
         0,
     )
     return header + b"".join(phdrs) + bytes(body) + shdrs
+
+
+MULTIBOOT_MAGIC = 0x1BADB002
+MULTIBOOT_ADDRESSES = 1 << 16
+
+
+def multiboot_header(flags: int, addresses: tuple[int, ...] = (), checksum: int | None = None):
+    """A multiboot header: magic, flags, checksum (correct unless given), address fields."""
+    if checksum is None:
+        checksum = -(MULTIBOOT_MAGIC + flags) & 0xFFFF_FFFF
+    return struct.pack("<III", MULTIBOOT_MAGIC, flags, checksum) + struct.pack(
+        f"<{len(addresses)}I", *addresses
+    )
+
+
+def make_multiboot_kludge(
+    text: bytes,
+    *,
+    load: int = 2 * MiB,
+    bss: int = 0x1000,
+    entry_offset: int = 0x30,
+    flags: int = 0x3,
+    prefix: bytes = b"",
+) -> bytes:
+    """An a.out-kludge image: `prefix` (not loaded), then a header at the start of the loaded
+    text (at physical `load`), then `text`, and `bss` bytes of bss after it."""
+    header_size = 12 + 20
+    loaded = header_size + len(text)
+    addresses = (load, load, load + loaded, load + loaded + bss, load + entry_offset)
+    return prefix + multiboot_header(flags | MULTIBOOT_ADDRESSES, addresses) + text
+
+
+def make_elf32(
+    segments: list[tuple[int, int, bytes, int]], *, entry: int, machine: int = 3, lead: bytes = b""
+) -> bytes:
+    """An i386 ELF32 executable from (paddr, vaddr, file bytes, memsz) segments; `lead` goes
+    right after the program headers (where a multiboot header usually sits)."""
+    offset = 52 + 32 * len(segments)
+    body = bytearray(lead)
+    offset += len(lead)
+    phdrs = []
+    for paddr, vaddr, data, memsz in segments:
+        phdrs.append(struct.pack("<IIIIIIII", 1, offset, vaddr, paddr, len(data), memsz, 5, 0))
+        body += data
+        offset += len(data)
+    ident = b"\x7fELF" + bytes([1, 1, 1]) + bytes(9)
+    header = struct.pack(
+        "<16sHHIIIIIHHHHHH", ident, 2, machine, 1, entry, 52, 0, 0, 52, 32, len(segments), 40, 0, 0
+    )
+    return header + b"".join(phdrs) + bytes(body)

@@ -32,7 +32,7 @@ def test_formats_are_recognised(tmp_path):
     [
         (None, "No such file"),
         (b"", "is empty"),
-        (b"#!/bin/sh\necho hello\n", "not a Linux kernel: neither a bzImage nor an ELF"),
+        (b"#!/bin/sh\necho hello\n", "neither a bzImage, an ELF vmlinux nor multiboot"),
         (make_bzimage(xloadflags=0), "32-bit only"),
     ],
     ids=["missing", "empty", "script", "32-bit"],

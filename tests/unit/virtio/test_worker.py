@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import threading
 import time
 
@@ -106,3 +107,91 @@ def test_one_worker_per_device(memory):
         worker.stop()
     for bell in bells:
         bell.close()
+
+
+def test_a_paused_worker_serves_nothing_until_resumed(memory, worker):
+    device, driver = started_rng(memory, 0x10000)
+    bell = doorbell(device, 0)
+    worker.add(bell)
+    worker.start()
+    assert worker.pause(timeout=2)
+    driver.post_data(0, [], [32])
+    bell.ring()
+    bell.ring()
+    time.sleep(0.1)
+    assert device.queue_stats[0].requests == 0  # the kicks wait in the eventfd
+    worker.resume()
+    wait_for(lambda: device.queue_stats[0].requests == 1)
+    assert bell.kicks == 2
+    bell.close()
+
+
+def test_a_paused_worker_still_stops(memory):
+    worker = QueueWorker()
+    worker.start()
+    assert worker.pause(timeout=2)
+    worker.stop(timeout=2)
+    assert not worker._thread.is_alive()
+
+
+def test_pausing_a_worker_busy_in_a_device_times_out(memory, worker):
+    release = threading.Event()
+
+    class SlowRng(VirtioRng):
+        def queue_notified(self, queue_index):
+            release.wait(5)
+
+    device = SlowRng(memory)
+    MockDriver(device, memory, 0x10000, 1 << 18).initialize(queue_size=8)
+    bell = doorbell(device, 0)
+    worker.add(bell)
+    worker.start()
+    bell.ring()
+    wait_for(lambda: worker.notifications == 1)
+    assert not worker.pause(timeout=0.1)
+    release.set()
+    wait_for(lambda: worker._parked)  # it still pauses once the device is done
+    worker.resume()
+    bell.close()
+
+
+def test_a_readiness_watch_calls_back_only_for_what_its_owner_wants(worker):
+    ours, peer = socket.socketpair()
+    calls = []
+    watch = worker.watch_readiness(ours.fileno(), lambda *ready: calls.append(ready))
+    worker.start()
+    peer.send(b"x")
+    time.sleep(0.05)
+    assert calls == []  # nothing wanted yet
+    watch.want(readable=True, writable=False)
+    wait_for(lambda: calls)
+    assert calls[0] == (True, False, False)
+    watch.want(readable=False, writable=False)
+    time.sleep(0.02)  # a call already under way when the owner paused
+    settled = len(calls)
+    time.sleep(0.05)
+    assert len(calls) == settled  # paused: still readable, but not called
+    peer.close()
+    wait_for(lambda: calls[-1][2])  # a hang-up is reported even while nothing is wanted
+    watch.close()
+    time.sleep(0.02)
+    settled = len(calls)
+    time.sleep(0.05)
+    assert len(calls) == settled
+    ours.close()
+
+
+def test_a_failing_readiness_callback_is_counted_and_unwatched(worker):
+    ours, peer = socket.socketpair()
+
+    def broken(readable, writable, hangup):
+        raise RuntimeError("backend bug")
+
+    watch = worker.watch_readiness(ours.fileno(), broken)
+    watch.want(readable=False, writable=True)
+    worker.start()
+    wait_for(lambda: worker.device_errors == 1)
+    time.sleep(0.05)
+    assert worker.device_errors == 1  # a level-triggered descriptor is not polled again
+    ours.close()
+    peer.close()

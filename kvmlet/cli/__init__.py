@@ -1,4 +1,6 @@
-"""`kvmlet`: boot a Linux kernel, run a command in a microVM, build the default guest.
+"""`kvmlet`: boot a kernel, run a command in a microVM, replay a recording, build the default
+guest, and control running machines through their API sockets (list, stop, pause, resume,
+stat, balloon).
 
 Every user mistake ends as one line on stderr and a non-zero exit status; a traceback means a
 bug in kvmlet.
@@ -7,6 +9,7 @@ bug in kvmlet.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import os
 import sys
@@ -14,6 +17,7 @@ import time
 from typing import TYPE_CHECKING
 
 from kvmlet import __version__
+from kvmlet.cli.control import CONTROL_COMMANDS, add_control_commands
 from kvmlet.errors import KvmletError
 
 if TYPE_CHECKING:
@@ -24,12 +28,24 @@ examples:
   kvmlet run                          boot kvmlet's default guest to a busybox shell
   kvmlet run -k bzImage -p 'loglevel=7' -m 1G -c 2
   kvmlet run -k vmlinux -i initrd.gz -d disk.img -d ro.img,ro --console virtio
+  kvmlet run -k test.elf -p 'verbose' --module data.bin,name=data --debug-exit 0x501
+  kvmlet run -k vmlinux --device examples/mailbox_device.py:Mailbox,mmio=0xf1000000,irq=10
+  kvmlet run -k test.elf --debug-exit 0x501 --record run.rec; kvmlet replay run.rec
 
 console: Ctrl-A x quits, Ctrl-A s prints statistics, Ctrl-A h helps, Ctrl-A Ctrl-A sends Ctrl-A.
 
+control: the machine answers its API on $XDG_RUNTIME_DIR/kvmlet/NAME.sock (else
+~/.kvmlet/NAME.sock) while it runs: `kvmlet list`, `kvmlet stat NAME`, `kvmlet stop NAME`...
+
 exit status: 0 when the guest reset or powered off (or you quit), 3 triple fault,
 4 KVM could not run or emulate the guest, 5 guest crash, 6 this host cannot run the guest's
-user space (host profile pvm), 124 timeout, 1 a usage or setup error.
+user space (host profile pvm), 7 a watchpoint's check failed, 124 timeout, 1 a usage or
+setup error; a write of V to the --debug-exit port: (V << 1) | 1 (its low 8 bits).
+"""
+
+REPLAY_EPILOG = """\
+exit status: 0 when every replayed device answered as in the run, 2 at the first divergence
+(printed), 1 when the file cannot be read or its devices rebuilt.
 """
 
 SANDBOX_EPILOG = """\
@@ -134,8 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
         "-k",
         "--kernel",
         metavar="KERNEL",
-        help="bzImage or uncompressed ELF vmlinux (default: kvmlet's default guest, built "
-        "and cached on first use)",
+        help="bzImage, uncompressed ELF vmlinux or a multiboot kernel (default: kvmlet's "
+        "default guest, built and cached on first use)",
     )
     run.add_argument("-i", "--initrd", metavar="INITRD", help="initramfs/initrd image")
     run.add_argument(
@@ -143,7 +159,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--params",
         default="",
         metavar="PARAMS",
-        help="kernel parameters added after kvmlet's own (console=ttyS0 reboot=k panic=-1 ...)",
+        help="kernel parameters added after kvmlet's own (console=ttyS0 reboot=k panic=-1 ...); "
+        "a multiboot kernel's command line is its file name and PARAMS only",
+    )
+    run.add_argument(
+        "--module",
+        action="append",
+        default=[],
+        metavar="FILE[,ARGS]",
+        help="a multiboot module, its string being FILE and ARGS; repeatable",
     )
     _add_machine_arguments(run)
     run.add_argument(
@@ -154,9 +178,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--boot-method",
-        choices=("auto", "linux64", "pvh"),
+        choices=("auto", "linux64", "pvh", "multiboot"),
         default="auto",
-        help="ELF kernels: 64-bit boot protocol entry (carries an RNG seed) or PVH",
+        help="ELF kernels: 64-bit boot protocol entry (carries an RNG seed) or PVH; auto "
+        "boots a kernel with a multiboot header as multiboot",
+    )
+    run.add_argument(
+        "--debug-exit",
+        type=_port_number,
+        metavar="PORT",
+        help="an isa-debug-exit port: the guest's write of V ends kvmlet with exit status "
+        "(V << 1) | 1",
+    )
+    run.add_argument(
+        "--device",
+        action="append",
+        default=[],
+        metavar="MODEL,PLACE[,irq=N][,KEY=VALUE]",
+        help="a device model of yours (module:Name or file.py:Name) at port=ADDR, mmio=ADDR "
+        "or pci[=SLOT], with its options; repeatable (docs/devices.md)",
+    )
+    run.add_argument(
+        "--record",
+        metavar="FILE",
+        help="write every port and MMIO access that reaches kvmlet, and what each device "
+        "answered, to FILE (see kvmlet replay)",
     )
     run.add_argument(
         "--debug-io",
@@ -165,6 +211,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--stats", action="store_true", help="print I/O and device counters when the guest stops"
+    )
+    run.add_argument(
+        "--name",
+        metavar="NAME",
+        help="the machine's name for `kvmlet list/stop/...` (default: vm-PID); unique among "
+        "your running machines",
+    )
+    run.add_argument(
+        "--api-socket",
+        metavar="PATH",
+        help="where the control API listens (default: $XDG_RUNTIME_DIR/kvmlet/NAME.sock, "
+        "else ~/.kvmlet/NAME.sock)",
+    )
+    run.add_argument(
+        "--balloon",
+        action="store_true",
+        help="add a virtio-balloon: `kvmlet balloon NAME SIZE` then takes memory back from "
+        "the guest, and free memory it reports is released on the host",
     )
 
     sandbox = commands.add_parser(
@@ -176,6 +240,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_machine_arguments(sandbox)
     sandbox.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND...")
+
+    replay = commands.add_parser(
+        "replay",
+        help="feed a --record file's accesses to fresh device models, report a divergence",
+        description="Rebuild the recorded machine's devices without KVM, make each recorded "
+        "access again and check that every device answers and acts as it did in the run.",
+        epilog=REPLAY_EPILOG,
+        formatter_class=raw_description,
+    )
+    replay.add_argument("file", metavar="FILE", help="a file written by kvmlet run --record")
 
     build = commands.add_parser(
         "build-guest",
@@ -199,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="remove what only a rebuild needs (the extracted source and the build objects) "
         "and cached guests of other configurations, keep the current default guest, and exit",
     )
+    add_control_commands(commands, plain, raw_description)
     return parser
 
 
@@ -221,6 +296,13 @@ def _machine_config(args: argparse.Namespace, **extra):
         host_profile=args.host_profile,
         **extra,
     )
+
+
+def _port_number(text: str) -> int:
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
 
 
 def _notice_profile(config) -> None:
@@ -251,9 +333,20 @@ def run_config(args: argparse.Namespace) -> MachineConfig:
     if args.initrd is not None and args.kernel is None:
         raise KvmletError("-i/--initrd needs -k/--kernel (the default guest has its own)")
     if args.kernel is not None:
-        inspect_kernel(args.kernel)
+        method = inspect_kernel(args.kernel).boot_method(args.boot_method)
+        if args.module and method != "multiboot":
+            raise KvmletError(f"--module is for multiboot kernels; {args.kernel} boots {method}")
     else:
         _check_kvm_before_building()
+    extra = {}
+    if args.module:
+        from kvmlet.machine.config import parse_module_option
+
+        extra["modules"] = tuple(parse_module_option(text) for text in args.module)
+    if args.device:
+        from kvmlet.machine.config import parse_device_option
+
+        extra["devices"] = tuple(parse_device_option(text) for text in args.device)
     config = with_default_guest(
         _machine_config(
             args,
@@ -263,6 +356,10 @@ def run_config(args: argparse.Namespace) -> MachineConfig:
             console=args.console,
             boot_method=args.boot_method,
             debug_io=args.debug_io,
+            balloon=args.balloon,
+            debug_exit_port=args.debug_exit,
+            record=args.record,
+            **extra,
         )
     )
     _notice_profile(config)
@@ -270,25 +367,81 @@ def run_config(args: argparse.Namespace) -> MachineConfig:
 
 
 def _command_run(args: argparse.Namespace) -> int:
+    from kvmlet.api.names import claim
     from kvmlet.host.report import format_stats
     from kvmlet.host.terminal import RawTerminal
     from kvmlet.machine.machine import Machine
 
     config = run_config(args)
-    with RawTerminal(0) as terminal:  # raw mode only when stdin is a terminal
-        interactive = terminal.is_tty
-        machine = Machine(config, console_echo_fd=1, console_input_fd=0, escape=interactive)
-        try:
-            machine.start()
-            stop = machine.wait(args.timeout)
-        finally:
-            machine.close()
+    sigterm = _SigtermStops()
+    # The name and socket, before any work; a SIGTERM meanwhile waits until the `try` below
+    # can clean up after it.
+    with sigterm.held():
+        endpoint = claim(args.name, args.api_socket)
+    try:
+        sigterm.deliver()
+        with RawTerminal(0) as terminal:  # raw mode only when stdin is a terminal
+            interactive = terminal.is_tty
+            machine = Machine(config, console_echo_fd=1, console_input_fd=0, escape=interactive)
+            server = None
+            try:
+                sigterm.machine = machine
+                machine.start()
+                from kvmlet.api.server import ApiServer  # after start: not before the guest runs
+
+                server = ApiServer(machine, endpoint).start()
+                stop = machine.wait(args.timeout)
+            finally:
+                if server is not None:
+                    server.close()
+                machine.close()
+    finally:
+        endpoint.close()
     elapsed = time.monotonic() - (machine.started or machine.created)
     newline = "\r\n" if interactive else ""  # the raw-mode console may end mid-line
     print(f"{newline}kvmlet: {stop} after {elapsed:.1f} s", file=sys.stderr)
     if args.stats:
         sys.stderr.write(format_stats(machine.stats()))
-    return stop.reason.exit_status
+    return stop.exit_status
+
+
+class _SigtermStops:
+    """SIGTERM (a service manager, an orchestrator) stops the guest like Ctrl-A x, so the
+    monitor still closes its machine and removes its API socket; before the machine exists it
+    ends `kvmlet run` with one line."""
+
+    def __init__(self) -> None:
+        import signal
+        import threading
+
+        self.machine = None
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._on_signal)
+
+    @contextlib.contextmanager
+    def held(self):
+        """Block SIGTERM in the block; on failure it is let go at once, else by `deliver()`."""
+        import signal
+
+        self._previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        try:
+            yield
+        except BaseException:
+            self.deliver()
+            raise
+
+    def deliver(self) -> None:
+        """Unblock SIGTERM: one that arrived while it was held runs its handler now."""
+        import signal
+
+        signal.pthread_sigmask(signal.SIG_SETMASK, self._previous)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        from kvmlet.vstate.vcpu_loop import StopReason
+
+        if self.machine is None:
+            raise KvmletError("terminated (SIGTERM) before the guest started")
+        self.machine.stop(StopReason.HOST_QUIT, "SIGTERM")
 
 
 def _command_sandbox(args: argparse.Namespace) -> int:
@@ -322,6 +475,14 @@ def _command_sandbox(args: argparse.Namespace) -> int:
     return result.status
 
 
+def _command_replay(args: argparse.Namespace) -> int:
+    from kvmlet.machine.replay import replay
+
+    result = replay(args.file)
+    print(f"kvmlet: {result.summary()}", file=sys.stderr)
+    return 0 if result.divergence is None else 2
+
+
 def _command_build_guest(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -344,7 +505,13 @@ def _command_build_guest(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": _command_run, "sandbox": _command_sandbox, "build-guest": _command_build_guest}
+COMMANDS = {
+    "run": _command_run,
+    "sandbox": _command_sandbox,
+    "replay": _command_replay,
+    "build-guest": _command_build_guest,
+    **CONTROL_COMMANDS,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

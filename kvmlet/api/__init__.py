@@ -1,0 +1,7 @@
+"""The control plane: every running machine answers an HTTP/JSON API on a UNIX socket.
+
+`names` (machine names and socket paths), `http` (the bounded HTTP/1.1 server, parsed by h11),
+`router` (paths and request checks), `control` (the API's view of a `Machine`), `server`
+(`serve`: all of it for one machine), `client` (`kvmlet.connect`), `report` (what the CLI prints).
+docs/api.yaml is the OpenAPI description.
+"""

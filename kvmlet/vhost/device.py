@@ -1,0 +1,318 @@
+"""A virtio device whose data path is a vhost backend: Python keeps the control plane only.
+
+`VhostDevice` is a `VirtioDevice` (features, status, config space, queue registers, so any
+transport serves it) that never pops a descriptor. When the driver sets DRIVER_OK it hands
+every ready queue to its `VhostFrontend`: the negotiated features, the memory table, then per
+queue its size, base (the next available index), the host addresses of its rings (validated by
+`Virtqueue.activate` first) and three eventfds the device owns:
+
+- kick: the queue's doorbell. The wiring registers it with the transport (`add_doorbell`), so
+  KVM signals it on the guest's notify write and the backend wakes without Python; a kick that
+  does reach Python (`notify`) is passed on to it.
+- call: the queue's interrupt. The backend signals it when it used buffers (it applied the
+  driver's suppression itself). The wiring either binds it to the queue's MSI-X vector as a KVM
+  irqfd, or watches it (`eventfd_watches`) and `relay_call` raises the transport's queue
+  interrupt (INTx, virtio-mmio, a masked vector).
+- err: the backend found the ring broken; watched too, it puts the device in NEEDS_RESET.
+
+A driver reset, and a queue disabled (virtio-mmio), takes the rings back with GET_VRING_BASE
+(after `stop`), then `reset` returns the backend to its initial state; the next DRIVER_OK hands
+them over again with the features the driver accepted then. The configuration space is the
+backend's (GET_CONFIG, refreshed at each reset, writes forwarded with SET_CONFIG) when the
+device asks for `config_size` bytes from it, else the `config` the caller built.
+
+A backend that fails, refuses a request or goes away (`check_backend`, called when the
+frontend's `fileno()` is readable) puts the device in DEVICE_NEEDS_RESET with a configuration
+interrupt; the guest keeps running and kvmlet logs it once (again only after the backend has
+worked since). During a reset the status stays 0, as the driver waits for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from collections.abc import Callable, Sequence
+
+from kvmlet.errors import LazyLogger
+from kvmlet.memory import GuestMemory
+from kvmlet.vhost.frontend import VhostError, VhostFrontend, VringAddresses, memory_table
+from kvmlet.virtio.device import (
+    COMMON_FEATURES,
+    DEVICE_NEEDS_RESET,
+    DRIVER_OK,
+    VIRTIO_F_VERSION_1,
+    InterruptKind,
+    VirtioDevice,
+)
+from kvmlet.virtio.queue import DESCRIPTOR_SIZE
+
+log = LazyLogger(__name__)
+
+TRANSPORT_FEATURES = COMMON_FEATURES
+"""Ring features a backend may offer the driver: VERSION_1, EVENT_IDX, INDIRECT_DESC (no
+packed rings: the queues are validated as split rings before the backend gets them)."""
+
+
+def _eventfd() -> int:
+    return os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+
+
+class VhostDevice(VirtioDevice):
+    """A virtio device served by a vhost backend (vhost-user daemon or kernel vhost)."""
+
+    def __init__(
+        self,
+        memory: GuestMemory,
+        frontend: VhostFrontend,
+        *,
+        name: str,
+        device_id: int,
+        queue_sizes: Sequence[int],
+        backend_queues: int | None = None,
+        features_mask: int = TRANSPORT_FEATURES,
+        own_features: int = 0,
+        config: bytes = b"",
+        config_size: int = 0,
+    ):
+        """`backend_queues`: the first that many queues go to the backend (default all; the
+        rest stay idle with the device). The driver is offered the backend's features within
+        `features_mask`, plus `own_features` the device implements itself. `config_size`
+        takes that many bytes of configuration space from a backend that keeps one
+        (vhost-user's CONFIG); otherwise the device shows `config`. Once made, the device owns
+        `frontend` (`close` closes it)."""
+        backend_queues = len(queue_sizes) if backend_queues is None else backend_queues
+        if not 0 < backend_queues <= len(queue_sizes):
+            raise ValueError(f"{name}: {backend_queues} backend queues of {len(queue_sizes)}")
+        if frontend.max_vrings is not None and frontend.max_vrings < backend_queues:
+            raise VhostError(
+                f"{name}: the backend serves {frontend.max_vrings} queues, "
+                f"the device needs {backend_queues}"
+            )
+        if frontend.needs_memory_fds and not memory.shareable:
+            raise VhostError(f"{name}: a vhost-user backend needs guest RAM in a memfd")
+        offered = frontend.guest_features() & features_mask
+        if not offered >> VIRTIO_F_VERSION_1 & 1:
+            raise VhostError(f"{name}: the backend does not offer VIRTIO_F_VERSION_1")
+        backend_config = frontend.read_config(config_size) if config_size else None
+        if backend_config is not None:
+            config = backend_config
+        elif config_size and not config:
+            raise VhostError(f"{name}: the backend does not give its configuration space")
+        super().__init__(memory, list(queue_sizes), 0, config)
+        self.name = name
+        self.device_id = device_id
+        self.device_features = offered | own_features
+        self.frontend = frontend
+        self.backend_queues = backend_queues
+        self.backend_error: str | None = None
+        self.vring_bases: dict[int, int] = {}
+        # Bytes of configuration space the backend keeps (0: the device shows its own).
+        self._config_size = config_size if backend_config is not None else 0
+        self._handed: set[int] = set()
+        self._started = False
+        self._log_failure = True
+        self._kicks: list[int] = []
+        self._calls: list[int] = []
+        self._errs: list[int] = []
+        try:
+            for fds in (self._kicks, self._calls, self._errs):
+                fds.extend(_eventfd() for _ in range(backend_queues))
+        except OSError:
+            self._close_eventfds()
+            raise
+
+    # What the wiring connects ----------------------------------------------------------------
+
+    def kick_eventfd(self, queue_index: int) -> int:
+        """The doorbell of a backend queue: give it to the transport's `add_doorbell` (and to
+        no worker: the backend reads it)."""
+        return self._kicks[queue_index]
+
+    def call_eventfd(self, queue_index: int) -> int:
+        """The interrupt eventfd of a backend queue, signalled by the backend."""
+        return self._calls[queue_index]
+
+    def eventfd_watches(self) -> list[tuple[int, Callable[[], None]]]:
+        """(eventfd, callback) pairs for a `QueueWorker.watch`: every call eventfd (relayed as
+        the queue's interrupt) and every err eventfd."""
+        calls = [(fd, functools.partial(self.relay_call, i)) for i, fd in enumerate(self._calls)]
+        errs = [(fd, functools.partial(self.vring_error, i)) for i, fd in enumerate(self._errs)]
+        return calls + errs
+
+    def relay_call(self, queue_index: int) -> None:
+        """The backend signalled queue `queue_index`'s call eventfd (already read): interrupt
+        the driver through the transport. No lock: a control request in flight on a vCPU must
+        not hold up interrupts."""
+        if self.status & DRIVER_OK and self._interrupt is not None:
+            self.queue_stats[queue_index].interrupts += 1
+            self._interrupt(InterruptKind.QUEUE, queue_index)
+
+    def vring_error(self, queue_index: int) -> None:
+        """The backend signalled queue `queue_index`'s err eventfd."""
+        with self._lock:
+            self._backend_failed(VhostError(f"the backend found queue {queue_index} broken"))
+
+    def check_backend(self) -> None:
+        """The frontend's `fileno()` became readable: see whether the backend went away."""
+        with self._lock:
+            self._guarded(self.frontend.check_connection)
+
+    # Kicks that reach Python -------------------------------------------------------------------
+
+    def notify(self, queue_index: int) -> None:
+        """A notify write that exited to Python (no ioeventfd there yet): the backend's queues
+        get it through their kick eventfd, the device's own queues just count it."""
+        if not 0 <= queue_index < self.queue_count:
+            return
+        self.queue_stats[queue_index].notifications += 1
+        if queue_index < self.backend_queues and self._kicks:
+            os.eventfd_write(self._kicks[queue_index], 1)
+
+    # Handing queues over and taking them back ---------------------------------------------------
+
+    def activate(self) -> None:
+        """DRIVER_OK: features, memory table, then every queue the driver readied."""
+        if self.running:
+            self._guarded(self._start_backend)
+
+    def _start_backend(self) -> None:
+        frontend = self.frontend
+        frontend.set_features(self.driver_features & frontend.guest_features())
+        frontend.set_mem_table(memory_table(self.memory))
+        self._started = True
+        ready = [i for i in range(self.backend_queues) if self.queues[i].active]
+        for index in ready:
+            self._hand_over(index)
+        frontend.start(ready)
+        self._log_failure = True
+
+    def _hand_over(self, index: int) -> None:
+        queue, frontend, memory = self.queues[index], self.frontend, self.memory
+        size = queue.size
+        addresses = VringAddresses(
+            descriptor=memory.host_address(queue.descriptor_table, DESCRIPTOR_SIZE * size),
+            used=memory.host_address(queue.used_ring, 6 + 8 * size),
+            available=memory.host_address(queue.available_ring, 6 + 2 * size),
+        )
+        frontend.set_vring_num(index, size)
+        frontend.set_vring_base(index, queue.last_available)
+        frontend.set_vring_addr(index, addresses)
+        frontend.set_vring_kick(index, self._kicks[index])
+        frontend.set_vring_call(index, self._calls[index])
+        frontend.set_vring_err(index, self._errs[index])
+        self._handed.add(index)
+
+    def _take_back(self, indexes: Sequence[int]) -> None:
+        """Stop rings `indexes` and record where the backend got to in each."""
+        self.frontend.stop(indexes)
+        for index in indexes:
+            self.vring_bases[index] = self.frontend.get_vring_base(index)
+            self._handed.discard(index)
+
+    def set_queue_ready(self, index: int, ready: bool) -> None:
+        """A queue readied after DRIVER_OK goes to the backend at once; a queue disabled
+        (virtio-mmio) comes back from it first."""
+        with self._lock:
+            if not ready and index in self._handed:
+                self._guarded(self._take_back, [index])
+            super().set_queue_ready(index, ready)
+            if (
+                ready
+                and self._started
+                and self.running
+                and index < self.backend_queues
+                and self.queues[index].active
+            ):
+                self._guarded(self._start_queue, index)
+
+    def _start_queue(self, index: int) -> None:
+        self._hand_over(index)
+        self.frontend.start([index])
+
+    def reset_device(self) -> None:
+        """Driver reset: take every ring back, reset the backend, refresh its config space."""
+        if self._started:
+            self._guarded(self._stop_backend)
+        self._started = False
+        self._handed.clear()
+        if self._config_size:
+            self._guarded(self._refresh_config)
+
+    def _stop_backend(self) -> None:
+        self._take_back(sorted(self._handed))
+        self.frontend.reset()
+
+    def _refresh_config(self) -> None:
+        config = self.frontend.read_config(self._config_size)
+        if config is not None:
+            self.update_config(config)
+
+    # Configuration space -----------------------------------------------------------------------
+
+    def write_config(self, offset: int, size: int, value: int) -> None:
+        """Writes go to the backend when the configuration space is the backend's."""
+        if not self._config_size or offset < 0 or size <= 0 or offset + size > self.config_size:
+            super().write_config(offset, size, value)
+            return
+        data = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+        with self._lock:
+            if self._guarded(self.frontend.write_config, offset, data):
+                self._config[offset : offset + size] = data
+
+    # Failures ----------------------------------------------------------------------------------
+
+    def _guarded(self, work: Callable[..., None], *arguments: object) -> bool:
+        """Run backend work; a `VhostError` becomes NEEDS_RESET instead of an exception."""
+        try:
+            work(*arguments)
+        except VhostError as error:
+            self._backend_failed(error)
+            return False
+        return True
+
+    def _backend_failed(self, error: VhostError) -> None:
+        reason = str(error).removeprefix(f"{self.frontend.name}: ")
+        self.backend_error = reason
+        if self._log_failure:
+            self._log_failure = False
+            log.warning(
+                "%s: vhost backend %s: %s; the device needs a reset, the guest keeps running",
+                self.name,
+                self.frontend.name,
+                reason,
+            )
+        if self.status:
+            self.last_error = reason
+            self.status |= DEVICE_NEEDS_RESET
+            if self.status & DRIVER_OK:
+                self.signal_config()
+
+    # Life cycle and counters -------------------------------------------------------------------
+
+    def stats(self) -> dict[str, object]:
+        """The device's counters (its queues' `requests` stay 0: Python never pops), plus the
+        backend's name, its last failure and where it stopped each ring last."""
+        with self._lock:
+            return {
+                **super().stats(),
+                "backend": self.frontend.name,
+                "backend_error": self.backend_error,
+                "vring_bases": dict(self.vring_bases),
+            }
+
+    def close(self) -> None:
+        """Stop the backend's rings (best effort: it may be gone), close it and the eventfds."""
+        with self._lock:
+            if self._handed:
+                with contextlib.suppress(VhostError):
+                    self._take_back(sorted(self._handed))
+            self.frontend.close()
+            self._close_eventfds()
+            super().close()
+
+    def _close_eventfds(self) -> None:
+        for fds in (self._kicks, self._calls, self._errs):
+            for fd in fds:
+                os.close(fd)
+            fds.clear()

@@ -1,0 +1,458 @@
+"""virtio-net (virtio 1.2 §5.1) with its data path in Python, between the guest and a backend.
+
+One receive queue (0) and one transmit queue (1); no control queue, since no backend here
+needs one (offloads are fixed when the driver starts, the MAC is set by the host, and the
+driver's receive filters have nothing to filter: every frame a backend delivers is meant for
+this NIC). The configuration space, the feature set and the header live in `config.py`, shared
+with a vhost-net data path.
+
+Transmit runs on a doorbell: each notification takes at most `TX_CHAINS_PER_WAKEUP` chains,
+in batches the backend writes with one call, and completes every chain it takes, whether the
+frame went out or was dropped (too short, too big for the MTU, a header that asks for an
+offload the driver did not negotiate). More work left, or output the backend could not write,
+makes the device wait for the backend's descriptor to be writable and carry on from there.
+
+Receive runs while the backend's descriptor is readable, the driver is running and the guest
+has posted buffers: each frame goes into one chain, or with VIRTIO_NET_F_MRG_RXBUF into as many
+chains as it needs (`num_buffers` in the header). When the guest has no room, the frame stays in
+the backend and the device stops polling it until the guest kicks the receive queue: the peer
+sees backpressure, nothing is dropped. A frame no guest buffer could take is dropped and counted.
+
+The device is driven by three entry points, all serialised by the device lock: `notify` (a
+doorbell), `backend_ready` (the worker saw the backend's descriptor ready, through the
+`ReadinessWatch` given to `connect_backend_watch`), and `set_link`. A peer that goes away takes
+the link down: status LINK_UP cleared, a configuration interrupt, one report, and the guest
+goes on without a network.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from typing import Protocol
+
+from kvmlet.errors import LazyLogger
+from kvmlet.memory import GuestMemory
+from kvmlet.virtio.device import VirtioDevice
+from kvmlet.virtio.net.backend import BackendClosed, Frame, NetBackend
+from kvmlet.virtio.net.config import (
+    DEFAULT_MTU,
+    ETHERNET_HEADER_SIZE,
+    HEADER,
+    HEADER_SIZE,
+    MAX_FRAME_SIZE,
+    MIN_FRAME_SIZE,
+    NUM_BUFFERS_OFFSET,
+    VIRTIO_ID_NET,
+    VIRTIO_NET_F_GUEST_CSUM,
+    VIRTIO_NET_F_MRG_RXBUF,
+    VIRTIO_NET_F_MTU,
+    VIRTIO_NET_HDR_F_DATA_VALID,
+    VIRTIO_NET_HDR_F_NEEDS_CSUM,
+    VIRTIO_NET_HDR_GSO_NONE,
+    VLAN_TAG_SIZE,
+    ZERO_HEADER,
+    broken_dependency,
+    config_space,
+    device_features,
+    receive_header_ok,
+    tap_offloads,
+    transmit_header_ok,
+)
+from kvmlet.virtio.queue import DescriptorChain, slice_views
+
+log = LazyLogger(__name__)
+
+RECEIVE_QUEUE = 0
+TRANSMIT_QUEUE = 1
+QUEUE_SIZE = 256
+# Work one wakeup may do with the device lock held, before the worker serves anything else;
+# what is left goes on at the next readiness of the backend (see the module's docstring).
+TX_CHAINS_PER_WAKEUP = 128
+TX_BATCH_FRAMES = 64
+TX_BATCH_BYTES = 256 * 1024
+RX_FRAMES_PER_WAKEUP = 64
+
+NUM_BUFFERS = struct.Struct("<H")
+
+
+class ReadinessWatch(Protocol):
+    """How the device asks its worker to poll the backend (kvmlet.virtio.worker has one)."""
+
+    def want(self, readable: bool, writable: bool) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class NetCounters:
+    """The device's frame counters for the statistics dump."""
+
+    def __init__(self) -> None:
+        self.rx_frames = 0
+        self.rx_bytes = 0
+        self.tx_frames = 0
+        self.tx_bytes = 0
+        self.rx_stalls = 0  # the guest had no buffer: reading paused until it posted some
+        self.rx_dropped_too_big = 0  # bigger than the MTU or than every buffer the guest has
+        self.rx_dropped_malformed = 0  # runt, or an offload the guest did not accept
+        self.rx_bad_buffers = 0  # chains no frame fits in (no room for the header)
+        self.tx_dropped_too_big = 0
+        self.tx_dropped_malformed = 0
+        self.tx_dropped_link_down = 0
+        self.tx_refused = 0  # the backend refused the frame (a tap that is down)
+        self.link_changes = 0
+
+
+class VirtioNet(VirtioDevice):
+    """A virtio network device whose frames go through Python to a `NetBackend`."""
+
+    device_id = VIRTIO_ID_NET
+    name = "virtio-net"
+
+    def __init__(
+        self,
+        memory: GuestMemory,
+        backend: NetBackend,
+        mac: bytes,
+        mtu: int = DEFAULT_MTU,
+        on_link_change: Callable[[bool, str], None] | None = None,
+    ):
+        self.backend = backend
+        self.mac = bytes(mac)
+        self.mtu = mtu
+        self.link_up = True
+        self.counters = NetCounters()
+        self.on_link_change = on_link_change
+        self._watch: ReadinessWatch | None = None
+        self._rx_held: list[DescriptorChain] = []  # receive chains taken for the next frame
+        self._rx_stalled = False
+        self._tx_more = False  # chains left over when a wakeup's budget ran out
+        super().__init__(
+            memory,
+            [QUEUE_SIZE, QUEUE_SIZE],
+            device_features(backend.vnet_header, backend.offloads),
+            config_space(self.mac, True, mtu),
+        )
+
+    # Wiring and link state ---------------------------------------------------------------------
+
+    def connect_backend_watch(self, watch: ReadinessWatch) -> None:
+        """Called once by the wiring: the worker's watch on `backend.fileno()`, whose callback
+        is `backend_ready`."""
+        with self._lock:
+            self._watch = watch
+            self._update_interest()
+
+    def set_link(self, up: bool, reason: str = "") -> None:
+        """Change the link status the guest sees (a configuration interrupt when it changes);
+        a link whose backend closed stays down."""
+        with self._lock:
+            up = up and not self.backend.closed
+            if up == self.link_up:
+                return
+            self.link_up = up
+            self.counters.link_changes += 1
+            self.update_config(config_space(self.mac, up, self.mtu))
+            self._update_interest()
+        message = reason or f"{self.name}: link {'up' if up else 'down'}"
+        if self.on_link_change is not None:
+            self.on_link_change(up, message)
+        else:
+            log.warning("%s", message)
+
+    def _backend_lost(self, error: BackendClosed) -> None:
+        if self.backend.closed:
+            return
+        if self._watch is not None:
+            self._watch.close()
+            self._watch = None
+        self.backend.close()
+        self.set_link(False, f"{self.name}: {error}: link down")
+
+    def _update_interest(self) -> None:
+        """Poll the backend for what the device can use now."""
+        if self._watch is None:
+            return
+        usable = self.link_up and self.running
+        readable = usable and self.queues[RECEIVE_QUEUE].active and not self._rx_stalled
+        writable = usable and (self.backend.blocked or self._tx_more)
+        self._watch.want(readable, writable)
+
+    # Feature negotiation and driver state ------------------------------------------------------
+
+    def _features_ok(self) -> bool:
+        return super()._features_ok() and broken_dependency(self.driver_features) is None
+
+    def activate(self) -> None:
+        self._call_backend(self.backend.set_offloads, tap_offloads(self.driver_features))
+        self._update_interest()
+        self.guarded(RECEIVE_QUEUE, self._receive)
+
+    def reset_device(self) -> None:
+        self._rx_held.clear()
+        self._rx_stalled = self._tx_more = False
+        self._call_backend(self.backend.set_offloads, 0)
+        self._update_interest()
+
+    def set_queue_ready(self, index: int, ready: bool) -> None:
+        with self._lock:
+            if index == RECEIVE_QUEUE and not ready:
+                self._rx_held.clear()
+            super().set_queue_ready(index, ready)
+            self._update_interest()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._watch is not None:
+                self._watch.close()
+                self._watch = None
+            if not self.backend.closed:
+                self.backend.close()
+            self._rx_held.clear()
+            super().close()
+
+    def _call_backend(self, operation: Callable[..., object], *arguments: object) -> None:
+        if self.backend.closed:
+            return
+        try:
+            operation(*arguments)
+        except BackendClosed as error:
+            self._backend_lost(error)
+
+    # Entry points --------------------------------------------------------------------------------
+
+    def queue_notified(self, queue_index: int) -> None:
+        if queue_index == TRANSMIT_QUEUE:
+            self.guarded(TRANSMIT_QUEUE, self._transmit)
+        elif queue_index == RECEIVE_QUEUE:
+            self._rx_stalled = False
+            self.guarded(RECEIVE_QUEUE, self._receive)
+        self._update_interest()
+
+    def backend_ready(self, readable: bool, writable: bool, hangup: bool) -> None:
+        """The worker saw the backend's descriptor ready (or its peer gone)."""
+        with self._lock:
+            try:
+                if writable and self.running:
+                    self.counters.tx_refused += self.backend.flush()
+                    self.guarded(TRANSMIT_QUEUE, self._transmit)
+                if (readable or hangup) and self.running:
+                    self.guarded(RECEIVE_QUEUE, self._receive)
+                if hangup:  # what the peer sent before it went is delivered: now it is gone
+                    raise BackendClosed(f"{self.backend.description} hung up")
+            except BackendClosed as error:
+                self._backend_lost(error)
+            finally:
+                self._update_interest()
+
+    # Transmit ------------------------------------------------------------------------------------
+
+    def _transmit(self, queue_index: int) -> None:
+        """Send what the guest posted, at most `TX_CHAINS_PER_WAKEUP` chains of it."""
+        queue = self.queues[queue_index]
+        if not queue.active:
+            return
+        stats = self.queue_stats[queue_index]
+        budget = TX_CHAINS_PER_WAKEUP
+        while budget and not (self.backend.blocked and self.link_up):
+            queue.disable_notifications()
+            chains: list[DescriptorChain] = []
+            frames: list[Frame] = []
+            batch_bytes = 0
+            while len(chains) < min(budget, TX_BATCH_FRAMES) and batch_bytes < TX_BATCH_BYTES:
+                chain = queue.pop()
+                if chain is None:
+                    break
+                chains.append(chain)
+                frame = self._outgoing_frame(chain)
+                if frame is not None:
+                    frames.append(frame)
+                    batch_bytes += chain.readable_length
+            if not chains:
+                if queue.enable_notifications():
+                    continue
+                break
+            try:
+                self._send(frames)
+            finally:
+                for chain in chains:
+                    queue.push(chain.head, 0)
+                stats.requests += len(chains)
+                stats.bytes_from_guest += sum(chain.readable_length for chain in chains)
+                budget -= len(chains)
+        # Out of budget with chains perhaps left: carry on when the backend can take more.
+        self._tx_more = budget == 0 and self.link_up
+        self.signal_used(queue_index)
+
+    def _send(self, frames: list[Frame]) -> None:
+        if not frames:
+            return
+        if not self.link_up:
+            self.counters.tx_dropped_link_down += len(frames)
+            return
+        try:
+            refused = self.backend.send(frames)
+        except BackendClosed as error:
+            self.counters.tx_dropped_link_down += len(frames)
+            self._backend_lost(error)
+            return
+        self.counters.tx_refused += refused
+        self.counters.tx_frames += len(frames) - refused
+        sent = sum(sum(len(part) for part in frame) for frame in frames)
+        self.counters.tx_bytes += sent - (
+            HEADER_SIZE * len(frames) if self.backend.vnet_header else 0
+        )
+
+    def _outgoing_frame(self, chain: DescriptorChain) -> Frame | None:
+        """The buffers of the frame a transmit chain carries, as the backend takes it, or None
+        (counted) for a frame that must not go out."""
+        total = chain.readable_length
+        frame_length = total - HEADER_SIZE
+        if frame_length < MIN_FRAME_SIZE:
+            self.counters.tx_dropped_malformed += 1
+            return None
+        first = chain.first_view
+        header = first[:HEADER_SIZE] if len(first) >= HEADER_SIZE else chain.read(0, HEADER_SIZE)
+        flags, gso_type, _, gso_size, csum_start, csum_offset, _ = HEADER.unpack(header)
+        if flags & VIRTIO_NET_HDR_F_NEEDS_CSUM and csum_start + csum_offset + 2 > frame_length:
+            self.counters.tx_dropped_malformed += 1
+            return None
+        if not transmit_header_ok(self.driver_features, flags, gso_type, gso_size):
+            self.counters.tx_dropped_malformed += 1
+            return None
+        if frame_length > (MAX_FRAME_SIZE if gso_type else self._largest_plain_frame()):
+            self.counters.tx_dropped_too_big += 1
+            return None
+        start = 0 if self.backend.vnet_header else HEADER_SIZE
+        return slice_views(chain.readable_views, start, total)
+
+    def _largest_plain_frame(self) -> int:
+        """The largest frame without segmentation either way: the MTU, once negotiated."""
+        if self.negotiated(VIRTIO_NET_F_MTU):
+            return self.mtu + ETHERNET_HEADER_SIZE + VLAN_TAG_SIZE
+        return MAX_FRAME_SIZE
+
+    # Receive -------------------------------------------------------------------------------------
+
+    def _receive(self, queue_index: int) -> None:
+        """Move frames from the backend into the guest's buffers while both have some."""
+        queue = self.queues[queue_index]
+        if not (self.link_up and queue.active) or self._rx_stalled:
+            return
+        queue.disable_notifications()
+        try:
+            for _ in range(RX_FRAMES_PER_WAKEUP):
+                frame = self.backend.receive()
+                if frame is None:
+                    break
+                if not self._deliver(queue_index, frame):
+                    self._rx_stalled = True
+                    self.counters.rx_stalls += 1
+                    break
+                self.backend.consume()
+        except BackendClosed as error:
+            self._backend_lost(error)
+        self.signal_used(queue_index)
+
+    def _deliver(self, queue_index: int, frame: memoryview) -> bool:
+        """Copy one frame into receive chains, or drop it (counted); False when the guest has
+        not posted room for it yet."""
+        header_length = HEADER_SIZE if self.backend.vnet_header else 0
+        payload = frame[header_length:]
+        header = self._incoming_header(frame[:header_length], len(payload))
+        if header is None:
+            return True
+        needed = HEADER_SIZE + len(payload)
+        room = self._take_room(queue_index, needed)
+        if room is None:
+            return False
+        if not room:
+            self.counters.rx_dropped_too_big += 1
+            return True
+        held, used, room = self._rx_held, 0, 0
+        while room < needed:
+            room += held[used].writable_length
+            used += 1
+        NUM_BUFFERS.pack_into(header, NUM_BUFFERS_OFFSET, used)
+        queue, stats = self.queues[queue_index], self.queue_stats[queue_index]
+        held[0].write(header)
+        copied, total, skip = 0, len(payload), HEADER_SIZE
+        for chain in held[:used]:
+            written = skip
+            for view in chain.writable_views:  # straight into each buffer: no slicing helper
+                if skip >= len(view):
+                    skip -= len(view)
+                    continue
+                count = min(len(view) - skip, total - copied)
+                view[skip : skip + count] = payload[copied : copied + count]
+                copied += count
+                written += count
+                skip = 0
+                if copied == total:
+                    break
+            skip = 0
+            queue.push(chain.head, written)
+        del held[:used]
+        stats.requests += used
+        stats.bytes_to_guest += needed
+        self.counters.rx_frames += 1
+        self.counters.rx_bytes += len(payload)
+        return True
+
+    def _take_room(self, queue_index: int, needed: int) -> bool | None:
+        """Hold receive chains until they have `needed` bytes of room: True when they do, None
+        when the guest has posted too few so far, False when no chain set ever could (one
+        chain without mergeable buffers, or the whole ring)."""
+        queue = self.queues[queue_index]
+        held = self._rx_held
+        limit = queue.size if self.negotiated(VIRTIO_NET_F_MRG_RXBUF) else 1
+        room = sum(chain.writable_length for chain in held)
+        while room < needed:
+            if len(held) >= limit:
+                return False
+            chain = queue.pop()
+            if chain is None:
+                if queue.enable_notifications():
+                    continue
+                return None
+            if chain.writable_length < (HEADER_SIZE + MIN_FRAME_SIZE if not held else 1):
+                queue.push(chain.head, 0)  # no frame fits: give it back empty
+                self.counters.rx_bad_buffers += 1
+                continue
+            held.append(chain)
+            room += chain.writable_length
+        return True
+
+    def _incoming_header(self, vnet_header: memoryview, payload_length: int) -> bytearray | None:
+        """The header the guest gets with a frame, or None (counted) for a frame it must not
+        get: a runt, a frame above the MTU, or offloads the driver did not accept."""
+        if payload_length < MIN_FRAME_SIZE:
+            self.counters.rx_dropped_malformed += 1
+            return None
+        if not vnet_header:
+            header, gso_type = bytearray(ZERO_HEADER), VIRTIO_NET_HDR_GSO_NONE
+        else:
+            header = bytearray(vnet_header)
+            flags, gso_type = header[0], header[1]
+            if not self.negotiated(VIRTIO_NET_F_GUEST_CSUM):
+                header[0] = flags = flags & ~VIRTIO_NET_HDR_F_DATA_VALID
+            if not receive_header_ok(self.driver_features, flags, gso_type):
+                self.counters.rx_dropped_malformed += 1
+                return None
+        if payload_length > (MAX_FRAME_SIZE if gso_type else self._largest_plain_frame()):
+            self.counters.rx_dropped_too_big += 1
+            return None
+        return header
+
+    # Statistics ----------------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, object]:
+        with self._lock:
+            stats = super().stats()
+            stats["link_up"] = self.link_up
+            stats["backend"] = self.backend.description
+            stats["net"] = {
+                **vars(self.counters),
+                "rx_dropped_from_peer": self.backend.dropped_from_peer,
+            }
+            return stats

@@ -1,0 +1,93 @@
+"""virtio-9p: a 9P2000.L server's transport (virtio device id 9, Linux's `trans=virtio`).
+
+The device has one request queue. Each chain is one request: the T-message in its readable
+buffers, room for the R-message in its writable ones; the used length is the reply's. With
+VIRTIO_9P_MOUNT_TAG the configuration space holds the tag the guest mounts by: a 16-bit length
+and that many bytes, not NUL-terminated (`struct virtio_9p_config`).
+
+The file server is given, not built here (`kvmlet.ninep.Server` in the machine's wiring): all
+the device needs is `handle(readable, writable) -> reply length`, a self-contained call that is
+safe on several threads at once, plus `reset()`, `close()` and `stats()`. Linux's data pages
+arrive as buffers of their own, so reads and writes move between guest memory and the file
+directly.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from typing import Protocol
+
+from kvmlet.errors import KvmletError
+from kvmlet.memory import GuestMemory
+from kvmlet.virtio.device import VirtioDevice
+from kvmlet.virtio.queue import DescriptorChain
+
+VIRTIO_ID_9P = 9
+VIRTIO_9P_MOUNT_TAG = 0
+QUEUE_SIZE = 128
+"""Linux's 9p transport never has more than 128 buffers in one request (VIRTQUEUE_NUM)."""
+MAX_TAG_BYTES = 255
+_TAG_LENGTH = struct.Struct("<H")
+
+
+class NinePServer(Protocol):
+    """What the device needs of a 9P server (`kvmlet.ninep.Server` is one)."""
+
+    def handle(self, readable: Sequence[memoryview], writable: Sequence[memoryview]) -> int:
+        """Serve the request in `readable`, write the reply into `writable`, return its length;
+        never raises."""
+
+    def reset(self) -> None:
+        """Forget the session: the driver reset the device."""
+
+    def close(self) -> None:
+        """Release the server's host resources."""
+
+    def stats(self) -> dict[str, int]:
+        """Counters for the statistics dump."""
+
+
+def check_tag(tag: str) -> bytes:
+    """The tag as the configuration space carries it; a KvmletError for one the guest could not
+    mount by (empty, too long, a NUL or a comma in it)."""
+    encoded = tag.encode()
+    if not encoded or len(encoded) > MAX_TAG_BYTES or b"\0" in encoded or b"," in encoded:
+        raise KvmletError(f"9p mount tag {tag!r}: 1 to {MAX_TAG_BYTES} bytes, no NUL or comma")
+    return encoded
+
+
+class Virtio9p(VirtioDevice):
+    """A virtio-9p device serving one 9P server under one mount tag."""
+
+    device_id = VIRTIO_ID_9P
+    name = "virtio-9p"
+
+    def __init__(self, memory: GuestMemory, tag: str, server: NinePServer):
+        encoded = check_tag(tag)
+        self.tag = tag
+        self.server = server
+        config = _TAG_LENGTH.pack(len(encoded)) + encoded
+        super().__init__(memory, [QUEUE_SIZE], 1 << VIRTIO_9P_MOUNT_TAG, config)
+
+    def queue_notified(self, queue_index: int) -> None:
+        # ADOPT (issue 9, per-device workers with several requests in flight): `_serve` is the
+        # whole of one request and the server is thread-safe, so the new serving model can run
+        # chains concurrently and complete them out of order. Until then they are served one
+        # after the other on the queue worker thread, as virtio-blk's are.
+        self.process_available(queue_index, self._serve)
+
+    def _serve(self, chain: DescriptorChain) -> int:
+        return self.server.handle(chain.readable_views, chain.writable_views)
+
+    def reset_device(self) -> None:
+        self.server.reset()
+
+    def close(self) -> None:
+        super().close()
+        self.server.close()
+
+    def stats(self) -> dict[str, object]:
+        stats = super().stats()
+        stats["server"] = self.server.stats()
+        return stats
