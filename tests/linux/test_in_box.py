@@ -61,7 +61,8 @@ def run_box(log_path: Path, echo: Callable[[str], None]) -> tuple[int, str]:
             for line in process.stdout:
                 log.write(line)
                 log.flush()
-                echo(f"[box] {line.decode(errors='replace').rstrip()}")
+                text = line.decode(errors="replace").rstrip().split("\r")[-1]  # a tty's redraws
+                echo(f"[box] {text}")
             status = process.wait()
         finally:
             watchdog.cancel()
