@@ -31,8 +31,7 @@ def device():
     frontend = VhostUserFrontend(ours, name="python-backend", timeout=3.0)
     vhost = VhostDevice(memory, frontend, name="vhost-test", device_id=2, queue_sizes=[16, 16])
     worker = QueueWorker("vhost-test")
-    for fd, callback in vhost.eventfd_watches():
-        worker.watch(fd, callback)
+    vhost.connect_worker(worker)
     worker.start()
     yield vhost
     worker.stop()

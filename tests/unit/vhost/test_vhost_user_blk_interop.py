@@ -95,8 +95,7 @@ class Disk:
         )
         self.driver = MockDriver(self.device, self.memory, 0x10000, 2 << 20)
         self.worker = QueueWorker("vhost-user-blk")
-        for fd, callback in self.device.eventfd_watches():
-            self.worker.watch(fd, callback)
+        self.device.connect_worker(self.worker)
         self.worker.start()
 
     def request(

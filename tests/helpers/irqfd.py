@@ -1,0 +1,62 @@
+"""KVM's part for eventfds attached to MSI vectors, played in the unit tier.
+
+`IrqfdController` hands out `IrqfdVector`s, recording MSI vectors that behave as KVM's irqfds
+do (virt/kvm/eventfd.c): a backend's write to an attached eventfd (`backend_write`) is read by
+KVM and fires the vector; a count already in the eventfd at attach fires it once and stays;
+a detach discards whatever count is left (KVM delivered it). `direct` counts those deliveries;
+a direct delivery through a vector the guest has masked fails the test.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+
+from kvmlet.bus.pci.msi import RecordingMsiController, RecordingVector
+
+
+def readable(fd: int) -> bool:
+    return bool(select.select([fd], [], [], 0)[0])
+
+
+def drain(fd: int) -> int:
+    try:
+        return os.eventfd_read(fd)
+    except BlockingIOError:
+        return 0
+
+
+class IrqfdVector(RecordingVector):
+    def __init__(self) -> None:
+        super().__init__()
+        self.direct = 0
+
+    def attach(self, eventfd: int) -> None:
+        super().attach(eventfd)
+        if readable(eventfd):
+            self.deliver()
+
+    def detach(self, eventfd: int) -> None:
+        super().detach(eventfd)
+        drain(eventfd)
+
+    def deliver(self) -> None:
+        """What KVM does for a write to an attached eventfd."""
+        assert not self.masked, "an attached eventfd fired a vector the guest masked"
+        self.direct += 1
+        self.fire()
+
+
+class IrqfdController(RecordingMsiController):
+    def vector(self, index: int) -> IrqfdVector:
+        return self.vectors.setdefault(index, IrqfdVector())
+
+    def backend_write(self, eventfd: int) -> None:
+        """A backend signals `eventfd`: KVM takes it if it is attached, else it counts."""
+        owners = [vector for vector in self.vectors.values() if eventfd in vector.attached]
+        assert len(owners) <= 1, "an eventfd attached to two vectors"
+        if owners:
+            drain(eventfd)
+            owners[0].deliver()
+        else:
+            os.eventfd_write(eventfd, 1)
