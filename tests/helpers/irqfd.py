@@ -60,3 +60,38 @@ class IrqfdController(RecordingMsiController):
             owners[0].deliver()
         else:
             os.eventfd_write(eventfd, 1)
+
+
+class Watch:
+    """A readiness watch that remembers what its owner wants."""
+
+    def __init__(self, fd: int, callback) -> None:
+        self.fd = fd
+        self.callback = callback
+        self.wanted = (False, False)
+        self.closed = False
+
+    def want(self, readable: bool, writable: bool) -> None:
+        self.wanted = (readable, writable)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class StepWorker:
+    """A device worker the test runs one round at a time (`round`), in its own thread."""
+
+    def __init__(self) -> None:
+        self.watches: list[Watch] = []
+
+    def watch_readiness(self, fd: int, callback) -> Watch:
+        self.watches.append(Watch(fd, callback))
+        return self.watches[-1]
+
+    def watch(self, fd: int, callback) -> None:
+        """Plain eventfd watches (a vhost device's err eventfds) stay idle here."""
+
+    def round(self) -> None:
+        for watch in self.watches:
+            if watch.wanted == (True, False) and not watch.closed and readable(watch.fd):
+                watch.callback(True, False, False)

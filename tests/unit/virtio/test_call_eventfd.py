@@ -11,21 +11,7 @@ import pytest
 
 from kvmlet.virtio.call import CallEventfd
 from kvmlet.virtio.worker import QueueWorker
-from tests.helpers.irqfd import IrqfdController, readable
-
-
-class Watch:
-    """A readiness watch that remembers what its owner wants."""
-
-    def __init__(self):
-        self.wanted = None
-        self.closed = False
-
-    def want(self, readable: bool, writable: bool) -> None:
-        self.wanted = (readable, writable)
-
-    def close(self) -> None:
-        self.closed = True
+from tests.helpers.irqfd import IrqfdController, Watch, readable
 
 
 class Rig:
@@ -35,7 +21,7 @@ class Rig:
         self.vector = self.kvm.vector(1)
         self.vector.update(0xFEE0_0000, 0x41, masked=False)
         self.call = CallEventfd("test queue 0", self.relay)
-        self.watch = Watch()
+        self.watch = Watch(self.call.fd, self.call.ready)
         self.call.connect_watch(self.watch)
 
     def relay(self):
@@ -47,7 +33,7 @@ class Rig:
     def worker_round(self):
         """What the worker does: call `ready` while the watch wants a readable fd that is."""
         if self.watch.wanted == (True, False) and readable(self.call.fd):
-            self.call.ready(True, False, False)
+            self.watch.callback(True, False, False)
 
 
 @pytest.fixture
