@@ -5,6 +5,9 @@ do (virt/kvm/eventfd.c): a backend's write to an attached eventfd (`backend_writ
 KVM and fires the vector; a count already in the eventfd at attach fires it once and stays;
 a detach discards whatever count is left (KVM delivered it). `direct` counts those deliveries;
 a direct delivery through a vector the guest has masked fails the test.
+
+`StepWorker` is a device worker the test runs a round at a time; `IdleFrontend` a vhost backend
+that accepts every request and never writes a call eventfd itself (the test plays the backend).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import os
 import select
 
 from kvmlet.bus.pci.msi import RecordingMsiController, RecordingVector
+from kvmlet.virtio.device import VIRTIO_F_VERSION_1
 
 
 def readable(fd: int) -> bool:
@@ -95,3 +99,26 @@ class StepWorker:
         for watch in self.watches:
             if watch.wanted == (True, False) and not watch.closed and readable(watch.fd):
                 watch.callback(True, False, False)
+
+
+class IdleFrontend:
+    """A vhost backend that accepts everything and never writes on its own."""
+
+    name = "idle"
+    needs_memory_fds = False
+    max_vrings = None
+
+    def guest_features(self):
+        return 1 << VIRTIO_F_VERSION_1
+
+    def get_vring_base(self, index):
+        return 0
+
+    def read_config(self, size):
+        return None
+
+    def fileno(self):
+        return None
+
+    def __getattr__(self, name):
+        return lambda *arguments: None

@@ -25,10 +25,10 @@ from kvmlet.vhost.device import VhostDevice
 from kvmlet.virtio import pci_layout as layout
 from kvmlet.virtio.worker import QueueWorker
 from kvmlet.vstate.interrupts import KvmInterruptRouter
+from tests.helpers.irqfd import IdleFrontend
 from tests.helpers.virtio_driver import GUEST_RAM_SIZE
 from tests.kvm.test_interrupts import LAPIC_PROGRAM, MSI_ADDRESS, RAM_SIZE, real_mode_guest, run_for
 from tests.unit.virtio.test_pci import LinuxLikeDriver
-from tests.unit.virtio.test_pci_calls import IdleFrontend
 
 pytestmark = pytest.mark.kvm
 

@@ -17,36 +17,12 @@ from kvmlet.bus.pci.msi import NO_VECTOR
 from kvmlet.memory import GuestMemory
 from kvmlet.vhost.device import VhostDevice
 from kvmlet.virtio import pci_layout as layout
-from kvmlet.virtio.device import VIRTIO_F_VERSION_1
-from tests.helpers.irqfd import IrqfdController, StepWorker
+from tests.helpers.irqfd import IdleFrontend, IrqfdController, StepWorker
 from tests.helpers.virtio_driver import GUEST_RAM_SIZE
 from tests.unit.virtio.test_pci import MSI_ADDRESS, LinuxLikeDriver
 
 QUEUES = 2
 VECTORS = QUEUES + 1
-
-
-class IdleFrontend:
-    """A vhost backend that accepts everything and never writes on its own."""
-
-    name = "idle"
-    needs_memory_fds = False
-    max_vrings = None
-
-    def guest_features(self):
-        return 1 << VIRTIO_F_VERSION_1
-
-    def get_vring_base(self, index):
-        return 0
-
-    def read_config(self, size):
-        return None
-
-    def fileno(self):
-        return None
-
-    def __getattr__(self, name):
-        return lambda *arguments: None
 
 
 class Rig:
