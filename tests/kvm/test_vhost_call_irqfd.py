@@ -69,6 +69,9 @@ class Rig:
         self.driver.probe()
         self.driver.initialize()
         self.calls = [self.device.call_eventfd(index) for index in range(2)]
+        # A software-disabled local APIC drops fixed interrupts: let the guest enable its own
+        # and halt before any call is written.
+        assert isinstance(run_for(self.vcpu, 0.1), InterruptedExit)
 
     def backend_write_while_halted(self, queue: int):
         """The backend signals `queue`'s call while the vCPU sits in KVM_RUN, halted; the
