@@ -3,10 +3,16 @@
 Four 16550A UARTs (COM1 carries the serial console), the i8042 (whose reset line stops the
 machine), the CMOS RTC and the POST-code port. The PIT and PIC live in KVM's in-kernel irqchip.
 On request, an isa-debug-exit port through which a test kernel ends the run with a status.
+
+Given a `coalesce(port, size, enabled)` hook, the registers whose writes need no answer are
+coalesced (KVM queues the writes, the run loop replays them before the next exit: see
+vstate/coalesced_io.py): the POST port, the RTC's index port, and each UART's THR while the UART
+says a THR write may wait.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 
@@ -84,6 +90,7 @@ def attach_legacy_devices(
     console_output: Callable[[bytes], None],
     on_reset: Callable[[], None],
     rtc_clock: Callable[[], float] = time.time,
+    coalesce: Callable[[int, int, bool], None] | None = None,
 ) -> LegacyDevices:
     """Create the legacy devices and place them on `io`; COM1 writes to `console_output`,
     the RTC follows `rtc_clock` (UTC seconds)."""
@@ -106,6 +113,12 @@ def attach_legacy_devices(
         io.root.add_subregion(RTC_PORT, IoRegion("cmos-rtc", 2, rtc, impl=_BYTE))
         post = PostCodeSink()
         io.root.add_subregion(POST_PORT, IoRegion("post", 1, post, valid=_ANY_WIDTH))
+    if coalesce is not None:
+        coalesce(POST_PORT, 1, True)
+        coalesce(RTC_PORT, 1, True)
+        for port, uart in zip(LEGACY_SERIAL_PORTS, uarts, strict=True):
+            uart.on_deferrable_change = functools.partial(coalesce, port.base, 1)
+            coalesce(port.base, 1, uart.thr_writes_deferrable)
     return LegacyDevices(uarts, i8042, i8042_region, rtc, post)
 
 

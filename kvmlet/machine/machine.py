@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 from kvmlet.boot import PciInterrupt, inspect_kernel, load_kernel
 from kvmlet.boot.memory_map import PCI_IO_WINDOW, PCI_MMIO_WINDOW, MemoryMap
 from kvmlet.bus import AddressSpace, RamRegion, mmio_space, port_io_space
-from kvmlet.bus.pci import BarAllocator, PciHostBridge, PciWindow
+from kvmlet.bus.pci import CONF1_PORT, BarAllocator, PciHostBridge, PciWindow
 from kvmlet.bus.watch import Access, Watch, WatchCallback, current_vcpu, set_current_vcpu
 from kvmlet.errors import KvmletError
 from kvmlet.host.console import Console
@@ -42,6 +42,7 @@ from kvmlet.host.process import memory_usage
 from kvmlet.host.report import format_stats, trace_printer
 from kvmlet.host.terminal import EscapeAction, EscapeFilter
 from kvmlet.kvm import InternalErrorExit, Kvm, Vcpu
+from kvmlet.kvm.ioctls import KVM_CAP_COALESCED_MMIO, KVM_CAP_COALESCED_PIO
 from kvmlet.machine.config import BOOT_CODE_ADDRESS, DeviceConfig, MachineConfig
 from kvmlet.machine.control import Controls
 from kvmlet.machine.legacy import attach_debug_exit, attach_legacy_devices
@@ -50,6 +51,7 @@ from kvmlet.machine.watchpoints import Watchpoints
 from kvmlet.memory import GuestMemory
 from kvmlet.vstate import host_profile
 from kvmlet.vstate.bus_listener import KvmBusListener
+from kvmlet.vstate.coalesced_io import CoalescedRing
 from kvmlet.vstate.cpu import (
     apply_boot_state,
     configure_vcpu,
@@ -154,16 +156,23 @@ class Machine(Controls):
                     bank.base, RamRegion(f"ram@{bank.base:#x}", bank.size, bank)
                 )
         vm.setup_x86_platform()  # after the RAM slots: see Vm.setup_x86_platform
+        self.coalesced = self._coalesced_ring()
+        coalesce = None
+        if self.coalesced is not None:
+            coalesce = functools.partial(_coalesce_ports, self.coalesced)
         self.legacy = attach_legacy_devices(
             self.io,
             lambda irq: KvmIrqLine(vm, irq),
             self.console.output,
             self._guest_reset,
             rtc_clock,
+            coalesce,
         )
         if config.debug_exit_port is not None:
             attach_debug_exit(self.io, config.debug_exit_port, self._debug_exit)
         self.pci = PciHostBridge(self.io, self.mmio)
+        if coalesce is not None:  # conf1's address latch: one exit per configuration access
+            coalesce(CONF1_PORT, 4, True)
         self.bar_allocator = BarAllocator(
             PciWindow("pci-io", PCI_IO_WINDOW.base, PCI_IO_WINDOW.size),
             PciWindow("pci-mmio32", PCI_MMIO_WINDOW.base, PCI_MMIO_WINDOW.size),
@@ -191,6 +200,9 @@ class Machine(Controls):
             self._closers.append(vcpu.close)
             self.vcpus.append(vcpu)
             configure_vcpu(vcpu, supported, config.cpus, self.profile.cpuid_masks)
+        if self.coalesced is not None:
+            self.coalesced.map_from(self.vcpus[0], self._coalesced_page)
+            self._closers.append(self.coalesced.close)
         if boot_state is None:
             start_real_mode(self.vcpus[0], BOOT_CODE_ADDRESS)
         else:
@@ -199,6 +211,16 @@ class Machine(Controls):
             from kvmlet.machine.record import record_header
 
             self.recorder.begin(record_header(self))
+
+    def _coalesced_ring(self) -> CoalescedRing | None:
+        """The VM's coalesced-write ring, when this KVM coalesces port writes and no
+        recording asks for every access at the moment it happens."""
+        self._coalesced_page = self.kvm.check_extension(KVM_CAP_COALESCED_MMIO)
+        if self.config.record is not None or self._coalesced_page <= 0:
+            return None
+        if self.kvm.check_extension(KVM_CAP_COALESCED_PIO) <= 0:
+            return None
+        return CoalescedRing(self.vm, self.io, self.mmio)
 
     def _load_kernel(self):
         """Load the configured kernel with the command line its boot method takes."""
@@ -295,6 +317,7 @@ class Machine(Controls):
                 fixup,
                 lambda failed: describe_vcpu(failed, self.memory),
                 self.exit_counts[vcpu.id],
+                self.coalesced,
             )
         except Exception as error:  # a bug in kvmlet: report it instead of hanging the guest
             stop = GuestStop(StopReason.MONITOR_ERROR, f"{type(error).__name__}: {error}", vcpu.id)
@@ -465,6 +488,10 @@ def ask_for_huge_pages(memory: GuestMemory) -> None:
     for bank in memory:
         with contextlib.suppress(OSError):
             bank.mapping.madvise(mmap.MADV_HUGEPAGE)
+
+
+def _coalesce_ports(ring: CoalescedRing, port: int, size: int, enabled: bool) -> None:
+    ring.set_zone(port, size, pio=True, enabled=enabled)
 
 
 def _region_names(model: Any, name: str) -> set[str]:

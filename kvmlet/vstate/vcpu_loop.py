@@ -29,6 +29,7 @@ from kvmlet.kvm import (
     Vcpu,
 )
 from kvmlet.kvm.exits import KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET
+from kvmlet.vstate.coalesced_io import EMPTY_RING_HEADER, CoalescedRing
 
 
 class StopReason(enum.Enum):
@@ -107,14 +108,18 @@ def run_vcpu(
     fix_emulation: EmulationFixup | None = None,
     describe_failure: Callable[[Vcpu], str] = lambda vcpu: "",
     counts: ExitCounts | None = None,
+    coalesced: CoalescedRing | None = None,
 ) -> GuestStop | None:
     """Run `vcpu` until the guest stops it (a `GuestStop`) or `should_stop()` (None).
 
     `should_stop()` is called whenever KVM_RUN was interrupted (a signal or `immediate_exit`):
     the vCPU is then outside the guest at an instruction boundary, with any port I/O or MMIO
     completed, so the callback may also hold the thread there (a pause) before answering.
-    `counts`, when given, is kept up to date with this vCPU's exits."""
+    `counts`, when given, is kept up to date with this vCPU's exits. With `coalesced`, the
+    writes KVM kept in the ring are replayed before each exit is handled, whatever its kind."""
     run = vcpu.run
+    ring = EMPTY_RING_HEADER if coalesced is None else coalesced.header
+    drain = None if coalesced is None else coalesced.drain
     io_read, io_write = io.read, io.write
     mmio_read, mmio_write = mmio.read, mmio.write
     from_bytes = int.from_bytes
@@ -128,6 +133,8 @@ def run_vcpu(
         counts._read = read_counts
     while True:
         exit_ = run()
+        if ring[0] != ring[1]:
+            drain()
         kind = type(exit_)
         if kind is IoExit:
             io_exits += 1

@@ -1,0 +1,287 @@
+"""Boot benchmark, box mode: kvmlet against kvmtool and QEMU (microvm and pc), one run.
+
+Run it where KVM runs guest user space (on our machines: inside the test box, under its lock):
+
+    flock /tmp/kvmlet-box.lock python3 testbox/run.py --smp 2 --stall-timeout 300 -- \\
+        python3 benchmarks/boot.py --box [--rounds N] [--cpus C] [--monitors a,b,...]
+
+Every monitor boots the same kernel (the default guest's `bzImage`) and the same initramfs (the
+default guest's, with a second archive appended whose `/init` writes the boot-timer port,
+prints `kvmlet-bench: user space` and sleeps) with 256 MiB and C vCPUs (default 1), and is
+timed from its spawn to that line on its console (read in chunks from a pipe, the same for all).
+Monitors, interleaved round by round:
+
+- `kvmtool`: `lkvm run --nodefaults -n mode=none -k bzImage -i initrd -m 256 -c C -p PARAMS`;
+- `qemu-microvm`, `qemu-pc`: `qemu-system-x86_64 -M microvm|pc -accel kvm -cpu host -m 256M
+  -smp C -nodefaults -no-user-config -display none -serial stdio -no-reboot -kernel bzImage
+  -initrd initrd -append PARAMS`;
+- `kvmlet-peers`: `python3 -m kvmlet run -k bzImage -i initrd -m 256M -c C -p "pci=off
+  nokaslr"` (kvmlet's own parameters hold the rest of PARAMS);
+- `kvmlet`: the same with kvmlet's defaults (PCI on, its virtio-rng), no `-p`;
+
+where PARAMS is the peers' `console=ttyS0 reboot=k panic=-1 acpi=off pci=off nokaslr`.
+`kvmlet-quiet` (not in the default set) adds `quiet` and `--boot-timer` and takes the boot time
+from kvmlet's boot-timer line, not from the console.
+
+kvmtool is not packaged by Debian 12; the benchmark takes `$KVMLET_KVMTOOL`, else
+`~/.cache/kvmlet-peers/kvmtool/lkvm`, built on the host beforehand from kvmtool's public source
+(commit b48735e): `git clone <kvmtool repository> ~/.cache/kvmlet-peers/kvmtool && make -C
+~/.cache/kvmlet-peers/kvmtool lkvm` (gcc and make; about a minute). It is never vendored.
+Inside the box kvmtool's check for vmx/svm passes: L1 has svm.
+
+Per boot: `marker_s` (spawn to the marker), `vm_hwm_mib` (the monitor process's peak RSS, guest
+RAM it touched included, read from /proc at the marker) and KVM's own per-VM counters from
+debugfs (/sys/kernel/debug/kvm/PID-FD, mounted by the script): `kvm_exits` (every exit of the
+guest to KVM), `kvm_mmio_exits` (MMIO exits to user space; SVM's `io_exits` counts every port
+access, in-kernel ones included, so it is reported but is not a user-space count). User-space
+exits are counted in a separate round under `strace -f -e trace=ioctl` as KVM_RUN calls per
+boot (`kvm_run_calls`: each return of KVM_RUN is one exit to user space, whatever the monitor),
+with the same initramfs, once per monitor: tracing slows every exit, so that round is not timed.
+A boot that does not reach the marker within `--timeout` is a failure, reported and counted,
+never a time.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import selectors
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PEER_PARAMETERS = "console=ttyS0 reboot=k panic=-1 acpi=off pci=off nokaslr"
+MARKER = b"kvmlet-bench: user space"
+BOOT_TIMER_PORT = 0x440
+BOOT_TIMER_MAGIC = 123
+DEBUGFS = Path("/sys/kernel/debug")
+DEFAULT_MONITORS = ("kvmtool", "qemu-microvm", "qemu-pc", "kvmlet-peers", "kvmlet")
+KVM_COUNTERS = ("exits", "io_exits", "mmio_exits", "halt_exits", "irq_exits", "signal_exits")
+
+BENCH_INIT = f"""#!/bin/sh
+# /init of the boot benchmark: mark the boot (kvmlet's boot-timer port; other monitors ignore
+# the write), say so on the console, then idle until the monitor is stopped.
+printf '\\{BOOT_TIMER_MAGIC:o}' | dd of=/dev/port bs=1 seek={BOOT_TIMER_PORT} count=1 2>/dev/null
+echo "{MARKER.decode()}"
+exec sleep 100000
+"""
+
+
+def kvmtool_binary() -> Path | None:
+    candidate = os.environ.get("KVMLET_KVMTOOL") or (
+        Path.home() / ".cache" / "kvmlet-peers" / "kvmtool" / "lkvm"
+    )
+    path = Path(candidate)
+    return path if path.is_file() and os.access(path, os.X_OK) else None
+
+
+def build_initrd(work: Path, base_initrd: Path) -> Path:
+    """The default initrd with the benchmark's /init (and a /dev/port node) appended."""
+    sys.path.insert(0, str(ROOT))
+    from kvmlet.guest.cpio import CpioWriter
+
+    extra = io.BytesIO()
+    writer = CpioWriter(extra)
+    writer.add_char_device("dev/port", 1, 4, mode=0o600)
+    writer.add_file("init", BENCH_INIT.encode(), mode=0o755)
+    writer.finish()
+    initrd = work / "initrd-bench.cpio"
+    initrd.write_bytes(base_initrd.read_bytes() + extra.getvalue())
+    return initrd
+
+
+def monitor_command(name: str, kernel: Path, initrd: Path, cpus: int) -> list[str]:
+    if name == "kvmtool":
+        lkvm = kvmtool_binary()
+        assert lkvm is not None
+        return [
+            *(str(lkvm), "run", "--nodefaults", "-n", "mode=none", "-k", str(kernel)),
+            *("-i", str(initrd), "-m", "256", "-c", str(cpus), "-p", PEER_PARAMETERS),
+        ]
+    if name.startswith("qemu-"):
+        machine = name.removeprefix("qemu-")
+        return [
+            *("qemu-system-x86_64", "-M", machine, "-accel", "kvm", "-cpu", "host"),
+            *("-m", "256M", "-smp", str(cpus), "-nodefaults", "-no-user-config"),
+            *("-display", "none", "-serial", "stdio", "-no-reboot"),
+            *("-kernel", str(kernel), "-initrd", str(initrd), "-append", PEER_PARAMETERS),
+        ]
+    command = [sys.executable, "-m", "kvmlet", "run", "-k", str(kernel), "-i", str(initrd)]
+    command += ["-m", "256M", "-c", str(cpus)]
+    if name == "kvmlet-peers":
+        command += ["-p", "pci=off nokaslr"]
+    elif name == "kvmlet-quiet":
+        command += ["-p", "pci=off nokaslr quiet", "--boot-timer"]
+    return command
+
+
+def monitor_environment(pycache: Path) -> dict[str, str]:
+    environment = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONPYCACHEPREFIX=str(pycache))
+    environment.pop("PYTHONDONTWRITEBYTECODE", None)
+    environment["HOME"] = "/tmp"  # kvmtool keeps its sockets under $HOME/.lkvm
+    return environment
+
+
+def kvm_counters(pid: int) -> dict[str, int]:
+    """KVM's per-VM counters (summed over the process's VMs) from debugfs."""
+    totals = dict.fromkeys(KVM_COUNTERS, 0)
+    for directory in (DEBUGFS / "kvm").glob(f"{pid}-*"):
+        for counter in KVM_COUNTERS:
+            with open(directory / counter) as file:
+                totals[counter] += int(file.read())
+    return totals
+
+
+def peak_rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return 0
+
+
+def boot_once(
+    name: str, command: list[str], environment: dict[str, str], timeout: float
+) -> dict[str, object]:
+    """One boot to the marker; the monitor is killed afterwards."""
+    spawned = time.monotonic()
+    process = subprocess.Popen(
+        command,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=environment,
+        cwd=ROOT,
+        start_new_session=True,
+    )
+    console = bytearray()
+    marker_at = None
+    result: dict[str, object] = {"case": name, "reached": False}
+    try:
+        with selectors.DefaultSelector() as selector:
+            selector.register(process.stdout, selectors.EVENT_READ)
+            while marker_at is None:
+                remaining = spawned + timeout - time.monotonic()
+                if remaining <= 0 or not selector.select(timeout=remaining):
+                    break
+                chunk = os.read(process.stdout.fileno(), 65536)
+                if not chunk:
+                    break
+                console += chunk
+                if MARKER in console[-(len(chunk) + len(MARKER)) :]:
+                    marker_at = time.monotonic()
+        result["reached"] = marker_at is not None
+        if marker_at is None:
+            result["console_tail"] = console[-300:].decode(errors="replace")
+            return result
+        result["marker_s"] = round(marker_at - spawned, 3)
+        result["vm_hwm_mib"] = round(peak_rss_kib(process.pid) / 1024, 1)
+        result.update({f"kvm_{key}": value for key, value in kvm_counters(process.pid).items()})
+        return result
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        stderr = process.communicate()[1]
+        if marker_at is None:
+            result["stderr_tail"] = stderr[-300:].decode(errors="replace")
+        timer = re.search(rb"boot timer: ([\d.]+) ms", stderr)
+        if timer and marker_at is not None:
+            result["boot_timer_s"] = round(float(timer.group(1)) / 1000, 3)
+
+
+def count_run_calls(
+    command: list[str], environment: dict[str, str], work: Path, timeout: float
+) -> int | None:
+    """KVM_RUN calls of one boot to the marker, under strace (None if it never got there)."""
+    trace = work / "strace.out"
+    traced = ["strace", "-f", "-qq", "-e", "trace=ioctl", "-e", "signal=none", "-o", str(trace)]
+    result = boot_once("count", traced + command, environment, timeout * 4)
+    if not result["reached"]:
+        return None
+    calls = 0
+    with open(trace, errors="replace") as lines:
+        for line in lines:
+            if "KVM_RUN" in line and "resumed>" not in line:
+                calls += 1
+    trace.unlink()
+    return calls
+
+
+def summarise(name: str, boots: list[dict], counts: dict[str, int | None]) -> dict[str, object]:
+    reached = [boot for boot in boots if boot["reached"]]
+    line: dict[str, object] = {
+        "case": f"box_{name}",
+        "rounds": len(boots),
+        "reached": len(reached),
+    }
+    for key in ("marker_s", "boot_timer_s", "vm_hwm_mib", "kvm_exits", "kvm_mmio_exits"):
+        values = [boot[key] for boot in reached if key in boot]
+        if values:
+            line[key] = round(statistics.median(values), 3)
+            line[f"{key}_range"] = [min(values), max(values)]
+    line["kvm_run_calls"] = counts.get(name)
+    return line
+
+
+def environment_line(cpus: int) -> dict[str, object]:
+    return {
+        "case": "environment",
+        "where": "test box" if os.environ.get("KVMLET_TESTBOX") == "1" else "host",
+        "cpus_seen": os.cpu_count(),
+        "guest_cpus": cpus,
+        "load_average": round(os.getloadavg()[0], 2),
+        "python": sys.version.split()[0],
+    }
+
+
+def run(rounds: int, cpus: int, monitors: list[str], timeout: float, count: bool) -> None:
+    sys.path.insert(0, str(ROOT))
+    from kvmlet.guest import ensure_default_guest
+
+    if "kvmtool" in monitors and kvmtool_binary() is None:
+        print("boot --box: no kvmtool (see the docstring for its build); left out", file=sys.stderr)
+        monitors = [name for name in monitors if name != "kvmtool"]
+    if not (DEBUGFS / "kvm").is_dir():
+        subprocess.run(["mount", "-t", "debugfs", "debugfs", str(DEBUGFS)], check=False)
+    guest = ensure_default_guest()
+    print(json.dumps(environment_line(cpus)), flush=True)
+    with tempfile.TemporaryDirectory(prefix="kvmlet-bootbox-") as scratch:
+        work = Path(scratch)
+        initrd = build_initrd(work, guest.initrd)
+        environment = monitor_environment(work / "pycache")
+        subprocess.run(  # compile kvmlet once, as an installed kvmlet is
+            [sys.executable, "-c", "import kvmlet.cli, kvmlet.machine.machine"],
+            env=environment,
+            cwd=ROOT,
+            check=True,
+        )
+        commands = {name: monitor_command(name, guest.bzimage, initrd, cpus) for name in monitors}
+        boots: dict[str, list[dict]] = {name: [] for name in monitors}
+        for _ in range(rounds):
+            for name in monitors:
+                boot = boot_once(name, commands[name], environment, timeout)
+                boots[name].append(boot)
+                print(json.dumps(boot), flush=True)
+        counts: dict[str, int | None] = {}
+        if count and shutil.which("strace"):
+            for name in monitors:
+                counts[name] = count_run_calls(commands[name], environment, work, timeout)
+                print(json.dumps({"case": "count", "monitor": name, "kvm_run_calls": counts[name]}))
+    lines = {name: summarise(name, boots[name], counts) for name in monitors}
+    for reference in ("kvmtool", "qemu-microvm"):
+        if reference not in lines or "marker_s" not in lines[reference]:
+            continue
+        for line in lines.values():
+            if "marker_s" in line:
+                line[f"ratio_to_{reference}"] = round(
+                    line["marker_s"] / lines[reference]["marker_s"], 3
+                )
+    for line in lines.values():
+        print(json.dumps(line), flush=True)
