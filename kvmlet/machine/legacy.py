@@ -17,6 +17,8 @@ import time
 from collections.abc import Callable
 
 from kvmlet.bus import AccessSizes, AddressSpace, IoRegion
+from kvmlet.devices.boot_timer import BOOT_TIMER_PORT, BootTimer
+from kvmlet.devices.boot_timer import REGION_SIZE as BOOT_TIMER_SIZE
 from kvmlet.devices.debug_exit import REGION_SIZE as DEBUG_EXIT_SIZE
 from kvmlet.devices.debug_exit import DebugExit
 from kvmlet.devices.i8042 import REGION_SIZE as I8042_REGION_SIZE
@@ -120,6 +122,13 @@ def attach_legacy_devices(
             uart.on_deferrable_change = functools.partial(coalesce, port.base, 1)
             coalesce(port.base, 1, uart.thr_writes_deferrable)
     return LegacyDevices(uarts, i8042, i8042_region, rtc, post)
+
+
+def attach_boot_timer(io: AddressSpace, on_mark: Callable[[], None]) -> BootTimer:
+    """Place the boot-time marker port (devices/boot_timer.py)."""
+    timer = BootTimer(on_mark)
+    io.root.add_subregion(BOOT_TIMER_PORT, IoRegion("boot-timer", BOOT_TIMER_SIZE, timer))
+    return timer
 
 
 def _discard(data: bytes) -> None:

@@ -45,7 +45,7 @@ from kvmlet.kvm import InternalErrorExit, Kvm, Vcpu
 from kvmlet.kvm.ioctls import KVM_CAP_COALESCED_MMIO, KVM_CAP_COALESCED_PIO
 from kvmlet.machine.config import BOOT_CODE_ADDRESS, DeviceConfig, MachineConfig
 from kvmlet.machine.control import Controls
-from kvmlet.machine.legacy import attach_debug_exit, attach_legacy_devices
+from kvmlet.machine.legacy import attach_boot_timer, attach_debug_exit, attach_legacy_devices
 from kvmlet.machine.virtio_devices import SLOTS_WITH_INTX, VirtioDevices, intx_irq
 from kvmlet.machine.watchpoints import Watchpoints
 from kvmlet.memory import GuestMemory
@@ -170,6 +170,9 @@ class Machine(Controls):
         )
         if config.debug_exit_port is not None:
             attach_debug_exit(self.io, config.debug_exit_port, self._debug_exit)
+        self.boot_marked_after: float | None = None  # seconds from process start to the mark
+        if config.boot_timer:
+            attach_boot_timer(self.io, self._boot_marked)
         self.pci = PciHostBridge(self.io, self.mmio)
         if coalesce is not None:  # conf1's address latch: one exit per configuration access
             coalesce(CONF1_PORT, 4, True)
@@ -335,6 +338,13 @@ class Machine(Controls):
             StopReason.DEBUG_EXIT, f"{value:#x}, exit status {status}", current_vcpu(), status
         )
 
+    def _boot_marked(self) -> None:
+        """The guest wrote the boot timer's magic value: report the time since process start."""
+        elapsed = seconds_since_process_start()
+        if self.boot_marked_after is None:
+            self.boot_marked_after = elapsed
+        os.write(2, f"kvmlet: boot timer: {elapsed * 1000:.1f} ms from process start\n".encode())
+
     def _on_escape(self, action: EscapeAction) -> None:
         if action is EscapeAction.QUIT:
             self.stop(StopReason.HOST_QUIT, "Ctrl-A x")
@@ -488,6 +498,14 @@ def ask_for_huge_pages(memory: GuestMemory) -> None:
     for bank in memory:
         with contextlib.suppress(OSError):
             bank.mapping.madvise(mmap.MADV_HUGEPAGE)
+
+
+def seconds_since_process_start() -> float:
+    """Time since this process started (the kernel's start time has clock-tick resolution)."""
+    with open("/proc/self/stat") as stat:
+        start_ticks = int(stat.read().rsplit(")", 1)[1].split()[19])
+    started = start_ticks / os.sysconf("SC_CLK_TCK")
+    return time.clock_gettime(time.CLOCK_BOOTTIME) - started
 
 
 def _coalesce_ports(ring: CoalescedRing, port: int, size: int, enabled: bool) -> None:
