@@ -32,7 +32,7 @@ compiled to bytecode, as an installed kvmlet does (see `compiled_bytecode_env`).
 `--box` is the box mode: kvmlet against kvmtool and QEMU, in one run, where KVM runs guest
 user space (the test box on our machines); benchmarks/boot_peers.py describes it.
 
-    python3 benchmarks/boot.py --box [--rounds R] [--cpus C] [--monitors a,b] [--no-count]
+    python3 benchmarks/boot.py --box [--rounds R] [--cpus C] [--monitors a,b]
 """
 
 from __future__ import annotations
@@ -270,16 +270,13 @@ def main() -> None:
     parser.add_argument("--box", action="store_true", help="kvmlet vs kvmtool vs QEMU")
     parser.add_argument("--cpus", type=int, default=1, help="box mode: guest vCPUs")
     parser.add_argument("--monitors", help="box mode: comma-separated monitors to run")
-    parser.add_argument(
-        "--no-count", action="store_true", help="box mode: skip the strace round (exit counts)"
-    )
     options = parser.parse_args()
     if options.box:
         import boot_peers
 
         monitors = options.monitors.split(",") if options.monitors else boot_peers.DEFAULT_MONITORS
         timeout = min(options.timeout, 120.0)
-        boot_peers.run(options.rounds, options.cpus, list(monitors), timeout, not options.no_count)
+        boot_peers.run(options.rounds, options.cpus, list(monitors), timeout)
         return
 
     from kvmlet.guest import ensure_default_guest

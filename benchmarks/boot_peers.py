@@ -16,12 +16,14 @@ Monitors, interleaved round by round:
   -smp C -nodefaults -no-user-config -display none -serial stdio -no-reboot -kernel bzImage
   -initrd initrd -append PARAMS`;
 - `kvmlet-peers`: `python3 -m kvmlet run -k bzImage -i initrd -m 256M -c C -p "pci=off
-  nokaslr"` (kvmlet's own parameters hold the rest of PARAMS);
+  nokaslr"` (kvmlet's own parameters hold the rest of PARAMS), `python3` being this Python in
+  a fresh venv (a user's interpreter: no `.pth` of this machine) with kvmlet's bytecode
+  compiled beforehand, as an installed kvmlet has it;
 - `kvmlet`: the same with kvmlet's defaults (PCI on, its virtio-rng), no `-p`;
 
 where PARAMS is the peers' `console=ttyS0 reboot=k panic=-1 acpi=off pci=off nokaslr`.
 `kvmlet-quiet` (not in the default set) is `kvmlet-peers` with `quiet` and the boot timer on
-(`MachineConfig(boot_timer=True)`; the CLI has no flag for it yet, so this script's own child
+(`MachineConfig(boot_timer=True)`; the CLI has no flag for it yet, so boot_timer_child.py
 builds the run as `kvmlet run` does): its `boot_timer_s` comes from kvmlet's boot-timer line,
 not from the console. A monitor name may end in `@TREE`: that kvmlet checkout runs it (a
 before/after comparison in one run).
@@ -36,10 +38,11 @@ Per boot: `marker_s` (spawn to the marker), `vm_hwm_mib` (the monitor process's 
 RAM it touched included, read from /proc at the marker) and KVM's own per-VM counters from
 debugfs (/sys/kernel/debug/kvm/PID-FD, mounted by the script): `kvm_exits` (every exit of the
 guest to KVM), `kvm_mmio_exits` (MMIO exits to user space; SVM's `io_exits` counts every port
-access, in-kernel ones included, so it is reported but is not a user-space count). User-space
-exits are counted in a separate round under `strace -f -e trace=ioctl` as KVM_RUN calls per
-boot (`kvm_run_calls`: each return of KVM_RUN is one exit to user space, whatever the monitor),
-with the same initramfs, once per monitor: tracing slows every exit, so that round is not timed.
+access, in-kernel and coalesced ones included, so it is reported but is not a user-space
+count). User-space exits are `kvm_run_calls`: the monitor's KVM_RUN calls up to the marker,
+counted by a small LD_PRELOAD library (RUN_COUNTER_C, built with gcc) around libc's ioctl;
+each return of KVM_RUN is one exit to user space, whatever the monitor. (Tracing KVM_RUN with
+strace instead slowed the box so much that L1 stalled in a spinlock.)
 A boot that does not reach the marker within `--timeout` is a failure, reported and counted,
 never a time.
 """
@@ -101,7 +104,16 @@ def build_initrd(work: Path, base_initrd: Path) -> Path:
     return initrd
 
 
-def monitor_command(name: str, kernel: Path, initrd: Path, cpus: int) -> list[str]:
+def user_interpreter(work: Path) -> str:
+    """This Python in a fresh venv: a user's interpreter, whose `site` runs no `.pth` of this
+    machine (ours imports certifi and more: ~1 s of every start in the box)."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(work / "venv")], check=True)
+    return str(work / "venv" / "bin" / "python3")
+
+
+def monitor_command(
+    name: str, kernel: Path, initrd: Path, cpus: int, python: str = sys.executable
+) -> list[str]:
     if name == "kvmtool":
         lkvm = kvmtool_binary()
         assert lkvm is not None
@@ -123,21 +135,8 @@ def monitor_command(name: str, kernel: Path, initrd: Path, cpus: int) -> list[st
         arguments += ["-p", "pci=off nokaslr"]
     elif kind == "kvmlet-quiet":
         arguments += ["-p", "pci=off nokaslr quiet"]
-        return [sys.executable, __file__, "--kvmlet-boot-timer", *arguments]
-    return [sys.executable, "-m", "kvmlet", *arguments]
-
-
-def kvmlet_with_boot_timer(arguments: list[str]) -> int:
-    """`kvmlet run ARGUMENTS` with the boot timer on (a child of `kvmlet-quiet`)."""
-    import dataclasses
-
-    from kvmlet import cli
-    from kvmlet.machine.machine import Machine
-
-    config = cli.run_config(cli.build_parser().parse_args(arguments))
-    config = dataclasses.replace(config, boot_timer=True)
-    with Machine(config, console_echo_fd=1) as machine:
-        return machine.wait().exit_status
+        return [python, str(Path(__file__).with_name("boot_timer_child.py")), *arguments]
+    return [python, "-m", "kvmlet", *arguments]
 
 
 def tree_of(name: str) -> Path:
@@ -187,6 +186,7 @@ def boot_once(
     console = bytearray()
     marker_at = None
     result: dict[str, object] = {"case": name, "reached": False}
+    counter = environment.get("KVMLET_BENCH_RUN_COUNTER")
     try:
         with selectors.DefaultSelector() as selector:
             selector.register(process.stdout, selectors.EVENT_READ)
@@ -206,6 +206,8 @@ def boot_once(
             return result
         result["marker_s"] = round(marker_at - spawned, 3)
         result["vm_hwm_mib"] = round(peak_rss_kib(process.pid) / 1024, 1)
+        if counter is not None:
+            result["kvm_run_calls"] = read_counter(Path(counter))
         result.update({f"kvm_{key}": value for key, value in kvm_counters(process.pid).items()})
         return result
     finally:
@@ -218,37 +220,89 @@ def boot_once(
             result["boot_timer_s"] = round(float(timer.group(1)) / 1000, 3)
 
 
-def count_run_calls(
-    command: list[str], environment: dict[str, str], work: Path, timeout: float
-) -> int | None:
-    """KVM_RUN calls of one boot to the marker, under strace (None if it never got there)."""
-    trace = work / "strace.out"
-    traced = ["strace", "-f", "-qq", "-e", "trace=ioctl", "-e", "signal=none", "-o", str(trace)]
-    result = boot_once("count", traced + command, environment, timeout * 4)
-    if not result["reached"]:
+RUN_COUNTER_C = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <fcntl.h>
+#include <linux/kvm.h>
+#include <stdarg.h>
+#include <stdlib.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+static unsigned long *counter;
+static int (*real_ioctl)(int, unsigned long, ...);
+
+__attribute__((constructor)) static void open_counter(void)
+{
+    real_ioctl = (int (*)(int, unsigned long, ...))dlsym(RTLD_NEXT, "ioctl");
+    const char *path = getenv("KVMLET_BENCH_RUN_COUNTER");
+    if (!path)
+        return;
+    int fd = open(path, O_RDWR | O_CREAT, 0600);
+    if (fd < 0 || ftruncate(fd, 4096) != 0)
+        return;
+    void *page = mmap(0, 4096, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    close(fd);
+    if (page != MAP_FAILED)
+        counter = page;
+}
+
+int ioctl(int fd, unsigned long request, ...)
+{
+    va_list arguments;
+    va_start(arguments, request);
+    void *argument = va_arg(arguments, void *);
+    va_end(arguments);
+    if (request == KVM_RUN && counter)
+        __atomic_fetch_add(counter, 1, __ATOMIC_RELAXED);
+    return real_ioctl(fd, request, argument);
+}
+"""
+"""An LD_PRELOAD library counting the process's KVM_RUN calls into a shared file: each return
+of KVM_RUN is one exit to user space, whatever the monitor (C or Python: both reach the libc
+ioctl). It costs an atomic add per call, so every timed boot is counted."""
+
+
+def build_run_counter(work: Path) -> Path | None:
+    """Compile the KVM_RUN counter (None without gcc: boots are then not counted)."""
+    if shutil.which("gcc") is None:
         return None
-    calls = 0
-    with open(trace, errors="replace") as lines:
-        for line in lines:
-            if "KVM_RUN" in line and "resumed>" not in line:
-                calls += 1
-    trace.unlink()
-    return calls
+    source, library = work / "run_counter.c", work / "run_counter.so"
+    source.write_text(RUN_COUNTER_C)
+    subprocess.run(
+        ["gcc", "-shared", "-fPIC", "-O2", "-o", str(library), str(source), "-ldl"], check=True
+    )
+    return library
 
 
-def summarise(name: str, boots: list[dict], counts: dict[str, int | None]) -> dict[str, object]:
+def counted(environment: dict[str, str], library: Path | None, counter: Path) -> dict[str, str]:
+    """`environment` with the KVM_RUN counter preloaded, counting into `counter`."""
+    if library is None:
+        return environment
+    counter.unlink(missing_ok=True)
+    return dict(environment, LD_PRELOAD=str(library), KVMLET_BENCH_RUN_COUNTER=str(counter))
+
+
+def read_counter(counter: Path) -> int | None:
+    try:
+        return int.from_bytes(counter.read_bytes()[:8], "little")
+    except OSError:
+        return None
+
+
+def summarise(name: str, boots: list[dict]) -> dict[str, object]:
     reached = [boot for boot in boots if boot["reached"]]
     line: dict[str, object] = {
         "case": f"box_{name}",
         "rounds": len(boots),
         "reached": len(reached),
     }
-    for key in ("marker_s", "boot_timer_s", "vm_hwm_mib", "kvm_exits", "kvm_mmio_exits"):
+    for key in ("marker_s", "boot_timer_s", "vm_hwm_mib", "kvm_run_calls", "kvm_exits"):
         values = [boot[key] for boot in reached if key in boot]
         if values:
             line[key] = round(statistics.median(values), 3)
             line[f"{key}_range"] = [min(values), max(values)]
-    line["kvm_run_calls"] = counts.get(name)
     return line
 
 
@@ -263,7 +317,7 @@ def environment_line(cpus: int) -> dict[str, object]:
     }
 
 
-def run(rounds: int, cpus: int, monitors: list[str], timeout: float, count: bool) -> None:
+def run(rounds: int, cpus: int, monitors: list[str], timeout: float) -> None:
     sys.path.insert(0, str(ROOT))
     from kvmlet.guest import ensure_default_guest
 
@@ -277,28 +331,28 @@ def run(rounds: int, cpus: int, monitors: list[str], timeout: float, count: bool
     with tempfile.TemporaryDirectory(prefix="kvmlet-bootbox-") as scratch:
         work = Path(scratch)
         initrd = build_initrd(work, guest.initrd)
+        python = user_interpreter(work)
+        run_counter = build_run_counter(work)
         environments = {}
         for name in monitors:
             environments[name] = monitor_environment(work / "pycache", tree_of(name))
             subprocess.run(  # compile kvmlet once, as an installed kvmlet is
-                [sys.executable, "-c", "import kvmlet.cli, kvmlet.machine.machine"],
+                [python, "-c", "import kvmlet.cli, kvmlet.machine.machine"],
                 env=environments[name],
                 cwd=tree_of(name),
                 check=True,
             )
-        commands = {name: monitor_command(name, guest.bzimage, initrd, cpus) for name in monitors}
+        commands = {
+            name: monitor_command(name, guest.bzimage, initrd, cpus, python) for name in monitors
+        }
         boots: dict[str, list[dict]] = {name: [] for name in monitors}
         for _ in range(rounds):
             for name in monitors:
-                boot = boot_once(name, commands[name], environments[name], timeout)
+                environment = counted(environments[name], run_counter, work / "run-count")
+                boot = boot_once(name, commands[name], environment, timeout)
                 boots[name].append(boot)
                 print(json.dumps(boot), flush=True)
-        counts: dict[str, int | None] = {}
-        if count and shutil.which("strace"):
-            for name in monitors:
-                counts[name] = count_run_calls(commands[name], environments[name], work, timeout)
-                print(json.dumps({"case": "count", "monitor": name, "kvm_run_calls": counts[name]}))
-    lines = {name: summarise(name, boots[name], counts) for name in monitors}
+    lines = {name: summarise(name, boots[name]) for name in monitors}
     for reference in ("kvmtool", "qemu-microvm"):
         if reference not in lines or "marker_s" not in lines[reference]:
             continue
@@ -309,8 +363,3 @@ def run(rounds: int, cpus: int, monitors: list[str], timeout: float, count: bool
                 )
     for line in lines.values():
         print(json.dumps(line), flush=True)
-
-
-if __name__ == "__main__":
-    if sys.argv[1:2] == ["--kvmlet-boot-timer"]:
-        sys.exit(kvmlet_with_boot_timer(sys.argv[2:]))

@@ -193,6 +193,13 @@ class ConsoleRelay:
         self._write(self._pending[:-keep])
         self._pending = self._pending[-keep:]
 
+    def flush(self) -> None:
+        """Pass on the command output held back in case it began an end marker (the box is
+        being stopped: no marker is coming)."""
+        if self.started and not self.finished:
+            self._write(self._pending)
+            self._pending = b""
+
     def _write(self, data: bytes) -> None:
         if data:
             self._output.write(data)
@@ -224,6 +231,8 @@ def run_in_box(argv: list[str], options: BoxOptions, output: BinaryIO) -> int:
         stall = StallWatch(options.stall_timeout, qemu.pid, session / MONITOR_SOCKET, kernel)
         try:
             outcome = _relay_until_exit(qemu, relay, started + options.timeout, stall)
+            if outcome is not None:
+                relay.flush()
         finally:
             if qemu.poll() is None:  # interrupted (Ctrl-C, an exception): never leave QEMU behind
                 qemu.kill()

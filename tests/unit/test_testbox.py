@@ -145,3 +145,12 @@ def test_a_stall_is_silence_for_the_timeout_and_output_resets_it(monkeypatch):
     now[0] = 119.0
     assert watch.stalled()
     assert not testbox_run.StallWatch(None, 1, Path("/x"), Path("/x")).stalled()
+
+
+def test_a_stopped_box_passes_on_the_output_held_back_for_the_end_marker():
+    output = io.BytesIO()
+    relay = testbox_run.ConsoleRelay(TOKEN, output)
+    relay.feed(b"kvmlet-box: start " + TOKEN.encode() + b"\nlast line\n")
+    assert output.getvalue() == b""  # could be the start of an end marker
+    relay.flush()
+    assert output.getvalue() == b"last line\n"
