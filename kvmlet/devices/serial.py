@@ -98,6 +98,8 @@ MSR_DCD = 0x80
 _CONNECTED_MODEM_LINES = MSR_CTS | MSR_DSR | MSR_DCD
 
 _ONE_BYTE = tuple(bytes((value,)) for value in range(256))
+_LSR_IDLE = LSR_THR_EMPTY | LSR_TRANSMITTER_EMPTY  # transmission is instantaneous
+_LSR_DATA_READY = _LSR_IDLE | LSR_DATA_READY
 
 
 class LegacySerialPort(NamedTuple):
@@ -200,6 +202,11 @@ class Uart16550:
 
     def read(self, offset: int, size: int) -> int:
         """Read one register; never raises for any offset the guest can produce."""
+        if offset == LSR and not self._lsr_errors:
+            # First, and without the lock: a polling driver reads LSR before every byte it
+            # sends. Each field read is atomic; a receive() racing with it comes before or
+            # after, as it could on hardware. Clearing latched errors takes the locked path.
+            return _LSR_DATA_READY if self._rx_fifo else _LSR_IDLE
         notify_space = False
         with self._lock:
             if offset == RBR_THR_DLL:
