@@ -17,8 +17,8 @@ Monitors, interleaved round by round:
   -initrd initrd -append PARAMS`;
 - `kvmlet-peers`: `python3 -m kvmlet run -k bzImage -i initrd -m 256M -c C -p "pci=off
   nokaslr"` (kvmlet's own parameters hold the rest of PARAMS), `python3` being this Python in
-  a fresh venv (a user's interpreter: no `.pth` of this machine) with kvmlet's bytecode
-  compiled beforehand, as an installed kvmlet has it;
+  a fresh venv (a user's interpreter: no `.pth` of this machine) and kvmlet's package copied
+  to L1's tmpfs with its bytecode compiled beforehand, as an installed kvmlet has it;
 - `kvmlet`: the same with kvmlet's defaults (PCI on, its virtio-rng), no `-p`;
 
 where PARAMS is the peers' `console=ttyS0 reboot=k panic=-1 acpi=off pci=off nokaslr`.
@@ -142,6 +142,16 @@ def monitor_command(
 def tree_of(name: str) -> Path:
     """The kvmlet checkout a monitor runs from: `@TREE` at the end of its name, else this one."""
     return Path(name.partition("@")[2] or ROOT)
+
+
+def install_copy(tree: Path, destination: Path) -> Path:
+    """kvmlet's package from `tree` copied to `destination` (L1's tmpfs), as an installed
+    kvmlet sits on a local disk: the checkout is shared into the box over 9p without metadata
+    caching, which makes every import's stat and read a round trip to the host."""
+    shutil.copytree(
+        tree / "kvmlet", destination / "kvmlet", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    return destination
 
 
 def monitor_environment(pycache: Path, tree: Path = ROOT) -> dict[str, str]:
@@ -334,12 +344,16 @@ def run(rounds: int, cpus: int, monitors: list[str], timeout: float) -> None:
         python = user_interpreter(work)
         run_counter = build_run_counter(work)
         environments = {}
+        installed: dict[Path, Path] = {}
         for name in monitors:
-            environments[name] = monitor_environment(work / "pycache", tree_of(name))
+            tree = tree_of(name)
+            if tree not in installed:
+                installed[tree] = install_copy(tree, work / f"kvmlet-{len(installed)}")
+            environments[name] = monitor_environment(work / "pycache", installed[tree])
             subprocess.run(  # compile kvmlet once, as an installed kvmlet is
                 [python, "-c", "import kvmlet.cli, kvmlet.machine.machine"],
                 env=environments[name],
-                cwd=tree_of(name),
+                cwd=installed[tree],
                 check=True,
             )
         commands = {
