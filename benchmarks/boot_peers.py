@@ -145,12 +145,14 @@ def tree_of(name: str) -> Path:
 
 
 def install_copy(tree: Path, destination: Path) -> Path:
-    """kvmlet's package from `tree` copied to `destination` (L1's tmpfs), as an installed
-    kvmlet sits on a local disk: the checkout is shared into the box over 9p without metadata
-    caching, which makes every import's stat and read a round trip to the host."""
-    shutil.copytree(
-        tree / "kvmlet", destination / "kvmlet", ignore=shutil.ignore_patterns("__pycache__")
-    )
+    """kvmlet's package from `tree` and h11 copied to `destination` (L1's tmpfs), as an
+    installed kvmlet sits on a local disk: the checkout is shared into the box over 9p without
+    metadata caching, which makes every import's stat and read a round trip to the host."""
+    import h11  # kvmlet's one dependency (the control API), installed beside it
+
+    ignore = shutil.ignore_patterns("__pycache__")
+    shutil.copytree(tree / "kvmlet", destination / "kvmlet", ignore=ignore)
+    shutil.copytree(Path(h11.__file__).parent, destination / "h11", ignore=ignore)
     return destination
 
 
