@@ -2,7 +2,9 @@
 
 Each vCPU runs `run_vcpu` on a thread of its own (KVM_RUN releases the GIL). Port I/O and MMIO
 exits go straight to the bus's `read`/`write`; everything else ends the loop with a
-`GuestStop` saying how the guest stopped. The loop is deliberately flat: every attribute lookup
+`GuestStop` saying how the guest stopped. With a bus `Reader`, the loop makes its sequence odd
+while it handles an exit and even while the guest runs: the quiescent points a region removal
+waits for (`kvmlet.bus.transactions`). The loop is deliberately flat: every attribute lookup
 inside it shows in the exit-cost benchmark (benchmarks/exit_cost.py).
 
 The loop counts its exits by reason in variables of its own frame that a reader function
@@ -17,6 +19,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from kvmlet.bus import AddressSpace
+from kvmlet.bus.transactions import Reader
 from kvmlet.kvm import (
     FailEntryExit,
     HltExit,
@@ -34,6 +37,7 @@ from kvmlet.kvm.exits import (
     KVM_EXIT_MMIO,
     KVM_SYSTEM_EVENT_CRASH,
     KVM_SYSTEM_EVENT_RESET,
+    KVM_SYSTEM_EVENT_SHUTDOWN,
     MMIO_LAYOUT,
     REASON_AND_IO_LAYOUT,
     decode_rare_exit,
@@ -56,6 +60,7 @@ class StopReason(enum.Enum):
     GUEST_CRASH = ("the guest crashed", 5)
     USER_SPACE_UNSUPPORTED = ("the guest reached user space, which this host cannot run", 6)
     WATCH_FAILED = ("a watchpoint's check failed", 7)
+    UNEXPECTED_SYSTEM_EVENT = ("KVM stopped the guest with a system event kvmlet does not know", 8)
     DEBUG_EXIT = ("the guest wrote to the debug-exit port", 1)  # the status is the guest's
     TIMEOUT = ("the run timed out", 124)
     MONITOR_ERROR = ("kvmlet failed", 70)
@@ -119,6 +124,7 @@ def run_vcpu(
     fix_emulation: EmulationFixup | None = None,
     describe_failure: Callable[[Vcpu], str] = lambda vcpu: "",
     counts: ExitCounts | None = None,
+    reader: Reader | None = None,
     coalesced: CoalescedRing | None = None,
 ) -> GuestStop | None:
     """Run `vcpu` until the guest stops it (a `GuestStop`) or `should_stop()` (None).
@@ -126,8 +132,9 @@ def run_vcpu(
     `should_stop()` is called whenever KVM_RUN was interrupted (a signal or `immediate_exit`):
     the vCPU is then outside the guest at an instruction boundary, with any port I/O or MMIO
     completed, so the callback may also hold the thread there (a pause) before answering.
-    `counts`, when given, is kept up to date with this vCPU's exits. With `coalesced`, the
-    writes KVM kept in the ring are replayed before each exit is handled, whatever its kind.
+    `counts`, when given, is kept up to date with this vCPU's exits; `reader` is the thread's
+    bus read side (see `kvmlet.bus.transactions`). With `coalesced`, the writes KVM kept in
+    the ring are replayed before each exit is handled, whatever its kind.
 
     The two common exits are decoded here, straight from the run page with the layouts of
     kvmlet.kvm.exits into locals (no exit object: `Vcpu.run()` is the typed form of the same
@@ -148,6 +155,7 @@ def run_vcpu(
 
     if counts is not None:
         counts._read = read_counts
+    side = reader if reader is not None else Reader()
     while True:
         try:
             enter(fd, KVM_RUN)
@@ -155,45 +163,58 @@ def run_vcpu(
             # EINTR: a signal or immediate_exit. EAGAIN: an application processor's first
             # KVM_RUN returns it once INIT arrived; the next one waits for SIPI.
             if ring[0] != ring[1]:
-                drain()
+                side.sequence += 1  # dispatching the queued writes
+                try:
+                    drain()
+                finally:
+                    side.sequence += 1
             interrupted_exits += 1
-            if should_stop():
+            if should_stop():  # quiescent (even) while it may hold the thread (a pause)
                 return None
             continue
-        if ring[0] != ring[1]:
-            drain()
-        reason, direction, size, port, count, offset = unpack_io(page)
-        if reason == KVM_EXIT_IO:
-            io_exits += 1
-            if count == 1 and offset == PIO_DATA_OFFSET:
-                data = pio_views[size]
-                if direction:
-                    io_write(port, size, data[0] if size == 1 else from_bytes(data, "little"))
-                elif size == 1:
-                    data[0] = io_read(port, 1)
+        side.sequence += 1  # dispatching: this thread may hold a view until it is even again
+        try:
+            if ring[0] != ring[1]:
+                drain()
+            reason, direction, size, port, count, offset = unpack_io(page)
+            if reason == KVM_EXIT_IO:
+                io_exits += 1
+                if count == 1 and offset == PIO_DATA_OFFSET:
+                    data = pio_views[size]
+                    if direction:
+                        io_write(port, size, data[0] if size == 1 else from_bytes(data, "little"))
+                    elif size == 1:
+                        data[0] = io_read(port, 1)
+                    else:
+                        data[:] = io_read(port, size).to_bytes(size, "little")
                 else:
-                    data[:] = io_read(port, size).to_bytes(size, "little")
+                    _string_io(io, direction == KVM_EXIT_IO_OUT, port, size, count, page, offset)
+            elif reason == KVM_EXIT_MMIO:
+                mmio_exits += 1
+                address, size, is_write = unpack_mmio(page, EXIT_UNION_OFFSET)
+                data = mmio_views[size if size <= 8 else 8]
+                if is_write:
+                    mmio_write(address, size, from_bytes(data, "little"))
+                else:
+                    data[:] = mmio_read(address, size).to_bytes(size, "little")
             else:
-                _string_io(io, direction == KVM_EXIT_IO_OUT, port, size, count, page, offset)
-        elif reason == KVM_EXIT_MMIO:
-            mmio_exits += 1
-            address, size, is_write = unpack_mmio(page, EXIT_UNION_OFFSET)
-            data = mmio_views[size if size <= 8 else 8]
-            if is_write:
-                mmio_write(address, size, from_bytes(data, "little"))
-            else:
-                data[:] = mmio_read(address, size).to_bytes(size, "little")
-        else:
-            exit_ = decode_rare_exit(page, reason)
-            if exit_ is INTERRUPTED:
-                interrupted_exits += 1
-                if should_stop():
-                    return None
-                continue
-            rare_exits[RARE_EXIT_NAMES.get(type(exit_), "other")] += 1
-            stop = _rare_exit(vcpu, exit_, fix_emulation, describe_failure)
-            if stop is not None:
-                return stop
+                exit_ = decode_rare_exit(page, reason)
+                if exit_ is INTERRUPTED:
+                    interrupted_exits += 1
+                    side.sequence += 1  # quiescent while `should_stop` may hold it (a pause)
+                    try:
+                        stopping = should_stop()
+                    finally:
+                        side.sequence += 1
+                    if stopping:
+                        return None
+                    continue
+                rare_exits[RARE_EXIT_NAMES.get(type(exit_), "other")] += 1
+                stop = _rare_exit(vcpu, exit_, fix_emulation, describe_failure)
+                if stop is not None:
+                    return stop
+        finally:
+            side.sequence += 1
 
 
 def _string_io(
@@ -224,7 +245,11 @@ def _rare_exit(
             return GuestStop(StopReason.RESET, "", vcpu.id)
         if exit_.kind == KVM_SYSTEM_EVENT_CRASH:
             return GuestStop(StopReason.GUEST_CRASH, "", vcpu.id)
-        return GuestStop(StopReason.POWER_OFF, "", vcpu.id)
+        if exit_.kind == KVM_SYSTEM_EVENT_SHUTDOWN:
+            return GuestStop(StopReason.POWER_OFF, "", vcpu.id)
+        data = ", ".join(f"{word:#x}" for word in exit_.data)
+        detail = f"type {exit_.kind}" + (f", data {data}" if data else "")
+        return GuestStop(StopReason.UNEXPECTED_SYSTEM_EVENT, detail, vcpu.id)
     if isinstance(exit_, InternalErrorExit):
         if fix_emulation is not None and fix_emulation(vcpu, exit_):
             return None

@@ -112,6 +112,98 @@ def test_a_sandbox_command_that_times_out_exits_124_with_its_output(monkeypatch,
     assert captured.err.strip().splitlines()[-1] == "kvmlet: the command timed out after 3 s"
 
 
+def fake_sandbox(monkeypatch, outcome):
+    """Replace kvmlet.sandbox.sandbox by one that records its call and returns or raises
+    `outcome`."""
+    from kvmlet import sandbox as sandbox_module
+
+    asked = {}
+
+    def sandbox(command, config, *, timeout):
+        asked.update(command=command, timeout=timeout)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    monkeypatch.setattr(sandbox_module, "sandbox", sandbox)
+    return asked
+
+
+@pytest.mark.parametrize(
+    ("argv", "command"),
+    [
+        (["echo a; exit 3"], "echo a; exit 3"),
+        (["echo", "a; exit 3", "$HOME"], "echo 'a; exit 3' '$HOME'"),
+    ],
+)
+def test_one_sandbox_argument_is_a_shell_line_and_several_are_one_program(
+    monkeypatch, argv, command
+):
+    from kvmlet.sandbox import SandboxResult
+    from kvmlet.vstate.vcpu_loop import GuestStop, StopReason
+
+    asked = fake_sandbox(monkeypatch, SandboxResult(3, "a\n", GuestStop(StopReason.RESET)))
+    assert cli.main(["sandbox", "--host-profile", "none", "--", *argv]) == 3
+    assert asked["command"] == command
+
+
+@pytest.mark.parametrize(
+    ("reason", "status"),
+    [("USER_SPACE_UNSUPPORTED", 6), ("TRIPLE_FAULT", 3), ("RESET", 1)],
+)
+def test_a_sandbox_guest_that_never_ran_the_command_exits_with_kvmlets_status(
+    monkeypatch, capsys, reason, status
+):
+    from kvmlet.errors import GuestStoppedError
+    from kvmlet.vstate.vcpu_loop import GuestStop, StopReason
+
+    stop = GuestStop(StopReason[reason], "why")
+    fake_sandbox(monkeypatch, GuestStoppedError(f"the command did not run: {stop}", stop))
+    assert cli.main(["sandbox", "--host-profile", "none", "--", "true"]) == status
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.strip().splitlines()[-1] == f"kvmlet: the command did not run: {stop}"
+
+
+def test_a_sandbox_command_that_reset_the_guest_reports_no_status(monkeypatch, capsys):
+    from kvmlet.sandbox import SandboxResult
+    from kvmlet.vstate.vcpu_loop import GuestStop, StopReason
+
+    fake_sandbox(monkeypatch, SandboxResult(None, "bye\n", GuestStop(StopReason.RESET)))
+    assert cli.main(["sandbox", "--host-profile", "none", "--", "reboot -f"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "bye\n"
+    assert captured.err.strip().splitlines()[-1] == (
+        "kvmlet: the command reported no exit status (the guest reset the machine)"
+    )
+
+
+def test_sandbox_help_says_how_arguments_run_and_whose_status_it_is():
+    result = run_cli("sandbox", "--help")
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    assert "One argument is a shell command line" in text
+    assert "several arguments are one program and its arguments" in text
+    for status in ("1 a usage", "124 the command", "6 this host"):
+        assert status in text
+
+
+@pytest.mark.parametrize("argv", [["run"], ["sandbox", "--", "true"]])
+def test_a_host_without_kvm_is_told_so_before_the_default_guest_is_built(
+    tmp_path, monkeypatch, capsys, argv
+):
+    import kvmlet.guest
+
+    original = system.Kvm.__init__
+    monkeypatch.setattr(
+        system.Kvm, "__init__", lambda self, path="": original(self, str(tmp_path / "kvm"))
+    )
+    monkeypatch.setattr(kvmlet.guest, "ensure_default_guest", pytest.fail)
+    assert cli.main([*argv[:1], "--host-profile", "none", *argv[1:]]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("kvmlet: cannot open ") and "no such device" in line
+
+
 @pytest.mark.parametrize(
     "command", ["list", "stop", "pause", "resume", "stat", "balloon", "console"]
 )
@@ -133,6 +225,9 @@ def test_control_commands_teach_with_examples():
     ("argv", "fragment"),
     [
         (["stop", "web", "--grace", "-1"], "--grace"),
+        (["stop", "web", "--grace", "nan"], "--grace"),
+        (["stop", "web", "--grace", "inf"], "--grace"),
+        (["stat", "web", "--watch", "inf"], "--watch"),
         (["stat", "web", "--watch", "0"], "--watch"),
         (["console", "web", "--bytes", "0"], "--bytes"),
         (["balloon", "web", "lots"], "lots"),
@@ -199,3 +294,107 @@ def test_replay_reports_and_exits_0_or_2(tmp_path):
     with_model(path, SOURCE.replace("return zlib.crc32(data)", "return 0"))
     result = run_cli("replay", str(path))
     assert result.returncode == 2 and "first divergence at event" in result.stderr
+
+
+@pytest.mark.parametrize("seconds", ["inf", "1e300", "0", "-1", "nan", "-inf", "soon", ""])
+def test_a_timeout_that_is_not_a_positive_number_of_seconds_is_one_line(tmp_path, seconds):
+    (tmp_path / "k").write_bytes(make_bzimage())
+    for command in (["run", "-k", str(tmp_path / "k")], ["sandbox"]):
+        result = run_cli(*command, "--timeout", seconds, "--host-profile", "none", "--", "true")
+        assert_one_line_error(result, "--timeout")
+
+
+def test_kernel_parameters_that_are_not_utf8_are_one_line(tmp_path):
+    (tmp_path / "k").write_bytes(make_bzimage())
+    result = subprocess.run(
+        [sys.executable, "-m", "kvmlet", "run", "-k", str(tmp_path / "k"), "-p", b"quiet \xff"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+    assert_one_line_error(result, "UTF-8")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["fly"],
+        ["run", "--no-such-flag"],
+        ["run", "-c"],
+        ["run", "-c", "two"],
+        ["run", "--console", "tty"],
+        ["run", "--virtio-transport", "usb"],
+        ["sandbox", "-m"],
+        ["stop"],
+        ["pause", "a", "b"],
+        ["stat", "web", "--watch", "often"],
+        ["console", "web", "--bytes", "many"],
+        ["balloon"],
+        ["list", "--yaml"],
+    ],
+)
+def test_usage_mistakes_are_one_line_and_status_1(argv):
+    result = run_cli(*argv)
+    assert_one_line_error(result)
+    assert "usage:" not in result.stderr
+
+
+def test_kernel_parameters_must_be_utf8_without_nul():
+    from kvmlet.errors import KvmletError
+    from kvmlet.machine.config import MachineConfig
+
+    with pytest.raises(KvmletError, match="kernel parameters"):
+        MachineConfig(boot_code=b"\xf4", params="console=\udcff")
+    with pytest.raises(KvmletError, match="kernel parameters"):
+        MachineConfig(boot_code=b"\xf4", extra_parameters=("a\0b",))
+
+
+def test_a_sigterm_while_the_machine_is_built_is_never_swallowed(tmp_path, monkeypatch, capsys):
+    """Building a machine runs code that takes any exception for a refusal (the bus's listener
+    commits); a SIGTERM then must not raise in there, but wait until the machine exists and
+    stop it."""
+    import os
+    import signal
+
+    from kvmlet.errors import KvmletError
+    from kvmlet.machine import machine as machine_module
+
+    swallowed, stops = [], []
+
+    class Building:
+        def __init__(self, config, **options):
+            try:  # what a listener commit does with whatever a KVM call raised
+                os.kill(os.getpid(), signal.SIGTERM)
+                for _ in range(1000):  # bytecode boundaries where a handler could run
+                    pass
+            except Exception as error:
+                swallowed.append(error)
+
+        def stop(self, reason, detail=""):
+            stops.append(detail)
+
+        def start(self):
+            raise KvmletError("not a real machine")
+
+        def close(self):
+            pass
+
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    monkeypatch.setattr(machine_module, "Machine", Building)
+    previous = signal.getsignal(signal.SIGTERM)
+    kernel = tmp_path / "bzImage"
+    kernel.write_bytes(make_bzimage())
+    try:
+        status = cli.main(["run", "-k", str(kernel), "--host-profile", "none"])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert swallowed == []
+    error = capsys.readouterr().err
+    if stops:  # delivered once the machine existed: stopped, then its start failed here
+        assert stops == ["SIGTERM"] and "not a real machine" in error
+    else:
+        assert error == "kvmlet: terminated (SIGTERM) before the guest started\n"
+    assert status == 1

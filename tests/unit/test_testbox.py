@@ -154,3 +154,19 @@ def test_a_stopped_box_passes_on_the_output_held_back_for_the_end_marker():
     assert output.getvalue() == b""  # could be the start of an end marker
     relay.flush()
     assert output.getvalue() == b"last line\n"
+
+
+@pytest.mark.parametrize(
+    ("status", "report", "stalled"),
+    [
+        (0, "20 passed", False),
+        (1, "FAILED tests/linux/test_virtio.py::test_x - AssertionError", False),
+        (1, "FAILED ...\nkvmlet-testbox: L1 stopped running nested guests (after x)\n", True),
+        (124, "", True),
+        (125, "testbox: the box stopped without a status", True),
+    ],
+)
+def test_only_the_box_s_own_failures_are_retried(status, report, stalled):
+    from tests.helpers.guests import box_stalled
+
+    assert box_stalled(status, report) is stalled
