@@ -2,7 +2,7 @@
 
 Run it where KVM runs guest user space (on our machines: inside the test box, under its lock):
 
-    flock /tmp/kvmlet-box.lock python3 testbox/run.py --smp 2 --stall-timeout 300 -- \\
+    flock -x /tmp/kvmlet-box.lock python3 testbox/run.py --smp 2 --stall-timeout 300 -- \\
         python3 benchmarks/boot.py --box [--rounds N] [--cpus C] [--monitors a,b,...]
 
 Every monitor boots the same kernel (the default guest's `bzImage`) and the same initramfs (the
