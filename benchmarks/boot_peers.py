@@ -25,8 +25,11 @@ where PARAMS is the peers' `console=ttyS0 reboot=k panic=-1 acpi=off pci=off nok
 `kvmlet-quiet` (not in the default set) is `kvmlet-peers` with `quiet` and the boot timer on
 (`MachineConfig(boot_timer=True)`; the CLI has no flag for it yet, so boot_timer_child.py
 builds the run as `kvmlet run` does): its `boot_timer_s` comes from kvmlet's boot-timer line,
-not from the console. A monitor name may end in `@TREE`: that kvmlet checkout runs it (a
-before/after comparison in one run).
+not from the console. `kvmtool-quiet`, `qemu-microvm-quiet` and `qemu-pc-quiet` (not in the
+default set either) add `quiet` to the peer's PARAMS: with the quiet cases, a boot's time
+splits into what printing the boot log costs under each monitor and everything else. A
+monitor name may end in `@TREE`: that kvmlet checkout runs it (a before/after comparison in
+one run).
 
 kvmtool is not packaged by Debian 12; the benchmark takes `$KVMLET_KVMTOOL`, else
 `~/.cache/kvmlet-peers/kvmtool/lkvm`, built on the host beforehand from kvmtool's public source
@@ -114,20 +117,22 @@ def user_interpreter(work: Path) -> str:
 def monitor_command(
     name: str, kernel: Path, initrd: Path, cpus: int, python: str = sys.executable
 ) -> list[str]:
-    if name == "kvmtool":
+    peer = name.removesuffix("-quiet")
+    parameters = PEER_PARAMETERS + (" quiet" if peer != name else "")
+    if peer == "kvmtool":
         lkvm = kvmtool_binary()
         assert lkvm is not None
         return [
             *(str(lkvm), "run", "--nodefaults", "-n", "mode=none", "-k", str(kernel)),
-            *("-i", str(initrd), "-m", "256", "-c", str(cpus), "-p", PEER_PARAMETERS),
+            *("-i", str(initrd), "-m", "256", "-c", str(cpus), "-p", parameters),
         ]
-    if name.startswith("qemu-"):
-        machine = name.removeprefix("qemu-")
+    if peer.startswith("qemu-"):
+        machine = peer.removeprefix("qemu-")
         return [
             *("qemu-system-x86_64", "-M", machine, "-accel", "kvm", "-cpu", "host"),
             *("-m", "256M", "-smp", str(cpus), "-nodefaults", "-no-user-config"),
             *("-display", "none", "-serial", "stdio", "-no-reboot"),
-            *("-kernel", str(kernel), "-initrd", str(initrd), "-append", PEER_PARAMETERS),
+            *("-kernel", str(kernel), "-initrd", str(initrd), "-append", parameters),
         ]
     kind = name.partition("@")[0]
     arguments = ["run", "-k", str(kernel), "-i", str(initrd), "-m", "256M", "-c", str(cpus)]
@@ -333,9 +338,9 @@ def run(rounds: int, cpus: int, monitors: list[str], timeout: float) -> None:
     sys.path.insert(0, str(ROOT))
     from kvmlet.guest import ensure_default_guest
 
-    if "kvmtool" in monitors and kvmtool_binary() is None:
+    if kvmtool_binary() is None and {"kvmtool", "kvmtool-quiet"} & set(monitors):
         print("boot --box: no kvmtool (see the docstring for its build); left out", file=sys.stderr)
-        monitors = [name for name in monitors if name != "kvmtool"]
+        monitors = [name for name in monitors if not name.startswith("kvmtool")]
     if not (DEBUGFS / "kvm").is_dir():
         subprocess.run(["mount", "-t", "debugfs", "debugfs", str(DEBUGFS)], check=False)
     guest = ensure_default_guest()
