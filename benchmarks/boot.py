@@ -28,6 +28,11 @@ guest RAM pages the guest touched (`guest_ram_rss_mib`, from the RAM mapping's s
 compiled to bytecode, as an installed kvmlet does (see `compiled_bytecode_env`).
 
     python3 benchmarks/boot.py [--rounds R] [--setup-rounds N] [--setup-only] [--timeout S]
+
+`--box` is the box mode: kvmlet against kvmtool and QEMU, in one run, where KVM runs guest
+user space (the test box on our machines); benchmarks/boot_peers.py describes it.
+
+    python3 benchmarks/boot.py --box [--rounds R] [--cpus C] [--monitors a,b]
 """
 
 from __future__ import annotations
@@ -262,7 +267,17 @@ def main() -> None:
     )
     parser.add_argument("--setup-only", action="store_true", help="skip the full boots")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per boot")
+    parser.add_argument("--box", action="store_true", help="kvmlet vs kvmtool vs QEMU")
+    parser.add_argument("--cpus", type=int, default=1, help="box mode: guest vCPUs")
+    parser.add_argument("--monitors", help="box mode: comma-separated monitors to run")
     options = parser.parse_args()
+    if options.box:
+        import boot_peers
+
+        monitors = options.monitors.split(",") if options.monitors else boot_peers.DEFAULT_MONITORS
+        timeout = min(options.timeout, 120.0)
+        boot_peers.run(options.rounds, options.cpus, list(monitors), timeout)
+        return
 
     from kvmlet.guest import ensure_default_guest
     from kvmlet.vstate import host_profile

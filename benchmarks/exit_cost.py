@@ -406,7 +406,7 @@ def run_python_only(kind: str, exits: int) -> float:
         return 0
 
     try:
-        with mock.patch.object(kvmlet.kvm.vcpu, "_ioctl", no_kvm_run):
+        with mock.patch.object(kvmlet.kvm.vcpu, "run_ioctl", no_kvm_run):
             start = time.monotonic_ns()
             run_vcpu(vcpu, machine.io, machine.mmio, lambda: machine.stop_reason is not None)
             elapsed = time.monotonic_ns() - start

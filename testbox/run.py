@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Run a command inside the test box: an L1 Linux under QEMU TCG whose /dev/kvm is a real KVM.
 
-Usage: python3 testbox/run.py [--timeout S] [--verbose] [--env NAME=VALUE]... -- CMD...
+Usage: python3 testbox/run.py [--timeout S] [--smp N] [--verbose] [--env NAME=VALUE]... -- CMD...
 
 Our machines' own KVM cannot run guest user space (docs/hosts.md), so the `linux`
 test tier runs here instead. The box boots kvmlet's default guest kernel (KVM and KVM_AMD built
@@ -10,7 +10,10 @@ root (9p, read-only), tmpfs on /tmp, /run, /var/tmp and /dev/shm, and this check
 read-write at its host path. testbox/box_init.sh runs CMD in the same working directory (or
 the checkout when that is not visible), with the real Python interpreter's directory first on
 PATH. CMD's output streams to our stdout; the exit status of this script is CMD's, 124 when
-the timeout expired and 125 when the box itself failed (its boot log is then printed).
+the timeout expired and 125 when the box itself failed (its boot log is then printed): QEMU
+missing, L1 dead, or a stall (no output from CMD for --stall-timeout seconds: the box prints the
+stall's signature, L1's CPU use and where each of its vCPUs is, and stops; a stalled run is
+never a result).
 
 Test tooling only: kvmlet itself never needs QEMU.
 """
@@ -38,6 +41,7 @@ CHECKOUT = Path(__file__).resolve().parent.parent
 BOX_INIT = CHECKOUT / "testbox" / "box_init.sh"
 EXIT_TIMEOUT = 124
 EXIT_BOX_FAILED = 125
+MONITOR_SOCKET = "monitor.sock"
 _PR_SET_PDEATHSIG = 1
 # Variables passed from the host into the box besides --env ones.
 _PASSED_VARIABLES = ("TERM", "COLUMNS", "LANG", "PYTEST_ADDOPTS", "HYPOTHESIS_PROFILE")
@@ -53,6 +57,8 @@ class BoxOptions:
     timeout: float = 1800.0
     memory: str = "2G"
     cpu: str = "max"
+    smp: int = 1
+    stall_timeout: float | None = 600.0
     verbose: bool = False
     kernel: Path | None = None
     environment: dict[str, str] = field(default_factory=dict)
@@ -134,9 +140,9 @@ def qemu_command(kernel: Path, session: Path, options: BoxOptions) -> list[str]:
     ]
     return [
         "qemu-system-x86_64",
-        *("-accel", "tcg", "-cpu", options.cpu, "-m", options.memory, "-smp", "1"),
+        *("-accel", "tcg", "-cpu", options.cpu, "-m", options.memory, "-smp", str(options.smp)),
         *("-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"),
-        *("-serial", "stdio", "-monitor", "none"),
+        *("-serial", "stdio", "-monitor", f"unix:{session / MONITOR_SOCKET},server=on,wait=off"),
         *("-kernel", str(kernel), "-append", " ".join(kernel_parameters)),
         *("-fsdev", f"local,id=hostroot,path=/,readonly=on,{nine_p}"),
         *("-device", "virtio-9p-pci,fsdev=hostroot,mount_tag=/dev/root"),
@@ -187,6 +193,13 @@ class ConsoleRelay:
         self._write(self._pending[:-keep])
         self._pending = self._pending[-keep:]
 
+    def flush(self) -> None:
+        """Pass on the command output held back in case it began an end marker (the box is
+        being stopped: no marker is coming)."""
+        if self.started and not self.finished:
+            self._write(self._pending)
+            self._pending = b""
+
     def _write(self, data: bytes) -> None:
         if data:
             self._output.write(data)
@@ -215,8 +228,11 @@ def run_in_box(argv: list[str], options: BoxOptions, output: BinaryIO) -> int:
             stderr=subprocess.STDOUT,
             preexec_fn=_die_with_parent,
         )
+        stall = StallWatch(options.stall_timeout, qemu.pid, session / MONITOR_SOCKET, kernel)
         try:
-            timed_out = _relay_until_exit(qemu, relay, started + options.timeout)
+            outcome = _relay_until_exit(qemu, relay, started + options.timeout, stall)
+            if outcome is not None:
+                relay.flush()
         finally:
             if qemu.poll() is None:  # interrupted (Ctrl-C, an exception): never leave QEMU behind
                 qemu.kill()
@@ -227,9 +243,12 @@ def run_in_box(argv: list[str], options: BoxOptions, output: BinaryIO) -> int:
     elapsed = stopped - started
     if options.verbose or not relay.finished:
         sys.stderr.write(relay.boot_log.decode(errors="replace"))
-    if timed_out:
+    if outcome == "timeout":
         print(f"testbox: timed out after {options.timeout:.0f} s", file=sys.stderr)
         return EXIT_TIMEOUT
+    if outcome is not None:
+        print(f"testbox: box failure: {outcome}", file=sys.stderr)
+        return EXIT_BOX_FAILED
     if not status_text.isdigit():
         print(f"testbox: the box stopped without a status after {elapsed:.1f} s", file=sys.stderr)
         return EXIT_BOX_FAILED
@@ -249,8 +268,136 @@ def _die_with_parent() -> None:
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def _relay_until_exit(qemu: subprocess.Popen, relay: ConsoleRelay, deadline: float) -> bool:
-    """Feeds QEMU's console to the relay in chunks until QEMU exits; True on timeout."""
+class StallWatch:
+    """Tells a stalled box from a slow one: no console output for `timeout` seconds.
+
+    A box stalls for reasons of its own (seen: L1 idle or spinning for minutes with an L2 guest
+    that never progresses), so a stall is reported as a box failure with its signature: how
+    much of a CPU QEMU used meanwhile (idle or spinning) and where each L1 vCPU was, sampled
+    through QEMU's monitor and named with the L1 kernel's symbols."""
+
+    SAMPLES = 5
+
+    def __init__(self, timeout: float | None, qemu_pid: int, monitor: Path, kernel: Path):
+        self.timeout = timeout
+        self._pid = qemu_pid
+        self._monitor = monitor
+        self._kernel = kernel
+        self.last_output = time.monotonic()
+        self._cpu_at_output = self._qemu_cpu_seconds()
+
+    def output_seen(self) -> None:
+        self.last_output = time.monotonic()
+        self._cpu_at_output = self._qemu_cpu_seconds()
+
+    def stalled(self) -> bool:
+        return self.timeout is not None and time.monotonic() - self.last_output >= self.timeout
+
+    def signature(self) -> str:
+        """One line: how long it was silent, QEMU's CPU use meanwhile, each vCPU's place."""
+        silent = time.monotonic() - self.last_output
+        cpu = (self._qemu_cpu_seconds() - self._cpu_at_output) / max(silent, 1e-9)
+        state = "L1 idle" if cpu < 0.1 else "L1 spinning"
+        places = describe_vcpu_places(self._sample_rips(), self._kernel)
+        return (
+            f"stall: no output for {silent:.0f} s, QEMU used {cpu:.0%} of a CPU meanwhile "
+            f"({state}); {places}"
+        )
+
+    def _qemu_cpu_seconds(self) -> float:
+        try:
+            fields = Path(f"/proc/{self._pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def _sample_rips(self) -> dict[int, list[int]]:
+        rips: dict[int, list[int]] = {}
+        for _ in range(self.SAMPLES):
+            try:
+                text = monitor_command(self._monitor, "info registers -a")
+            except OSError:
+                break
+            for cpu, rip in parse_rips(text).items():
+                rips.setdefault(cpu, []).append(rip)
+            time.sleep(0.2)
+        return rips
+
+
+def monitor_command(socket_path: Path, command: str, timeout: float = 5.0) -> str:
+    """One command to QEMU's human monitor on its UNIX socket; returns what it printed."""
+    import socket
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
+        connection.settimeout(timeout)
+        connection.connect(str(socket_path))
+        _read_until_prompt(connection)
+        connection.sendall(command.encode() + b"\n")
+        return _read_until_prompt(connection).decode(errors="replace")
+
+
+def _read_until_prompt(connection) -> bytes:
+    received = b""
+    while not received.endswith(b"(qemu) "):
+        chunk = connection.recv(65536)
+        if not chunk:
+            break
+        received += chunk
+    return received
+
+
+_RIP = re.compile(r"CPU#(\d+).*?RIP=([0-9a-f]+)", re.DOTALL)
+
+
+def parse_rips(text: str) -> dict[int, int]:
+    """vCPU index -> RIP from `info registers -a`."""
+    return {int(cpu): int(rip, 16) for cpu, rip in _RIP.findall(text)}
+
+
+def describe_vcpu_places(rips: dict[int, list[int]], kernel: Path) -> str:
+    """`vCPU 0 at default_idle+0x1e (5 of 5 samples)`, per vCPU; raw addresses without `nm`."""
+    if not rips:
+        return "vCPU places unknown (the monitor did not answer)"
+    symbols = kernel_symbols(kernel)
+    parts = []
+    for cpu, samples in sorted(rips.items()):
+        names = [symbolize(rip, symbols) for rip in samples]
+        common = max(set(names), key=names.count)
+        parts.append(f"vCPU {cpu} at {common} ({names.count(common)} of {len(names)} samples)")
+    return "; ".join(parts)
+
+
+def kernel_symbols(kernel: Path) -> list[tuple[int, str]]:
+    """(address, name) of the kernel's text symbols, sorted; empty when `nm` cannot say."""
+    try:
+        listing = subprocess.run(
+            ["nm", "-n", str(kernel)], capture_output=True, text=True, check=False, timeout=30
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    symbols = []
+    for line in listing.splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[1] in "tTwW":
+            symbols.append((int(parts[0], 16), parts[2]))
+    return symbols
+
+
+def symbolize(address: int, symbols: list[tuple[int, str]]) -> str:
+    import bisect
+
+    index = bisect.bisect_right(symbols, (address, "\uffff")) - 1
+    if index < 0 or address - symbols[index][0] > 0x100000:
+        return f"{address:#x}"
+    start, name = symbols[index]
+    return f"{name}+{address - start:#x}"
+
+
+def _relay_until_exit(
+    qemu: subprocess.Popen, relay: ConsoleRelay, deadline: float, stall: StallWatch
+) -> str | None:
+    """Feeds QEMU's console to the relay in chunks until QEMU exits. Returns None when it
+    exited, "timeout", or a stall's signature (QEMU is killed in both cases)."""
     assert qemu.stdout is not None
     descriptor = qemu.stdout.fileno()
     with selectors.DefaultSelector() as selector:
@@ -260,13 +407,19 @@ def _relay_until_exit(qemu: subprocess.Popen, relay: ConsoleRelay, deadline: flo
             if remaining <= 0:
                 qemu.kill()
                 qemu.wait()
-                return True
-            if not selector.select(timeout=remaining):
+                return "timeout"
+            if not selector.select(timeout=min(remaining, 5.0)):
+                if stall.stalled():
+                    signature = stall.signature()
+                    qemu.kill()
+                    qemu.wait()
+                    return signature
                 continue
             chunk = os.read(descriptor, 65536)
             if not chunk:
                 qemu.wait()
-                return False
+                return None
+            stall.output_seen()
             relay.feed(chunk)
 
 
@@ -278,6 +431,13 @@ def main(arguments: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=BoxOptions.timeout, help="seconds")
     parser.add_argument("--memory", default=BoxOptions.memory, help="L1 RAM (QEMU -m)")
     parser.add_argument("--cpu", default=BoxOptions.cpu, help="QEMU CPU model with svm and npt")
+    parser.add_argument("--smp", type=int, default=BoxOptions.smp, help="L1 vCPUs (default 1)")
+    parser.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=BoxOptions.stall_timeout,
+        help="seconds without output from CMD that make a stall (box failure); 0: never",
+    )
     parser.add_argument("--kernel", type=Path, help="L1 kernel (default: kvmlet's own)")
     parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE")
     parser.add_argument("--verbose", action="store_true", help="print L1's boot log and timing")
@@ -293,6 +453,8 @@ def main(arguments: list[str] | None = None) -> int:
         timeout=parsed.timeout,
         memory=parsed.memory,
         cpu=parsed.cpu,
+        smp=parsed.smp,
+        stall_timeout=parsed.stall_timeout or None,
         verbose=parsed.verbose,
         kernel=parsed.kernel,
         environment=dict(item.split("=", 1) for item in parsed.env),

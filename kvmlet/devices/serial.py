@@ -20,6 +20,11 @@ guest that never reads exhaust host memory.
 `receive()` runs on a host input thread while vCPU threads access the registers, so one lock per
 UART guards the state; the IRQ line is driven under that lock so its level always matches the
 state that produced it.
+
+A THR write whose only effect is the byte going out (no THR-empty interrupt enabled, no
+loopback) needs no answer, so the machine may let KVM queue it without an exit (coalesced
+I/O), replaying it before the guest's next access can tell; `thr_writes_deferrable` says when,
+and `on_deferrable_change` hears when that changes (an IER or MCR write).
 """
 
 from __future__ import annotations
@@ -93,6 +98,8 @@ MSR_DCD = 0x80
 _CONNECTED_MODEM_LINES = MSR_CTS | MSR_DSR | MSR_DCD
 
 _ONE_BYTE = tuple(bytes((value,)) for value in range(256))
+_LSR_IDLE = LSR_THR_EMPTY | LSR_TRANSMITTER_EMPTY  # transmission is instantaneous
+_LSR_DATA_READY = _LSR_IDLE | LSR_DATA_READY
 
 
 class LegacySerialPort(NamedTuple):
@@ -132,6 +139,7 @@ class Uart16550:
         self._irq = irq
         self._on_output = on_output
         self.on_rx_space = on_rx_space
+        self.on_deferrable_change: Callable[[bool], None] | None = None
         self._rx_capacity = rx_capacity
         self._lock = threading.Lock()
         self._rx_fifo: deque[int] = deque()
@@ -179,6 +187,12 @@ class Uart16550:
             return len(self._rx_fifo)
 
     @property
+    def thr_writes_deferrable(self) -> bool:
+        """Whether a THR write may wait (coalesced) until the guest's next access to the UART:
+        no THR-empty interrupt depends on it and loopback does not feed it back."""
+        return not self._ier & IER_THR_EMPTY and not self._mcr & MCR_LOOPBACK
+
+    @property
     def irq_level(self) -> bool:
         """The level this UART drives on its interrupt line."""
         with self._lock:
@@ -188,6 +202,11 @@ class Uart16550:
 
     def read(self, offset: int, size: int) -> int:
         """Read one register; never raises for any offset the guest can produce."""
+        if offset == LSR and not self._lsr_errors:
+            # First, and without the lock: a polling driver reads LSR before every byte it
+            # sends. Each field read is atomic; a receive() racing with it comes before or
+            # after, as it could on hardware. Clearing latched errors takes the locked path.
+            return _LSR_DATA_READY if self._rx_fifo else _LSR_IDLE
         notify_space = False
         with self._lock:
             if offset == RBR_THR_DLL:
@@ -224,6 +243,7 @@ class Uart16550:
         """Write one register; out-of-range offsets and extra value bits are ignored."""
         value &= 0xFF
         notify_space = False
+        deferrable = None
         with self._lock:
             if offset == RBR_THR_DLL:
                 if self._lcr & LCR_DLAB:
@@ -234,18 +254,26 @@ class Uart16550:
                 if self._lcr & LCR_DLAB:
                     self._divisor = (self._divisor & 0x00FF) | (value << 8)
                 else:
+                    before = self.thr_writes_deferrable
                     self._write_ier(value)
+                    if self.thr_writes_deferrable != before:
+                        deferrable = not before
             elif offset == IIR_FCR:
                 notify_space = self._write_fcr(value)
             elif offset == LCR:
                 self._lcr = value
             elif offset == MCR:
+                before = self.thr_writes_deferrable
                 self._write_mcr(value)
+                if self.thr_writes_deferrable != before:
+                    deferrable = not before
             elif offset == SCR:
                 self._scr = value
             # LSR and MSR writes are factory-test only on a 16550A: ignored.
         if notify_space and self.on_rx_space is not None:
             self.on_rx_space()
+        if deferrable is not None and self.on_deferrable_change is not None:
+            self.on_deferrable_change(deferrable)
 
     # ----- internals (called with the lock held) ---------------------------------------------
 

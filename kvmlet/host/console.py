@@ -3,7 +3,9 @@
 Guest output (COM1 or hvc0) arrives one byte or chain at a time on a vCPU or worker thread;
 `Console.output` appends it to a transcript under a plain lock (cheap: it runs inside every
 serial exit) and, when the console is attached to a host fd, to a `BatchedWriter`. Readers poll
-the transcript: waiting is for people and tests, never on the guest's path.
+the transcript: waiting is for people and tests, never on the guest's path. The transcript is a
+bounded ring (`TRANSCRIPT_LIMIT`): it grows with the output up to the limit, then the newest
+bytes overwrite the oldest, so a chatty guest costs the monitor a fixed amount of memory.
 
 Input goes through a pipe into a `ConsoleInput` pump, so text written by the Python API and keys
 typed on a terminal take the same backpressured road into the device's capped FIFO.
@@ -20,8 +22,8 @@ from collections.abc import Callable
 from kvmlet.errors import GuestStoppedError, KvmletError
 from kvmlet.host.terminal import BatchedWriter, ConsoleInput, EscapeAction, EscapeFilter
 
-TRANSCRIPT_LIMIT = 64 << 20
-"""Bytes of console output kept for readers; past it the oldest half is dropped (counted)."""
+TRANSCRIPT_LIMIT = 1 << 20
+"""Bytes of console output kept for readers; past it the oldest are overwritten (counted)."""
 
 POLL_INTERVAL = 0.01
 
@@ -30,12 +32,18 @@ class Console:
     """Transcript, host echo and input of one guest console."""
 
     def __init__(
-        self, echo_fd: int | None = None, stop_reason: Callable[[], object | None] = lambda: None
+        self,
+        echo_fd: int | None = None,
+        stop_reason: Callable[[], object | None] = lambda: None,
+        limit: int = TRANSCRIPT_LIMIT,
     ):
-        """`stop_reason()` is how the machine stopped (a `GuestStop`), None while it runs."""
+        """`stop_reason()` is how the machine stopped (a `GuestStop`), None while it runs;
+        `limit` bounds the transcript (bytes)."""
         self._stop_reason = stop_reason
         self._lock = threading.Lock()
-        self._transcript = bytearray()
+        self._transcript = bytearray()  # grows to `limit`, then is a ring starting at _start
+        self._limit = limit
+        self._start = 0
         self._dropped = 0
         self._read_position = 0
         self._writer = BatchedWriter(echo_fd) if echo_fd is not None else None
@@ -47,35 +55,58 @@ class Console:
     def output(self, data: bytes) -> None:
         """Guest output (the device's `on_output`); called on vCPU and worker threads."""
         with self._lock:
-            self._transcript += data
-            if len(self._transcript) > TRANSCRIPT_LIMIT:
-                half = len(self._transcript) // 2
-                del self._transcript[:half]
-                self._dropped += half
+            ring = self._transcript
+            if len(ring) + len(data) <= self._limit:
+                ring += data
+            else:
+                self._overwrite(data)
         if self._writer is not None:
             self._writer.write(data)
+
+    def _overwrite(self, data: bytes) -> None:
+        """The ring is (or becomes) full: `data` replaces the oldest bytes."""
+        ring, limit = self._transcript, self._limit
+        if len(ring) < limit:  # fill it up first
+            room = limit - len(ring)
+            ring += data[:room]
+            data = data[room:]
+        self._dropped += len(data)
+        if len(data) >= limit:  # more than the ring holds: only its end is kept
+            ring[:] = data[-limit:]
+            self._start = 0
+            return
+        start = self._start
+        first = min(len(data), limit - start)
+        ring[start : start + first] = data[:first]
+        ring[: len(data) - first] = data[first:]
+        self._start = (start + len(data)) % limit
+
+    def _kept(self) -> bytes:
+        """The kept output, oldest first (call with the lock held)."""
+        ring, start = self._transcript, self._start
+        return bytes(ring[start:] + ring[:start]) if start else bytes(ring)
 
     def text(self) -> str:
         """Everything kept of the guest's output so far, decoded leniently."""
         with self._lock:
-            return self._transcript.decode(errors="replace")
+            return self._kept().decode(errors="replace")
 
     def transcript(self) -> bytes:
         with self._lock:
-            return bytes(self._transcript)
+            return self._kept()
 
     def tail(self, size: int) -> tuple[bytes, int]:
         """The last `size` bytes of output (fewer when there is less), and how many bytes the
         guest has written in all."""
         with self._lock:
             total = self._dropped + len(self._transcript)
-            return bytes(self._transcript[-size:] if size > 0 else b""), total
+            return (self._kept()[-size:] if size > 0 else b""), total
 
     def read(self) -> bytes:
-        """Output that arrived since the previous `read()`."""
+        """Output that arrived since the previous `read()` (what the ring still holds of it)."""
         with self._lock:
             start = max(self._read_position - self._dropped, 0)
-            data = bytes(self._transcript[start:])
+            data = self._kept()[start:]
             self._read_position = self._dropped + len(self._transcript)
         return data
 

@@ -141,6 +141,12 @@ class KvmIoeventfd(ctypes.Structure):
     ]
 
 
+class KvmCoalescedMmioZone(ctypes.Structure):
+    """A range whose guest writes KVM appends to the coalesced ring (`pio`: port I/O)."""
+
+    _fields_ = [("addr", u64), ("size", u32), ("pio", u32)]
+
+
 class KvmIrqRoutingIrqchip(ctypes.Structure):
     _fields_ = [("irqchip", u32), ("pin", u32)]
 

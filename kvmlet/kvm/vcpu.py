@@ -38,11 +38,14 @@ from kvmlet.kvm.exits import (
 )
 
 _KVM_RUN = nr.KVM_RUN
-_ioctl = fcntl.ioctl
+run_ioctl = fcntl.ioctl
+"""What KVM_RUN goes through, `run_ioctl(vcpu.fd, KVM_RUN)` with no argument (cheapest from
+Python); looked up on each call, so a benchmark can put a no-op here to time Python alone."""
 _unpack_reason_and_io = REASON_AND_IO_LAYOUT.unpack_from
 _IMMEDIATE_EXIT_OFFSET = s.KvmRun.immediate_exit.offset
 _MAX_CPUID_ENTRIES = 256
-_PIO_DATA_OFFSET = mmap.PAGESIZE  # KVM_PIO_PAGE_OFFSET: where KVM puts port I/O data
+PIO_DATA_OFFSET = mmap.PAGESIZE
+"""KVM_PIO_PAGE_OFFSET: where KVM puts the data of a port I/O exit."""
 
 
 class Vcpu:
@@ -59,17 +62,19 @@ class Vcpu:
         self.run_page = memoryview(self._mapping)
         self._io = IoExit()
         self._mmio = MmioExit()
-        self._mmio_views = [
+        self.mmio_views = [
             self.run_page[MMIO_DATA_OFFSET : MMIO_DATA_OFFSET + size] for size in range(9)
         ]
-        self._pio_views = [
-            self.run_page[_PIO_DATA_OFFSET : _PIO_DATA_OFFSET + size] for size in range(5)
+        """Preallocated views of an MMIO exit's data, by size (0-8)."""
+        self.pio_views = [
+            self.run_page[PIO_DATA_OFFSET : PIO_DATA_OFFSET + size] for size in range(5)
         ]
+        """Preallocated views of a single port access's data, by size (0-4)."""
 
     def run(self) -> VcpuExit:
         """Run the vCPU until it needs the monitor; return why (see kvmlet.kvm.exits)."""
         try:
-            _ioctl(self.fd, _KVM_RUN)
+            run_ioctl(self.fd, _KVM_RUN)
         except (InterruptedError, BlockingIOError):
             # EINTR: a signal or immediate_exit. EAGAIN: the first KVM_RUN of an application
             # processor (KVM_MP_STATE_UNINITIALIZED) sleeps until INIT arrives, then returns
@@ -83,8 +88,8 @@ class Vcpu:
             io.size = size
             io.is_write = direction == KVM_EXIT_IO_OUT
             io.count = count
-            if count == 1 and offset == _PIO_DATA_OFFSET:
-                io.data = self._pio_views[size]
+            if count == 1 and offset == PIO_DATA_OFFSET:
+                io.data = self.pio_views[size]
             else:
                 io.data = run[offset : offset + size * count]
             return io
@@ -94,7 +99,7 @@ class Vcpu:
             mmio.address = address
             mmio.size = size
             mmio.is_write = is_write != 0
-            mmio.data = self._mmio_views[size if size <= 8 else 8]
+            mmio.data = self.mmio_views[size if size <= 8 else 8]
             return mmio
         return decode_rare_exit(run, reason)
 
@@ -212,9 +217,9 @@ class Vcpu:
         if self.fd < 0:
             return
         self._io.data = self._mmio.data = memoryview(b"")
-        for view in (*self._mmio_views, *self._pio_views, self.run_page):
+        for view in (*self.mmio_views, *self.pio_views, self.run_page):
             view.release()
-        self._mmio_views = self._pio_views = []
+        self.mmio_views = self.pio_views = []
         # A caller may still hold a view of the run page: it is then unmapped when dropped.
         with contextlib.suppress(BufferError):
             self._mapping.close()

@@ -190,6 +190,16 @@ class Vm:
         request = _ioeventfd(fd, address, length, pio, datamatch, nr.KVM_IOEVENTFD_FLAG_DEASSIGN)
         self._call("KVM_IOEVENTFD (deassign)", nr.KVM_IOEVENTFD, request)
 
+    def register_coalesced_zone(self, address: int, size: int, *, pio: bool) -> None:
+        """Guest writes inside the zone go to the coalesced ring without an exit
+        (KVM_CAP_COALESCED_MMIO; KVM_CAP_COALESCED_PIO for port I/O)."""
+        zone = s.KvmCoalescedMmioZone(addr=address, size=size, pio=int(pio))
+        self._call("KVM_REGISTER_COALESCED_MMIO", nr.KVM_REGISTER_COALESCED_MMIO, zone)
+
+    def unregister_coalesced_zone(self, address: int, size: int, *, pio: bool) -> None:
+        zone = s.KvmCoalescedMmioZone(addr=address, size=size, pio=int(pio))
+        self._call("KVM_UNREGISTER_COALESCED_MMIO", nr.KVM_UNREGISTER_COALESCED_MMIO, zone)
+
     def set_gsi_routing(self, routes: Sequence[IrqchipRoute | MsiRoute]) -> None:
         """Replace the whole GSI routing table."""
         table = s.irq_routing_with(len(routes))()

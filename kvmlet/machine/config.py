@@ -147,7 +147,9 @@ class MachineConfig:
     benchmarks, firmware experiments). `modules` go with a multiboot kernel; `devices` are
     the user's own device models; `debug_exit_port` places an isa-debug-exit port there;
     `record` writes every user-space access to that file (`kvmlet replay` reads it);
-    `balloon` adds a virtio-balloon whose target the control API sets (`kvmlet balloon`).
+    `balloon` adds a virtio-balloon whose target the control API sets (`kvmlet balloon`);
+    `boot_timer` places the boot-time marker port (devices/boot_timer.py): the guest's mark
+    sets `Machine.boot_marked_after` and prints the time since the process started on stderr.
     """
 
     kernel: FilePath | None = None
@@ -169,6 +171,7 @@ class MachineConfig:
     devices: tuple[DeviceConfig, ...] = ()
     debug_exit_port: int | None = None
     record: FilePath | None = None
+    boot_timer: bool = False
 
     def __post_init__(self) -> None:
         if not 1 <= self.cpus <= MAX_CPUS:

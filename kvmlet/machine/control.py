@@ -12,7 +12,7 @@ between two rounds with no request in flight, then freezes the guest's kvmclock
 from __future__ import annotations
 
 import os
-import platform
+import sys
 import threading
 import time
 from typing import TYPE_CHECKING
@@ -148,7 +148,7 @@ class Controls:
             "devices": self.legacy.describe() + self.virtio.describe(),
             "versions": {
                 "kvmlet": __version__,
-                "python": platform.python_version(),
+                "python": "{}.{}.{}".format(*sys.version_info[:3]),
                 "kvm_api": KVM_API_VERSION,
                 "host_kernel": os.uname().release,
             },

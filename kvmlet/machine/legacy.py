@@ -5,11 +5,17 @@ machine), the CMOS RTC and the POST-code port. The PICs, the PIT, the IOAPIC and
 live in KVM (in-kernel irqchip and PIT); `reserve_in_kernel_devices` covers their ranges on the
 bus (see kvmlet/devices/reserved.py). The PCI host bridge forwards only the layout's PCI
 windows. On request, an isa-debug-exit port through which a test kernel ends the run with a
-status.
+status, and the boot-time marker port.
+
+Given a `coalesce(port, size, enabled)` hook, the registers whose writes need no answer are
+coalesced (KVM queues the writes, the run loop replays them before the next exit: see
+vstate/coalesced_io.py): the POST port, the RTC's index port, and each UART's THR while the UART
+says a THR write may wait.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from typing import NamedTuple
@@ -17,6 +23,8 @@ from typing import NamedTuple
 from kvmlet.boot.memory_map import IOAPIC_ADDRESS, LAPIC_ADDRESS, PCI_IO_WINDOW, MemoryMap
 from kvmlet.bus import AccessSizes, AddressSpace, IoRegion
 from kvmlet.bus.pci import PciHostBridge
+from kvmlet.devices.boot_timer import BOOT_TIMER_PORT, BootTimer
+from kvmlet.devices.boot_timer import REGION_SIZE as BOOT_TIMER_SIZE
 from kvmlet.devices.debug_exit import REGION_SIZE as DEBUG_EXIT_SIZE
 from kvmlet.devices.debug_exit import DebugExit
 from kvmlet.devices.i8042 import REGION_SIZE as I8042_REGION_SIZE
@@ -127,6 +135,7 @@ def attach_legacy_devices(
     console_output: Callable[[bytes], None],
     on_reset: Callable[[], None],
     rtc_clock: Callable[[], float] = time.time,
+    coalesce: Callable[[int, int, bool], None] | None = None,
 ) -> LegacyDevices:
     """Create the legacy devices and place them on `io`; COM1 writes to `console_output`,
     the RTC follows `rtc_clock` (UTC seconds)."""
@@ -149,6 +158,12 @@ def attach_legacy_devices(
         io.root.add_subregion(RTC_PORT, IoRegion("cmos-rtc", 2, rtc, impl=_BYTE))
         post = PostCodeSink()
         io.root.add_subregion(POST_PORT, IoRegion("post", 1, post, valid=_ANY_WIDTH))
+    if coalesce is not None:
+        coalesce(POST_PORT, 1, True)
+        coalesce(RTC_PORT, 1, True)
+        for port, uart in zip(LEGACY_SERIAL_PORTS, uarts, strict=True):
+            uart.on_deferrable_change = functools.partial(coalesce, port.base, 1)
+            coalesce(port.base, 1, uart.thr_writes_deferrable)
     return LegacyDevices(uarts, i8042, i8042_region, rtc, post)
 
 
@@ -174,6 +189,13 @@ def attach_pci_host_bridge(
         io_windows=[PCI_IO_WINDOW],
         memory_windows=memory_map.pci_memory_windows(),
     )
+
+
+def attach_boot_timer(io: AddressSpace, on_mark: Callable[[], None]) -> BootTimer:
+    """Place the boot-time marker port (devices/boot_timer.py)."""
+    timer = BootTimer(on_mark)
+    io.root.add_subregion(BOOT_TIMER_PORT, IoRegion("boot-timer", BOOT_TIMER_SIZE, timer))
+    return timer
 
 
 def _discard(data: bytes) -> None:

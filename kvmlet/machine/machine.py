@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 from kvmlet.boot import PciInterrupt, inspect_kernel, load_kernel
 from kvmlet.boot.memory_map import PCI_IO_WINDOW, PCI_MMIO_WINDOW, MemoryMap
 from kvmlet.bus import AddressSpace, RamRegion, mmio_space, port_io_space, transactions
-from kvmlet.bus.pci import BarAllocator, PciWindow
+from kvmlet.bus.pci import CONF1_PORT, BarAllocator, PciWindow
 from kvmlet.bus.watch import Access, Watch, WatchCallback, current_vcpu, set_current_vcpu
 from kvmlet.errors import KvmletError, LazyLogger
 from kvmlet.host.console import Console
@@ -42,9 +42,11 @@ from kvmlet.host.process import memory_usage
 from kvmlet.host.report import format_stats, trace_printer
 from kvmlet.host.terminal import EscapeAction, EscapeFilter
 from kvmlet.kvm import InternalErrorExit, Kvm, Vcpu
+from kvmlet.kvm.ioctls import KVM_CAP_COALESCED_MMIO, KVM_CAP_COALESCED_PIO
 from kvmlet.machine.config import BOOT_CODE_ADDRESS, DeviceConfig, MachineConfig
 from kvmlet.machine.control import Controls
 from kvmlet.machine.legacy import (
+    attach_boot_timer,
     attach_debug_exit,
     attach_legacy_devices,
     attach_pci_host_bridge,
@@ -55,6 +57,7 @@ from kvmlet.machine.watchpoints import Watchpoints
 from kvmlet.memory import GuestMemory
 from kvmlet.vstate import host_profile
 from kvmlet.vstate.bus_listener import KvmBusListener
+from kvmlet.vstate.coalesced_io import CoalescedRing
 from kvmlet.vstate.cpu import (
     apply_boot_state,
     configure_vcpu,
@@ -163,17 +166,27 @@ class Machine(Controls):
                     bank.base, RamRegion(f"ram@{bank.base:#x}", bank.size, bank)
                 )
         vm.setup_x86_platform()  # after the RAM slots: see Vm.setup_x86_platform
+        self.coalesced = self._coalesced_ring()
+        coalesce = None
+        if self.coalesced is not None:
+            coalesce = functools.partial(_coalesce_ports, self.coalesced)
         self.legacy = attach_legacy_devices(
             self.io,
             lambda irq: KvmIrqLine(vm, irq),
             self.console.output,
             self._guest_reset,
             rtc_clock,
+            coalesce,
         )
         reserve_in_kernel_devices(self.io, self.mmio)
         if config.debug_exit_port is not None:
             attach_debug_exit(self.io, config.debug_exit_port, self._debug_exit)
+        self.boot_marked_after: float | None = None  # seconds from process start to the mark
+        if config.boot_timer:
+            attach_boot_timer(self.io, self._boot_marked)
         self.pci = attach_pci_host_bridge(self.io, self.mmio, self.memory_map)
+        if coalesce is not None:  # conf1's address latch: one exit per configuration access
+            coalesce(CONF1_PORT, 4, True)
         self.bar_allocator = BarAllocator(
             PciWindow("pci-io", PCI_IO_WINDOW.base, PCI_IO_WINDOW.size),
             PciWindow("pci-mmio32", PCI_MMIO_WINDOW.base, PCI_MMIO_WINDOW.size),
@@ -201,6 +214,9 @@ class Machine(Controls):
             self._closers.append(vcpu.close)
             self.vcpus.append(vcpu)
             configure_vcpu(vcpu, supported, config.cpus, self.profile.cpuid_masks)
+        if self.coalesced is not None:
+            self.coalesced.map_from(self.vcpus[0], self._coalesced_page)
+            self._closers.append(self.coalesced.close)
         if boot_state is None:
             start_real_mode(self.vcpus[0], BOOT_CODE_ADDRESS)
         else:
@@ -209,6 +225,16 @@ class Machine(Controls):
             from kvmlet.machine.record import record_header
 
             self.recorder.begin(record_header(self))
+
+    def _coalesced_ring(self) -> CoalescedRing | None:
+        """The VM's coalesced-write ring, when this KVM coalesces port writes and no
+        recording asks for every access at the moment it happens."""
+        self._coalesced_page = self.kvm.check_extension(KVM_CAP_COALESCED_MMIO)
+        if self.config.record is not None or self._coalesced_page <= 0:
+            return None
+        if self.kvm.check_extension(KVM_CAP_COALESCED_PIO) <= 0:
+            return None
+        return CoalescedRing(self.vm, self.io, self.mmio)
 
     def _load_kernel(self):
         """Load the configured kernel with the command line its boot method takes."""
@@ -307,6 +333,7 @@ class Machine(Controls):
                 lambda failed: describe_vcpu(failed, self.memory),
                 self.exit_counts[vcpu.id],
                 reader,
+                self.coalesced,
             )
         except Exception as error:  # a bug in kvmlet: report it instead of hanging the guest
             stop = GuestStop(StopReason.MONITOR_ERROR, f"{type(error).__name__}: {error}", vcpu.id)
@@ -325,6 +352,13 @@ class Machine(Controls):
         self.stop(
             StopReason.DEBUG_EXIT, f"{value:#x}, exit status {status}", current_vcpu(), status
         )
+
+    def _boot_marked(self) -> None:
+        """The guest wrote the boot timer's magic value: report the time since process start."""
+        elapsed = seconds_since_process_start()
+        if self.boot_marked_after is None:
+            self.boot_marked_after = elapsed
+        os.write(2, f"kvmlet: boot timer: {elapsed * 1000:.1f} ms from process start\n".encode())
 
     def _on_escape(self, action: EscapeAction) -> None:
         if action is EscapeAction.QUIT:
@@ -489,6 +523,18 @@ def ask_for_huge_pages(memory: GuestMemory) -> None:
     for bank in memory:
         with contextlib.suppress(OSError):
             bank.mapping.madvise(mmap.MADV_HUGEPAGE)
+
+
+def seconds_since_process_start() -> float:
+    """Time since this process started (the kernel's start time has clock-tick resolution)."""
+    with open("/proc/self/stat") as stat:
+        start_ticks = int(stat.read().rsplit(")", 1)[1].split()[19])
+    started = start_ticks / os.sysconf("SC_CLK_TCK")
+    return time.clock_gettime(time.CLOCK_BOOTTIME) - started
+
+
+def _coalesce_ports(ring: CoalescedRing, port: int, size: int, enabled: bool) -> None:
+    ring.set_zone(port, size, pio=True, enabled=enabled)
 
 
 def _region_names(model: Any, name: str) -> set[str]:

@@ -24,18 +24,27 @@ from kvmlet.kvm import (
     FailEntryExit,
     HltExit,
     InternalErrorExit,
-    InterruptedExit,
-    IoExit,
-    MmioExit,
     ShutdownExit,
     SystemEventExit,
     Vcpu,
 )
+from kvmlet.kvm import vcpu as kvm_vcpu
 from kvmlet.kvm.exits import (
+    EXIT_UNION_OFFSET,
+    INTERRUPTED,
+    KVM_EXIT_IO,
+    KVM_EXIT_IO_OUT,
+    KVM_EXIT_MMIO,
     KVM_SYSTEM_EVENT_CRASH,
     KVM_SYSTEM_EVENT_RESET,
     KVM_SYSTEM_EVENT_SHUTDOWN,
+    MMIO_LAYOUT,
+    REASON_AND_IO_LAYOUT,
+    decode_rare_exit,
 )
+from kvmlet.kvm.ioctls import KVM_RUN
+from kvmlet.kvm.vcpu import PIO_DATA_OFFSET
+from kvmlet.vstate.coalesced_io import EMPTY_RING_HEADER, CoalescedRing
 
 
 class StopReason(enum.Enum):
@@ -116,6 +125,7 @@ def run_vcpu(
     describe_failure: Callable[[Vcpu], str] = lambda vcpu: "",
     counts: ExitCounts | None = None,
     reader: Reader | None = None,
+    coalesced: CoalescedRing | None = None,
 ) -> GuestStop | None:
     """Run `vcpu` until the guest stops it (a `GuestStop`) or `should_stop()` (None).
 
@@ -123,11 +133,20 @@ def run_vcpu(
     the vCPU is then outside the guest at an instruction boundary, with any port I/O or MMIO
     completed, so the callback may also hold the thread there (a pause) before answering.
     `counts`, when given, is kept up to date with this vCPU's exits; `reader` is the thread's
-    bus read side (see `kvmlet.bus.transactions`)."""
-    run = vcpu.run
+    bus read side (see `kvmlet.bus.transactions`). With `coalesced`, the writes KVM kept in
+    the ring are replayed before each exit is handled, whatever its kind.
+
+    The two common exits are decoded here, straight from the run page with the layouts of
+    kvmlet.kvm.exits into locals (no exit object: `Vcpu.run()` is the typed form of the same
+    decode); port I/O comes first, as the most frequent exit of a booting guest."""
+    enter, fd, page = kvm_vcpu.run_ioctl, vcpu.fd, vcpu.run_page
+    pio_views, mmio_views = vcpu.pio_views, vcpu.mmio_views
+    unpack_io, unpack_mmio = REASON_AND_IO_LAYOUT.unpack_from, MMIO_LAYOUT.unpack_from
     io_read, io_write = io.read, io.write
     mmio_read, mmio_write = mmio.read, mmio.write
     from_bytes = int.from_bytes
+    ring = EMPTY_RING_HEADER if coalesced is None else coalesced.header
+    drain = None if coalesced is None else coalesced.drain
     io_exits = mmio_exits = interrupted_exits = 0
     rare_exits = dict.fromkeys(EXIT_REASONS[3:], 0)
 
@@ -138,40 +157,59 @@ def run_vcpu(
         counts._read = read_counts
     side = reader if reader is not None else Reader()
     while True:
-        exit_ = run()
+        try:
+            enter(fd, KVM_RUN)
+        except (InterruptedError, BlockingIOError):
+            # EINTR: a signal or immediate_exit. EAGAIN: an application processor's first
+            # KVM_RUN returns it once INIT arrived; the next one waits for SIPI.
+            if ring[0] != ring[1]:
+                side.sequence += 1  # dispatching the queued writes
+                try:
+                    drain()
+                finally:
+                    side.sequence += 1
+            interrupted_exits += 1
+            if should_stop():  # quiescent (even) while it may hold the thread (a pause)
+                return None
+            continue
         side.sequence += 1  # dispatching: this thread may hold a view until it is even again
         try:
-            kind = type(exit_)
-            if kind is IoExit:
+            if ring[0] != ring[1]:
+                drain()
+            reason, direction, size, port, count, offset = unpack_io(page)
+            if reason == KVM_EXIT_IO:
                 io_exits += 1
-                size, data, port = exit_.size, exit_.data, exit_.port
-                if exit_.count == 1:
-                    if exit_.is_write:
+                if count == 1 and offset == PIO_DATA_OFFSET:
+                    data = pio_views[size]
+                    if direction:
                         io_write(port, size, data[0] if size == 1 else from_bytes(data, "little"))
                     elif size == 1:
                         data[0] = io_read(port, 1)
                     else:
                         data[:] = io_read(port, size).to_bytes(size, "little")
                 else:
-                    _string_io(io, exit_)
-            elif kind is MmioExit:
+                    _string_io(io, direction == KVM_EXIT_IO_OUT, port, size, count, page, offset)
+            elif reason == KVM_EXIT_MMIO:
                 mmio_exits += 1
-                size, data, address = exit_.size, exit_.data, exit_.address
-                if exit_.is_write:
+                address, size, is_write = unpack_mmio(page, EXIT_UNION_OFFSET)
+                data = mmio_views[size if size <= 8 else 8]
+                if is_write:
                     mmio_write(address, size, from_bytes(data, "little"))
                 else:
                     data[:] = mmio_read(address, size).to_bytes(size, "little")
-            elif kind is InterruptedExit:
-                interrupted_exits += 1
-                side.sequence += 1  # quiescent while `should_stop` may hold it (a pause)
-                try:
-                    stopping = should_stop()
-                finally:
-                    side.sequence += 1
-                if stopping:
-                    return None
             else:
-                rare_exits[RARE_EXIT_NAMES.get(kind, "other")] += 1
+                exit_ = decode_rare_exit(page, reason)
+                if exit_ is INTERRUPTED:
+                    interrupted_exits += 1
+                    side.sequence += 1  # quiescent while `should_stop` may hold it (a pause)
+                    try:
+                        stopping = should_stop()
+                    finally:
+                        side.sequence += 1
+                    if stopping:
+                        return None
+                    continue
+                rare_exits[RARE_EXIT_NAMES.get(type(exit_), "other")] += 1
                 stop = _rare_exit(vcpu, exit_, fix_emulation, describe_failure)
                 if stop is not None:
                     return stop
@@ -179,14 +217,17 @@ def run_vcpu(
             side.sequence += 1
 
 
-def _string_io(io: AddressSpace, exit_: IoExit) -> None:
-    """INS/OUTS with a REP prefix: `count` accesses of `size` bytes through the run page."""
-    size, data, port = exit_.size, exit_.data, exit_.port
-    for index in range(0, size * exit_.count, size):
-        if exit_.is_write:
-            io.write(port, size, int.from_bytes(data[index : index + size], "little"))
+def _string_io(
+    io: AddressSpace, is_write: bool, port: int, size: int, count: int, page, offset: int
+) -> None:
+    """INS/OUTS with a REP prefix: `count` accesses of `size` bytes at `offset` of the page."""
+    if not 1 <= size <= 8 or offset + size * count > len(page):
+        return
+    for index in range(offset, offset + size * count, size):
+        if is_write:
+            io.write(port, size, int.from_bytes(page[index : index + size], "little"))
         else:
-            data[index : index + size] = io.read(port, size).to_bytes(size, "little")
+            page[index : index + size] = io.read(port, size).to_bytes(size, "little")
 
 
 def _rare_exit(

@@ -33,6 +33,7 @@ BOOT_ONLY_NEEDS_NONE_OF = (
     "shlex",  # only for `kvmlet sandbox`
     "selectors",  # the console input thread polls with select.poll
     "logging",  # kvmlet.errors.LazyLogger imports it at the first message
+    "platform",  # ~1-2 ms: describe() reads the Python version from sys.version_info
 )
 
 CHILD = """

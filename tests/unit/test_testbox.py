@@ -103,6 +103,59 @@ def test_box_init_is_valid_shell_and_reports_status_between_markers():
     assert "/bin/busybox reboot -f" in text[end:]
 
 
+def test_qemu_command_takes_the_vcpu_count_and_opens_a_monitor_socket(tmp_path):
+    command = testbox_run.qemu_command(Path("/k/vmlinux"), tmp_path, testbox_run.BoxOptions(smp=2))
+    assert command[command.index("-smp") + 1] == "2"
+    monitor = command[command.index("-monitor") + 1]
+    assert monitor.startswith(f"unix:{tmp_path / testbox_run.MONITOR_SOCKET},server=on")
+
+
+INFO_REGISTERS = """info registers -a
+
+CPU#0
+RAX=0000000000000000 RBX=ffffffff81e0a940 RCX=0000000000000001 RDX=0000000000000000
+RSI=0000000000000083 RDI=0000000000000000 RBP=0000000000000000 RSP=ffffffff81e03e98
+RIP=ffffffff81601233 RFL=00000246 [---Z-P-] CPL=0 II=0 A20=1 SMM=0 HLT=1
+
+CPU#1
+RIP=ffffffff81000010 RFL=00000246 [---Z-P-] CPL=0 II=0 A20=1 SMM=0 HLT=0
+(qemu) """
+
+
+def test_stall_signature_names_each_vcpu_place_with_kernel_symbols():
+    rips = testbox_run.parse_rips(INFO_REGISTERS)
+    assert rips == {0: 0xFFFFFFFF81601233, 1: 0xFFFFFFFF81000010}
+    symbols = [(0xFFFFFFFF81000000, "startup_64"), (0xFFFFFFFF81601220, "native_safe_halt")]
+    assert testbox_run.symbolize(rips[0], symbols) == "native_safe_halt+0x13"
+    assert testbox_run.symbolize(0x1000, symbols) == "0x1000"  # below every symbol
+    samples = {0: [rips[0]] * 4 + [rips[1]], 1: [rips[1]]}
+    text = testbox_run.describe_vcpu_places(samples, Path("/nonexistent"))
+    assert text.startswith("vCPU 0 at 0xffffffff81601233 (4 of 5 samples); vCPU 1 at")
+
+
+def test_a_stall_is_silence_for_the_timeout_and_output_resets_it(monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr(testbox_run.time, "monotonic", lambda: now[0])
+    watch = testbox_run.StallWatch(10.0, 1, Path("/nonexistent.sock"), Path("/nonexistent"))
+    now[0] = 109.0
+    assert not watch.stalled()
+    watch.output_seen()
+    now[0] = 118.0
+    assert not watch.stalled()
+    now[0] = 119.0
+    assert watch.stalled()
+    assert not testbox_run.StallWatch(None, 1, Path("/x"), Path("/x")).stalled()
+
+
+def test_a_stopped_box_passes_on_the_output_held_back_for_the_end_marker():
+    output = io.BytesIO()
+    relay = testbox_run.ConsoleRelay(TOKEN, output)
+    relay.feed(b"kvmlet-box: start " + TOKEN.encode() + b"\nlast line\n")
+    assert output.getvalue() == b""  # could be the start of an end marker
+    relay.flush()
+    assert output.getvalue() == b"last line\n"
+
+
 @pytest.mark.parametrize(
     ("status", "report", "stalled"),
     [

@@ -306,3 +306,21 @@ def test_line_status_interrupt_reaches_the_line_after_loopback_and_lsr_read_clea
     assert irq.level
     assert uart.read(LSR, 1) & 0x02
     assert not irq.level
+
+
+def test_thr_writes_are_deferrable_exactly_while_no_interrupt_or_loopback_needs_them():
+    uart, _, _ = make_uart()
+    changes: list[bool] = []
+    uart.on_deferrable_change = changes.append
+    assert uart.thr_writes_deferrable
+    linux_startup(uart)  # RX interrupts only: THR writes still need no exit
+    assert uart.thr_writes_deferrable and changes == []
+    uart.write(IER_DLM, 1, 0x07)  # the driver starts transmitting: THR-empty interrupt on
+    uart.write(IER_DLM, 1, 0x07)  # unchanged: no second call
+    uart.write(IER_DLM, 1, 0x05)
+    uart.write(MCR, 1, 0x1B)  # loopback feeds THR back into the receiver
+    uart.write(MCR, 1, 0x0B)
+    uart.write(LCR, 1, 0x83)  # DLAB: the divisor latch sits where IER was, IER is kept
+    uart.write(IER_DLM, 1, 0x02)
+    assert uart.thr_writes_deferrable
+    assert changes == [False, True, False, True]

@@ -1,29 +1,66 @@
-"""The vCPU run loop without KVM: a fake vCPU hands it exits, the loop says how the guest ended."""
+"""The vCPU run loop without KVM: a fake KVM_RUN fills a run page with exits, the loop says how
+the guest ended."""
 
 from __future__ import annotations
+
+import struct
 
 import pytest
 
 from kvmlet.bus import mmio_space, port_io_space
+from kvmlet.kvm import InterruptedExit, IoExit
+from kvmlet.kvm import vcpu as kvm_vcpu
 from kvmlet.kvm.exits import (
+    EXIT_REASON_OFFSET,
+    EXIT_UNION_OFFSET,
+    KVM_EXIT_IO,
+    KVM_EXIT_SYSTEM_EVENT,
     KVM_SYSTEM_EVENT_CRASH,
     KVM_SYSTEM_EVENT_RESET,
     KVM_SYSTEM_EVENT_SHUTDOWN,
+    MMIO_DATA_OFFSET,
+    REASON_AND_IO_LAYOUT,
     SystemEventExit,
 )
+from kvmlet.kvm.vcpu import PIO_DATA_OFFSET
 from kvmlet.vstate.vcpu_loop import StopReason, run_vcpu
 
 
 class FakeVcpu:
-    """Returns the given exits from run(), one per call."""
+    """A run page that KVM_RUN fills with the given exits, one per call (what the loop reads)."""
 
     id = 0
+    _by_fd: dict[int, FakeVcpu] = {}
 
     def __init__(self, *exits):
         self.exits = list(exits)
+        self.fd = 1000 + len(FakeVcpu._by_fd)
+        FakeVcpu._by_fd[self.fd] = self
+        self.run_page = memoryview(bytearray(3 * 4096))
+        self.pio_views = [self.run_page[PIO_DATA_OFFSET : PIO_DATA_OFFSET + n] for n in range(5)]
+        self.mmio_views = [self.run_page[MMIO_DATA_OFFSET : MMIO_DATA_OFFSET + n] for n in range(9)]
 
-    def run(self):
-        return self.exits.pop(0)
+    def enter(self) -> None:
+        """What KVM_RUN does: the next exit, written into the run page as KVM lays it out."""
+        exit_ = self.exits.pop(0)
+        page = self.run_page
+        if isinstance(exit_, InterruptedExit):
+            raise InterruptedError
+        if isinstance(exit_, IoExit):
+            direction = 1 if exit_.is_write else 0
+            REASON_AND_IO_LAYOUT.pack_into(
+                page, 0, KVM_EXIT_IO, direction, exit_.size, exit_.port, 1, PIO_DATA_OFFSET
+            )
+            page[PIO_DATA_OFFSET : PIO_DATA_OFFSET + exit_.size] = exit_.data
+        else:
+            struct.pack_into("<I", page, EXIT_REASON_OFFSET, KVM_EXIT_SYSTEM_EVENT)
+            struct.pack_into("<II", page, EXIT_UNION_OFFSET, exit_.kind, len(exit_.data))
+            struct.pack_into(f"<{len(exit_.data)}Q", page, EXIT_UNION_OFFSET + 8, *exit_.data)
+
+
+@pytest.fixture(autouse=True)
+def fake_kvm_run(monkeypatch):
+    monkeypatch.setattr(kvm_vcpu, "run_ioctl", lambda fd, request: FakeVcpu._by_fd[fd].enter())
 
 
 def run(*exits):
@@ -54,7 +91,6 @@ def test_the_loop_marks_each_dispatch_for_the_bus_grace_period():
     """The vCPU's read side is odd while an exit is dispatched (it may hold a view) and even
     while the guest runs, so a region's removal waits for exactly the dispatches in flight."""
     from kvmlet.bus import IoRegion, transactions
-    from kvmlet.kvm import IoExit
 
     seen = []
     reader = transactions.register_reader()
@@ -68,9 +104,9 @@ def test_the_loop_marks_each_dispatch_for_the_bus_grace_period():
             seen.append(("handler", reader.sequence & 1))
 
     class Vcpu(FakeVcpu):
-        def run(self):
+        def enter(self):
             seen.append(("guest", reader.sequence & 1))
-            return super().run()
+            return super().enter()
 
     io = port_io_space()
     io.root.add_subregion(0x10, IoRegion("port", 1, Port()))
@@ -99,7 +135,6 @@ def test_a_vcpu_held_in_should_stop_is_quiescent_for_the_bus():
     """A pause holds the vCPU in `should_stop` after an interrupted KVM_RUN, with no view in
     use: its read side is even there, so a region removal meanwhile does not wait for it."""
     from kvmlet.bus import transactions
-    from kvmlet.kvm import InterruptedExit
 
     seen = []
     reader = transactions.register_reader()
