@@ -74,9 +74,12 @@ def clean_cache() -> tuple[list[tuple[Path, int]], list[Path]]:
 
     Returns (what was removed with its size, what was kept)."""
     keep: list[Path] = []
+    from kvmlet.guest import rootfs
+
     for folder, current in (
         ("kernel", kernel.current_kernel_dir()),
         ("initramfs", initramfs.current_dir()),
+        (rootfs.CACHE_FOLDER, rootfs.current_dir()),
     ):  # where the current entry cannot be told (its inputs are gone), keep them all
         keep += [current] if current is not None else sorted((cache_root() / folder).glob("*"))
     removed = clean(keep)
