@@ -25,6 +25,7 @@ from kvmlet.cli.sandbox import (
     add_sandbox_parser,
     add_share_arguments,
     command_sandbox,
+    explain_rootfs_stop,
     with_shares,
 )
 from kvmlet.errors import KvmletError
@@ -410,6 +411,8 @@ def _command_run(args: argparse.Namespace) -> int:
     elapsed = time.monotonic() - (machine.started or machine.created)
     newline = "\r\n" if interactive else ""  # the raw-mode console may end mid-line
     print(f"{newline}kvmlet: {stop} after {elapsed:.1f} s", file=sys.stderr)
+    if args.rootfs is not None:
+        explain_rootfs_stop(machine.console.transcript())
     if args.stats:
         sys.stderr.write(format_stats(machine.stats()))
     return stop.exit_status

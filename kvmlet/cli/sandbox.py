@@ -94,6 +94,16 @@ def with_shares(args: argparse.Namespace, config: MachineConfig) -> MachineConfi
     return config
 
 
+def explain_rootfs_stop(console: bytes) -> None:
+    """After a --rootfs run: one line saying why the guest stopped before its shell, when its
+    console tells (a kernel option missing, the init's own complaint)."""
+    from kvmlet.guest.rootfs import explain_boot_failure
+
+    why = explain_boot_failure(console.decode(errors="replace"))
+    if why is not None:
+        print(f"kvmlet: {why}", file=sys.stderr)
+
+
 def add_sandbox_parser(commands, formatter, add_machine_arguments) -> None:
     sandbox = commands.add_parser(
         "sandbox",

@@ -453,3 +453,12 @@ def test_run_shares_become_machine_shares(tmp_path):
     args = cli.build_parser().parse_args(["run", "--9p", f"{tmp_path},ro", "--9p", "/srv,tag=s"])
     config = cli_sandbox.with_shares(args, MachineConfig(kernel="k"))
     assert config.shares == (ShareConfig(str(tmp_path), "share0", True), ShareConfig("/srv", "s"))
+
+
+def test_a_rootfs_guest_that_stopped_early_gets_one_line_saying_why(capsys):
+    from kvmlet.cli.sandbox import explain_rootfs_stop
+
+    explain_rootfs_stop(b"[ 0.5] boot\r\nkvmlet-init: the guest kernel lacks: CONFIG_9P_FS\r\n")
+    assert capsys.readouterr().err == "kvmlet: the guest kernel lacks: CONFIG_9P_FS\n"
+    explain_rootfs_stop(b"[ 0.5] boot\r\nkvmlet-guest: ready\r\n# reboot -f\r\n")
+    assert capsys.readouterr().err == ""
