@@ -20,7 +20,7 @@ __version__ = "0.1.0"
 _PUBLIC = {
     "BREAK": "kvmlet.machine.watchpoints",
     "DeviceConfig": "kvmlet.machine.config",
-    "DiskConfig": "kvmlet.machine.config",
+    "DiskConfig": "kvmlet.virtio.blk_config",
     "connect": "kvmlet.api.client",
     "serve": "kvmlet.api.server",
     "GuestStop": "kvmlet.vstate.vcpu_loop",

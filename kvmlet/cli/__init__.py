@@ -285,15 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _machine_config(args: argparse.Namespace, **extra):
     from kvmlet.boot.memory_map import parse_size
-    from kvmlet.machine.config import DiskConfig, MachineConfig
+    from kvmlet.machine.config import MachineConfig
+    from kvmlet.virtio.blk_config import parse_disk_option
 
-    disks = []
-    if args.disk:
-        from kvmlet.virtio.blk import parse_disk_option  # the virtio-blk stack, only for disks
-
-        for text in args.disk:
-            option = parse_disk_option(text)
-            disks.append(DiskConfig(option.path, option.read_only, option.direct))
+    disks = [parse_disk_option(text) for text in args.disk]
     return MachineConfig(
         memory=parse_size(args.mem),
         cpus=args.cpus,
