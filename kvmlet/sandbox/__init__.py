@@ -43,7 +43,8 @@ WORKDIR_TAG = "kvmletcwd"
 @dataclass(frozen=True)
 class SandboxResult:
     """What the command printed (`output`: stdout and stderr as text, in the order they
-    arrived; `stdout` and `stderr` as bytes), its exit status (None if it never reported
+    arrived; `stdout` and `stderr` as bytes; empty for a stream the caller had passed on to
+    a file descriptor), its exit status (None if it never reported
     one), how the guest stopped, and whether a KeyboardInterrupt stopped it."""
 
     status: int | None
@@ -78,8 +79,9 @@ def sandbox(
     `root` is the directory the guest sees as `/` (read-only, with an overlay). `env`
     (default: os.environ) is the command's environment. `stdin` is bytes, or a file
     descriptor whose data is passed on as it arrives, or None (/dev/null). `stdout` and
-    `stderr` are file descriptors that get the command's output as it comes (it is in the
-    result either way); `echo_fd` gets the guest's console.
+    `stderr` are file descriptors that get the command's output as it comes (what goes there
+    is not kept in the result, so output of any size streams); `echo_fd` gets the guest's
+    console.
 
     A command still running after `timeout` seconds is stopped: the result then has status
     None and `stop.reason` TIMEOUT. A KeyboardInterrupt while waiting sends the command
@@ -157,12 +159,10 @@ def sandbox(
 
 
 def _sink(collected: list[tuple[str, bytes]], name: str, fd: int | None):
-    def take(data: bytes) -> None:
-        collected.append((name, data))
-        if fd is not None:
-            _write_all(fd, data)
-
-    return take
+    """Where the guest's output goes: to `fd` as it comes, else into the result."""
+    if fd is not None:
+        return lambda data: _write_all(fd, data)
+    return lambda data: collected.append((name, data))
 
 
 def _write_all(fd: int, data: bytes) -> None:

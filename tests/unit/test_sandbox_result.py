@@ -184,3 +184,17 @@ def test_a_keyboard_interrupt_asks_the_command_to_stop_and_waits_for_its_status(
     result = sandbox_module.sandbox("x", CONFIG, cwd=str(tmp_path), timeout=600)
     assert (result.status, result.interrupted) == (130, True)
     assert calls[1] <= sandbox_module.INTERRUPT_GRACE
+
+
+def test_output_streamed_to_a_descriptor_goes_there_and_not_into_the_result(monkeypatch, tmp_path):
+    def agent(control, request):
+        write(control, "started", "")
+        write(control, "stdout", "streamed\n")
+        write(control, "stderr", "kept\n")
+        write(control, "status", f"{request['token']} 0\n")
+
+    play_agent(monkeypatch, tmp_path, agent)
+    with open(tmp_path / "out", "wb") as out:
+        result = sandbox_module.sandbox("x", CONFIG, cwd=str(tmp_path), stdout=out.fileno())
+    assert (tmp_path / "out").read_bytes() == b"streamed\n"
+    assert (result.stdout, result.stderr, result.output) == (b"", b"kept\n", "kept\n")
