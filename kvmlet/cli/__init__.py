@@ -20,6 +20,14 @@ from typing import TYPE_CHECKING
 
 from kvmlet import __version__
 from kvmlet.cli.control import CONTROL_COMMANDS, add_control_commands
+from kvmlet.cli.sandbox import (
+    ROOTFS_HELP_EPILOG,
+    add_sandbox_parser,
+    add_share_arguments,
+    command_sandbox,
+    explain_rootfs_stop,
+    with_shares,
+)
 from kvmlet.errors import KvmletError
 
 if TYPE_CHECKING:
@@ -49,25 +57,6 @@ not know, 124 timeout, 1 a usage or setup error; a write of V to the --debug-exi
 REPLAY_EPILOG = """\
 exit status: 0 when every replayed device answered as in the run, 2 at the first divergence
 (printed), 1 when the file cannot be read or its devices rebuilt.
-"""
-
-SANDBOX_EPILOG = """\
-examples:
-  kvmlet sandbox -- uname -a
-  kvmlet sandbox -- 'cd /proc && grep -c processor cpuinfo; exit 7'
-  kvmlet sandbox -m 512M -d data.img,ro -- md5sum /dev/vda
-
-One argument is a shell command line, run with `sh -c` (pipes, `;` and `$VAR`
-work); several arguments are one program and its arguments, each passed on
-exactly as given. The command runs as root in kvmlet's default guest (busybox);
-its output, stdout and stderr alike, goes to stdout. Nothing of the guest
-remains afterwards.
-
-exit status: the command's own. When the status is kvmlet's own, the last line
-on stderr says why (`kvmlet: ...`): 1 a usage or setup error, or the command
-reported no status; 124 the command was still running at --timeout (its output
-so far is printed); 6 this host cannot run the guest's user space (host profile
-pvm); 3, 4, 5 the guest crashed, as for `kvmlet run`.
 """
 
 
@@ -167,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
         "run",
         help="boot a kernel (default: kvmlet's own minimal guest)",
         description="Boot a Linux kernel with its console on this terminal.",
-        epilog=RUN_EPILOG,
+        epilog=RUN_EPILOG + "\n" + ROOTFS_HELP_EPILOG,
         formatter_class=raw_description,
     )
     run.add_argument(
@@ -248,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="where the control API listens (default: $XDG_RUNTIME_DIR/kvmlet/NAME.sock, "
         "else ~/.kvmlet/NAME.sock)",
     )
+    add_share_arguments(run)
     run.add_argument(
         "--balloon",
         action="store_true",
@@ -255,15 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
         "the guest, and free memory it reports is released on the host",
     )
 
-    sandbox = commands.add_parser(
-        "sandbox",
-        help="run a command in a throwaway microVM, return its output and status",
-        description="Run COMMAND in kvmlet's default guest and exit with its status.",
-        epilog=SANDBOX_EPILOG,
-        formatter_class=raw_description,
-    )
-    _add_machine_arguments(sandbox)
-    sandbox.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND...")
+    add_sandbox_parser(commands, raw_description, _add_machine_arguments)
 
     replay = commands.add_parser(
         "replay",
@@ -381,6 +363,7 @@ def run_config(args: argparse.Namespace) -> MachineConfig:
             **extra,
         )
     )
+    config = with_shares(args, config)
     _notice_profile(config)
     return config
 
@@ -423,6 +406,8 @@ def _command_run(args: argparse.Namespace) -> int:
     elapsed = time.monotonic() - (machine.started or machine.created)
     newline = "\r\n" if interactive else ""  # the raw-mode console may end mid-line
     print(f"{newline}kvmlet: {stop} after {elapsed:.1f} s", file=sys.stderr)
+    if args.rootfs is not None:
+        explain_rootfs_stop(machine.console.transcript())
     if args.stats:
         sys.stderr.write(format_stats(machine.stats()))
     return stop.exit_status
@@ -468,34 +453,7 @@ class _SigtermStops:
 
 
 def _command_sandbox(args: argparse.Namespace) -> int:
-    from kvmlet.errors import GuestStoppedError
-    from kvmlet.sandbox import DEFAULT_TIMEOUT, sandbox
-    from kvmlet.vstate.vcpu_loop import StopReason
-
-    argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
-    if not argv:
-        raise KvmletError("no command given: kvmlet sandbox -- COMMAND...")
-    import shlex
-
-    command = argv[0] if len(argv) == 1 else shlex.join(argv)
-    config = _machine_config(args)
-    _check_kvm_before_building()
-    _notice_profile(config)
-    timeout = args.timeout or DEFAULT_TIMEOUT
-    try:
-        result = sandbox(command, config, timeout=timeout)
-    except GuestStoppedError as error:  # the guest never ran the command
-        print(f"kvmlet: {error}", file=sys.stderr)
-        return error.stop.reason.exit_status or 1
-    sys.stdout.write(result.output)
-    sys.stdout.flush()
-    if result.status is None:
-        if result.stop.reason is StopReason.TIMEOUT:
-            print(f"kvmlet: the command timed out after {timeout:g} s", file=sys.stderr)
-        else:
-            print(f"kvmlet: the command reported no exit status ({result.stop})", file=sys.stderr)
-        return result.stop.reason.exit_status or 1
-    return result.status
+    return command_sandbox(args, _machine_config, _check_kvm_before_building, _notice_profile)
 
 
 def _command_replay(args: argparse.Namespace) -> int:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvmlet.errors import KvmletError
-from kvmlet.guest import initramfs, kernel
+from kvmlet.guest import initramfs, kernel, rootfs
 from kvmlet.guest.cache import cache_root, clean
 from kvmlet.guest.progress import ConsoleProgress, Progress, QuietProgress
 from kvmlet.guest.run_protocol import READY_MARKER, parse_exit_status, run_parameter
@@ -31,12 +31,14 @@ __all__ = [
 
 @dataclass(frozen=True)
 class DefaultGuest:
-    """Paths of the default guest's cached files."""
+    """Paths of the default guest's cached files (`rootfs_initrd`: the initramfs for a host
+    directory as root, kvmlet.guest.rootfs)."""
 
     bzimage: Path
     vmlinux: Path
     initrd: Path
     config: Path
+    rootfs_initrd: Path
 
 
 def ensure_default_guest(
@@ -65,7 +67,8 @@ def ensure_default_guest(
         )
     built = kernel.ensure_kernel(source, reporter)
     initrd = initramfs.ensure_initramfs(reporter)
-    return DefaultGuest(built.bzimage, built.vmlinux, initrd, built.config)
+    rootfs_initrd = rootfs.ensure_rootfs_initramfs(reporter)
+    return DefaultGuest(built.bzimage, built.vmlinux, initrd, built.config, rootfs_initrd)
 
 
 def clean_cache() -> tuple[list[tuple[Path, int]], list[Path]]:
@@ -77,6 +80,7 @@ def clean_cache() -> tuple[list[tuple[Path, int]], list[Path]]:
     for folder, current in (
         ("kernel", kernel.current_kernel_dir()),
         ("initramfs", initramfs.current_dir()),
+        (rootfs.CACHE_FOLDER, rootfs.current_dir()),
     ):  # where the current entry cannot be told (its inputs are gone), keep them all
         keep += [current] if current is not None else sorted((cache_root() / folder).glob("*"))
     removed = clean(keep)

@@ -3,6 +3,7 @@
     <cache>/kernel/<key>/       the default guest kernel (bzImage, vmlinux, config, build.log),
                                 one directory per configuration (~20 MB each)
     <cache>/initramfs/<key>/    the busybox initramfs (~2 MB)
+    <cache>/rootfs-initramfs/<key>/  the initramfs for a host directory as root (~2 MB)
     <cache>/source/<version>/   Debian's linux-source-6.1, extracted (~1.5 GB): rebuilds only
     <cache>/build/obj-<...>/    make's object directory and its log (~0.2-0.3 GB): rebuilds only
     <cache>/kernel-build-profile.json   step count and timing of the last full kernel build
@@ -23,7 +24,7 @@ from pathlib import Path
 
 REBUILD_ONLY = ("source", "build")
 """Cache folders that only a rebuild of the kernel needs."""
-ENTRY_FOLDERS = ("kernel", "initramfs")
+ENTRY_FOLDERS = ("kernel", "initramfs", "rootfs-initramfs")
 """Cache folders with one built entry per key."""
 
 

@@ -138,6 +138,18 @@ def parse_module_option(text: str) -> BootModule:
     return BootModule(path, cmdline)
 
 
+class ShareConfig(NamedTuple):
+    """A host directory given to the guest over virtio-9p, which mounts it by `tag`
+    (`mount -t 9p -o trans=virtio,version=9p2000.L TAG DIR`). `server` instead of `path` is a
+    9P server object of the caller's own (`handle`, `reset`, `close`, `stats`; see
+    kvmlet.virtio.p9), as kvmlet.sandbox's control channel is."""
+
+    path: FilePath | None
+    tag: str
+    read_only: bool = False
+    server: Any = None
+
+
 @dataclass(frozen=True)
 class MachineConfig:
     """Everything that defines one run.
@@ -149,7 +161,8 @@ class MachineConfig:
     `record` writes every user-space access to that file (`kvmlet replay` reads it);
     `balloon` adds a virtio-balloon whose target the control API sets (`kvmlet balloon`);
     `boot_timer` places the boot-time marker port (devices/boot_timer.py): the guest's mark
-    sets `Machine.boot_marked_after` and prints the time since the process started on stderr.
+    sets `Machine.boot_marked_after` and prints the time since the process started on stderr;
+    `shares` are host directories over virtio-9p (kvmlet.machine.shares).
     """
 
     kernel: FilePath | None = None
@@ -172,6 +185,7 @@ class MachineConfig:
     debug_exit_port: int | None = None
     record: FilePath | None = None
     boot_timer: bool = False
+    shares: tuple[ShareConfig, ...] = ()
 
     def __post_init__(self) -> None:
         if not 1 <= self.cpus <= MAX_CPUS:
@@ -186,6 +200,9 @@ class MachineConfig:
             raise KvmletError(f"--debug-exit port {self.debug_exit_port:#x} is not 0-0xfffc")
         for device in self.devices:
             device.check()
+        tags = [share.tag for share in self.shares]
+        if len(set(tags)) != len(tags):
+            raise KvmletError(f"9p mount tags must differ: {', '.join(tags)}")
         for text in (self.params, *self.extra_parameters):
             _check_kernel_parameters(text)
 

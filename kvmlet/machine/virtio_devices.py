@@ -88,6 +88,10 @@ class VirtioDevices:
 
                 self.balloon = VirtioBalloon(memory)
                 self.devices.append(self.balloon)
+            if config.shares:
+                from kvmlet.machine.shares import share_devices
+
+                self.devices.extend(share_devices(config.shares, memory))
             if config.virtio_transport == "pci":
                 self._attach_pci(machine)
             else:

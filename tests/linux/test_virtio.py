@@ -13,7 +13,7 @@ import pytest
 from kvmlet.guest import READY_MARKER
 from kvmlet.machine.config import DiskConfig
 from kvmlet.machine.machine import Machine
-from kvmlet.sandbox import sandbox
+from kvmlet.sandbox import run_in_guest
 from tests.helpers.guests import BOOT_TIMEOUT
 
 pytestmark = pytest.mark.linux
@@ -37,7 +37,7 @@ def with_disks(config, *disks: DiskConfig):
 
 def test_guest_probes_every_device(config, tmp_path):
     disk = make_image(tmp_path / "disk.img", bytes(1 << 20))
-    result = sandbox(
+    result = run_in_guest(
         "cat /sys/bus/virtio/devices/*/device; cat /sys/block/vda/size",
         replace(with_disks(config, DiskConfig(disk)), console="serial"),
         timeout=BOOT_TIMEOUT,
@@ -50,7 +50,7 @@ def test_guest_probes_every_device(config, tmp_path):
 def test_guest_writes_a_pattern_the_host_reads_back(config, tmp_path):
     disk = make_image(tmp_path / "disk.img", bytes(1 << 20))
     command = "printf 'kvmlet-pattern' | dd of=/dev/vda bs=512 seek=3 conv=sync,fsync 2>/dev/null"
-    result = sandbox(command, with_disks(config, DiskConfig(disk)), timeout=BOOT_TIMEOUT)
+    result = run_in_guest(command, with_disks(config, DiskConfig(disk)), timeout=BOOT_TIMEOUT)
     assert result.status == 0
     image = disk.read_bytes()
     assert image[3 * 512 : 3 * 512 + 14] == b"kvmlet-pattern"
@@ -61,7 +61,7 @@ def test_guest_reads_a_host_image(config, tmp_path):
     data = os.urandom(1 << 20)
     disk = make_image(tmp_path / "data.img", data)
     read_only = with_disks(config, DiskConfig(disk, read_only=True))
-    result = sandbox("md5sum /dev/vda", read_only, timeout=BOOT_TIMEOUT)
+    result = run_in_guest("md5sum /dev/vda", read_only, timeout=BOOT_TIMEOUT)
     assert result.output.split()[0] == hashlib.md5(data).hexdigest()
 
 
@@ -69,21 +69,21 @@ def test_writing_a_read_only_disk_fails(config, tmp_path):
     disk = make_image(tmp_path / "ro.img", bytes(1 << 20))
     command = "dd if=/dev/zero of=/dev/vda bs=4096 count=1 oflag=direct 2>/dev/null; echo rc=$?"
     read_only = with_disks(config, DiskConfig(disk, read_only=True))
-    result = sandbox(command, read_only, timeout=BOOT_TIMEOUT)
+    result = run_in_guest(command, read_only, timeout=BOOT_TIMEOUT)
     assert result.output.strip() != "rc=0"
     assert disk.read_bytes() == bytes(1 << 20)
 
 
 def test_guest_reads_the_hardware_rng(config):
     command = "head -c 4096 /dev/hwrng | od -An -tx1 | tr -d ' \\n' | wc -c"
-    result = sandbox(command, config, timeout=BOOT_TIMEOUT)
+    result = run_in_guest(command, config, timeout=BOOT_TIMEOUT)
     assert result.output.strip() == str(2 * 4096)
 
 
 def test_doorbells_never_exit_to_python(config, tmp_path):
     disk = make_image(tmp_path / "disk.img", bytes(4 << 20))
     command = "dd if=/dev/vda of=/dev/null bs=64k iflag=direct 2>/dev/null; echo done"
-    result = sandbox(command, with_disks(config, DiskConfig(disk)), timeout=BOOT_TIMEOUT)
+    result = run_in_guest(command, with_disks(config, DiskConfig(disk)), timeout=BOOT_TIMEOUT)
     assert result.output.strip() == "done"
     blk = result.stats["virtio"]["virtio-blk0"]
     requests = sum(queue["requests"] for queue in blk["queues"])

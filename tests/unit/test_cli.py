@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -93,36 +94,32 @@ def test_inconsistent_flags_are_one_line(argv):
     assert_one_line_error(run_cli(*argv))
 
 
-def test_a_sandbox_command_that_times_out_exits_124_with_its_output(monkeypatch, capsys):
-    from kvmlet import sandbox as sandbox_module
+def test_a_sandbox_command_that_times_out_exits_124_with_its_output(monkeypatch, capfd):
+    from kvmlet.sandbox import SandboxResult
     from kvmlet.vstate.vcpu_loop import GuestStop, StopReason
 
-    asked = {}
-
-    def still_running(command, config, *, timeout):
-        asked.update(command=command, timeout=timeout)
-        stop = GuestStop(StopReason.TIMEOUT)
-        return sandbox_module.SandboxResult(None, "started\n", stop)
-
-    monkeypatch.setattr(sandbox_module, "sandbox", still_running)
+    result = SandboxResult(None, "started\n", GuestStop(StopReason.TIMEOUT), stdout=b"started\n")
+    asked = fake_sandbox(monkeypatch, result)
     status = cli.main(["sandbox", "--timeout", "3", "--host-profile", "none", "--", "sleep 9"])
-    captured = capsys.readouterr()
-    assert (status, asked) == (124, {"command": "sleep 9", "timeout": 3.0})
+    captured = capfd.readouterr()
+    assert (status, asked["command"], asked["timeout"]) == (124, "sleep 9", 3.0)
     assert captured.out == "started\n"
     assert captured.err.strip().splitlines()[-1] == "kvmlet: the command timed out after 3 s"
 
 
 def fake_sandbox(monkeypatch, outcome):
     """Replace kvmlet.sandbox.sandbox by one that records its call and returns or raises
-    `outcome`."""
+    `outcome` (having streamed its stdout and stderr, as the real one does)."""
     from kvmlet import sandbox as sandbox_module
 
     asked = {}
 
-    def sandbox(command, config, *, timeout):
-        asked.update(command=command, timeout=timeout)
+    def sandbox(command, config, *, timeout, **options):
+        asked.update(command=command, timeout=timeout, **options)
         if isinstance(outcome, BaseException):
             raise outcome
+        os.write(options["stdout"], outcome.stdout)
+        os.write(options["stderr"], outcome.stderr)
         return outcome
 
     monkeypatch.setattr(sandbox_module, "sandbox", sandbox)
@@ -165,13 +162,14 @@ def test_a_sandbox_guest_that_never_ran_the_command_exits_with_kvmlets_status(
     assert captured.err.strip().splitlines()[-1] == f"kvmlet: the command did not run: {stop}"
 
 
-def test_a_sandbox_command_that_reset_the_guest_reports_no_status(monkeypatch, capsys):
+def test_a_sandbox_command_that_reset_the_guest_reports_no_status(monkeypatch, capfd):
     from kvmlet.sandbox import SandboxResult
     from kvmlet.vstate.vcpu_loop import GuestStop, StopReason
 
-    fake_sandbox(monkeypatch, SandboxResult(None, "bye\n", GuestStop(StopReason.RESET)))
+    result = SandboxResult(None, "bye\n", GuestStop(StopReason.RESET), stdout=b"bye\n")
+    fake_sandbox(monkeypatch, result)
     assert cli.main(["sandbox", "--host-profile", "none", "--", "reboot -f"]) == 1
-    captured = capsys.readouterr()
+    captured = capfd.readouterr()
     assert captured.out == "bye\n"
     assert captured.err.strip().splitlines()[-1] == (
         "kvmlet: the command reported no exit status (the guest reset the machine)"
@@ -398,3 +396,69 @@ def test_a_sigterm_while_the_machine_is_built_is_never_swallowed(tmp_path, monke
     else:
         assert error == "kvmlet: terminated (SIGTERM) before the guest started\n"
     assert status == 1
+
+
+def test_a_sandbox_passes_shares_streams_and_stdin_unless_a_terminal(monkeypatch, tmp_path):
+    from kvmlet.sandbox import SandboxResult
+    from kvmlet.vstate.vcpu_loop import GuestStop, StopReason
+
+    asked = fake_sandbox(monkeypatch, SandboxResult(0, "", GuestStop(StopReason.RESET)))
+    argv = ["sandbox", "--host-profile", "none", "--share", str(tmp_path), "--", "true"]
+    monkeypatch.setattr(os, "isatty", lambda fd: False)
+    assert cli.main(argv) == 0
+    assert (asked["shares"], asked["stdin"], asked["stdout"], asked["stderr"]) == (
+        [str(tmp_path)],
+        0,
+        1,
+        2,
+    )
+    monkeypatch.setattr(os, "isatty", lambda fd: fd == 0)
+    assert cli.main(argv) == 0
+    assert asked["stdin"] is None
+
+
+def test_an_interrupted_sandbox_without_a_status_exits_130(monkeypatch, capfd):
+    from kvmlet.sandbox import SandboxResult
+    from kvmlet.vstate.vcpu_loop import GuestStop, StopReason
+
+    stop = GuestStop(StopReason.HOST_QUIT, "interrupted")
+    fake_sandbox(monkeypatch, SandboxResult(None, "", stop, interrupted=True))
+    assert cli.main(["sandbox", "--host-profile", "none", "--", "sleep 9"]) == 130
+    assert capfd.readouterr().err.strip().splitlines()[-1] == "kvmlet: interrupted"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--9p", ",ro"], "--9p"),
+        (["--9p", "/x,tag=a", "--9p", "/y,tag=a"], "tags must differ"),
+        (["--rootfs", "/x,ro"], "--rootfs"),
+        (["--rootfs", "/", "-k", "k", "-i", "initrd"], "drop -i"),
+    ],
+)
+def test_share_mistakes_of_run_are_one_line(monkeypatch, argv, message):
+    from kvmlet.cli import sandbox as cli_sandbox
+    from kvmlet.errors import KvmletError
+    from kvmlet.machine.config import MachineConfig
+
+    args = cli.build_parser().parse_args(["run", *argv])
+    with pytest.raises(KvmletError, match=message):
+        cli_sandbox.with_shares(args, MachineConfig(kernel="k"))
+
+
+def test_run_shares_become_machine_shares(tmp_path):
+    from kvmlet.cli import sandbox as cli_sandbox
+    from kvmlet.machine.config import MachineConfig, ShareConfig
+
+    args = cli.build_parser().parse_args(["run", "--9p", f"{tmp_path},ro", "--9p", "/srv,tag=s"])
+    config = cli_sandbox.with_shares(args, MachineConfig(kernel="k"))
+    assert config.shares == (ShareConfig(str(tmp_path), "share0", True), ShareConfig("/srv", "s"))
+
+
+def test_a_rootfs_guest_that_stopped_early_gets_one_line_saying_why(capsys):
+    from kvmlet.cli.sandbox import explain_rootfs_stop
+
+    explain_rootfs_stop(b"[ 0.5] boot\r\nkvmlet-init: the guest kernel lacks: CONFIG_9P_FS\r\n")
+    assert capsys.readouterr().err == "kvmlet: the guest kernel lacks: CONFIG_9P_FS\n"
+    explain_rootfs_stop(b"[ 0.5] boot\r\nkvmlet-guest: ready\r\n# reboot -f\r\n")
+    assert capsys.readouterr().err == ""

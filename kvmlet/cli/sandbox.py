@@ -1,0 +1,172 @@
+"""`kvmlet sandbox`, and the host-directory options of `kvmlet run` (`--9p`, `--rootfs`)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import TYPE_CHECKING
+
+from kvmlet.errors import KvmletError
+
+if TYPE_CHECKING:
+    from kvmlet.machine.config import MachineConfig
+
+SANDBOX_EPILOG = """\
+examples:
+  kvmlet sandbox -- uname -a
+  kvmlet sandbox -- sh -c 'echo $((6*7)) > out.txt; exit 3'
+  kvmlet sandbox -- make -C src
+  git diff | kvmlet sandbox -m 1G -c 2 -- sh -c 'patch -p1 && make check'
+  kvmlet sandbox --share ~/data -- ls ~/data
+
+The guest's root is this host's /, read-only under a throwaway overlay: the
+command sees your files and programs, and what it writes outside the shared
+directories is gone afterwards. The current directory (and each --share DIR)
+is shared read-write at the same path; the command starts there, as your
+uid and gid, with your environment (less what names this host session: SSH
+agent, display, D-Bus, XDG_RUNTIME_DIR). Its stdout and stderr come here as
+they are written; stdin is passed on when it is not a terminal (else the
+command reads /dev/null). Ctrl-C sends the command SIGINT; a second one, or
+5 s without an end, stops the guest.
+
+One argument is a shell command line, run with `sh -c` (pipes, `;` and `$VAR`
+work); several arguments are one program and its arguments, each passed on
+exactly as given. The guest kernel is kvmlet's default guest; it needs 9p,
+overlayfs and devtmpfs (see kvmlet run --help, "--rootfs").
+
+exit status: the command's own. When the status is kvmlet's own, the last line
+on stderr says why (`kvmlet: ...`): 1 a usage or setup error, or the command
+reported no status; 124 the command was still running at --timeout; 130
+interrupted (Ctrl-C) before the command reported a status; 6 this host cannot
+run the guest's user space (host profile pvm); 3, 4, 5 the guest crashed, as
+for `kvmlet run`.
+"""
+
+ROOTFS_HELP_EPILOG = """\
+host directories:
+  kvmlet run --9p ~/src,tag=src,ro    then in the guest:
+                                      mount -t 9p -o trans=virtio,version=9p2000.L src /mnt
+  kvmlet run -k arch/x86/boot/bzImage --rootfs /    your new kernel, your own user space
+  kvmlet run --rootfs /srv/rootfs,rw  the guest's changes land in /srv/rootfs
+
+--rootfs boots kvmlet's own initramfs (no -i): its init mounts DIR over 9p as
+the root, read-only under a tmpfs overlay (,rw writes through to DIR), sets up
+/proc /sys /dev /tmp /run and starts a shell. The guest kernel needs, built in:
+CONFIG_VIRTIO_PCI (or CONFIG_VIRTIO_MMIO), CONFIG_NET_9P, CONFIG_NET_9P_VIRTIO,
+CONFIG_9P_FS, CONFIG_OVERLAY_FS, CONFIG_DEVTMPFS, CONFIG_TMPFS,
+CONFIG_BLK_DEV_INITRD, CONFIG_BINFMT_SCRIPT and a serial console; one that lacks
+them stops with one line naming what is missing.
+"""
+
+
+def add_share_arguments(run: argparse.ArgumentParser) -> None:
+    run.add_argument(
+        "--9p",
+        dest="ninep",
+        action="append",
+        default=[],
+        metavar="HOSTDIR[,tag=TAG][,ro]",
+        help="share a host directory over virtio-9p (tag default: share0, share1...); repeatable",
+    )
+    run.add_argument(
+        "--rootfs",
+        metavar="DIR[,rw]",
+        help="boot with host directory DIR as the guest's root, read-only under a tmpfs "
+        "overlay unless ,rw (see below)",
+    )
+
+
+def with_shares(args: argparse.Namespace, config: MachineConfig) -> MachineConfig:
+    """`config` with the --9p shares and the --rootfs root of `kvmlet run ARGS`."""
+    from dataclasses import replace
+
+    from kvmlet.machine.shares import parse_rootfs_option, parse_share_option, with_root_share
+
+    if args.ninep:
+        shares = tuple(parse_share_option(text, index) for index, text in enumerate(args.ninep))
+        config = replace(config, shares=(*config.shares, *shares))
+    if args.rootfs is not None:
+        if args.initrd is not None:
+            raise KvmletError("--rootfs boots kvmlet's own initramfs: drop -i/--initrd")
+        path, writable = parse_rootfs_option(args.rootfs)
+        config = with_root_share(replace(config, initrd=None), path, writable)
+    return config
+
+
+def explain_rootfs_stop(console: bytes) -> None:
+    """After a --rootfs run: one line saying why the guest stopped before its shell, when its
+    console tells (a kernel option missing, the init's own complaint)."""
+    from kvmlet.guest.rootfs import explain_boot_failure
+
+    why = explain_boot_failure(console.decode(errors="replace"))
+    if why is not None:
+        print(f"kvmlet: {why}", file=sys.stderr)
+
+
+def add_sandbox_parser(commands, formatter, add_machine_arguments) -> None:
+    sandbox = commands.add_parser(
+        "sandbox",
+        help="run a command on your files in a throwaway microVM, with its output and status",
+        description="Run COMMAND in a throwaway guest whose root is this host's, in the "
+        "current directory, and exit with its status.",
+        epilog=SANDBOX_EPILOG,
+        formatter_class=formatter,
+    )
+    add_machine_arguments(sandbox)
+    sandbox.add_argument(
+        "--share",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="also share host directory DIR read-write at its own path; repeatable",
+    )
+    sandbox.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND...")
+
+
+def command_sandbox(args: argparse.Namespace, machine_config, check_kvm, notice_profile) -> int:
+    import shlex
+
+    from kvmlet import sandbox as sandbox_module
+    from kvmlet.errors import GuestStoppedError
+    from kvmlet.vstate.vcpu_loop import StopReason
+
+    argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+    if not argv:
+        raise KvmletError("no command given: kvmlet sandbox -- COMMAND...")
+    command = argv[0] if len(argv) == 1 else shlex.join(argv)
+    config = machine_config(args)
+    check_kvm()
+    notice_profile(config)
+    timeout = args.timeout or sandbox_module.DEFAULT_TIMEOUT
+    sys.stdout.flush()
+    try:
+        result = sandbox_module.sandbox(
+            command,
+            config,
+            timeout=timeout,
+            shares=args.share,
+            stdin=None if _is_terminal(0) else 0,
+            stdout=1,
+            stderr=2,
+        )
+    except GuestStoppedError as error:  # the guest never ran the command
+        print(f"kvmlet: {error}", file=sys.stderr)
+        return error.stop.reason.exit_status or 1
+    if result.status is not None:
+        return result.status
+    if result.interrupted:
+        print("kvmlet: interrupted", file=sys.stderr)
+        return 130
+    if result.stop.reason is StopReason.TIMEOUT:
+        print(f"kvmlet: the command timed out after {timeout:g} s", file=sys.stderr)
+    else:
+        print(f"kvmlet: the command reported no exit status ({result.stop})", file=sys.stderr)
+    return result.stop.reason.exit_status or 1
+
+
+def _is_terminal(fd: int) -> bool:
+    try:
+        return os.isatty(fd)
+    except OSError:
+        return False
