@@ -28,9 +28,9 @@ _PUBLIC = {
     "KvmletError": "kvmlet.errors",
     "Machine": "kvmlet.machine.machine",
     "MachineConfig": "kvmlet.machine.config",
-    "SandboxResult": "kvmlet.sandbox",
+    "SandboxResult": "kvmlet.sandboxing",
     "StopReason": "kvmlet.vstate.vcpu_loop",
-    "sandbox": "kvmlet.sandbox",
+    "sandbox": "kvmlet.sandboxing",
     "with_default_guest": "kvmlet.machine.config",
 }
 
@@ -59,7 +59,7 @@ if TYPE_CHECKING:
     from kvmlet.machine.config import DeviceConfig, DiskConfig, MachineConfig, with_default_guest
     from kvmlet.machine.machine import Machine
     from kvmlet.machine.watchpoints import BREAK
-    from kvmlet.sandbox import SandboxResult, sandbox
+    from kvmlet.sandboxing import SandboxResult, sandbox
     from kvmlet.vstate.vcpu_loop import GuestStop, StopReason
 
 

@@ -127,7 +127,7 @@ def add_sandbox_parser(commands, formatter, add_machine_arguments) -> None:
 def command_sandbox(args: argparse.Namespace, machine_config, check_kvm, notice_profile) -> int:
     import shlex
 
-    from kvmlet import sandbox as sandbox_module
+    from kvmlet import sandboxing as sandbox_module
     from kvmlet.errors import GuestStoppedError
     from kvmlet.vstate.vcpu_loop import StopReason
 

@@ -142,7 +142,7 @@ class ShareConfig(NamedTuple):
     """A host directory given to the guest over virtio-9p, which mounts it by `tag`
     (`mount -t 9p -o trans=virtio,version=9p2000.L TAG DIR`). `server` instead of `path` is a
     9P server object of the caller's own (`handle`, `reset`, `close`, `stats`; see
-    kvmlet.virtio.p9), as kvmlet.sandbox's control channel is."""
+    kvmlet.virtio.p9), as the sandbox's control channel is."""
 
     path: FilePath | None
     tag: str

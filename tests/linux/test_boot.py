@@ -8,7 +8,7 @@ import pytest
 
 from kvmlet.guest import READY_MARKER
 from kvmlet.machine.machine import Machine
-from kvmlet.sandbox import run_in_guest
+from kvmlet.sandboxing import run_in_guest
 from kvmlet.vstate.vcpu_loop import StopReason
 from tests.helpers.guests import BOOT_TIMEOUT
 

@@ -19,7 +19,7 @@ from kvmlet.guest.run_protocol import parse_exit_status, run_parameter
 from kvmlet.machine.config import ShareConfig
 from kvmlet.machine.machine import Machine
 from kvmlet.machine.shares import with_root_share
-from kvmlet.sandbox import sandbox
+from kvmlet.sandboxing import sandbox
 from tests.helpers.guests import BOOT_TIMEOUT
 
 pytestmark = pytest.mark.linux

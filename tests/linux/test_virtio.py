@@ -13,7 +13,7 @@ import pytest
 from kvmlet.guest import READY_MARKER
 from kvmlet.machine.config import DiskConfig
 from kvmlet.machine.machine import Machine
-from kvmlet.sandbox import run_in_guest
+from kvmlet.sandboxing import run_in_guest
 from tests.helpers.guests import BOOT_TIMEOUT
 
 pytestmark = pytest.mark.linux

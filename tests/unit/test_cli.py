@@ -95,7 +95,7 @@ def test_inconsistent_flags_are_one_line(argv):
 
 
 def test_a_sandbox_command_that_times_out_exits_124_with_its_output(monkeypatch, capfd):
-    from kvmlet.sandbox import SandboxResult
+    from kvmlet.sandboxing import SandboxResult
     from kvmlet.vstate.vcpu_loop import GuestStop, StopReason
 
     result = SandboxResult(None, "started\n", GuestStop(StopReason.TIMEOUT), stdout=b"started\n")
@@ -108,9 +108,9 @@ def test_a_sandbox_command_that_times_out_exits_124_with_its_output(monkeypatch,
 
 
 def fake_sandbox(monkeypatch, outcome):
-    """Replace kvmlet.sandbox.sandbox by one that records its call and returns or raises
+    """Replace kvmlet.sandboxing.sandbox by one that records its call and returns or raises
     `outcome` (having streamed its stdout and stderr, as the real one does)."""
-    from kvmlet import sandbox as sandbox_module
+    from kvmlet import sandboxing as sandbox_module
 
     asked = {}
 
@@ -136,7 +136,7 @@ def fake_sandbox(monkeypatch, outcome):
 def test_one_sandbox_argument_is_a_shell_line_and_several_are_one_program(
     monkeypatch, argv, command
 ):
-    from kvmlet.sandbox import SandboxResult
+    from kvmlet.sandboxing import SandboxResult
     from kvmlet.vstate.vcpu_loop import GuestStop, StopReason
 
     asked = fake_sandbox(monkeypatch, SandboxResult(3, "a\n", GuestStop(StopReason.RESET)))
@@ -163,7 +163,7 @@ def test_a_sandbox_guest_that_never_ran_the_command_exits_with_kvmlets_status(
 
 
 def test_a_sandbox_command_that_reset_the_guest_reports_no_status(monkeypatch, capfd):
-    from kvmlet.sandbox import SandboxResult
+    from kvmlet.sandboxing import SandboxResult
     from kvmlet.vstate.vcpu_loop import GuestStop, StopReason
 
     result = SandboxResult(None, "bye\n", GuestStop(StopReason.RESET), stdout=b"bye\n")
@@ -399,7 +399,7 @@ def test_a_sigterm_while_the_machine_is_built_is_never_swallowed(tmp_path, monke
 
 
 def test_a_sandbox_passes_shares_streams_and_stdin_unless_a_terminal(monkeypatch, tmp_path):
-    from kvmlet.sandbox import SandboxResult
+    from kvmlet.sandboxing import SandboxResult
     from kvmlet.vstate.vcpu_loop import GuestStop, StopReason
 
     asked = fake_sandbox(monkeypatch, SandboxResult(0, "", GuestStop(StopReason.RESET)))
@@ -418,7 +418,7 @@ def test_a_sandbox_passes_shares_streams_and_stdin_unless_a_terminal(monkeypatch
 
 
 def test_an_interrupted_sandbox_without_a_status_exits_130(monkeypatch, capfd):
-    from kvmlet.sandbox import SandboxResult
+    from kvmlet.sandboxing import SandboxResult
     from kvmlet.vstate.vcpu_loop import GuestStop, StopReason
 
     stop = GuestStop(StopReason.HOST_QUIT, "interrupted")

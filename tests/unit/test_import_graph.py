@@ -15,7 +15,7 @@ from tests.unit.boot.synthetic_kernels import MiB, make_bzimage, make_elf, pvh_n
 
 BOOT_ONLY_NEEDS_NONE_OF = (
     "kvmlet.guest",  # building the default guest: only without -k, or build-guest
-    "kvmlet.sandbox",
+    "kvmlet.sandboxing",
     "kvmlet.virtio.blk",  # only with -d
     "kvmlet.virtio.blk_io",
     "kvmlet.virtio.console",  # only with --console virtio

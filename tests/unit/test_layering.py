@@ -27,7 +27,7 @@ LAYERS = {
     "vstate": 5,
     "machine": 6,
     "api": 7,
-    "sandbox": 7,
+    "sandboxing": 7,
     "cli": 8,
     "__main__": 9,
 }

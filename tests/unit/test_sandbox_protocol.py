@@ -1,4 +1,4 @@
-"""The sandbox's command protocol: the host side (kvmlet.sandbox.control) against the guest's
+"""The sandbox's command protocol: the host side (kvmlet.sandboxing.control) against the guest's
 agent (the sandbox part of rootfs_init.sh), run here with busybox sh, its mounts made no-ops
 and the control share replaced by a symlink to the control directory."""
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from kvmlet.guest.rootfs import INIT_SCRIPT_PATH
-from kvmlet.sandbox.control import (
+from kvmlet.sandboxing.control import (
     ControlDirectory,
     command_script,
     guest_environment,

@@ -1,4 +1,4 @@
-"""`kvmlet.sandbox()` and `kvmlet.sandbox.run_in_guest()` decide from the control directory
+"""`kvmlet.sandbox()` and `kvmlet.sandboxing.run_in_guest()` decide from the control directory
 (or the console) and the stop what their caller gets: a result once the command started
 (status None when it reported none), GuestStoppedError when the guest stopped before the
 command could start. The machine is a stand-in here; the `linux`
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvmlet import sandbox as sandbox_module
+from kvmlet import sandboxing as sandbox_module
 from kvmlet.errors import GuestStoppedError
 from kvmlet.machine.config import MachineConfig
 from kvmlet.vstate.vcpu_loop import GuestStop, StopReason
@@ -198,3 +198,13 @@ def test_output_streamed_to_a_descriptor_goes_there_and_not_into_the_result(monk
         result = sandbox_module.sandbox("x", CONFIG, cwd=str(tmp_path), stdout=out.fileno())
     assert (tmp_path / "out").read_bytes() == b"streamed\n"
     assert (result.stdout, result.stderr, result.output) == (b"", b"kept\n", "kept\n")
+
+
+def test_kvmlet_sandbox_stays_the_function_once_its_module_is_imported():
+    import importlib
+
+    import kvmlet
+
+    importlib.import_module("kvmlet.sandboxing.control")
+    assert callable(kvmlet.sandbox)
+    assert kvmlet.sandbox is sandbox_module.sandbox

@@ -3,9 +3,9 @@
 `sandbox(command)` boots a guest whose root is the host's `/` over virtio-9p, read-only under a
 tmpfs overlay (what the command writes there is gone afterwards), with the current directory
 shared read-write at the same path and made the working directory. The command runs with
-`sh -c` as the caller's uid and gid with the caller's environment (kvmlet.sandbox.control
+`sh -c` as the caller's uid and gid with the caller's environment (kvmlet.sandboxing.control
 says what stays out); its stdout and stderr come back as they are written, its exit status at
-the end. The command protocol (kvmlet.sandbox.control) carries a per-run random token.
+the end. The command protocol (kvmlet.sandboxing.control) carries a per-run random token.
 
     result = kvmlet.sandbox("make -C src && ./src/hello; exit 3")
     result.status, result.stdout   # (3, b"...")
@@ -30,7 +30,7 @@ from kvmlet.guest.run_protocol import (
 )
 from kvmlet.machine.config import MachineConfig, ShareConfig, with_default_guest
 from kvmlet.machine.machine import Machine
-from kvmlet.sandbox.control import ControlDirectory, check_directory, guest_environment
+from kvmlet.sandboxing.control import ControlDirectory, check_directory, guest_environment
 from kvmlet.vstate.vcpu_loop import GuestStop, StopReason
 
 DEFAULT_TIMEOUT = 600.0
