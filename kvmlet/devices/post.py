@@ -19,6 +19,14 @@ class PostCodeSink:
         self.writes = 0
         self.last_code: int | None = None
 
+    def save_state(self) -> dict[str, object]:
+        return {"writes": self.writes, "last_code": self.last_code}
+
+    def load_state(self, state: dict) -> None:
+        self.writes = int(state["writes"])
+        code = state["last_code"]
+        self.last_code = None if code is None else code & 0xFF
+
     def read(self, offset: int, size: int) -> int:
         return (1 << (8 * size)) - 1 if 1 <= size <= 8 else 0xFF
 

@@ -142,7 +142,6 @@ class VirtioBalloon(VirtioDevice):
                 **super().stats(),
                 "target_pages": self.target_pages,
                 "actual_pages": self.actual_pages,
-                "inflated_pages": self.inflated_pages,
                 "inflate_requests": self.inflate_requests,
                 "deflate_requests": self.deflate_requests,
                 "ignored_pfns": self.ignored_pfns,
@@ -150,6 +149,54 @@ class VirtioBalloon(VirtioDevice):
                 "discard_errors": self.discard_errors,
                 "reported_bytes": self.reported_bytes,
             }
+
+    # Snapshots ----------------------------------------------------------------------------------
+
+    def save_state(self) -> dict[str, object]:
+        """The device's, plus which pages are in the balloon (a bitmap per bank), the buffer
+        of statistics the device holds, the last figures and the counters."""
+        with self._lock:
+            updated = self.statistics_updated
+            return {
+                **super().save_state(),
+                "inflated": [bytes(bitmap) for bitmap in self._inflated],
+                "held_statistics": self._held_statistics,
+                "statistics": dict(self.statistics),
+                "statistics_age": None if updated is None else time.monotonic() - updated,
+                "counters": [
+                    self.inflate_requests,
+                    self.deflate_requests,
+                    self.ignored_pfns,
+                    self.duplicate_pfns,
+                    self.discard_errors,
+                    self.reported_bytes,
+                    self.statistics_updates,
+                ],
+            }
+
+    def load_state(self, state: dict) -> None:
+        with self._lock:
+            super().load_state(state)
+            bitmaps = [bytes(bitmap) for bitmap in state["inflated"]]
+            if [len(bitmap) for bitmap in bitmaps] != [len(bitmap) for bitmap in self._inflated]:
+                raise ValueError("the balloon's bitmaps are for another RAM layout")
+            for bitmap, saved in zip(self._inflated, bitmaps, strict=True):
+                bitmap[:] = saved
+            self.inflated_pages = int.from_bytes(b"".join(bitmaps), "little").bit_count()
+            held = state["held_statistics"]
+            self._held_statistics = None if held is None else held & 0xFFFF
+            self.statistics = {str(name): int(value) for name, value in state["statistics"].items()}
+            age = state["statistics_age"]
+            self.statistics_updated = None if age is None else time.monotonic() - float(age)
+            (
+                self.inflate_requests,
+                self.deflate_requests,
+                self.ignored_pfns,
+                self.duplicate_pfns,
+                self.discard_errors,
+                self.reported_bytes,
+                self.statistics_updates,
+            ) = (int(count) for count in state["counters"])
 
     # The driver's side --------------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ import threading
 from collections.abc import Callable
 from typing import Protocol
 
-from kvmlet.errors import GuestMemoryError, LazyLogger
+from kvmlet.errors import GuestMemoryError, KvmletError, LazyLogger
 from kvmlet.memory import GuestMemory
 from kvmlet.virtio.queue import DescriptorChain, Virtqueue, VirtqueueError
 
@@ -99,6 +99,48 @@ class VirtioDevice:
     def connect_interrupts(self, sink: InterruptSink) -> None:
         """Called by the transport once: where queue and configuration interrupts go."""
         self._interrupt = sink
+
+    # Snapshots ---------------------------------------------------------------------------------
+
+    def save_state(self) -> dict[str, object]:
+        """Status, negotiated features, configuration space and generation, and every queue;
+        a device with more state extends it (its own module knows what)."""
+        with self._lock:
+            return {
+                "status": self.status,
+                "device_features": self.device_features,
+                "driver_features": self.driver_features,
+                "config": bytes(self._config),
+                "config_generation": self.config_generation,
+                "last_error": self.last_error,
+                "queues": [queue.save_state() for queue in self.queues],
+            }
+
+    def load_state(self, state: dict) -> None:
+        """Take a saved state without running the driver's transitions again (no activation
+        hooks: the device is as the driver left it). KvmletError when the driver uses a
+        feature this device does not offer now (another host, another backend)."""
+        with self._lock:
+            driver_features = state["driver_features"]
+            lost = driver_features & ~self.device_features
+            if lost:
+                raise KvmletError(
+                    f"the guest's driver uses features this {self.name} no longer offers "
+                    f"({lost:#x})"
+                )
+            config = bytes(state["config"])
+            if len(config) != len(self._config) or len(state["queues"]) != len(self.queues):
+                raise ValueError("the saved configuration space or queues differ in size")
+            self.status = state["status"] & 0xFF
+            self.driver_features = driver_features
+            self._config[:] = config
+            self.config_generation = state["config_generation"] & 0xFFFF_FFFF
+            self.last_error = state["last_error"]
+            for index, (queue, saved) in enumerate(zip(self.queues, state["queues"], strict=True)):
+                try:
+                    queue.load_state(saved)
+                except VirtqueueError as error:
+                    raise KvmletError(f"queue {index}: {error}") from None
 
     # Features (§2.2) -------------------------------------------------------------------------
 
