@@ -154,7 +154,6 @@ class I8042Controller:
             "pending_command": self._pending_command,
             "last_write_was_command": self._last_write_was_command,
             "irq_levels": [self._kbd_level, self._aux_level],
-            "reset_requests": self.reset_requests,
         }
 
     def load_state(self, state: dict) -> None:
@@ -173,7 +172,6 @@ class I8042Controller:
         self._pending_command = None if pending is None else pending & 0xFF
         self._last_write_was_command = bool(state["last_write_was_command"])
         self._kbd_level, self._aux_level = (bool(level) for level in state["irq_levels"])
-        self.reset_requests = state["reset_requests"]
 
     def read(self, offset: int, size: int) -> int:
         """Offset 0 pops the output buffer, offset 4 is the status register."""

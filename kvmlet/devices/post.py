@@ -20,10 +20,10 @@ class PostCodeSink:
         self.last_code: int | None = None
 
     def save_state(self) -> dict[str, object]:
-        return {"writes": self.writes, "last_code": self.last_code}
+        """The last code (the count of writes is the process's statistics)."""
+        return {"last_code": self.last_code}
 
     def load_state(self, state: dict) -> None:
-        self.writes = int(state["writes"])
         code = state["last_code"]
         self.last_code = None if code is None else code & 0xFF
 

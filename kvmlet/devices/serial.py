@@ -203,12 +203,12 @@ class Uart16550:
                 "divisor": self._divisor,
                 "thr_interrupt_pending": self._thr_interrupt_pending,
                 "last_rx_byte": self._last_rx_byte,
-                "counters": [self.transmitted_bytes, self.received_bytes, self.overruns],
             }
 
     def load_state(self, state: dict) -> None:
         """Take a saved state. The interrupt line is not driven: the interrupt controller's
-        own saved state already has the level this UART left on it."""
+        own saved state already has the level this UART left on it. (Counters are the
+        process's statistics, as every device's: a restored machine starts them at zero.)"""
         with self._lock:
             self._ier = state["ier"] & IER_WRITABLE
             self._fcr = state["fcr"] & 0xFF
@@ -223,7 +223,6 @@ class Uart16550:
             self._rx_fifo = deque(bytes(state["rx_fifo"])[: self._rx_limit()])
             self._rx_refused = bool(state["rx_refused"])
             self._irq_level = bool(state["irq_level"])
-            self.transmitted_bytes, self.received_bytes, self.overruns = state["counters"]
 
     # ----- guest side (bus contract) ---------------------------------------------------------
 

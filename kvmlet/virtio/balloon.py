@@ -154,7 +154,8 @@ class VirtioBalloon(VirtioDevice):
 
     def save_state(self) -> dict[str, object]:
         """The device's, plus which pages are in the balloon (a bitmap per bank), the buffer
-        of statistics the device holds, the last figures and the counters."""
+        of statistics the device holds and the guest's last figures (not the counters: the
+        process's statistics start at zero after a restore, as every device's)."""
         with self._lock:
             updated = self.statistics_updated
             return {
@@ -163,15 +164,6 @@ class VirtioBalloon(VirtioDevice):
                 "held_statistics": self._held_statistics,
                 "statistics": dict(self.statistics),
                 "statistics_age": None if updated is None else time.monotonic() - updated,
-                "counters": [
-                    self.inflate_requests,
-                    self.deflate_requests,
-                    self.ignored_pfns,
-                    self.duplicate_pfns,
-                    self.discard_errors,
-                    self.reported_bytes,
-                    self.statistics_updates,
-                ],
             }
 
     def load_state(self, state: dict) -> None:
@@ -188,15 +180,6 @@ class VirtioBalloon(VirtioDevice):
             self.statistics = {str(name): int(value) for name, value in state["statistics"].items()}
             age = state["statistics_age"]
             self.statistics_updated = None if age is None else time.monotonic() - float(age)
-            (
-                self.inflate_requests,
-                self.deflate_requests,
-                self.ignored_pfns,
-                self.duplicate_pfns,
-                self.discard_errors,
-                self.reported_bytes,
-                self.statistics_updates,
-            ) = (int(count) for count in state["counters"])
 
     # The driver's side --------------------------------------------------------------------------
 

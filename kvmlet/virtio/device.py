@@ -118,12 +118,12 @@ class VirtioDevice:
 
     def load_state(self, state: dict) -> None:
         """Take a saved state without running the driver's transitions again (no activation
-        hooks: the device is as the driver left it). KvmletError when the driver uses a
-        feature this device does not offer now (another host, another backend)."""
+        hooks: the device is as the driver left it). KvmletError when the driver has
+        accepted a feature this device does not offer now (another host, another backend)."""
         with self._lock:
             driver_features = state["driver_features"]
             lost = driver_features & ~self.device_features
-            if lost:
+            if lost and state["status"] & FEATURES_OK:
                 raise KvmletError(
                     f"the guest's driver uses features this {self.name} no longer offers "
                     f"({lost:#x})"

@@ -115,7 +115,6 @@ class VirtioMmio:
                 self._driver_features_select,
                 self._queue_select,
             ],
-            "notify_exits": self.notify_exits,
             "device": self.device.save_state(),
         }
 
@@ -126,7 +125,6 @@ class VirtioMmio:
         self._device_features_select, self._driver_features_select, self._queue_select = (
             value & 0xFFFF_FFFF for value in state["selects"]
         )
-        self.notify_exits = int(state["notify_exits"])
         with self._interrupt_lock:
             self.interrupt_status = state["interrupt_status"] & (
                 INTERRUPT_USED_BUFFER | INTERRUPT_CONFIG_CHANGE

@@ -133,4 +133,4 @@ def test_a_restored_guest_goes_on_counting_on_its_console_and_disk(tmp_path, mon
     sequence = counts(before + second.text())
     assert sequence == list(range(1, len(sequence) + 1)), sequence
     # The disk: every number printed was appended, in order (the loop prints, then appends).
-    assert sequence[-1] - 1 <= lines <= sequence[-1] + 1
+    assert sequence[-1] - 1 <= lines <= sequence[-1] + 1, before + second.text()

@@ -155,7 +155,6 @@ class Msix:
                 "function_masked": self.function_masked,
                 "table": bytes(self.table),
                 "pending": bytes(self.pending),
-                "fired": list(self.fired),
             }
 
     def load_state(self, state: dict) -> None:
@@ -170,7 +169,6 @@ class Msix:
             self.pending = [bool(bit) for bit in pending]
             self.enabled = bool(state["enabled"])
             self.function_masked = bool(state["function_masked"])
-            self.fired = [int(count) for count in state["fired"]][: self.vector_count]
             for index in range(self.vector_count):
                 address, data = self.message(index)
                 self.vectors[index].update(address, data, self._masked(index))

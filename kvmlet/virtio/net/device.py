@@ -182,8 +182,8 @@ class VirtioNet(VirtioDevice):
 
     def save_state(self) -> dict[str, object]:
         """The device's, plus the link, the receive chains held for the next frame (by head:
-        the rings are in guest RAM), where receive and transmit stopped, and the counters.
-        Frames inside the backend (a tap's queue, passt's socket) stay with the backend."""
+        the rings are in guest RAM) and where receive and transmit stopped. Frames inside
+        the backend (a tap's queue, passt's socket) stay with the backend."""
         with self._lock:
             return {
                 **super().save_state(),
@@ -191,7 +191,6 @@ class VirtioNet(VirtioDevice):
                 "rx_held": [chain.head for chain in self._rx_held],
                 "rx_stalled": self._rx_stalled,
                 "tx_more": self._tx_more,
-                "counters": vars(self.counters).copy(),
             }
 
     def load_state(self, state: dict) -> None:
@@ -210,9 +209,6 @@ class VirtioNet(VirtioDevice):
             self.link_up = bool(state["link_up"])
             self._rx_stalled = bool(state["rx_stalled"])
             self._tx_more = bool(state["tx_more"])
-            for name, value in state["counters"].items():
-                if hasattr(self.counters, name):
-                    setattr(self.counters, name, int(value))
             if self.running:
                 self._call_backend(self.backend.set_offloads, tap_offloads(self.driver_features))
             self._update_interest()
