@@ -124,7 +124,7 @@ def test_a_restored_guest_goes_on_counting_on_its_console_and_disk(tmp_path, mon
         second.write("echo answer-$((6 * 7))\n")
         second.wait_for(r"answer-42", BOOT_TIMEOUT)
         second.write(CHECK)
-        lines = int(second.wait_for(r"lines-(\d+)", BOOT_TIMEOUT)[1])
+        lines = int(second.wait_for(r"lines-(\d+)\r?\n", BOOT_TIMEOUT)[1])
         assert re.search(r"gap-at \d", second.text()) is None, second.text()[-2000:]
     finally:
         second.kill()
