@@ -17,6 +17,7 @@ this module at those points):
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
 
 from kvmlet.errors import KvmletError
@@ -102,12 +103,14 @@ class Restoring:
                 raise
             return memory
         mapped = []
+        backing = os.dup(self.file.fd)  # the machine's own: a later snapshot reads its extents
+        machine._closers.append(lambda: os.close(backing))
         try:
             for bank in banks:
                 mapped.append(
                     ram.map_bank(self.file.fd, bank["offset"], bank["base"], bank["size"])
                 )
-                self.backings[bank["base"]] = (self.file.fd, bank["offset"])
+                self.backings[bank["base"]] = (backing, bank["offset"])
         except BaseException:
             GuestMemory(mapped).close()
             raise

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import errno
 import mmap
 import os
 import zlib
@@ -95,8 +96,10 @@ def data_runs(fd: int, start: int, end: int) -> Runs:
     while position < end:
         try:
             data = os.lseek(fd, position, os.SEEK_DATA)
-        except OSError:  # ENXIO: no data after `position`
-            break
+        except OSError as error:
+            if error.errno == errno.ENXIO:  # no data after `position`
+                break
+            raise
         if data >= end:
             break
         hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)

@@ -126,3 +126,30 @@ def test_restoring_twice_from_one_file_gives_two_machines_that_count_alike(tmp_p
         outputs.append(restored.console.transcript()[:200])
     assert outputs[0] == outputs[1]
     assert numbers(saved + outputs[0].rpartition(b"\n")[0] + b"\n")[-1] > 20
+
+
+def test_a_restored_machine_snapshotted_again_over_its_own_file_goes_on(tmp_path):
+    """The second snapshot reads pages of the first file the guest never touched again, and
+    replaces that file while the machine still maps it (a rename: the old file lives on)."""
+    snapshot = str(tmp_path / "counter.snap")
+    printed = b""
+    with counting_machine() as machine:
+        machine.memory.write(0x20_0000, b"left alone")  # no one reads it until the end
+        wait_for_lines(machine, 20)
+        machine.pause()
+        printed += machine.console.transcript()
+        machine.snapshot(snapshot, then="stop")
+    for _ in range(2):
+        with Machine.restore(snapshot) as restored:
+            wait_for_lines(restored, 20)
+            restored.pause()
+            printed += restored.console.transcript()
+            restored.snapshot(snapshot, then="stop")
+    with Machine.restore(snapshot) as restored:
+        wait_for_lines(restored, 20)
+        restored.stop()
+        restored.wait(10)
+        assert restored.memory.read(0x20_0000, 10) == b"left alone"
+    sequence = numbers(printed + restored.console.transcript().rpartition(b"\n")[0] + b"\n")
+    assert len(sequence) >= 80
+    assert sequence == list(range(1, len(sequence) + 1))
