@@ -8,14 +8,16 @@ output reads 1, 2, 3... without a gap or a repeat.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
 
 import pytest
 
+from kvmlet.devices import Device, PciFunction, Register, RegisterBlock, RegisterDevice
 from kvmlet.errors import KvmletError
-from kvmlet.machine.config import MachineConfig
+from kvmlet.machine.config import DeviceConfig, MachineConfig
 from kvmlet.machine.machine import Machine
 from kvmlet.vstate.vcpu_loop import StopReason
 
@@ -153,3 +155,67 @@ def test_a_restored_machine_snapshotted_again_over_its_own_file_goes_on(tmp_path
     sequence = numbers(printed + restored.console.transcript().rpartition(b"\n")[0] + b"\n")
     assert len(sequence) >= 80
     assert sequence == list(range(1, len(sequence) + 1))
+
+
+class Scratch(RegisterDevice):
+    """A user's port device: two registers."""
+
+    def __init__(self, context):
+        super().__init__(context, 8, [Register("value", 0), Register("status", 4, w1c=1)])
+
+
+class ScratchPci(PciFunction):
+    """A user's PCI function with one register BAR."""
+
+    def __init__(self, context):
+        super().__init__(context, vendor_id=0x1234, device_id=0x11, class_code=0xFF0000)
+        self.block = RegisterBlock(16, [Register("data", 0)])
+        self.add_register_bar(0, self.block)
+
+
+class Stateless(Device):
+    """A device model that keeps no record of itself: it cannot be snapshotted."""
+
+    def __init__(self, context):
+        super().__init__(context, 4)
+
+    def read(self, offset, size):
+        return 0
+
+    def write(self, offset, size, value):
+        pass
+
+
+def test_the_users_devices_come_back_where_they_were_with_their_registers(tmp_path):
+    snapshot = str(tmp_path / "devices.snap")
+    port = DeviceConfig.port(Scratch, 0x510, name="scratch")
+    with counting_machine(devices=(port,)) as machine:
+        machine.add_device(DeviceConfig.pci(ScratchPci, name="scratchpci"))  # hot-added
+        machine.devices["scratch"]["value"] = 0x1234_5678
+        function = machine.devices["scratchpci"]
+        function.block["data"] = 99
+        function.program_bar(0, 0xD000_0000)  # as if the guest had moved it
+        wait_for_lines(machine, 5)
+        machine.snapshot(snapshot, then="stop")
+    with Machine.restore(snapshot) as restored:
+        wait_for_lines(restored, 5)
+        assert restored.devices["scratch"]["value"] == 0x1234_5678
+        assert restored.devices["scratchpci"].block["data"] == 99
+        assert restored.devices["scratchpci"].bar_address(0) == 0xD000_0000
+        assert restored.io.read(0x510, 4) == 0x1234_5678
+        assert restored.mmio.read(0xD000_0000, 4) == 99
+        restored.stop()
+
+
+def test_a_device_without_save_state_refuses_the_snapshot_and_the_guest_goes_on(tmp_path):
+    snapshot = tmp_path / "refused.snap"
+    device = DeviceConfig.port(Stateless, 0x520, name="stateless")
+    with counting_machine(devices=(device,)) as machine:
+        wait_for_lines(machine, 5)
+        with pytest.raises(KvmletError, match="device:stateless: device Stateless has no"):
+            machine.snapshot(str(snapshot))
+        assert machine.state == "running"
+        before = machine.console.transcript().count(b"\n")
+        wait_for_lines(machine, before + 5)
+        machine.stop()
+    assert not snapshot.exists() and os.listdir(tmp_path) == []
