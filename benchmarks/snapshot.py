@@ -10,8 +10,9 @@ kernel's `Run /init as init process`, paused at once), snapshots it and stops it
   held, the file's size and what it takes on disk (sparse), the RAM written, the guest RAM
   the guest had touched (RSS of its mapping).
 - `restore_<size>`: fresh processes going down `kvmlet run --restore FILE`'s path (import
-  `kvmlet.cli`, parse the arguments, `Machine.restore`, start), stamped: process start →
-  `Machine.restore` called (interpreter and imports: "process start", measured apart) →
+  `kvmlet.cli`, parse the arguments, import the restore code, `Machine.restore`, start),
+  stamped: process start → `Machine.restore` called (interpreter and imports: "process
+  start", measured apart; the virtio modules a machine imports as it builds come after) →
   machine built → first KVM_RUN (the guest's next instruction: `monitor_ms` is restore called
   → first KVM_RUN, the ≤ 10 ms target) → where guest user space runs, the console answering
   (`echo` typed, its answer read).
@@ -55,6 +56,7 @@ def child(mode: str, argument: str, memory: str, marker: str, timeout: float) ->
 
     if mode == "restore":
         args = cli.build_parser().parse_args(["run", "--restore", argument])
+        import kvmlet.machine.restore  # noqa: F401  (what Machine.restore imports first)
     else:
         args = cli.build_parser().parse_args(["run", "-m", memory])
         config = cli.run_config(args)

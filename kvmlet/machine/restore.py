@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from kvmlet.errors import KvmletError
 from kvmlet.machine.config import DeviceConfig, MachineConfig
+from kvmlet.machine.snapshot import state_owners
 from kvmlet.memory import GuestMemory
 from kvmlet.snapshot import ram
 from kvmlet.snapshot.format import SnapshotFile
@@ -132,7 +133,7 @@ class Restoring:
         for spec in state["placed_devices"]:
             machine.add_device(_device_config(spec))
         restore_vm(machine.vm, state["vm"])
-        load_states(_owners(machine), state["devices"])
+        load_states(state_owners(machine), state["devices"])
         capabilities = vcpu_capabilities(machine.kvm)
         saved_vcpus = state["vcpus"]
         if len(saved_vcpus) != len(machine.vcpus):
@@ -144,12 +145,6 @@ class Restoring:
 
     def close(self) -> None:
         self.file.close()
-
-
-def _owners(machine: Machine) -> dict[str, Any]:
-    from kvmlet.machine.snapshot import state_owners
-
-    return state_owners(machine)
 
 
 def _device_config(spec: dict[str, Any]) -> DeviceConfig:

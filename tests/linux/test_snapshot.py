@@ -33,7 +33,8 @@ import sys
 from pathlib import Path
 import kvmlet
 config = kvmlet.with_default_guest(kvmlet.MachineConfig(
-    memory=256 << 20, disks=(kvmlet.DiskConfig(Path(sys.argv[1])),)))
+    memory=256 << 20, disks=(kvmlet.DiskConfig(Path(sys.argv[1])),),
+    virtio_transport=sys.argv[3]))
 with kvmlet.Machine(config, console_echo_fd=1, console_input_fd=0) as machine:
     with kvmlet.serve(machine, sys.argv[2]):
         machine.wait(600)
@@ -96,13 +97,16 @@ def counts(text: str) -> list[int]:
     return [int(number) for number in COUNT.findall(text)]
 
 
-def test_a_restored_guest_goes_on_counting_on_its_console_and_disk(tmp_path, monkeypatch):
+@pytest.mark.parametrize("transport", ["pci", "mmio"])
+def test_a_restored_guest_goes_on_counting_on_its_console_and_disk(
+    tmp_path, monkeypatch, transport
+):
     runtime = tempfile.mkdtemp(prefix="kvmlet-")  # short: a socket path has 108 bytes
     monkeypatch.setenv("XDG_RUNTIME_DIR", runtime)
     image = tmp_path / "disk.img"
     image.write_bytes(bytes(16 << 20))
     snapshot = tmp_path / "guest.snap"
-    first = ConsoleProcess([sys.executable, "-c", MONITOR, str(image), "counting"])
+    first = ConsoleProcess([sys.executable, "-c", MONITOR, str(image), "counting", transport])
     try:
         first.wait_for(READY_MARKER, BOOT_TIMEOUT)
         first.write(COUNTER)
