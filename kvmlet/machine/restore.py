@@ -17,7 +17,9 @@ this module at those points):
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from kvmlet.errors import KvmletError
@@ -43,6 +45,18 @@ if TYPE_CHECKING:
 
 
 IDENTITY = ("size", "mtime_ns", "inode", "device")
+
+
+@contextlib.contextmanager
+def reading(path: str) -> Iterator[None]:
+    """Where the state document is read: a value that is missing or of the wrong kind is a
+    damaged file (its checksum held: made by hand, or by a kvmlet of another format)."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as error:
+        raise KvmletError(
+            f"{path}: its state does not fit this kvmlet ({type(error).__name__}: {error})"
+        ) from None
 
 
 def check_disks(disks: list[dict[str, Any]], force: bool) -> None:
@@ -74,10 +88,15 @@ class Restoring:
 
     @property
     def cmdline(self) -> str:
-        return str(self.state["cmdline"])
+        with reading(self.file.path):
+            return str(self.state["cmdline"])
 
     def memory(self, machine: Machine) -> GuestMemory:
         """Guest RAM from the file, once this host is known to run the guest."""
+        with reading(self.file.path):
+            return self._memory(machine)
+
+    def _memory(self, machine: Machine) -> GuestMemory:
         self._check_cpu(machine)
         banks = self.state["ram"]["banks"]
         layout = machine.memory_map.ram_banks()
@@ -129,6 +148,10 @@ class Restoring:
 
     def apply(self, machine: Machine) -> None:
         """Everything but RAM, into the machine just built (its vCPUs not started)."""
+        with reading(self.file.path):
+            self._apply(machine)
+
+    def _apply(self, machine: Machine) -> None:
         state = self.state
         for spec in state["placed_devices"]:
             machine.add_device(_device_config(spec))
@@ -168,11 +191,9 @@ def open_snapshot(
     file = SnapshotFile(path)
     try:
         state = file.state
-        try:
+        with reading(path):
             config = MachineConfig.from_document(state["machine"], **changes)
-        except (KeyError, TypeError, ValueError) as error:
-            raise KvmletError(f"{path}: its machine configuration is damaged ({error})") from None
-        check_disks(state["disks"], force)
+            check_disks(state["disks"], force)
         return config, Restoring(file, verify)
     except BaseException:
         file.close()

@@ -9,6 +9,7 @@ output reads 1, 2, 3... without a gap or a repeat.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -19,6 +20,7 @@ from kvmlet.devices import Device, PciFunction, Register, RegisterBlock, Registe
 from kvmlet.errors import KvmletError
 from kvmlet.machine.config import DeviceConfig, MachineConfig
 from kvmlet.machine.machine import Machine
+from kvmlet.snapshot.format import PREAMBLE_SIZE, SnapshotFile, SnapshotWriter
 from kvmlet.vstate.vcpu_loop import StopReason
 
 pytestmark = pytest.mark.kvm
@@ -45,6 +47,7 @@ COUNTER = bytes.fromhex(
 RESTORE = """
 import sys, time
 from kvmlet.machine.machine import Machine
+from kvmlet.snapshot.format import PREAMBLE_SIZE, SnapshotFile, SnapshotWriter
 machine = Machine.restore(sys.argv[1], console_echo_fd=1)
 machine.start()
 while machine.console.transcript().count(b"\\n") < 200:
@@ -219,3 +222,38 @@ def test_a_device_without_save_state_refuses_the_snapshot_and_the_guest_goes_on(
         wait_for_lines(machine, before + 5)
         machine.stop()
     assert not snapshot.exists() and os.listdir(tmp_path) == []
+
+
+def rewrite_state(path: str, change) -> None:
+    """Change a snapshot's state document and seal the file again (valid checksums): what a
+    hand-made file, or one of a kvmlet with another idea of a device, would hold."""
+    with SnapshotFile(path) as snapshot:
+        state, size = snapshot.state, snapshot.ram_size
+        ram_part = os.pread(snapshot.fd, size, PREAMBLE_SIZE)
+    change(state)
+    writer = SnapshotWriter(path, [size])
+    os.pwrite(writer.fd, ram_part, PREAMBLE_SIZE)
+    writer.finish(state)
+    writer.commit()
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda state: state["ram"].pop("banks"), "its state does not fit this kvmlet"),
+        (lambda state: state["vcpus"][0].pop("lapic"), "its state does not fit this kvmlet"),
+        (lambda state: state["vcpus"][0].update(regs=b"short"), "registers of a vCPU is dam"),
+        (lambda state: state["devices"]["com1"].pop("ier"), "com1: the snapshot's state does"),
+        (lambda state: state["devices"].pop("i8042"), "no state for i8042"),
+        (lambda state: state["machine"].update(cpus=0), "--cpus must be between"),
+    ],
+)
+def test_a_state_that_does_not_fit_is_refused_in_one_line(tmp_path, change, message):
+    snapshot = str(tmp_path / "a.snap")
+    with counting_machine() as machine:
+        wait_for_lines(machine, 2)
+        machine.snapshot(snapshot, then="stop")
+    rewrite_state(snapshot, change)
+    with pytest.raises(KvmletError, match=re.escape(message)) as caught:
+        Machine.restore(snapshot)
+    assert "\n" not in str(caught.value)
