@@ -142,6 +142,7 @@ class VirtioBalloon(VirtioDevice):
                 **super().stats(),
                 "target_pages": self.target_pages,
                 "actual_pages": self.actual_pages,
+                "inflated_pages": self.inflated_pages,
                 "inflate_requests": self.inflate_requests,
                 "deflate_requests": self.deflate_requests,
                 "ignored_pfns": self.ignored_pfns,
