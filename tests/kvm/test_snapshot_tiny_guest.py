@@ -18,7 +18,7 @@ import pytest
 
 from kvmlet.devices import Device, PciFunction, Register, RegisterBlock, RegisterDevice
 from kvmlet.errors import KvmletError
-from kvmlet.machine.config import DeviceConfig, MachineConfig
+from kvmlet.machine.config import DeviceConfig, DiskConfig, MachineConfig
 from kvmlet.machine.machine import Machine
 from kvmlet.snapshot.format import PREAMBLE_SIZE, SnapshotFile, SnapshotWriter
 from kvmlet.vstate.vcpu_loop import StopReason
@@ -257,3 +257,33 @@ def test_a_state_that_does_not_fit_is_refused_in_one_line(tmp_path, change, mess
     with pytest.raises(KvmletError, match=re.escape(message)) as caught:
         Machine.restore(snapshot)
     assert "\n" not in str(caught.value)
+
+
+def test_a_disk_changed_since_the_snapshot_is_refused_unless_forced(tmp_path):
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(1 << 20))
+    snapshot = str(tmp_path / "disk.snap")
+    with counting_machine(disks=(DiskConfig(image),)) as machine:
+        wait_for_lines(machine, 2)
+        machine.snapshot(snapshot, then="stop")
+    with Machine.restore(snapshot) as same_disk:  # untouched: restored as it is
+        same_disk.stop()
+    with open(image, "r+b") as disk:
+        disk.write(b"changed behind the snapshot's back")
+    os.utime(image, ns=(0, 1))  # another modification time, whatever the clock's granularity
+    with pytest.raises(KvmletError, match=r"disk .*disk.img changed since it was taken \(mtime"):
+        Machine.restore(snapshot)
+    result = subprocess.run(
+        [sys.executable, "-m", "kvmlet", "run", "--restore", snapshot, "--timeout", "0.2"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1 and "--force restores anyway" in result.stderr
+    forced = subprocess.run(
+        [sys.executable, "-m", "kvmlet", "run", "--restore", snapshot, "--force", "--timeout", "1"],
+        capture_output=True,
+        timeout=60,
+    )
+    assert forced.returncode == 124  # it ran until the timeout
+    assert len(numbers(forced.stdout.rpartition(b"\n")[0] + b"\n")) > 10
