@@ -1,11 +1,15 @@
 """Bus dispatch benchmark: flat-table lookup, full dispatch and rebuild, against references.
 
-Prints one JSON line per case with `case`, `ranges`, `ns_per_op` (best of several repeats)
-and, for lookups, ratios to two references measured in the same run on the same 1,000 random
+Prints one JSON line per case with `case`, `ranges`, `ns_per_op` (best of several repeats) and,
+for lookups, ratios to two references measured in the same run on the same 1,000 random
 register addresses: a dict keyed by exact address (the cheapest possible, but it only works for
 exact hits) and a linear scan over the ranges (what a naive bus does). `lookup_N` is the
-dispatcher's lookup (the view's address memo, then a bisect); `lookup_bisect_N` is the bisect
-alone, what every first access to an address costs.
+dispatcher's lookup (the view's address memo, its page index, then `entry_for`);
+`lookup_cold_N` is the same lookup with the memo emptied before each round, what every first
+access to an address costs (the page index answers for device pages, `entry_for` bisects the
+rest; either answer goes into the memo); `lookup_bisect_N` is a bisect over all range starts,
+the cold lookup before the page index; `page_index_N` is building a view's page index, which
+its first lookup pays once.
 
     python3 benchmarks/dispatch.py [--quick]
 """
@@ -26,19 +30,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from kvmlet.bus import (
     AccessSizes,
     AddressSpace,
+    ContainerRegion,
     IoRegion,
     RamRegion,
     RecordingListener,
     mmio_space,
     port_io_space,
 )
+from kvmlet.bus.flat import MEMO_LIMIT, FlatView
 from kvmlet.bus.pci import BarAllocator, BarKind, PciDevice, PciHostBridge, PciWindow
 from kvmlet.bus.watch import Watch, WatchList
 from kvmlet.machine.record import Recorder
 
 BASE = 0xC000_0000
 STRIDE = 0x1000
-TARGETS = {"lookup_1536": 150, "dispatch_plain_read": 1000, "rebuild_bar_move_1536": 2_000_000}
+TARGETS = {
+    "lookup_1536": 150,
+    "lookup_cold_1536": 150,
+    "dispatch_plain_read": 1000,
+    "rebuild_bar_move_1536": 2_000_000,
+}
 
 
 class Registers:
@@ -107,7 +118,26 @@ def lookup_cases(ranges: int, rounds: int) -> list[dict]:
             for address in addresses:
                 entry = view.memo.get(address)
                 if entry is None:
-                    entry = view.entry_for(address)
+                    entry = view.page_entry(address >> view.page_shift)
+                    if entry is None:
+                        entry = view.entry_for(address)
+                    elif len(view.memo) < MEMO_LIMIT:
+                        view.memo[address] = entry
+                if address + 4 > entry[0]:
+                    raise AssertionError("probe missed")
+        return rounds * len(addresses)
+
+    def cold_lookup():
+        for _ in range(rounds):
+            view.memo.clear()
+            for address in addresses:
+                entry = view.memo.get(address)
+                if entry is None:
+                    entry = view.page_entry(address >> view.page_shift)
+                    if entry is None:
+                        entry = view.entry_for(address)
+                    elif len(view.memo) < MEMO_LIMIT:
+                        view.memo[address] = entry
                 if address + 4 > entry[0]:
                     raise AssertionError("probe missed")
         return rounds * len(addresses)
@@ -139,7 +169,18 @@ def lookup_cases(ranges: int, rounds: int) -> list[dict]:
                         break
         return scan_rounds * len(addresses)
 
+    def build_index():
+        fresh = FlatView(space.name, False, space.root, space.size)
+        fresh.entry_for(0)
+        return 1
+
+    def build_view():
+        FlatView(space.name, False, space.root, space.size)
+        return 1
+
+    index_ns = best_ns(build_index, repeats=10) - best_ns(build_view, repeats=10)
     flat_ns = best_ns(flat_lookup) - overhead
+    cold_ns = best_ns(cold_lookup) - overhead
     bisect_ns = best_ns(bisect_lookup) - overhead
     dict_ns = best_ns(dict_lookup) - overhead
     linear_ns = best_ns(linear_scan, repeats=5) - overhead
@@ -153,12 +194,20 @@ def lookup_cases(ranges: int, rounds: int) -> list[dict]:
             "vs_linear_scan": round(flat_ns / linear_ns, 4),
         },
         {
+            "case": f"lookup_cold_{ranges}",
+            "ranges": assigned,
+            "ns_per_op": round(cold_ns, 1),
+            "vs_dict": round(cold_ns / dict_ns, 2),
+            "vs_linear_scan": round(cold_ns / linear_ns, 4),
+        },
+        {
             "case": f"lookup_bisect_{ranges}",
             "ranges": assigned,
             "ns_per_op": round(bisect_ns, 1),
             "vs_dict": round(bisect_ns / dict_ns, 2),
             "vs_linear_scan": round(bisect_ns / linear_ns, 4),
         },
+        {"case": f"page_index_{ranges}", "ranges": assigned, "ns_per_op": round(index_ns)},
         {"case": f"reference_dict_{ranges}", "ranges": assigned, "ns_per_op": round(dict_ns, 1)},
         {
             "case": f"reference_linear_scan_{ranges}",
@@ -166,6 +215,64 @@ def lookup_cases(ranges: int, rounds: int) -> list[dict]:
             "ns_per_op": round(linear_ns, 1),
         },
     ]
+
+
+VIRTIO_PCI_PARTS = ((0x0000, 0x38), (0x1000, 4), (0x2000, 0x3C), (0x3000, 8), (0x4000, 0x30))
+"""Offsets and sizes of the register blocks of a virtio-pci BAR (common, ISR, device, notify,
+MSI-X table): each at the start of its own page, the rest of the page unassigned."""
+
+
+def subpage_lookup_case(bars: int, rounds: int) -> dict:
+    """The first-access lookup where device registers are smaller than a page: `bars`
+    virtio-pci-like BARs of 32 KiB, probed at their register blocks."""
+    space = mmio_space()
+    with space.transaction():
+        space.root.add_subregion(0, RamRegion("ram", 1 << 20, bytearray(1 << 20)))
+        for bar in range(bars):
+            container = ContainerRegion(f"bar{bar}", 0x8000)
+            for part, (offset, size) in enumerate(VIRTIO_PCI_PARTS):
+                region = IoRegion(f"bar{bar}.{part}", size, Registers(), impl=AccessSizes(4, 4))
+                container.add_subregion(offset, region)
+            space.root.add_subregion(BASE + 0x8000 * bar, container)
+    view = space.view
+    generator = random.Random(bars)
+    addresses = [
+        BASE + 0x8000 * generator.randrange(bars) + generator.choice(VIRTIO_PCI_PARTS)[0]
+        for _ in range(1000)
+    ]
+    overhead = loop_overhead(addresses)
+
+    def cold_lookup():
+        for _ in range(rounds):
+            view.memo.clear()
+            for address in addresses:
+                entry = view.memo.get(address)
+                if entry is None:
+                    entry = view.page_entry(address >> view.page_shift)
+                    if entry is None:
+                        entry = view.entry_for(address)
+                    elif len(view.memo) < MEMO_LIMIT:
+                        view.memo[address] = entry
+                if address + 4 > entry[0]:
+                    raise AssertionError("probe missed")
+        return rounds * len(addresses)
+
+    starts, entries = view.starts, view.entries
+
+    def bisect_lookup():
+        for _ in range(rounds):
+            for address in addresses:
+                entries[bisect_right(starts, address) - 1]
+        return rounds * len(addresses)
+
+    cold_ns = best_ns(cold_lookup) - overhead
+    return {
+        "case": f"lookup_cold_subpage_{bars * len(VIRTIO_PCI_PARTS)}",
+        "ranges": len(view.assigned()) - 1,
+        "ns_per_op": round(cold_ns, 1),
+        "bisect_ns": round(best_ns(bisect_lookup) - overhead, 1),
+        "what": "first access to a register block smaller than a page (virtio-pci BARs)",
+    }
 
 
 def dispatch_cases(ranges: int, rounds: int) -> list[dict]:
@@ -320,6 +427,7 @@ def main() -> None:
     results = []
     for ranges in (4, 20, 200, 1536):
         results += lookup_cases(ranges, rounds)
+    results.append(subpage_lookup_case(307, rounds))
     for ranges in (20, 1536):
         results += dispatch_cases(ranges, max(1, rounds // 4))
     results += [rebuild_case(20), rebuild_case(1536), pci_rebuild_case()]

@@ -1,13 +1,13 @@
 """virtio-blk throughput seen from the guest: kvmlet against QEMU, same kernel, same image.
 
 In the default guest, a tiny static C program (compiled here, added to a copy of the default
-initrd as a second cpio archive) reads /dev/vda sequentially in 1 MiB requests, writes it in
-1 MiB requests, and reads 4 KiB blocks at random aligned offsets, all with O_DIRECT so every
-request reaches the virtio-blk device; each phase runs for a fixed time and the guest reports
-bytes, requests and seconds by its own clock. The same guest command runs under kvmlet (virtio
-over PCI, then MMIO) and under `qemu-system-x86_64 -enable-kvm` with virtio-blk-pci, on a fresh
-image of the same size for each run, interleaved (QEMU, kvmlet-pci, kvmlet-mmio, repeated) so a
-slow phase of the host hits every one of them.
+initrd as a second cpio archive) reads /dev/vda sequentially in 1 MiB requests, writes it in 1
+MiB requests, and reads 4 KiB blocks at random aligned offsets, one at a time and then 8 at
+once (Linux AIO), all with O_DIRECT so every request reaches the virtio-blk device; each phase
+runs for a fixed time and the guest reports bytes, requests and seconds by its own clock. The
+same guest command runs under kvmlet (virtio over PCI, then MMIO) and under `qemu-system-x86_64
+-enable-kvm` with virtio-blk-pci, on a fresh image of the same size for each run, interleaved
+(QEMU, kvmlet-pci, kvmlet-mmio, repeated) so a slow phase of the host hits every one of them.
 
 The guest waits for a console line before each phase, so the host reads counters around each
 phase alone: for both monitors the CPU time of their process (in the guest, user, system: the
@@ -61,22 +61,33 @@ from kvmlet.vstate.host_profile import detect  # noqa: E402
 MIB = 1 << 20
 GUEST_PROGRAM = "/bin/blkbench"
 BOOT_TIMEOUT = 300.0
-PHASES = (("seqread", 1 * MIB), ("seqwrite", 1 * MIB), ("randread", 4096))
+QUEUE_DEPTH = 8
+PHASES = (
+    ("seqread", 1 * MIB),
+    ("seqwrite", 1 * MIB),
+    ("randread", 4096),
+    (f"randread_qd{QUEUE_DEPTH}", 4096),
+)
 RESULT = re.compile(
     r"blkbench: (?P<mode>\w+) bytes=(?P<bytes>\d+) requests=(?P<requests>\d+) "
     r"seconds=(?P<seconds>[\d.]+)"
 )
 
 BLKBENCH_C = r"""
-/* Times O_DIRECT requests on a block device: sequential read or write, or random reads. */
+/* Times O_DIRECT requests on a block device: sequential read or write, or random reads, one
+ * at a time or (randread_qdN) N in flight at once through Linux AIO. */
 #define _GNU_SOURCE
 #include <fcntl.h>
+#include <linux/aio_abi.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
+
+#define MAX_DEPTH 64
 
 static double now(void) {
     struct timespec ts;
@@ -84,50 +95,101 @@ static double now(void) {
     return ts.tv_sec + ts.tv_nsec / 1e9;
 }
 
+static uint64_t state = 0x9e3779b97f4a7c15ULL;
+
+static long random_block(long blocks) {
+    state ^= state << 13; state ^= state >> 7; state ^= state << 17;
+    return (long)(state % (uint64_t)blocks);
+}
+
+static int queued_reads(int fd, long block, long blocks, double seconds, int depth,
+                        uint64_t *requests, double *elapsed) {
+    aio_context_t context = 0;
+    struct iocb blocks_in_flight[MAX_DEPTH], *submitted[MAX_DEPTH];
+    struct io_event events[MAX_DEPTH];
+    if (syscall(SYS_io_setup, depth, &context) < 0) { perror("io_setup"); return 1; }
+    for (int i = 0; i < depth; i++) {
+        void *buffer;
+        if (posix_memalign(&buffer, 4096, block)) return 1;
+        memset(&blocks_in_flight[i], 0, sizeof blocks_in_flight[i]);
+        blocks_in_flight[i].aio_fildes = fd;
+        blocks_in_flight[i].aio_lio_opcode = IOCB_CMD_PREAD;
+        blocks_in_flight[i].aio_buf = (uint64_t)(uintptr_t)buffer;
+        blocks_in_flight[i].aio_nbytes = block;
+        blocks_in_flight[i].aio_offset = (int64_t)random_block(blocks) * block;
+        submitted[i] = &blocks_in_flight[i];
+    }
+    double start = now();
+    if (syscall(SYS_io_submit, context, depth, submitted) != depth) {
+        perror("io_submit");
+        return 1;
+    }
+    long in_flight = depth;
+    int stopping = 0;
+    while (in_flight) {
+        long done = syscall(SYS_io_getevents, context, 1, depth, events, NULL);
+        if (done < 0) { perror("io_getevents"); return 1; }
+        in_flight -= done;
+        *elapsed = now() - start;
+        stopping = stopping || *elapsed >= seconds;
+        for (long i = 0; i < done; i++) {
+            if (events[i].res != block) { fprintf(stderr, "short read\n"); return 1; }
+            (*requests)++;
+            if (stopping) continue;
+            struct iocb *again = (struct iocb *)(uintptr_t)events[i].obj;
+            again->aio_offset = (int64_t)random_block(blocks) * block;
+            if (syscall(SYS_io_submit, context, 1, &again) != 1) { perror("io_submit"); return 1; }
+            in_flight++;
+        }
+    }
+    *elapsed = now() - start;
+    return 0;
+}
+
 int main(int argc, char **argv) {
     if (argc != 5) {
-        fprintf(stderr, "usage: blkbench seqread|seqwrite|randread DEVICE BLOCK SECONDS\n");
+        fprintf(stderr, "usage: blkbench seqread|seqwrite|randread|randread_qdN DEVICE BLOCK"
+                        " SECONDS\n");
         return 2;
     }
     const char *mode = argv[1];
     long block = atol(argv[3]);
     double seconds = atof(argv[4]);
     int writing = strcmp(mode, "seqwrite") == 0;
-    int random_access = strcmp(mode, "randread") == 0;
+    int random_access = strncmp(mode, "randread", 8) == 0;
+    int depth = strncmp(mode, "randread_qd", 11) == 0 ? atoi(mode + 11) : 1;
     int fd = open(argv[2], (writing ? O_WRONLY : O_RDONLY) | O_DIRECT);
     if (fd < 0) { perror("open"); return 1; }
     off_t size = lseek(fd, 0, SEEK_END);
     long blocks = size / block;
     void *buffer;
-    if (blocks <= 0 || posix_memalign(&buffer, 4096, block)) {
-        fprintf(stderr, "bad device size or block\n");
+    if (blocks <= 0 || depth < 1 || depth > MAX_DEPTH || posix_memalign(&buffer, 4096, block)) {
+        fprintf(stderr, "bad device size, block or depth\n");
         return 1;
     }
     memset(buffer, 0x5a, block);
-    uint64_t state = 0x9e3779b97f4a7c15ULL, requests = 0;
+    uint64_t requests = 0;
     long next = 0;
-    double start = now(), elapsed = 0;
-    while (elapsed < seconds) {
-        long index;
-        if (random_access) {
-            state ^= state << 13; state ^= state >> 7; state ^= state << 17;
-            index = (long)(state % (uint64_t)blocks);
-        } else {
-            index = next;
+    double elapsed = 0;
+    if (depth > 1) {
+        if (queued_reads(fd, block, blocks, seconds, depth, &requests, &elapsed)) return 1;
+    } else {
+        double start = now();
+        while (elapsed < seconds) {
+            long index = random_access ? random_block(blocks) : next;
             next = (next + 1) % blocks;
+            ssize_t done = writing ? pwrite(fd, buffer, block, (off_t)index * block)
+                                   : pread(fd, buffer, block, (off_t)index * block);
+            if (done != block) { perror("io"); return 1; }
+            requests++;
+            elapsed = now() - start;
         }
-        ssize_t done = writing ? pwrite(fd, buffer, block, (off_t)index * block)
-                               : pread(fd, buffer, block, (off_t)index * block);
-        if (done != block) { perror("io"); return 1; }
-        requests++;
-        elapsed = now() - start;
     }
     printf("blkbench: %s bytes=%llu requests=%llu seconds=%.6f\n", mode,
            (unsigned long long)(requests * block), (unsigned long long)requests, elapsed);
     return 0;
 }
 """
-
 
 # -- the guest side -------------------------------------------------------------------------
 
@@ -337,8 +399,8 @@ def run_qemu(kernel: Path, initrd: Path, image: Path, seconds: float) -> tuple[d
 
 
 def figure(mode: str, result: dict[str, float]) -> tuple[str, float, str]:
-    if mode == "randread":
-        return "randread_4k_iops", result["requests"] / result["seconds"], "IOPS"
+    if mode.startswith("randread"):
+        return f"{mode}_4k_iops", result["requests"] / result["seconds"], "IOPS"
     return f"{mode}_1m_mibps", result["bytes"] / MIB / result["seconds"], "MiB/s"
 
 

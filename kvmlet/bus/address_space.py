@@ -2,13 +2,18 @@
 
 `read`/`write` are the vCPU run loop's hot path. The common case (an aligned access of a width
 the handler implements, no byte swap, inside one range) costs one lookup (the view's address
-memo, else a bisect), one tuple unpack, one lock and one handler call; everything else
-(splitting, widening, byte swapping, straddling, unassigned addresses, invalid widths) takes
-`_access`, the general path. A handler that raises is logged and counted, never propagated:
-the access reads all-ones or is dropped.
+memo, else its page index, else `entry_for`), one tuple unpack, one lock and one handler call;
+everything else (splitting, widening, byte swapping, straddling, unassigned addresses, invalid
+widths) takes `_access`, the general path. A handler that raises is counted, never
+propagated: the access reads all-ones or is dropped; the first failures of a region are logged
+with their traceback, later ones only counted (a guest can hit a device bug in a loop).
 
-After each rebuild, listeners get the difference from the previous view: RAM sections and
-event notifiers removed, then added. A listener added late gets the current state as adds.
+After each rebuild, each listener gets the difference between the new view and what it has
+accepted so far: RAM sections and event notifiers removed, then added. A listener that raises
+(KVM refusing a slot or an ioeventfd) has refused that one change: the rest still goes to it,
+the refusal is counted and logged, and the refused change is offered again at every later
+rebuild, so the listener converges on the view instead of drifting from it. A listener added
+late gets the current state as adds.
 """
 
 from __future__ import annotations
@@ -19,11 +24,13 @@ from typing import Protocol
 
 from kvmlet.bus import transactions
 from kvmlet.bus.access import read_region, write_region
-from kvmlet.bus.flat import FlatView, IoEventNotifier, MemorySection
+from kvmlet.bus.flat import MEMO_LIMIT, FlatView, IoEventNotifier, MemorySection
 from kvmlet.bus.region import ContainerRegion, Region
-from kvmlet.errors import LazyLogger
+from kvmlet.errors import LazyLogger, RateLimitedLog
 
 log = LazyLogger("kvmlet.bus")
+_handler_log = RateLimitedLog(log)
+_listener_log = RateLimitedLog(log)
 
 PORT_IO_SIZE = 1 << 16
 MMIO_SIZE = 1 << 64
@@ -65,8 +72,11 @@ class AddressSpace:
         self.unassigned_total = 0
         self.invalid_accesses = 0
         self.handler_errors = 0
+        self.listener_errors = 0
         self.rebuilds = 0
         self._view = FlatView(name, port_io, self.root, size)
+        # Per listener: the sections and notifiers it has accepted.
+        self._accepted: dict[int, tuple[set[MemorySection], set[IoEventNotifier]]] = {}
 
     def __repr__(self) -> str:
         return f"<AddressSpace {self.name!r} size={self.size:#x}>"
@@ -83,41 +93,79 @@ class AddressSpace:
     def rebuild(self) -> None:
         """Re-render the flat view, publish it, and tell listeners what changed."""
         with transactions.lock:
-            old = self._view
             new = FlatView(self.name, self.port_io, self.root, self.size)
             self._view = new
             self.rebuilds += 1
-            if self.listeners:
-                self._notify(old, new)
+            for listener in list(self.listeners):
+                self._commit(listener, new)
 
-    def _notify(self, old: FlatView, new: FlatView) -> None:
-        gone_notifiers = sorted(old.notifiers - new.notifiers, key=_notifier_key)
-        gone_sections = sorted(old.sections - new.sections, key=_section_key)
-        new_sections = sorted(new.sections - old.sections, key=_section_key)
-        new_notifiers = sorted(new.notifiers - old.notifiers, key=_notifier_key)
-        for listener in list(self.listeners):
-            for notifier in gone_notifiers:
-                listener.eventfd_removed(notifier)
-            for section in gone_sections:
-                listener.region_removed(section)
-            for section in new_sections:
-                listener.region_added(section)
-            for notifier in new_notifiers:
-                listener.eventfd_added(notifier)
+    def _commit(self, listener: MemoryListener, view: FlatView) -> None:
+        """Bring `listener` from what it accepted to `view`: removals first, then additions;
+        each change it refuses stays pending for the next commit."""
+        sections, notifiers = self._accepted[id(listener)]
+        if sections == view.sections and notifiers == view.notifiers:
+            return
+        steps = (
+            (
+                listener.eventfd_removed,
+                notifiers,
+                sorted(notifiers - view.notifiers, key=_notifier_key),
+                False,
+            ),
+            (
+                listener.region_removed,
+                sections,
+                sorted(sections - view.sections, key=_section_key),
+                False,
+            ),
+            (
+                listener.region_added,
+                sections,
+                sorted(view.sections - sections, key=_section_key),
+                True,
+            ),
+            (
+                listener.eventfd_added,
+                notifiers,
+                sorted(view.notifiers - notifiers, key=_notifier_key),
+                True,
+            ),
+        )
+        for call, accepted, changes, adding in steps:
+            for change in changes:
+                try:
+                    call(change)
+                except Exception:
+                    self._listener_refused(listener, call.__name__, change)
+                    continue
+                if adding:
+                    accepted.add(change)
+                else:
+                    accepted.discard(change)
+
+    def _listener_refused(self, listener: object, what: str, change: object) -> None:
+        self.listener_errors += 1
+        _listener_log.warning(
+            (self.name, what),
+            "%s: %s refused %s of %r (offered again at the next change)",
+            self.name,
+            type(listener).__name__,
+            what,
+            change,
+            exc_info=True,
+        )
 
     def add_listener(self, listener: MemoryListener) -> None:
         """Register `listener` and replay the current sections and notifiers to it as adds."""
         with transactions.lock:
             self.listeners.append(listener)
-            view = self._view
-            for section in sorted(view.sections, key=_section_key):
-                listener.region_added(section)
-            for notifier in sorted(view.notifiers, key=_notifier_key):
-                listener.eventfd_added(notifier)
+            self._accepted[id(listener)] = (set(), set())
+            self._commit(listener, self._view)
 
     def remove_listener(self, listener: MemoryListener) -> None:
         with transactions.lock:
             self.listeners.remove(listener)
+            del self._accepted[id(listener)]
 
     def add_trace(self, hook: TraceHook) -> None:
         """Call `hook` on every access, beside the hooks already added (`remove_trace` takes
@@ -149,7 +197,11 @@ class AddressSpace:
         view = self._view
         entry = view.memo.get(address)
         if entry is None:
-            entry = view.entry_for(address)
+            entry = view.page_entry(address >> view.page_shift)
+            if entry is None:
+                entry = view.entry_for(address)
+            elif len(view.memo) < MEMO_LIMIT:
+                view.memo[address] = entry
         end, delta, direct, lock, read, _, region = entry
         offset = address - delta
         if address + size <= end and size in direct and not offset & (size - 1):
@@ -179,7 +231,11 @@ class AddressSpace:
         view = self._view
         entry = view.memo.get(address)
         if entry is None:
-            entry = view.entry_for(address)
+            entry = view.page_entry(address >> view.page_shift)
+            if entry is None:
+                entry = view.entry_for(address)
+            elif len(view.memo) < MEMO_LIMIT:
+                view.memo[address] = entry
         end, delta, direct, lock, _, write, region = entry
         offset = address - delta
         if address + size <= end and size in direct and not offset & (size - 1):
@@ -264,13 +320,15 @@ class AddressSpace:
 
     def _handler_failed(self, region: Region, address: int, size: int, is_write: bool) -> None:
         self.handler_errors += 1
-        log.exception(
+        _handler_log.error(
+            (self.name, region.name),
             "%s: handler of %r failed on %d-byte %s at %#x",
             self.name,
             region.name,
             size,
             "write" if is_write else "read",
             address,
+            exc_info=True,
         )
 
     def regions(self) -> Iterator[Region]:
@@ -315,6 +373,7 @@ class AddressSpace:
             "unassigned_writes": dict(self.unassigned_writes),
             "invalid_accesses": self.invalid_accesses,
             "handler_errors": self.handler_errors,
+            "listener_errors": self.listener_errors,
         }
 
 

@@ -26,7 +26,14 @@ UNASSIGNED_START = -(1 << 66)
 """Start of the first unassigned range, so negative addresses still land on a range."""
 MEMO_LIMIT = 4096
 """Addresses a view remembers; guests use few register addresses, so this bounds a hostile
-guest's probing without costing a well-behaved one a bisect per access."""
+guest's probing without costing a well-behaved one a lookup per access."""
+PAGE_SHIFT = 12
+"""MMIO pages are 4 KiB; in the port I/O space every port is a page of its own (shift 0)."""
+INDEXED_RANGE_LIMIT = 1 << 16
+"""Ranges up to this size (device registers) have their pages in the view's page index;
+larger ones (RAM, the gaps between devices) are found through the memo and by bisection."""
+PAGE_INDEX_LIMIT = 1 << 14
+"""Pages one view indexes at most (bounds its memory and the rebuild's time)."""
 
 
 class FlatRange(NamedTuple):
@@ -54,8 +61,15 @@ class _KeyedRecord:
         return hash(self._key(self))
 
     def __repr__(self) -> str:
-        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
+        fields = ", ".join(f"{name}={self._field_repr(name)}" for name in self.__slots__)
         return f"{type(self).__name__}({fields})"
+
+    def _field_repr(self, name: str) -> str:
+        value = getattr(self, name)
+        if name == "backing":  # guest RAM: its type and size, not its bytes
+            size = len(value) if hasattr(value, "__len__") else "?"
+            return f"<{type(value).__name__} of {size}>"
+        return repr(value)
 
 
 class MemorySection(_KeyedRecord):
@@ -218,9 +232,27 @@ class FlatView:
 
     `starts` and `entries` serve the dispatcher: entry i is (end, start - offset, direct
     widths, lock, read, write, region) for the range beginning at starts[i]. `memo` maps
-    addresses already looked up to their entry; the view never changes, so neither do they."""
+    addresses already looked up to their entry; the view never changes, so neither do they.
+    The page index covers the pages small ranges touch (4 KiB in MMIO, single ports in port
+    I/O): `page_entry(address >> page_shift)` gives, for a page holding one assigned range
+    that starts at or before the page, that range's entry (the dispatcher's second try, after
+    the memo: device registers start their page); `_shared_pages` maps a page several assigned
+    ranges share to their starts and entries. The index is built by the view's first
+    `entry_for`, not at the rebuild: most rebuilds (a guest sizing BARs) are followed by other
+    rebuilds before any access."""
 
-    __slots__ = ("_ranges", "entries", "memo", "notifiers", "sections", "starts")
+    __slots__ = (
+        "_ranges",
+        "_shared_pages",
+        "entries",
+        "memo",
+        "notifiers",
+        "page_entry",
+        "page_shift",
+        "pages",
+        "sections",
+        "starts",
+    )
 
     def __init__(self, name: str, port_io: bool, root: Region, size: int):
         painted, with_notifiers = render(root, size)
@@ -244,6 +276,10 @@ class FlatView:
         self.starts = [flat[0] for flat in ranges]
         self.entries = entries
         self.memo: dict[int, tuple] = {}
+        self.pages: dict[int, tuple] = {}
+        self.page_entry = self.pages.get
+        self.page_shift = 0 if port_io else PAGE_SHIFT
+        self._shared_pages: dict[int, list] | None = None
         self.sections = frozenset(_ram_sections(name, ranges, ram_regions))
         notifiers = set()
         for region, base in with_notifiers:
@@ -265,9 +301,24 @@ class FlatView:
         self.notifiers = frozenset(notifiers)
 
     def entry_for(self, address: int) -> tuple:
-        """The dispatch entry covering `address`, by bisection; remembered in `memo` (the
-        dispatcher's first try) while it holds fewer than MEMO_LIMIT addresses."""
-        entry = self.entries[bisect_right(self.starts, address) - 1]
+        """The dispatch entry covering `address`: from the page index, or by bisection (then
+        remembered in `memo`, the dispatcher's first try, while it holds fewer than MEMO_LIMIT
+        addresses)."""
+        shared_pages = self._shared_pages
+        if shared_pages is None:  # two threads may both build it: the same index either way
+            shared_pages = self._shared_pages = _index_pages(
+                self._ranges, self.starts, self.entries, self.pages, self.page_shift
+            )
+        page = address >> self.page_shift
+        entry = self.pages.get(page)
+        if entry is not None and address < entry[0]:
+            return entry
+        shared = shared_pages.get(page)
+        if shared is None:
+            entry = self.entries[bisect_right(self.starts, address) - 1]
+        else:
+            starts, entries = shared
+            entry = entries[bisect_right(starts, address) - 1]
         if len(self.memo) < MEMO_LIMIT:
             self.memo[address] = entry
         return entry
@@ -288,6 +339,50 @@ class FlatView:
     def assigned(self) -> list[FlatRange]:
         """The ranges that show a region (gaps left out)."""
         return [FlatRange(*flat) for flat in self._ranges if flat[2] is not None]
+
+
+def _index_pages(
+    ranges: list[tuple],
+    starts: list[int],
+    entries: list[tuple],
+    pages: dict[int, tuple],
+    shift: int,
+) -> dict[int, list]:
+    """Fill `pages` for the pages that ranges of at most INDEXED_RANGE_LIMIT bytes touch, and
+    return the shared pages (page number -> [starts, entries]).
+
+    A page maps to the entry of the range holding its first byte when no other assigned range
+    touches it: every access in the page starts at or after that range's start, so the
+    dispatcher's fast path is right for it, and an access past its end (unassigned space)
+    fails the fast path's end check and takes the general path. A page several assigned
+    ranges share is bisected over its own few ranges instead."""
+    mask = (1 << shift) - 1
+    touched = set()
+    for index, (start, end, region, _) in enumerate(ranges):
+        if region is None or end - start > INDEXED_RANGE_LIMIT:
+            continue
+        first, last = -(-start >> shift), end >> shift  # the pages wholly inside
+        if last - first == 1:
+            pages[first] = entries[index]
+        elif first < last:
+            pages.update(dict.fromkeys(range(first, last), entries[index]))
+        if start & mask:
+            touched.add(start >> shift)
+        if end & mask:
+            touched.add(end >> shift)
+        if len(pages) + len(touched) >= PAGE_INDEX_LIMIT:
+            break
+    shared: dict[int, list] = {}
+    for page in touched:
+        base = page << shift
+        low = bisect_right(starts, base) - 1
+        high = bisect_left(starts, base + mask + 1)
+        assigned = [index for index in range(low, high) if ranges[index][2] is not None]
+        if assigned == [low]:
+            pages[page] = entries[low]
+        else:
+            shared[page] = [starts[low:high], entries[low:high]]
+    return shared
 
 
 def _ram_sections(name: str, ranges: list[tuple], ram: set[Region]) -> list[MemorySection]:

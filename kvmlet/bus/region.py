@@ -89,6 +89,9 @@ class AccessSizes:
 BYTES_1_TO_4 = AccessSizes(1, 4, False)
 """An `IoRegion`'s default rules: aligned accesses of 1, 2 or 4 bytes."""
 _insertion_order = itertools.count()
+_yielding_order = itertools.count(-1, -1)
+"""Ranks of regions placed with `yielding`: older than every region placed normally, and each
+one older than the previous yielding placement."""
 _DEFAULT_LOCK: Any = object()
 
 
@@ -133,9 +136,12 @@ class Region:
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r} size={self.size:#x} at +{self.offset:#x}>"
 
-    def add_subregion(self, offset: int, region: Region, priority: int = 0) -> None:
+    def add_subregion(
+        self, offset: int, region: Region, priority: int = 0, *, yielding: bool = False
+    ) -> None:
         """Place `region` at `offset` inside this one. Where placed regions overlap, the higher
-        priority wins, then the one added later."""
+        priority wins, then the one added later; a `yielding` placement loses to every sibling
+        of its priority already placed (a BAR the guest maps onto another device's)."""
         if region.parent is not None or region.spaces:
             raise ValueError(f"region {region.name!r} is already placed")
         if offset < 0:
@@ -144,27 +150,36 @@ class Region:
             region.parent = self
             region.offset = offset
             region.priority = priority
-            region._sequence = next(_insertion_order)
+            region._sequence = next(_yielding_order if yielding else _insertion_order)
             self.subregions.append(region)
             self._sort_subregions()
             self._changed()
 
     def remove_subregion(self, region: Region) -> None:
+        """Take `region` out; returns once no vCPU can still be dispatching to it through an
+        old view (at the end of the outermost transaction, or of the caller's hold of the bus
+        lock), so its device may be torn down then."""
         if region.parent is not self:
             raise ValueError(f"{region.name!r} is not a subregion of {self.name!r}")
         with transactions.lock:
             self.subregions.remove(region)
             region.parent = None
             self._changed()
+            transactions.lock.removals += 1
 
     def _sort_subregions(self) -> None:
         self.subregions.sort(key=lambda child: (-child.priority, -child._sequence))
 
-    def move(self, offset: int) -> None:
-        """Change this region's offset inside its parent."""
+    def move(self, offset: int, *, yielding: bool = False) -> None:
+        """Change this region's offset inside its parent; `yielding` ranks it below every
+        sibling of its priority from now on, as if placed before all of them."""
         if offset < 0:
             raise ValueError(f"region {self.name!r}: negative offset {offset:#x}")
         with transactions.lock:
+            if yielding and self.parent is not None:
+                self._sequence = next(_yielding_order)
+                self.parent._sort_subregions()
+                self._changed()
             if offset != self.offset:
                 self.offset = offset
                 self._changed()

@@ -11,8 +11,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import math
 import os
 import sys
+import threading
 import time
 from typing import TYPE_CHECKING
 
@@ -40,8 +42,9 @@ control: the machine answers its API on $XDG_RUNTIME_DIR/kvmlet/NAME.sock (else
 
 exit status: 0 when the guest reset or powered off (or you quit), 3 triple fault,
 4 KVM could not run or emulate the guest, 5 guest crash, 6 this host cannot run the guest's
-user space (host profile pvm), 7 a watchpoint's check failed, 124 timeout, 1 a usage or
-setup error; a write of V to the --debug-exit port: (V << 1) | 1 (its low 8 bits).
+user space (host profile pvm), 7 a watchpoint's check failed, 8 a KVM system event kvmlet does
+not know, 124 timeout, 1 a usage or setup error; a write of V to the --debug-exit port:
+(V << 1) | 1 (its low 8 bits).
 """
 
 REPLAY_EPILOG = """\
@@ -57,6 +60,27 @@ examples:
 The command runs as root in kvmlet's default guest; its output is printed and its exit status
 is kvmlet's. Nothing of the guest remains afterwards.
 """
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with kvmlet's way of reporting mistakes: one line, exit status 1 (argparse
+    prints its usage and exits 2)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        command = self.prog.removeprefix("kvmlet").strip()
+        hint = f"kvmlet {command} --help" if command else "kvmlet --help"
+        raise KvmletError(f"{message} (see {hint})")
+
+
+def _seconds(text: str) -> float:
+    """A --timeout: a finite number of seconds above 0 that a wait can take."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= threading.TIMEOUT_MAX:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds above 0")
+    return value
 
 
 def _add_machine_arguments(parser: argparse.ArgumentParser) -> None:
@@ -93,7 +117,7 @@ def _add_machine_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--timeout",
-        type=float,
+        type=_seconds,
         default=None,
         metavar="SECONDS",
         help="stop the guest after this long (exit status 124)",
@@ -121,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     width = _help_width()
     plain = functools.partial(argparse.HelpFormatter, width=width)
     raw_description = functools.partial(argparse.RawDescriptionHelpFormatter, width=width)
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="kvmlet",
         formatter_class=plain,
         description="A lightweight KVM virtual machine monitor: boots a Linux kernel directly, "
@@ -405,9 +429,13 @@ def _command_run(args: argparse.Namespace) -> int:
         sigterm.deliver()
         with RawTerminal(0) as terminal:  # raw mode only when stdin is a terminal
             interactive = terminal.is_tty
-            machine = _machine(args, interactive)
+            # Held while the machine is built: raised from the handler there, the error could
+            # land in code that takes any exception for a device's or KVM's refusal.
+            with sigterm.held():
+                machine = _machine(args, interactive)
             server = None
             try:
+                sigterm.deliver()
                 sigterm.machine = machine
                 machine.start()
                 from kvmlet.api.server import ApiServer  # after start: not before the guest runs
@@ -524,8 +552,8 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)
     except KvmletError as error:
         print(f"kvmlet: {error}", file=sys.stderr)

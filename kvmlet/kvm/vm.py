@@ -153,8 +153,9 @@ class Vm:
 
     def remove_memory(self, slot: int) -> None:
         """Delete a slot made by `add_memory` and free its number."""
-        region = self.memory.pop(slot)
+        region = self.memory[slot]
         self.set_memory_region(slot, region.guest_address, 0, region.host_address)
+        del self.memory[slot]
         self.slots.release(slot)
 
     # -- interrupts -------------------------------------------------------------------------

@@ -191,6 +191,8 @@ class MachineConfig:
             raise KvmletError(f"--debug-exit port {self.debug_exit_port:#x} is not 0-0xfffc")
         for device in self.devices:
             device.check()
+        for text in (self.params, *self.extra_parameters):
+            _check_kernel_parameters(text)
 
     def to_document(self) -> dict[str, Any]:
         """The configuration as a snapshot keeps it (plain values; file names absolute). The
@@ -263,3 +265,15 @@ def with_default_guest(
 
     guest = ensure_default_guest(progress=progress)
     return replace(config, kernel=guest.vmlinux, initrd=config.initrd or guest.initrd)
+
+
+def _check_kernel_parameters(text: str) -> None:
+    """Kernel parameters are UTF-8 text without NUL (which would end the command line early);
+    a byte that is not UTF-8 reaches us from argv as a lone surrogate."""
+    try:
+        text.encode()
+    except UnicodeEncodeError as error:
+        bad = text[error.start : error.end].encode(errors="surrogateescape")
+        raise KvmletError(f"kernel parameters must be UTF-8 text, not {bad!r}") from None
+    if "\0" in text:
+        raise KvmletError("kernel parameters cannot contain a NUL character")

@@ -3,10 +3,10 @@ shutdown, snapshot, describe, stats; a base class of `Machine`, kept apart so th
 machine.py stays a list of parts.
 
 Pause holds every vCPU where the watchpoints park them for a break (outside KVM_RUN, at an
-instruction boundary, after any port I/O or MMIO completed), then the queue worker between two
-notifications, then freezes the guest's kvmclock (vstate/clock.py); resume undoes the three in
-the other order. Shutdown asks first (Ctrl-Alt-Del on the i8042) and stops from the host after
-a grace period.
+instruction boundary, after any port I/O or MMIO completed), then every virtio device's worker
+between two rounds with no request in flight, then freezes the guest's kvmclock
+(vstate/clock.py); resume undoes the three in the other order. Shutdown asks first
+(Ctrl-Alt-Del on the i8042) and stops from the host after a grace period.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from kvmlet.machine.snapshot import SnapshotResult
 
 PAUSE_TIMEOUT = 5.0
-"""Seconds `pause()` waits for the vCPUs and the queue worker to reach a safe point."""
+"""Seconds `pause()` waits for the vCPUs and the devices' workers to reach a safe point."""
 
 
 class Controls:
@@ -43,7 +43,7 @@ class Controls:
 
     def pause(self: Machine, timeout: float = PAUSE_TIMEOUT) -> None:
         """Hold every vCPU outside the guest at an instruction boundary (each parks in the run
-        loop's interruption callback, watchpoints.py), the queue worker between notifications,
+        loop's interruption callback, watchpoints.py), every device's worker between rounds,
         and freeze the guest's kvmclock (vstate/clock.py); returns once all of it holds, so
         call it from outside the vCPU threads (a watch callback returns BREAK instead).
         Pausing a paused machine does nothing; KvmletError when it is not running or a vCPU

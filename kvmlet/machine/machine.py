@@ -15,7 +15,7 @@ of KVM_RUN with a signal.
 The machine is programmable while it runs: `add_device` hot-adds a device model of the user's
 (docs/devices.md), `watch` puts a callback on a range of ports or MMIO that can log, check or
 break (`pause` every vCPU and hand control to the caller until `resume`, see watchpoints.py).
-`pause()` also quiesces the queue worker and freezes the guest's kvmclock (vstate/clock.py),
+`pause()` also quiesces every device's worker and freezes the guest's kvmclock (vstate/clock.py),
 `shutdown()` asks the guest to stop before stopping it, and `describe()`/`stats()` report on
 the machine: the control API (kvmlet/api) is built on these.
 """
@@ -32,10 +32,10 @@ from typing import TYPE_CHECKING, Any
 
 from kvmlet.boot import PciInterrupt, inspect_kernel, load_kernel
 from kvmlet.boot.memory_map import PCI_IO_WINDOW, PCI_MMIO_WINDOW, MemoryMap
-from kvmlet.bus import AddressSpace, RamRegion, mmio_space, port_io_space
+from kvmlet.bus import AddressSpace, RamRegion, mmio_space, port_io_space, transactions
 from kvmlet.bus.pci import BarAllocator, PciHostBridge, PciWindow
 from kvmlet.bus.watch import Access, Watch, WatchCallback, current_vcpu, set_current_vcpu
-from kvmlet.errors import KvmletError
+from kvmlet.errors import KvmletError, LazyLogger
 from kvmlet.host.console import Console
 from kvmlet.host.report import format_stats, trace_printer
 from kvmlet.host.terminal import EscapeAction, EscapeFilter
@@ -68,6 +68,10 @@ KICK_SIGNAL = signal.SIGRTMIN + 4
 """Sent to a vCPU thread to make KVM_RUN return (its handler does nothing)."""
 KICK_INTERVAL = 0.05
 """Seconds between kicks while waiting for vCPU threads to stop."""
+VCPU_STOP_TIMEOUT = 10.0
+"""Seconds `wait` and `close` wait for the vCPU threads to leave after a stop."""
+
+log = LazyLogger(__name__)
 
 
 def _install_kick_handler() -> None:
@@ -339,6 +343,7 @@ class Machine(Controls):
         set_current_vcpu(vcpu.id)
         if self.first_run_at is None:
             self.first_run_at = time.monotonic()
+        reader = transactions.register_reader()  # its dispatches end region removals' grace
         try:
             stop = run_vcpu(
                 vcpu,
@@ -348,9 +353,12 @@ class Machine(Controls):
                 fixup,
                 lambda failed: describe_vcpu(failed, self.memory),
                 self.exit_counts[vcpu.id],
+                reader,
             )
         except Exception as error:  # a bug in kvmlet: report it instead of hanging the guest
             stop = GuestStop(StopReason.MONITOR_ERROR, f"{type(error).__name__}: {error}", vcpu.id)
+        finally:
+            transactions.unregister_reader(reader)
         if stop is not None:
             self.stop(stop.reason, stop.detail, vcpu=stop.vcpu)
 
@@ -427,11 +435,11 @@ class Machine(Controls):
                 with contextlib.suppress(ProcessLookupError, TypeError):
                     signal.pthread_kill(thread.ident, KICK_SIGNAL)
 
-    def _join_vcpu_threads(self, timeout: float = 10.0) -> bool:
+    def _join_vcpu_threads(self) -> bool:
         """Wait for the vCPU threads to leave, kicking again meanwhile: a kick can land just
         before a thread re-enters KVM_RUN, and a vCPU waiting for INIT/SIPI on some KVMs
-        does not look at immediate_exit. False if one is still running after `timeout`."""
-        deadline = time.monotonic() + timeout
+        does not look at immediate_exit. False if one still runs after VCPU_STOP_TIMEOUT."""
+        deadline = time.monotonic() + VCPU_STOP_TIMEOUT
         while any(thread.is_alive() for thread in self._threads):
             if time.monotonic() >= deadline:
                 return False
@@ -460,19 +468,29 @@ class Machine(Controls):
         """Wait for the guest to stop; on timeout stop it and report TIMEOUT."""
         if self.started is None:
             raise KvmletError("start() the machine before waiting for it")
+        if timeout is not None and not 0 <= timeout <= threading.TIMEOUT_MAX:
+            raise KvmletError(f"cannot wait {timeout!r} seconds for the guest")
         if not self._stopped.wait(timeout):
             self.stop(StopReason.TIMEOUT)  # the caller knows how long it waited
         if not self._join_vcpu_threads():
-            raise KvmletError("a vCPU thread did not stop within 10 s of the guest's stop")
+            raise KvmletError(
+                f"a vCPU thread did not stop within {VCPU_STOP_TIMEOUT:g} s of the guest's stop"
+            )
         self.console.flush()
         assert self._stop is not None
         return self._stop
 
     def close(self) -> None:
-        """Stop the guest if it runs and release every resource (safe to call twice)."""
+        """Stop the guest if it runs and release every resource (safe to call twice).
+
+        A vCPU thread that does not stop (stuck in a device handler) may still use the vCPU,
+        the VM, guest RAM and every device: then nothing is released, with a warning, and a
+        later `close` tries again. Devices whose worker is stuck likewise stay open."""
         if self.started is not None and not self._stopped.is_set():
             self.stop(StopReason.HOST_QUIT, "closed")
-        self._join_vcpu_threads()
+        if not self._join_vcpu_threads():
+            log.warning("a vCPU thread did not stop: the machine's resources stay open")
+            return
         while self._closers:
             self._closers.pop()()
 

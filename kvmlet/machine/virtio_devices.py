@@ -4,7 +4,9 @@ Device models know nothing of transports; this module creates them from the conf
 puts each behind virtio-pci (a PCI function the guest finds by enumeration, MSI-X through
 irqfd) or virtio-mmio (a register block announced on the kernel command line, a level ISA
 interrupt). Either way every queue's doorbell is an ioeventfd a `QueueWorker` thread waits on:
-a guest kick never exits to Python.
+a guest kick never exits to Python. Each device has a worker of its own (with helper threads
+for a device that serves several requests at once), so one slow device never holds up another;
+a pause holds every one of them.
 
 Each device model and transport module is imported when the configuration asks for it, so a
 boot without disks never loads virtio-blk, and one on PCI never loads virtio-mmio.
@@ -13,10 +15,11 @@ boot without disks never loads virtio-blk, and one on PCI never loads virtio-mmi
 from __future__ import annotations
 
 import os
+import time
 from typing import TYPE_CHECKING
 
 from kvmlet.boot.memory_map import VIRTIO_MMIO_DEVICE_SIZE, VIRTIO_MMIO_WINDOW
-from kvmlet.errors import KvmletError
+from kvmlet.errors import KvmletError, LazyLogger
 from kvmlet.virtio.worker import Doorbell, QueueWorker, doorbell
 from kvmlet.vstate.interrupts import IrqfdLine, KvmIrqLine
 
@@ -43,6 +46,12 @@ def intx_irq(slot: int) -> int:
     return PCI_INTX_IRQS[(slot - 1) % len(PCI_INTX_IRQS)]
 
 
+WORKER_STOP_TIMEOUT = 5.0
+"""Seconds `close` waits for each device's worker (a transfer stuck in host I/O holds it)."""
+
+log = LazyLogger(__name__)
+
+
 class VirtioDevices:
     """Creates, wires and runs the virtio devices of a machine."""
 
@@ -53,12 +62,13 @@ class VirtioDevices:
         self.transports: list[VirtioPci | VirtioMmio] = []
         self.console: VirtioConsole | None = None
         self.balloon: VirtioBalloon | None = None
-        self.worker = QueueWorker("virtio")
+        self.workers: list[QueueWorker] = []
         self._doorbells: list[Doorbell] = []
         self._lines: list[IrqfdLine] = []
         self._parameters: list[str] = []
         self._started = False
         self.transport_kind = config.virtio_transport
+        self.left_open = False
         try:
             if config.disks:
                 from kvmlet.virtio.blk import DiskOptions, VirtioBlock
@@ -99,7 +109,7 @@ class VirtioDevices:
                 irq = MMIO_IRQS[index]
                 transport = VirtioMmio(device, KvmIrqLine(machine.vm, irq))
                 machine.mmio.root.add_subregion(base, transport.region)
-                self._add_doorbells(device, transport)
+                self._add_doorbells(device, transport, self._worker_for(device, index))
                 self._parameters.append(transport.kernel_parameter(base, irq))
                 self.transports.append(transport)
 
@@ -115,37 +125,55 @@ class VirtioDevices:
                 irq = intx_irq(slot)
                 line = IrqfdLine(machine.vm, irq, level=True)
                 self._lines.append(line)
-                self.worker.watch(line.resample_fd, line.resampled)
+                worker = self._worker_for(device, index)
+                worker.watch(line.resample_fd, line.resampled)
                 transport = VirtioPci(device, router.controller(), line)
                 transport.config.set(0x3C, 1, irq)  # interrupt line, as firmware would set it
                 machine.pci.attach(transport, slot=slot)
                 machine.bar_allocator.assign(transport)
-                self._add_doorbells(device, transport)
+                self._add_doorbells(device, transport, worker)
                 self.transports.append(transport)
 
-    def _add_doorbells(self, device: VirtioDevice, transport: VirtioPci | VirtioMmio) -> None:
+    def _worker_for(self, device: VirtioDevice, index: int) -> QueueWorker:
+        """The device's own worker, with a thread per request it may serve at once."""
+        worker = QueueWorker(f"{device.name}{index}", device.concurrency)
+        self.workers.append(worker)
+        return worker
+
+    def _add_doorbells(
+        self, device: VirtioDevice, transport: VirtioPci | VirtioMmio, worker: QueueWorker
+    ) -> None:
         for queue in range(device.queue_count):
             bell = doorbell(device, queue)
             self._doorbells.append(bell)
             transport.add_doorbell(queue, bell.eventfd)
-            self.worker.add(bell)
+            worker.add(bell)
 
     def kernel_parameters(self) -> list[str]:
         """Command-line words announcing devices (virtio-mmio) to the guest kernel."""
         return list(self._parameters)
 
     def start(self) -> None:
-        """Start the doorbell worker thread."""
-        self.worker.start()
+        """Start the devices' workers."""
         self._started = True
+        for worker in self.workers:
+            worker.start()
 
     def pause(self, timeout: float) -> bool:
-        """Hold the queue worker between notifications (see `QueueWorker.pause`); False when
-        a device stayed busy for `timeout` seconds (then `resume()`)."""
-        return self.worker.pause(timeout)
+        """Hold every device's worker between two rounds, with no request in flight (see
+        `QueueWorker.pause`); False when a device stayed busy for `timeout` seconds (then
+        `resume()`)."""
+        deadline = time.monotonic() + timeout
+        # Ask them all first, so that they reach their safe points together.
+        paused = [worker.pause(0) for worker in self.workers]
+        for index, worker in enumerate(self.workers):
+            if not paused[index]:
+                paused[index] = worker.pause(max(0.0, deadline - time.monotonic()))
+        return all(paused)
 
     def resume(self) -> None:
-        self.worker.resume()
+        for worker in self.workers:
+            worker.resume()
 
     def state_owners(self) -> dict[str, object]:
         """Each transport (which saves its device with it), named as in the statistics."""
@@ -184,19 +212,28 @@ class VirtioDevices:
         return entries
 
     def stats(self) -> dict[str, object]:
-        stats: dict[str, object] = {"worker": self.worker.stats()}
+        stats: dict[str, object] = {"workers": {w.name: w.stats() for w in self.workers}}
         for index, transport in enumerate(self.transports):
             stats[f"{transport.device.name}{index}"] = transport.stats()
         return stats
 
-    def close(self) -> None:
-        """Stop the worker, then release doorbells, lines and devices (the machine owns the
-        MSI routes)."""
+    def close(self) -> bool:
+        """Stop the workers, then release doorbells, lines and devices (the machine owns the
+        MSI routes); False, with everything left open, when a worker is still running (stuck
+        in host I/O): closing a descriptor it may still use could hand its number, and the
+        guest's data or an interrupt, to another file."""
         if self._started:
-            self.worker.stop()
+            stopped = [worker.stop(WORKER_STOP_TIMEOUT) for worker in self.workers]
+            if not all(stopped):
+                if not self.left_open:
+                    log.warning("virtio devices left open: a worker is still running")
+                self.left_open = True
+                return False
         for bell in self._doorbells:
             bell.close()
         for line in self._lines:
             line.close()
         for device in self.devices:
             device.close()
+        self.left_open = False
+        return True

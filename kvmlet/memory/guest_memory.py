@@ -25,6 +25,7 @@ import mmap
 import operator
 import os
 import struct
+import threading
 from collections.abc import Iterator, Sequence
 
 from kvmlet.errors import GuestMemoryError, KvmletError
@@ -42,6 +43,19 @@ _MANY_BUFFERS = 8
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
+_FENCE = threading.Lock()
+
+
+def full_barrier() -> None:
+    """A full memory barrier between this thread's guest-memory stores before it and its loads
+    after it (the StoreLoad order x86 does not otherwise give, needed wherever a device
+    publishes an index and then reads the driver's, as virtio's event index requires).
+
+    Python has no fence of its own. Acquiring and releasing a lock are atomic read-modify-write
+    instructions (glibc's semaphores, or CPython's own mutex from 3.13), which on x86 carry the
+    `lock` prefix: every store issued before them is visible before any load issued after."""
+    _FENCE.acquire()
+    _FENCE.release()
 
 
 class RamBank:

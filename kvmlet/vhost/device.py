@@ -8,11 +8,12 @@ queue its size, base (the next available index), the host addresses of its rings
 
 - kick: the queue's doorbell. The wiring registers it with the transport (`add_doorbell`), so
   KVM signals it on the guest's notify write and the backend wakes without Python; a kick that
-  does reach Python (`notify`) is passed on to it.
+  does reach Python (`notify`) is passed on to it. It is never a worker's doorbell (the backend
+  reads it): `connect_kick` refuses a backend queue.
 - call: the queue's interrupt. The backend signals it when it used buffers (it applied the
   driver's suppression itself). The wiring either binds it to the queue's MSI-X vector as a KVM
-  irqfd, or watches it (`eventfd_watches`) and `relay_call` raises the transport's queue
-  interrupt (INTx, virtio-mmio, a masked vector).
+  irqfd, or watches it on the device's own worker (`eventfd_watches` → `QueueWorker.watch`)
+  and `relay_call` raises the transport's queue interrupt (INTx, virtio-mmio, a masked vector).
 - err: the backend found the ring broken; watched too, it puts the device in NEEDS_RESET.
 
 A driver reset, and a queue disabled (virtio-mmio), takes the rings back with GET_VRING_BASE
@@ -124,11 +125,11 @@ class VhostDevice(VirtioDevice):
         self._paused_rings: list[int] = []
         self._started = False
         self._log_failure = True
-        self._kicks: list[int] = []
-        self._calls: list[int] = []
-        self._errs: list[int] = []
+        self._kick_fds: list[int] = []
+        self._call_fds: list[int] = []
+        self._err_fds: list[int] = []
         try:
-            for fds in (self._kicks, self._calls, self._errs):
+            for fds in (self._kick_fds, self._call_fds, self._err_fds):
                 fds.extend(_eventfd() for _ in range(backend_queues))
         except OSError:
             self._close_eventfds()
@@ -139,18 +140,29 @@ class VhostDevice(VirtioDevice):
     def kick_eventfd(self, queue_index: int) -> int:
         """The doorbell of a backend queue: give it to the transport's `add_doorbell` (and to
         no worker: the backend reads it)."""
-        return self._kicks[queue_index]
+        return self._kick_fds[queue_index]
 
     def call_eventfd(self, queue_index: int) -> int:
         """The interrupt eventfd of a backend queue, signalled by the backend."""
-        return self._calls[queue_index]
+        return self._call_fds[queue_index]
 
     def eventfd_watches(self) -> list[tuple[int, Callable[[], None]]]:
         """(eventfd, callback) pairs for a `QueueWorker.watch`: every call eventfd (relayed as
         the queue's interrupt) and every err eventfd."""
-        calls = [(fd, functools.partial(self.relay_call, i)) for i, fd in enumerate(self._calls)]
-        errs = [(fd, functools.partial(self.vring_error, i)) for i, fd in enumerate(self._errs)]
+        calls = [(fd, functools.partial(self.relay_call, i)) for i, fd in enumerate(self._call_fds)]
+        errs = [(fd, functools.partial(self.vring_error, i)) for i, fd in enumerate(self._err_fds)]
         return calls + errs
+
+    def connect_kick(self, queue_index: int, kick: Callable[[], None] | None) -> None:
+        """A worker's doorbell for a queue the device keeps; the backend's queues have their
+        kick eventfd, which the backend reads (a worker draining it would steal its kicks)."""
+        if queue_index < self.backend_queues:
+            raise ValueError(f"{self.name}: queue {queue_index} is kicked through its backend")
+        super().connect_kick(queue_index, kick)
+
+    def serve(self, queue_index: int, lend_hand: Callable[[], None] | None = None) -> bool:
+        """Python never pops a descriptor: the backend serves its queues, the others stay idle."""
+        return False
 
     def relay_call(self, queue_index: int) -> None:
         """The backend signalled queue `queue_index`'s call eventfd (already read): interrupt
@@ -178,8 +190,8 @@ class VhostDevice(VirtioDevice):
         if not 0 <= queue_index < self.queue_count:
             return
         self.queue_stats[queue_index].notifications += 1
-        if queue_index < self.backend_queues and self._kicks:
-            os.eventfd_write(self._kicks[queue_index], 1)
+        if queue_index < self.backend_queues and self._kick_fds:
+            os.eventfd_write(self._kick_fds[queue_index], 1)
 
     # Handing queues over and taking them back ---------------------------------------------------
 
@@ -210,9 +222,9 @@ class VhostDevice(VirtioDevice):
         frontend.set_vring_num(index, size)
         frontend.set_vring_base(index, queue.last_available)
         frontend.set_vring_addr(index, addresses)
-        frontend.set_vring_kick(index, self._kicks[index])
-        frontend.set_vring_call(index, self._calls[index])
-        frontend.set_vring_err(index, self._errs[index])
+        frontend.set_vring_kick(index, self._kick_fds[index])
+        frontend.set_vring_call(index, self._call_fds[index])
+        frontend.set_vring_err(index, self._err_fds[index])
         self._handed.add(index)
 
     def _take_back(self, indexes: Sequence[int]) -> None:
@@ -357,14 +369,15 @@ class VhostDevice(VirtioDevice):
 
     def stats(self) -> dict[str, object]:
         """The device's counters (its queues' `requests` stay 0: Python never pops), plus the
-        backend's name, its last failure and where it stopped each ring last."""
-        with self._lock:
-            return {
-                **super().stats(),
-                "backend": self.frontend.name,
-                "backend_error": self.backend_error,
-                "vring_bases": dict(self.vring_bases),
-            }
+        backend's name, its last failure and where it stopped each ring last. Read without
+        the register lock, as every device's: a control request stuck on the backend must not
+        hold up the statistics."""
+        return {
+            **super().stats(),
+            "backend": self.frontend.name,
+            "backend_error": self.backend_error,
+            "vring_bases": dict(self.vring_bases),
+        }
 
     def close(self) -> None:
         """Stop the backend's rings (best effort: it may be gone), close it and the eventfds."""
@@ -377,7 +390,7 @@ class VhostDevice(VirtioDevice):
             super().close()
 
     def _close_eventfds(self) -> None:
-        for fds in (self._kicks, self._calls, self._errs):
+        for fds in (self._kick_fds, self._call_fds, self._err_fds):
             for fd in fds:
                 os.close(fd)
             fds.clear()

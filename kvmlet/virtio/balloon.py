@@ -13,6 +13,12 @@ Two optional queues: the statistics queue, on which the driver keeps one buffer 
 reporting, on which the driver lists free blocks of its own (2 MiB and up on x86) that the
 device releases the same way, whatever the target.
 
+Inflate, deflate and reporting are request-driven (`handle_request`, one buffer a request, on
+the device's worker); the statistics queue is not: the device keeps the newest buffer and gives
+it back only when the host wants figures, so its `serve` holds rather than completes. The held
+buffer belongs to one activation of the queue (a reset drops it, it is never pushed into a new
+driver's ring).
+
 The PFN lists come from the guest: a PFN outside RAM is ignored, a page already in the balloon
 is not released twice, at most `MAX_PFNS_PER_REQUEST` PFNs of one buffer are read, and a
 bitmap (one bit per guest page) keeps the count of inflated pages exact.
@@ -24,11 +30,13 @@ import array
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 from kvmlet.errors import GuestMemoryError
 from kvmlet.memory import GuestMemory
 from kvmlet.virtio.device import VirtioDevice
-from kvmlet.virtio.queue import DescriptorChain
+from kvmlet.virtio.queue import DescriptorChain, VirtqueueError
+from kvmlet.virtio.serving import ROUND_REQUESTS, Request
 
 VIRTIO_ID_BALLOON = 5
 
@@ -81,8 +89,9 @@ class VirtioBalloon(VirtioDevice):
             bytes(_CONFIG_SIZE),
         )
         self._inflated = [bytearray(-(-bank.size // PAGE_SIZE) // 8 + 1) for bank in memory]
-        self._statistics_ready = threading.Condition(self._lock)
-        self._held_statistics: int | None = None  # head of the buffer the device keeps
+        # Guards the held statistics buffer and the figures; never held with a ring lock.
+        self._statistics_ready = threading.Condition(threading.Lock())
+        self._held_statistics: tuple[int, int] | None = None  # (head, epoch) the device keeps
         self._reset_counters()
 
     def _reset_counters(self) -> None:
@@ -97,7 +106,8 @@ class VirtioBalloon(VirtioDevice):
         self.statistics: dict[str, int] = {}
         self.statistics_updated: float | None = None  # time.monotonic() of the last update
         self.statistics_updates = 0
-        self._held_statistics = None
+        with self._statistics_ready:
+            self._held_statistics = None
 
     # The host's side ----------------------------------------------------------------------------
 
@@ -123,33 +133,43 @@ class VirtioBalloon(VirtioDevice):
         """Give the guest its statistics buffer back (asking for fresh figures) and wait up to
         `timeout` seconds for them; False when none arrived (no buffer held, a driver without
         the statistics queue, or a paused machine)."""
-        with self._lock:
-            head = self._held_statistics
-            queue_index = self._queue_index(STATISTICS)
-            if head is None or queue_index is None or not self.running:
-                return False
+        queue_index = self._queue_index(STATISTICS)
+        if queue_index is None or not self.running:
+            return False
+        with self._statistics_ready:
+            held, self._held_statistics = self._held_statistics, None
             updates = self.statistics_updates
-            self._held_statistics = None
-            self.queues[queue_index].push(head, 0)
-            self.signal_used(queue_index)
+        if held is None or not self._give_back(queue_index, *held):
+            return False
+        self.signal_used(queue_index)
+        with self._statistics_ready:
             return self._statistics_ready.wait_for(
                 lambda: self.statistics_updates != updates, timeout
             )
 
+    def _give_back(self, queue_index: int, head: int, epoch: int) -> bool:
+        """Return a held statistics buffer, unless its queue was reset since it was taken."""
+        queue = self.queues[queue_index]
+        with queue.lock:
+            if not queue.active or queue.epoch != epoch:
+                return False
+            queue.push(head, 0)
+            return True
+
     def stats(self) -> dict[str, object]:
-        with self._lock:
-            return {
-                **super().stats(),
-                "target_pages": self.target_pages,
-                "actual_pages": self.actual_pages,
-                "inflated_pages": self.inflated_pages,
-                "inflate_requests": self.inflate_requests,
-                "deflate_requests": self.deflate_requests,
-                "ignored_pfns": self.ignored_pfns,
-                "duplicate_pfns": self.duplicate_pfns,
-                "discard_errors": self.discard_errors,
-                "reported_bytes": self.reported_bytes,
-            }
+        """Read without a lock, as every device's."""
+        return {
+            **super().stats(),
+            "target_pages": self.target_pages,
+            "actual_pages": self.actual_pages,
+            "inflated_pages": self.inflated_pages,
+            "inflate_requests": self.inflate_requests,
+            "deflate_requests": self.deflate_requests,
+            "ignored_pfns": self.ignored_pfns,
+            "duplicate_pfns": self.duplicate_pfns,
+            "discard_errors": self.discard_errors,
+            "reported_bytes": self.reported_bytes,
+        }
 
     # Snapshots ----------------------------------------------------------------------------------
 
@@ -193,11 +213,12 @@ class VirtioBalloon(VirtioDevice):
                     self._config[index] = byte
 
     def activate(self) -> None:
-        """DRIVER_OK: serve what the driver posted before it (Linux primes the statistics
-        queue with its first buffer and kicks it before setting DRIVER_OK)."""
+        """DRIVER_OK: have the worker serve what the driver posted before it (Linux primes the
+        statistics queue with its first buffer and kicks it before setting DRIVER_OK, when the
+        device did not serve it yet)."""
         for index, queue in enumerate(self.queues):
             if queue.active:
-                self.guarded(index, self.queue_notified)
+                self.notify(index)
 
     def reset_device(self) -> None:
         """A reset gives every page back to the guest: the balloon starts empty."""
@@ -217,15 +238,26 @@ class VirtioBalloon(VirtioDevice):
             roles.append(REPORTING)
         return roles.index(role) if role in roles else None
 
-    def queue_notified(self, queue_index: int) -> None:
-        if queue_index == self._queue_index(INFLATE):
-            self.process_available(queue_index, self._inflate)
-        elif queue_index == self._queue_index(DEFLATE):
-            self.process_available(queue_index, self._deflate)
-        elif queue_index == self._queue_index(STATISTICS):
-            self._take_statistics(queue_index)
-        elif queue_index == self._queue_index(REPORTING):
-            self.process_available(queue_index, self._report_free_pages)
+    def serve(self, queue_index: int, lend_hand: Callable[[], None] | None = None) -> bool:
+        if queue_index == self._queue_index(STATISTICS):
+            return self._take_statistics(queue_index)
+        return super().serve(queue_index, lend_hand)
+
+    def handle_request(self, request: Request) -> int:
+        role = self._queue_role(request.queue_index)
+        if role == INFLATE:
+            return self._inflate(request.chain)
+        if role == DEFLATE:
+            return self._deflate(request.chain)
+        if role == REPORTING:
+            return self._report_free_pages(request.chain)
+        return 0  # a queue the driver did not negotiate: completed untouched
+
+    def _queue_role(self, queue_index: int) -> str | None:
+        for role in (INFLATE, DEFLATE, REPORTING):
+            if self._queue_index(role) == queue_index:
+                return role
+        return None
 
     def _pfns(self, chain: DescriptorChain) -> list[int]:
         """The distinct PFNs of a request, at most MAX_PFNS_PER_REQUEST, in ascending order."""
@@ -300,22 +332,45 @@ class VirtioBalloon(VirtioDevice):
             return False
         return True
 
-    def _take_statistics(self, queue_index: int) -> None:
+    def _take_statistics(self, queue_index: int) -> bool:
         """Keep the newest statistics buffer (the device returns it to ask for fresh figures);
-        a driver that posts another while one is held gets the older one back at once."""
+        a driver that posts another while one is held gets the older one back at once. A
+        bounded round, like every queue's: True when buffers are left for the next."""
+        if not self.running:
+            return False
         queue = self.queues[queue_index]
-        while True:
-            while (chain := queue.pop()) is not None:
-                if self._held_statistics is not None:
-                    queue.push(self._held_statistics, 0)
-                self._held_statistics = chain.head
-                self.queue_stats[queue_index].requests += 1
-                self.queue_stats[queue_index].bytes_from_guest += chain.readable_length
-                self._read_statistics(chain)
-            # With EVENT_IDX the driver kicks for its next buffer only if avail_event says so.
-            if not queue.enable_notifications():
+        stats = self.queue_stats[queue_index]
+        returned = taken = 0
+        broken, epoch = None, queue.epoch
+        while taken < ROUND_REQUESTS:
+            with queue.lock:
+                if not queue.active:
+                    break
+                epoch = queue.epoch
+                try:
+                    chain = queue.pop()
+                    # With EVENT_IDX the driver kicks for its next buffer only if avail_event
+                    # says so.
+                    if chain is None and queue.enable_notifications():
+                        chain = queue.pop()
+                except (VirtqueueError, GuestMemoryError) as error:
+                    broken = error
+                    break
+            if chain is None:
                 break
-        self.signal_used(queue_index)
+            taken += 1
+            stats.requests += 1
+            stats.bytes_from_guest += chain.readable_length
+            with self._statistics_ready:
+                older, self._held_statistics = self._held_statistics, (chain.head, epoch)
+                self._read_statistics(chain)
+            if older is not None and self._give_back(queue_index, *older):
+                returned += 1
+        if broken is not None:
+            self.fail(f"queue {queue_index}: {broken}", queue_index, epoch)
+        if returned:
+            self.signal_used(queue_index)
+        return taken == ROUND_REQUESTS
 
     def _read_statistics(self, chain: DescriptorChain) -> None:
         count = min(chain.readable_length // _STATISTIC_SIZE, MAX_STATISTICS)
@@ -329,7 +384,7 @@ class VirtioBalloon(VirtioDevice):
         self.statistics = figures
         self.statistics_updated = time.monotonic()
         self.statistics_updates += 1
-        self._statistics_ready.notify_all()
+        self._statistics_ready.notify_all()  # the caller holds it
 
 
 def _runs(pfns: list[int]) -> list[tuple[int, int]]:

@@ -6,6 +6,11 @@ byte in the last writable byte. Data moves between guest RAM and the image with 
 the page cache) before the request completes; T_FLUSH is `fdatasync`. Discard and write-zeroes use
 `fallocate` and are offered only when a probe shows the image's file system supports them.
 
+Requests are served on up to `concurrency` threads at once (a slow disk, or a flush, does not
+hold up the requests behind it), and each completes on its own, in whatever order the host
+finishes them. Every request taken from the ring is completed: one that cannot be served, for
+whatever reason, with VIRTIO_BLK_S_IOERR.
+
 The image is locked with `flock` (exclusive when writable, shared when read-only), so two
 monitors cannot open the same writable image. `parse_disk_option` reads the CLI's
 `-d PATH[,ro][,direct]`.
@@ -28,6 +33,7 @@ from kvmlet.virtio.blk_io import (
 )
 from kvmlet.virtio.device import VirtioDevice
 from kvmlet.virtio.queue import DescriptorChain, slice_views
+from kvmlet.virtio.serving import Request
 
 VIRTIO_ID_BLOCK = 2
 
@@ -101,6 +107,7 @@ class VirtioBlock(VirtioDevice):
 
     device_id = VIRTIO_ID_BLOCK
     name = "virtio-blk"
+    concurrency = 4
 
     def __init__(self, memory: GuestMemory, options: DiskOptions, serial: str | None = None):
         self.options = options
@@ -163,14 +170,36 @@ class VirtioBlock(VirtioDevice):
             self.serial = bytes(state["serial"])[:ID_BYTES]
 
     def close(self) -> None:
+        """Stop using the rings; close the image once no request is in flight (a transfer
+        that outlives shutdown then never writes into a file that got its descriptor number)."""
         super().close()
-        self.image.close()
+        self.when_idle(0, self.image.close)
 
-    def queue_notified(self, queue_index: int) -> None:
-        self.process_available(queue_index, self._handle)
+    def may_block(self, chain: DescriptorChain) -> bool:
+        """Direct I/O waits on the disk, a flush on fdatasync: the chains behind may overlap
+        them. Buffered reads and writes go to the page cache, faster than a thread handoff."""
+        first = chain.first_view
+        return self.options.direct or (len(first) >= 4 and first[0] == VIRTIO_BLK_T_FLUSH)
 
-    def _handle(self, chain: DescriptorChain) -> int:
+    def request_failed(self, request: Request, error: Exception) -> int:
+        """Whatever went wrong, the request completes with VIRTIO_BLK_S_IOERR."""
+        chain = request.chain
+        if chain.writable_length == 0:
+            return 0
+        self._write_status(chain, VIRTIO_BLK_S_IOERR)
+        return 1
+
+    @staticmethod
+    def _write_status(chain: DescriptorChain, status: int) -> None:
+        last = chain.last_view
+        if last:
+            last[-1] = status
+        else:
+            chain.write(bytes([status]), chain.writable_length - 1)
+
+    def handle_request(self, request: Request) -> int:
         """Serve one request; returns the bytes written into the chain (data + status)."""
+        chain = request.chain
         if chain.writable_length == 0:
             return 0
         try:

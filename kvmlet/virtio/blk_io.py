@@ -7,6 +7,9 @@ image is also opened with O_DIRECT: transfers whose file offset and length are a
 through it, through an aligned bounce buffer when a guest buffer is misaligned in memory; the
 rare unaligned transfer goes through the ordinary descriptor (the kernel keeps the page cache
 coherent with direct I/O on the same file).
+
+Several threads use one image at once (positioned I/O only). The device closes it once no
+request is in flight (`VirtioBlock.close`).
 """
 
 from __future__ import annotations
@@ -122,7 +125,7 @@ class ImageIo:
 
     def close(self) -> None:
         for fd in (self.fd, self.direct_fd):
-            if fd is not None:
+            if fd is not None and fd >= 0:
                 os.close(fd)
         self.fd, self.direct_fd = -1, None
 
@@ -134,12 +137,15 @@ class ImageIo:
     @staticmethod
     def _aligned(views: list[memoryview]) -> bool:
         return all(
-            len(view) % DIRECT_ALIGNMENT == 0 and _host_address(view) % DIRECT_ALIGNMENT == 0
+            not view
+            or (len(view) % DIRECT_ALIGNMENT == 0 and _host_address(view) % DIRECT_ALIGNMENT == 0)
             for view in views
         )
 
     def read_into(self, views: list[memoryview], offset: int, length: int) -> int:
         """Fill `views` (`length` bytes) from the image at `offset`; returns `length`."""
+        if not length:
+            return 0
         fd = self._direct_fd_for(offset, length)
         if fd is None or self._aligned(views):
             _transfer(os.preadv, self.fd if fd is None else fd, views, offset, length)
@@ -154,6 +160,8 @@ class ImageIo:
 
     def write_from(self, views: list[memoryview], offset: int, length: int) -> None:
         """Write `views` (`length` bytes) at `offset`; returns once the kernel has all of it."""
+        if not length:
+            return
         fd = self._direct_fd_for(offset, length)
         if fd is None or self._aligned(views):
             _transfer(os.pwritev, self.fd if fd is None else fd, views, offset, length)
@@ -176,7 +184,7 @@ class ImageIo:
         fd = self._direct_fd_for(offset, length)
         if fd is not None and not iovec.page_aligned(DIRECT_ALIGNMENT):
             return 0
-        if iovec.count > IOV_MAX:
+        if iovec.count > IOV_MAX or not length:
             return 0
         with iovec:
             while True:

@@ -6,10 +6,15 @@ space with its generation counter, and the virtqueues. Transports (PCI, MMIO) tr
 registers into calls on it, call `notify(queue)` when the driver kicks a queue, and receive
 interrupts through the `InterruptSink` they connect, so a device never knows its transport.
 
-Register accesses come from vCPU threads while queues are processed on a worker thread: one
-lock per device serialises both. A protocol violation by the driver (a broken chain, rings
-outside RAM) sets DEVICE_NEEDS_RESET and raises a configuration interrupt; the device then
-ignores its queues until the driver resets it.
+Register accesses come from vCPU threads and are serialised by the device's register lock
+(`_lock`); queues are served by worker threads (`serving.RequestServing`), under each queue's
+ring lock only, so a register access never waits for host I/O. The one exception is a reset,
+which, as on hardware, completes once the requests in flight have (`drain`). A protocol
+violation by the driver (a broken chain, rings outside RAM) sets DEVICE_NEEDS_RESET and raises
+a configuration interrupt; the device then ignores its queues until the driver resets it.
+Lock order: register lock, then a ring lock; interrupts are raised with neither held by the
+serving path (a register write that raises one holds the register lock: then the transport's
+locks come after it).
 """
 
 from __future__ import annotations
@@ -19,9 +24,10 @@ import threading
 from collections.abc import Callable
 from typing import Protocol
 
-from kvmlet.errors import GuestMemoryError, KvmletError, LazyLogger
+from kvmlet.errors import KvmletError, LazyLogger
 from kvmlet.memory import GuestMemory
-from kvmlet.virtio.queue import DescriptorChain, Virtqueue, VirtqueueError
+from kvmlet.virtio.queue import Virtqueue, VirtqueueError
+from kvmlet.virtio.serving import RequestServing
 
 log = LazyLogger(__name__)
 
@@ -39,6 +45,9 @@ VIRTIO_F_EVENT_IDX = 29
 VIRTIO_F_VERSION_1 = 32
 
 COMMON_FEATURES = 1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_F_EVENT_IDX | 1 << VIRTIO_F_INDIRECT_DESC
+RESET_DRAIN_TIMEOUT = 30.0
+"""Seconds a reset waits for requests in flight (host I/O) before it goes on without them;
+a request that finishes later is dropped, not pushed into the next driver's rings."""
 
 
 class InterruptKind(enum.Enum):
@@ -74,7 +83,12 @@ class QueueStats:
         self.interrupts = 0
 
 
-class VirtioDevice:
+def _queue_state(queue: Virtqueue) -> dict[str, object]:
+    with queue.lock:
+        return queue.save_state()
+
+
+class VirtioDevice(RequestServing):
     """Base class of the virtio devices: features, status, config space and queues."""
 
     device_id: int = 0
@@ -93,8 +107,10 @@ class VirtioDevice:
         self._config = bytearray(config)
         self._interrupt: InterruptSink | None = None
         self._lock = threading.RLock()
+        self._kicks: list[Callable[[], None] | None] = [None] * len(queue_sizes)
         self.driver_features = 0
         self.status = 0
+        self._init_serving()
 
     def connect_interrupts(self, sink: InterruptSink) -> None:
         """Called by the transport once: where queue and configuration interrupts go."""
@@ -104,8 +120,13 @@ class VirtioDevice:
 
     def save_state(self) -> dict[str, object]:
         """Status, negotiated features, configuration space and generation, and every queue;
-        a device with more state extends it (its own module knows what)."""
+        a device with more state extends it (its own module knows what). KvmletError while
+        a request is in flight (a paused machine's workers have none: see
+        `QueueWorker.pause`): a request half served cannot be carried."""
         with self._lock:
+            busy = [index for index, queue in enumerate(self.queues) if queue.in_flight]
+            if busy:
+                raise KvmletError(f"{self.name}: a request of queue {busy[0]} is in flight")
             return {
                 "status": self.status,
                 "device_features": self.device_features,
@@ -113,7 +134,7 @@ class VirtioDevice:
                 "config": bytes(self._config),
                 "config_generation": self.config_generation,
                 "last_error": self.last_error,
-                "queues": [queue.save_state() for queue in self.queues],
+                "queues": [_queue_state(queue) for queue in self.queues],
             }
 
     def load_state(self, state: dict) -> None:
@@ -138,7 +159,8 @@ class VirtioDevice:
             self.last_error = state["last_error"]
             for index, (queue, saved) in enumerate(zip(self.queues, state["queues"], strict=True)):
                 try:
-                    queue.load_state(saved)
+                    with queue.lock:
+                        queue.load_state(saved)
                 except VirtqueueError as error:
                     raise KvmletError(f"queue {index}: {error}") from None
 
@@ -185,13 +207,19 @@ class VirtioDevice:
         return accepted & ~self.device_features == 0 and bool(accepted >> VIRTIO_F_VERSION_1 & 1)
 
     def reset(self) -> None:
-        """Device reset: status, features and queues back to their initial state."""
+        """Device reset: status, features and queues back to their initial state, once the
+        requests in flight are done (they are then dropped, not pushed)."""
         with self._lock:
             self.status = 0
             self.driver_features = 0
             self.last_error = None
             for queue in self.queues:
-                queue.reset()
+                with queue.lock:
+                    queue.reset()
+            if not self.drain(RESET_DRAIN_TIMEOUT):
+                self.guest_log.warning(
+                    (self.name, "drain"), "%s: reset with requests still in flight", self.name
+                )
             self.reset_device()
 
     def activate(self) -> None:
@@ -201,23 +229,32 @@ class VirtioDevice:
         """Hook: device-specific state to clear on reset. Devices override as needed."""
 
     def close(self) -> None:
-        """Release guest-memory views and host resources (before guest memory is closed)."""
+        """Stop using the rings (before guest memory is closed). Requests still in flight are
+        dropped when they finish; a device's host resources outlive them (see VirtioBlock)."""
         with self._lock:
             for queue in self.queues:
-                queue.reset()
+                with queue.lock:
+                    queue.reset()
 
     @property
     def running(self) -> bool:
         """DRIVER_OK is set and the device has not given up on the driver."""
         return self.status & (DRIVER_OK | DEVICE_NEEDS_RESET) == DRIVER_OK
 
-    def fail(self, reason: str) -> None:
-        """The driver broke the protocol: set DEVICE_NEEDS_RESET and tell it (§2.1.2)."""
-        log.warning("%s: device needs reset: %s", self.name, reason)
-        self.last_error = reason
-        self.status |= DEVICE_NEEDS_RESET
-        if self.status & DRIVER_OK:
-            self.signal_config()
+    def fail(self, reason: str, queue_index: int | None = None, epoch: int | None = None) -> None:
+        """The driver broke the protocol: set DEVICE_NEEDS_RESET and tell it (§2.1.2). From a
+        queue, `epoch` says which activation of the queue saw it: a failure seen on rings the
+        driver has since reset is no longer the device's state."""
+        with self._lock:
+            if epoch is not None and self.queues[queue_index or 0].epoch != epoch:
+                return
+            self.guest_log.warning(
+                (self.name, "needs reset"), "%s: device needs reset: %s", self.name, reason
+            )
+            self.last_error = reason
+            self.status |= DEVICE_NEEDS_RESET
+            if self.status & DRIVER_OK:
+                self.signal_config()
 
     # Configuration space (§2.5) ---------------------------------------------------------------
 
@@ -303,68 +340,52 @@ class VirtioDevice:
                 return
             queue.ready = ready
             if not ready:
-                queue.deactivate()
+                with queue.lock:
+                    queue.deactivate()
             elif self.status & DRIVER_OK:
                 self._activate_queue(index)
 
     def _activate_queue(self, index: int) -> None:
+        queue = self.queues[index]
         try:
-            self.queues[index].activate(
-                event_index=self.negotiated(VIRTIO_F_EVENT_IDX),
-                indirect=self.negotiated(VIRTIO_F_INDIRECT_DESC),
-            )
+            with queue.lock:
+                queue.activate(
+                    event_index=self.negotiated(VIRTIO_F_EVENT_IDX),
+                    indirect=self.negotiated(VIRTIO_F_INDIRECT_DESC),
+                )
         except VirtqueueError as error:
             self.fail(f"queue {index}: {error}")
 
+    def connect_kick(self, queue_index: int, kick: Callable[[], None] | None) -> None:
+        """Where a kick of `queue_index` that reached a transport register goes: `kick()`
+        (a worker's doorbell) instead of a round on the calling vCPU thread."""
+        self._kicks[queue_index] = kick
+
     def notify(self, queue_index: int) -> None:
-        """The driver kicked queue `queue_index` (from an eventfd worker or a bus handler)."""
-        with self._lock:
-            queue = self._queue(queue_index)
-            if queue is None:
-                return
-            self.queue_stats[queue_index].notifications += 1
-            if self.running and queue.active:
-                self.guarded(queue_index, self.queue_notified)
+        """The driver kicked queue `queue_index` through a transport register (a vCPU thread).
 
-    def guarded(self, queue_index: int, work: Callable[[int], None]) -> None:
-        """Run queue work; a protocol violation by the driver becomes NEEDS_RESET, not a crash."""
-        try:
-            work(queue_index)
-        except (VirtqueueError, GuestMemoryError) as error:
-            self.fail(f"queue {queue_index}: {error}")
-
-    def queue_notified(self, queue_index: int) -> None:
-        """Hook: process what the driver posted on a queue. Devices override it."""
-        raise NotImplementedError
-
-    def process_available(self, queue_index: int, handle: Callable[[DescriptorChain], int]) -> None:
-        """Complete every available chain with `handle(chain) -> bytes written`, then signal."""
-        queue = self.queues[queue_index]
-        stats = self.queue_stats[queue_index]
-        requests = bytes_from_guest = bytes_to_guest = 0
-        try:
-            while True:
-                queue.disable_notifications()
-                while (chain := queue.pop()) is not None:
-                    written = handle(chain)
-                    queue.push(chain.head, written)
-                    requests += 1
-                    bytes_from_guest += chain.readable_length
-                    bytes_to_guest += written
-                if not queue.enable_notifications():
-                    break
-        finally:
-            stats.requests += requests
-            stats.bytes_from_guest += bytes_from_guest
-            stats.bytes_to_guest += bytes_to_guest
-        self.signal_used(queue_index)
+        With a worker connected, its doorbell is rung and the worker serves the queue, so the
+        vCPU goes back to the guest at once; without one (tests, benchmarks), one bounded round
+        runs here."""
+        queue = self._queue(queue_index)
+        if queue is None:
+            return
+        kick = self._kicks[queue_index]
+        if kick is not None:
+            kick()
+            return
+        self.queue_stats[queue_index].notifications += 1
+        self.serve(queue_index)
 
     def signal_used(self, queue_index: int) -> None:
         """Interrupt the driver for used buffers, unless it suppressed that interrupt."""
-        if self.queues[queue_index].needs_interrupt():
-            self.queue_stats[queue_index].interrupts += 1
-            if self._interrupt is not None:
-                self._interrupt(InterruptKind.QUEUE, queue_index)
+        queue = self.queues[queue_index]
+        with queue.lock:
+            wanted = queue.active and queue.needs_interrupt()
+            if wanted:
+                self.queue_stats[queue_index].interrupts += 1
+        if wanted and self._interrupt is not None:
+            self._interrupt(InterruptKind.QUEUE, queue_index)
 
     def signal_config(self) -> None:
         self.config_interrupts += 1
@@ -372,11 +393,12 @@ class VirtioDevice:
             self._interrupt(InterruptKind.CONFIG, None)
 
     def stats(self) -> dict[str, object]:
-        """Counters for the statistics dump: per queue, plus configuration interrupts."""
-        with self._lock:
-            return {
-                "device": self.name,
-                "config_interrupts": self.config_interrupts,
-                "needs_reset": bool(self.status & DEVICE_NEEDS_RESET),
-                "queues": [vars(stats).copy() for stats in self.queue_stats],
-            }
+        """Counters for the statistics dump: per queue, plus configuration interrupts. Read
+        without a lock, so a device busy with its queues (or a reset) answers at once."""
+        return {
+            "device": self.name,
+            "config_interrupts": self.config_interrupts,
+            "needs_reset": bool(self.status & DEVICE_NEEDS_RESET),
+            "device_errors": self.device_errors,
+            "queues": [vars(stats).copy() for stats in self.queue_stats],
+        }

@@ -10,6 +10,13 @@ the device needs is `handle(readable, writable) -> reply length`, a self-contain
 safe on several threads at once, plus `reset()`, `close()` and `stats()`. Linux's data pages
 arrive as buffers of their own, so reads and writes move between guest memory and the file
 directly.
+
+Requests wait on the host's file system, and one may wait long (a read of a FIFO, a lock), so
+up to `concurrency` requests are served at once, each on a thread of the device's worker, and
+each completes when its reply is ready, in whatever order (the driver matches replies by tag,
+and a Tflush is answered while the request it names is still served). A request that finishes
+after the driver reset the device is dropped, not pushed into the new driver's ring; the
+server is reset once every request in flight has finished.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from kvmlet.errors import KvmletError
 from kvmlet.memory import GuestMemory
 from kvmlet.virtio.device import VirtioDevice
 from kvmlet.virtio.queue import DescriptorChain
+from kvmlet.virtio.serving import Request
 
 VIRTIO_ID_9P = 9
 VIRTIO_9P_MOUNT_TAG = 0
@@ -62,6 +70,9 @@ class Virtio9p(VirtioDevice):
 
     device_id = VIRTIO_ID_9P
     name = "virtio-9p"
+    concurrency = 4
+    """Requests in flight at once: Linux's 9p client keeps several (one per task waiting on
+    the share), a blocked one must not hold up the rest, and each takes a host thread."""
 
     def __init__(self, memory: GuestMemory, tag: str, server: NinePServer):
         encoded = check_tag(tag)
@@ -70,15 +81,13 @@ class Virtio9p(VirtioDevice):
         config = _TAG_LENGTH.pack(len(encoded)) + encoded
         super().__init__(memory, [QUEUE_SIZE], 1 << VIRTIO_9P_MOUNT_TAG, config)
 
-    def queue_notified(self, queue_index: int) -> None:
-        # ADOPT (issue 9, per-device workers with several requests in flight): `_serve` is the
-        # whole of one request and the server is thread-safe, so the new serving model can run
-        # chains concurrently and complete them out of order. Until then they are served one
-        # after the other on the queue worker thread, as virtio-blk's are.
-        self.process_available(queue_index, self._serve)
-
-    def _serve(self, chain: DescriptorChain) -> int:
+    def handle_request(self, request: Request) -> int:
+        chain = request.chain
         return self.server.handle(chain.readable_views, chain.writable_views)
+
+    def may_block(self, chain: DescriptorChain) -> bool:
+        """Every 9P request may wait on the host's file system."""
+        return True
 
     def save_state(self) -> dict[str, object]:
         """The device's state, while the guest has no 9P session: a session's fids are open

@@ -9,15 +9,22 @@ Everything in them is written by the guest and therefore hostile. `Virtqueue.pop
 chain with a bounded budget (a loop ends the walk), checks every index against its table, every
 buffer against guest RAM, the readable-before-writable order and the indirect-table rules; any
 violation raises `VirtqueueError`, which the device turns into DEVICE_NEEDS_RESET.
+
+Several threads may serve one queue: `lock` (the ring lock) guards the ring positions and
+views, `in_flight` counts the chains taken and not yet returned, and `epoch` changes with every
+activation and deactivation, so a request that outlives its queue's reset is never pushed into
+the rings of the next driver.
 """
 
 from __future__ import annotations
 
 import struct
 import sys
+import threading
+from collections.abc import Callable
 
 from kvmlet.errors import GuestMemoryError
-from kvmlet.memory import GuestMemory, HostIovec
+from kvmlet.memory import GuestMemory, HostIovec, full_barrier
 
 VIRTQ_DESC_F_NEXT = 1
 VIRTQ_DESC_F_WRITE = 2
@@ -187,7 +194,7 @@ class Virtqueue:
 
     The transport fills in `size`, the three ring addresses and `ready`; the device calls
     `activate()` when the driver sets DRIVER_OK (or readies the queue afterwards), then `pop()`,
-    `push()` and `needs_interrupt()` from its worker thread.
+    `push()` and `needs_interrupt()` from its worker threads, holding `lock` for each.
     """
 
     def __init__(self, memory: GuestMemory, max_size: int):
@@ -195,6 +202,12 @@ class Virtqueue:
             raise ValueError(f"queue size {max_size} is not a power of two up to 32768")
         self.memory = memory
         self.max_size = max_size
+        self.lock = threading.Lock()
+        self.idle = threading.Condition(self.lock)  # notified when in_flight drops to 0
+        self.draining = 0  # threads waiting on `idle`
+        self.on_idle: Callable[[], None] | None = None  # called once when in_flight drops to 0
+        self.in_flight = 0
+        self.epoch = 0
         self._views: tuple[memoryview, ...] = ()
         self.reset()
 
@@ -212,6 +225,7 @@ class Virtqueue:
         for view in self._views:
             view.release()
         self._views = ()
+        self.epoch += 1
         self.active = False
         self.event_index = False
         self.indirect = False
@@ -246,6 +260,7 @@ class Virtqueue:
         self._views = tuple(views)
         self.event_index = event_index
         self.indirect = indirect
+        self.epoch += 1
         self.active = True
 
     def save_state(self) -> dict[str, object]:
@@ -421,12 +436,19 @@ class Virtqueue:
         self.used_index = (self.used_index + 1) & 0xFFFF
         _U16.pack_into(self._used, 2, self.used_index)
 
+    def has_available(self) -> bool:
+        """Whether the driver has posted chains not taken yet (without taking one)."""
+        if self.last_available != self._available_shadow:
+            return True
+        return _U16.unpack_from(self._available, 2)[0] != self.last_available
+
     def needs_interrupt(self) -> bool:
         """Whether the driver wants an interrupt for what was pushed since the last call."""
         old, new = self._signalled_used, self.used_index
         self._signalled_used = new
         if old == new:
             return False
+        full_barrier()  # the used index (stored) before used_event or the flags (loaded)
         if self.event_index:
             used_event = _U16.unpack_from(self._available, 4 + 2 * self.size)[0]
             return vring_need_event(used_event, new, old)
@@ -443,4 +465,5 @@ class Virtqueue:
             _U16.pack_into(self._used, 4 + 8 * self.size, self.last_available)
         else:
             _U16.pack_into(self._used, 0, 0)
+        full_barrier()  # what was just published (stored) before avail.idx (loaded)
         return _U16.unpack_from(self._available, 2)[0] != self.last_available

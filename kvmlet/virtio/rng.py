@@ -10,7 +10,7 @@ import os
 
 from kvmlet.memory import GuestMemory
 from kvmlet.virtio.device import VirtioDevice
-from kvmlet.virtio.queue import DescriptorChain
+from kvmlet.virtio.serving import Request
 
 VIRTIO_ID_ENTROPY = 4
 QUEUE_SIZE = 64
@@ -26,9 +26,7 @@ class VirtioRng(VirtioDevice):
     def __init__(self, memory: GuestMemory):
         super().__init__(memory, [QUEUE_SIZE], 0, b"")
 
-    def queue_notified(self, queue_index: int) -> None:
-        self.process_available(queue_index, self._fill)
-
-    def _fill(self, chain: DescriptorChain) -> int:
+    def handle_request(self, request: Request) -> int:
+        chain = request.chain
         wanted = min(chain.writable_length, MAX_BYTES_PER_REQUEST)
         return chain.write(os.getrandom(wanted)) if wanted else 0

@@ -1,19 +1,30 @@
-"""Queue workers: threads that wait on doorbell eventfds and run the devices' queue work.
+"""Queue workers: threads that wait on doorbell eventfds and serve the devices' queues.
 
 A guest's kick is a write to a notify address that KVM turns into an eventfd signal (an
-ioeventfd) without leaving the kernel. A `QueueWorker` waits on the eventfds of any number of
-doorbells with epoll, reads each signalled counter and calls
-`device.notify(queue_index)`. One worker can serve every device, or the machine can start one per
-device (`workers_per_device`). Other eventfds can be watched too (`watch`), e.g. the resample
-eventfd of a level-triggered irqfd line, and so can descriptors that are not eventfds, such as a
-network backend's socket or tap (`watch_readiness`): the owner of such a `ReadinessWatch` says
-whether it wants to read or write, and is called while the descriptor is ready for that.
+ioeventfd) without leaving the kernel. A `QueueWorker` waits on the eventfds of its doorbells
+with epoll, reads each signalled counter and runs a bounded round of the queue
+(`VirtioDevice.serve`); a queue with work left after its round goes to the back of the line,
+so the worker looks at its other doorbells and at stop and pause requests between rounds
+whatever the guest put in its rings. A kick that reached a transport register instead (no
+ioeventfd for it) rings the same doorbell (`connect_kick`), so queues are only ever served
+here, never on a vCPU.
 
-A device that raises never kills the worker: the error is logged and counted, the device is put
-in DEVICE_NEEDS_RESET, and the other doorbells keep being served. `stop()` wakes the thread
-through its own eventfd and joins it. `pause()` holds the thread between two notifications (a
-paused machine's devices touch no guest memory); kicks that arrive meanwhile stay counted in
-their eventfds and are served after `resume()`.
+The machine runs one worker per device (`workers_per_device`): devices are served
+independently, a slow disk never holds up the console. A worker made with `threads > 1` has
+helper threads: while a queue's requests are slow (host I/O), a round asks for a hand and a
+helper takes the next request, so up to `threads` requests of the queue are in flight at once.
+
+Other eventfds can be watched too (`watch`), e.g. the resample eventfd of a level-triggered
+irqfd line or a vhost backend's call eventfd, and so can descriptors that are not eventfds,
+such as a network backend's socket or tap (`watch_readiness`): the owner of such a
+`ReadinessWatch` says whether it wants to read or write, and is called while the descriptor is
+ready for that. Every callback runs on the poller thread.
+
+A device that raises never kills the worker: the error is counted and logged (rate-limited),
+the device is put in DEVICE_NEEDS_RESET, and the other doorbells keep being served. `pause()`
+holds every thread of the worker between two rounds (a paused machine's devices touch no guest
+memory); kicks that arrive meanwhile stay counted in their eventfds and are served after
+`resume()`. `stop()` wakes the threads and joins them; it says whether they all ended.
 """
 
 from __future__ import annotations
@@ -22,9 +33,11 @@ import contextlib
 import os
 import select
 import threading
+import time
+from collections import deque
 from collections.abc import Callable, Iterable
 
-from kvmlet.errors import LazyLogger
+from kvmlet.errors import LazyLogger, RateLimitedLog
 from kvmlet.virtio.device import VirtioDevice
 
 log = LazyLogger(__name__)
@@ -56,7 +69,8 @@ class Doorbell:
 
     def ring(self) -> None:
         """Signal the doorbell as KVM does for a guest's notify write."""
-        os.eventfd_write(self.eventfd, 1)
+        if self.eventfd >= 0:
+            os.eventfd_write(self.eventfd, 1)
 
     def close(self) -> None:
         if self.eventfd >= 0:
@@ -75,7 +89,7 @@ class ReadinessWatch:
     """A descriptor the worker polls for readiness (level-triggered, nothing drained).
 
     The owner chooses what it waits for with `want(readable, writable)` (nothing at first) and
-    is called as `callback(readable, writable, hangup)` on the worker thread while the
+    is called as `callback(readable, writable, hangup)` on the poller thread while the
     descriptor is ready for it. The kernel reports an error or a hang-up even when nothing is
     wanted, so the owner must `close()` the watch (or stop wanting) once the peer is gone.
     """
@@ -120,36 +134,51 @@ def _drain(fd: int) -> int:
 
 
 class QueueWorker:
-    """One thread serving a set of doorbells (and other watched descriptors)."""
+    """A poller thread serving a set of doorbells (and watched descriptors), with
+    `threads - 1` helper threads it lends to slow queues."""
 
-    def __init__(self, name: str = "virtio-worker"):
+    def __init__(self, name: str = "virtio-worker", threads: int = 1):
         self.name = name
+        self.threads = max(1, threads)
         self.wakeups = 0
         self.notifications = 0
+        self.rounds = 0
+        self.hands_lent = 0
         self.device_errors = 0
         self._epoll = select.epoll()
         self._stop_fd = new_eventfd()
         self._epoll.register(self._stop_fd, select.EPOLLIN)
         # What a signalled descriptor means: a Doorbell, a watched eventfd's callback, a
-        # readiness watch, or None (stop).
+        # readiness watch, or None (the control eventfd: a stop or a pause).
         self._targets: dict[int, Doorbell | ReadinessWatch | Callable[[], None] | None] = {
             self._stop_fd: None
         }
-        self._thread: threading.Thread | None = None
-        self._stopping = False
-        self._pause = threading.Condition()
+        self._ready: deque[Doorbell] = deque()  # queues with work left after their round
+        self._hand_wanted: deque[Doorbell] = deque()
+        self._idle_helpers = 0
+        self._serving_helpers = 0  # helpers inside a round (not at a safe point)
+        # Guards the helpers' hand-offs and the pause; its waiters are helpers and `pause`.
+        self._helping = threading.Condition(threading.Lock())
         self._pause_requested = False
-        self._parked = False
+        self._parked = False  # the poller holds for a pause
+        self._hands: dict[Doorbell, Callable[[], None] | None] = {}
+        self._log = RateLimitedLog(log)
+        self._all: list[threading.Thread] = []
+        self._stopping = False
+        self._closed = False
         self.doorbells: list[Doorbell] = []
 
     def add(self, bell: Doorbell) -> None:
-        """Serve `bell` from now on (before or after `start`)."""
+        """Serve `bell` from now on (before or after `start`); kicks of its queue that reach
+        a transport register ring it too (a device may refuse: ValueError)."""
+        bell.device.connect_kick(bell.queue_index, bell.ring)
         self.doorbells.append(bell)
         self._targets[bell.eventfd] = bell
+        self._hands[bell] = (lambda: self._lend_hand(bell)) if self.threads > 1 else None
         self._epoll.register(bell.eventfd, select.EPOLLIN)
 
     def watch(self, fd: int, callback: Callable[[], None]) -> None:
-        """Call `callback()` on this thread whenever `fd` (an eventfd) is signalled."""
+        """Call `callback()` on the poller thread whenever `fd` (an eventfd) is signalled."""
         self._targets[fd] = callback
         self._epoll.register(fd, select.EPOLLIN)
 
@@ -162,63 +191,93 @@ class QueueWorker:
         self._epoll.register(fd, 0)
         return watch
 
+    @property
+    def _thread(self) -> threading.Thread | None:
+        """The poller thread (None before `start`)."""
+        return self._all[0] if self._all else None
+
     def start(self) -> None:
-        if self._thread is not None:
+        if self._all:
             raise RuntimeError(f"{self.name} already started")
-        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
-        self._thread.start()
+        self._all.append(threading.Thread(target=self._poll, name=self.name, daemon=True))
+        for index in range(1, self.threads):
+            name = f"{self.name}-{index}"
+            self._all.append(threading.Thread(target=self._help, name=name, daemon=True))
+        for thread in self._all:
+            thread.start()
+
+    def stop(self, timeout: float = 5.0) -> bool:
+        """Wake the threads and wait for them; True once every one has ended. The selector is
+        released then (doorbells stay open); with a thread still running (stuck in host I/O),
+        nothing it may use is released, and a later `stop` tries again."""
+        if self._closed:
+            return True
+        with self._helping:
+            self._stopping = True
+            self._helping.notify_all()
+        os.eventfd_write(self._stop_fd, 1)
+        for thread in self._all:
+            thread.join(timeout)
+        alive = [thread.name for thread in self._all if thread.is_alive()]
+        if alive:
+            log.warning("%s: %s did not stop within %.1f s", self.name, ", ".join(alive), timeout)
+            return False
+        self._closed = True
+        self._epoll.close()
+        os.close(self._stop_fd)
+        return True
 
     def pause(self, timeout: float = 5.0) -> bool:
-        """Hold the thread once the notification it is serving is done; False if it is still
-        busy after `timeout` (it then stays asked to pause: call `resume()`)."""
-        with self._pause:
+        """Hold every thread of the worker once the round it is in is done, and wait until no
+        request taken from its queues is in flight; False if that takes longer than `timeout`
+        (the worker then stays asked to pause: call `resume()`)."""
+        deadline = time.monotonic() + timeout
+        with self._helping:
             self._pause_requested = True
-            if self._thread is None or self._stopping:
+            if not self._all or self._stopping:
                 return True
-            os.eventfd_write(self._stop_fd, 1)
-            return self._pause.wait_for(lambda: self._parked, timeout)
+        os.eventfd_write(self._stop_fd, 1)
+        with self._helping:
+            held = self._helping.wait_for(
+                lambda: self._parked and not self._serving_helpers, timeout
+            )
+        if not held:
+            return False
+        while any(bell.device.queues[bell.queue_index].in_flight for bell in self.doorbells):
+            if time.monotonic() >= deadline:  # completed later by a thread of the device's
+                return False
+            time.sleep(0.005)
+        return True
 
     def resume(self) -> None:
-        """Let a paused thread serve its doorbells again."""
-        with self._pause:
+        """Let a paused worker serve its doorbells again."""
+        with self._helping:
             self._pause_requested = False
-            self._pause.notify_all()
+            self._helping.notify_all()
 
     def _hold_while_paused(self) -> None:
-        with self._pause:
+        with self._helping:
             if not self._pause_requested:
                 return
             self._parked = True
-            self._pause.notify_all()
+            self._helping.notify_all()
             while self._pause_requested and not self._stopping:
-                self._pause.wait()
+                self._helping.wait()
             self._parked = False
 
-    def stop(self, timeout: float = 5.0) -> None:
-        """Wake the thread, wait for it, release the selector (doorbells stay open)."""
-        if self._stopping:
-            return
-        with self._pause:
-            self._stopping = True
-            self._pause.notify_all()
-        os.eventfd_write(self._stop_fd, 1)
-        if self._thread is not None:
-            self._thread.join(timeout)
-            if self._thread.is_alive():
-                log.warning("%s did not stop within %.1f s", self.name, timeout)
-                return
-        self._epoll.close()
-        os.close(self._stop_fd)
-
-    def _run(self) -> None:
-        poll, targets = self._epoll.poll, self._targets
+    def _poll(self) -> None:
+        poll, targets, ready, control = self._epoll.poll, self._targets, self._ready, self._stop_fd
         while not self._stopping:
-            for fd, events in poll():
-                target = targets.get(fd)
-                if target is None:  # the control eventfd: a stop or a pause
+            if self._pause_requested:
+                self._hold_while_paused()
+                continue
+            for fd, events in poll(0 if ready else -1):
+                if fd == control:  # a stop or a pause: looked at on the next turn
                     _drain(fd)
-                    self._hold_while_paused()
-                    break
+                    continue
+                target = targets.get(fd)
+                if target is None:  # unwatched since the poll returned
+                    continue
                 self.wakeups += 1
                 if type(target) is ReadinessWatch:
                     self._call_ready(target, events)
@@ -228,51 +287,115 @@ class QueueWorker:
                     continue
                 if type(target) is Doorbell:
                     target.kicks += count
-                    self._ring(target)
+                    target.wakeups += 1
+                    self.notifications += 1
+                    target.device.queue_stats[target.queue_index].notifications += 1
+                    if target not in ready:
+                        ready.append(target)
                 else:
                     self._call(target)
+            for _ in range(len(ready)):
+                if self._stopping or self._pause_requested:
+                    break
+                bell = ready.popleft()
+                if self._serve(bell) and bell not in ready:
+                    ready.append(bell)
 
-    def _ring(self, bell: Doorbell) -> None:
-        bell.wakeups += 1
-        self.notifications += 1
+    def _serve(self, bell: Doorbell) -> bool:
+        """One round of a doorbell's queue; True when work is left."""
+        self.rounds += 1
+        device = bell.device
         try:
-            bell.device.notify(bell.queue_index)
+            return device.serve(bell.queue_index, self._hands[bell])
         except Exception as error:  # a device bug must not stop the other devices
-            log.exception("%s: queue %d failed", bell.device.name, bell.queue_index)
-            bell.device.fail(f"queue {bell.queue_index}: {type(error).__name__}: {error}")
+            self._log.error(
+                (device.name, type(error)),
+                "%s: queue %d failed",
+                device.name,
+                bell.queue_index,
+                exc_info=True,
+            )
+            device.fail(f"queue {bell.queue_index}: {type(error).__name__}: {error}")
             # Counted last: whoever sees the count also sees the device marked failed.
             self.device_errors += 1
+            return False
+
+    def _lend_hand(self, bell: Doorbell) -> None:
+        """A round of `bell`'s queue saw more slow requests waiting: wake an idle helper."""
+        with self._helping:
+            if self._idle_helpers > len(self._hand_wanted):
+                self._hand_wanted.append(bell)
+                self.hands_lent += 1
+                self._helping.notify()
+
+    def _help(self) -> None:
+        while True:
+            with self._helping:
+                self._idle_helpers += 1
+                while (not self._hand_wanted or self._pause_requested) and not self._stopping:
+                    self._helping.wait()
+                self._idle_helpers -= 1
+                if self._stopping:
+                    return
+                bell = self._hand_wanted.popleft()
+                self._serving_helpers += 1
+            try:
+                while not self._stopping:
+                    if self._pause_requested:  # the poller takes the queue up after resume
+                        bell.ring()
+                        break
+                    if not self._serve(bell):
+                        break
+            finally:
+                with self._helping:
+                    self._serving_helpers -= 1
+                    self._helping.notify_all()
 
     def _call(self, callback: Callable[[], None]) -> None:
         try:
             callback()
-        except Exception:
+        except Exception as error:
             self.device_errors += 1
-            log.exception("%s: watched descriptor callback failed", self.name)
+            self._log.error(
+                (callback, type(error)),
+                "%s: watched descriptor callback failed",
+                self.name,
+                exc_info=True,
+            )
 
     def _call_ready(self, watch: ReadinessWatch, events: int) -> None:
         hangup = bool(events & (select.EPOLLHUP | select.EPOLLERR))
         try:
             watch.callback(bool(events & select.EPOLLIN), bool(events & select.EPOLLOUT), hangup)
-        except Exception:
+        except Exception as error:
             self.device_errors += 1
-            log.exception("%s: readiness callback for fd %d failed", self.name, watch.fd)
+            self._log.error(
+                (watch.callback, type(error)),
+                "%s: readiness callback for fd %d failed",
+                self.name,
+                watch.fd,
+                exc_info=True,
+            )
             watch.close()  # a level-triggered descriptor would call the broken callback forever
 
     def stats(self) -> dict[str, int]:
         return {
             "wakeups": self.wakeups,
             "notifications": self.notifications,
+            "rounds": self.rounds,
+            "hands_lent": self.hands_lent,
             "device_errors": self.device_errors,
         }
 
 
 def workers_per_device(doorbells: Iterable[Doorbell]) -> list[QueueWorker]:
-    """One (unstarted) worker per device, each serving that device's doorbells."""
+    """One (unstarted) worker per device, each serving that device's doorbells with as many
+    threads as the device serves requests at once."""
     by_device: dict[int, QueueWorker] = {}
     for bell in doorbells:
         worker = by_device.get(id(bell.device))
         if worker is None:
-            worker = by_device[id(bell.device)] = QueueWorker(f"virtio-{bell.device.name}")
+            name = f"virtio-{bell.device.name}"
+            worker = by_device[id(bell.device)] = QueueWorker(name, bell.device.concurrency)
         worker.add(bell)
     return list(by_device.values())

@@ -3,6 +3,11 @@
 The bus reports every change of its flat view as a difference (sections and notifiers added or
 removed); this listener turns each into the matching KVM call. So when the guest moves a BAR,
 its doorbells' ioeventfds move with it and the guest's notify writes never exit to Python.
+
+When KVM refuses a call (KvmletError), the listener's state is left as KVM's is, and the bus
+offers the change again at its next rebuild. Meanwhile the bus serves what KVM does not carry:
+a doorbell without an ioeventfd exits to its region's handler, which kicks the device; RAM
+without a slot is read and written by the dispatcher through its region.
 """
 
 from __future__ import annotations
@@ -42,7 +47,8 @@ class KvmBusListener:
         )
 
     def region_removed(self, section: MemorySection) -> None:
-        self.vm.remove_memory(self.slots.pop(section).slot)
+        self.vm.remove_memory(self.slots[section].slot)
+        del self.slots[section]
 
     def eventfd_added(self, notifier: IoEventNotifier) -> None:
         _apply(self.vm.assign_ioeventfd, notifier)

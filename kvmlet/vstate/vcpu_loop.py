@@ -2,7 +2,9 @@
 
 Each vCPU runs `run_vcpu` on a thread of its own (KVM_RUN releases the GIL). Port I/O and MMIO
 exits go straight to the bus's `read`/`write`; everything else ends the loop with a
-`GuestStop` saying how the guest stopped. The loop is deliberately flat: every attribute lookup
+`GuestStop` saying how the guest stopped. With a bus `Reader`, the loop makes its sequence odd
+while it handles an exit and even while the guest runs: the quiescent points a region removal
+waits for (`kvmlet.bus.transactions`). The loop is deliberately flat: every attribute lookup
 inside it shows in the exit-cost benchmark (benchmarks/exit_cost.py).
 
 The loop counts its exits by reason in variables of its own frame that a reader function
@@ -17,6 +19,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from kvmlet.bus import AddressSpace
+from kvmlet.bus.transactions import Reader
 from kvmlet.kvm import (
     FailEntryExit,
     HltExit,
@@ -28,7 +31,11 @@ from kvmlet.kvm import (
     SystemEventExit,
     Vcpu,
 )
-from kvmlet.kvm.exits import KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET
+from kvmlet.kvm.exits import (
+    KVM_SYSTEM_EVENT_CRASH,
+    KVM_SYSTEM_EVENT_RESET,
+    KVM_SYSTEM_EVENT_SHUTDOWN,
+)
 
 
 class StopReason(enum.Enum):
@@ -44,6 +51,7 @@ class StopReason(enum.Enum):
     GUEST_CRASH = ("the guest crashed", 5)
     USER_SPACE_UNSUPPORTED = ("the guest reached user space, which this host cannot run", 6)
     WATCH_FAILED = ("a watchpoint's check failed", 7)
+    UNEXPECTED_SYSTEM_EVENT = ("KVM stopped the guest with a system event kvmlet does not know", 8)
     DEBUG_EXIT = ("the guest wrote to the debug-exit port", 1)  # the status is the guest's
     TIMEOUT = ("the run timed out", 124)
     MONITOR_ERROR = ("kvmlet failed", 70)
@@ -107,13 +115,15 @@ def run_vcpu(
     fix_emulation: EmulationFixup | None = None,
     describe_failure: Callable[[Vcpu], str] = lambda vcpu: "",
     counts: ExitCounts | None = None,
+    reader: Reader | None = None,
 ) -> GuestStop | None:
     """Run `vcpu` until the guest stops it (a `GuestStop`) or `should_stop()` (None).
 
     `should_stop()` is called whenever KVM_RUN was interrupted (a signal or `immediate_exit`):
     the vCPU is then outside the guest at an instruction boundary, with any port I/O or MMIO
     completed, so the callback may also hold the thread there (a pause) before answering.
-    `counts`, when given, is kept up to date with this vCPU's exits."""
+    `counts`, when given, is kept up to date with this vCPU's exits; `reader` is the thread's
+    bus read side (see `kvmlet.bus.transactions`)."""
     run = vcpu.run
     io_read, io_write = io.read, io.write
     mmio_read, mmio_write = mmio.read, mmio.write
@@ -126,37 +136,47 @@ def run_vcpu(
 
     if counts is not None:
         counts._read = read_counts
+    side = reader if reader is not None else Reader()
     while True:
         exit_ = run()
-        kind = type(exit_)
-        if kind is IoExit:
-            io_exits += 1
-            size, data, port = exit_.size, exit_.data, exit_.port
-            if exit_.count == 1:
-                if exit_.is_write:
-                    io_write(port, size, data[0] if size == 1 else from_bytes(data, "little"))
-                elif size == 1:
-                    data[0] = io_read(port, 1)
+        side.sequence += 1  # dispatching: this thread may hold a view until it is even again
+        try:
+            kind = type(exit_)
+            if kind is IoExit:
+                io_exits += 1
+                size, data, port = exit_.size, exit_.data, exit_.port
+                if exit_.count == 1:
+                    if exit_.is_write:
+                        io_write(port, size, data[0] if size == 1 else from_bytes(data, "little"))
+                    elif size == 1:
+                        data[0] = io_read(port, 1)
+                    else:
+                        data[:] = io_read(port, size).to_bytes(size, "little")
                 else:
-                    data[:] = io_read(port, size).to_bytes(size, "little")
+                    _string_io(io, exit_)
+            elif kind is MmioExit:
+                mmio_exits += 1
+                size, data, address = exit_.size, exit_.data, exit_.address
+                if exit_.is_write:
+                    mmio_write(address, size, from_bytes(data, "little"))
+                else:
+                    data[:] = mmio_read(address, size).to_bytes(size, "little")
+            elif kind is InterruptedExit:
+                interrupted_exits += 1
+                side.sequence += 1  # quiescent while `should_stop` may hold it (a pause)
+                try:
+                    stopping = should_stop()
+                finally:
+                    side.sequence += 1
+                if stopping:
+                    return None
             else:
-                _string_io(io, exit_)
-        elif kind is MmioExit:
-            mmio_exits += 1
-            size, data, address = exit_.size, exit_.data, exit_.address
-            if exit_.is_write:
-                mmio_write(address, size, from_bytes(data, "little"))
-            else:
-                data[:] = mmio_read(address, size).to_bytes(size, "little")
-        elif kind is InterruptedExit:
-            interrupted_exits += 1
-            if should_stop():
-                return None
-        else:
-            rare_exits[RARE_EXIT_NAMES.get(kind, "other")] += 1
-            stop = _rare_exit(vcpu, exit_, fix_emulation, describe_failure)
-            if stop is not None:
-                return stop
+                rare_exits[RARE_EXIT_NAMES.get(kind, "other")] += 1
+                stop = _rare_exit(vcpu, exit_, fix_emulation, describe_failure)
+                if stop is not None:
+                    return stop
+        finally:
+            side.sequence += 1
 
 
 def _string_io(io: AddressSpace, exit_: IoExit) -> None:
@@ -184,7 +204,11 @@ def _rare_exit(
             return GuestStop(StopReason.RESET, "", vcpu.id)
         if exit_.kind == KVM_SYSTEM_EVENT_CRASH:
             return GuestStop(StopReason.GUEST_CRASH, "", vcpu.id)
-        return GuestStop(StopReason.POWER_OFF, "", vcpu.id)
+        if exit_.kind == KVM_SYSTEM_EVENT_SHUTDOWN:
+            return GuestStop(StopReason.POWER_OFF, "", vcpu.id)
+        data = ", ".join(f"{word:#x}" for word in exit_.data)
+        detail = f"type {exit_.kind}" + (f", data {data}" if data else "")
+        return GuestStop(StopReason.UNEXPECTED_SYSTEM_EVENT, detail, vcpu.id)
     if isinstance(exit_, InternalErrorExit):
         if fix_emulation is not None and fix_emulation(vcpu, exit_):
             return None

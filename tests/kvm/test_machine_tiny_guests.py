@@ -4,6 +4,8 @@ Each guest is a few bytes of 16-bit code (assembly in the comments) loaded at
 BOOT_CODE_ADDRESS; it talks to kvmlet's devices and stops the machine through the i8042.
 """
 
+import mmap
+
 import pytest
 
 from kvmlet.bus import AccessSizes, IoRegion
@@ -153,3 +155,69 @@ def test_ctrl_a_escapes_from_the_terminal_reach_the_monitor(capfd):
     err = capfd.readouterr().err
     assert "Ctrl-A x" in err  # the help text
     assert '"port_io"' in err  # the statistics dump
+
+
+@pytest.mark.parametrize("timeout", [float("inf"), float("nan"), 1e300, -1.0])
+def test_waiting_a_time_no_clock_can_wait_is_a_clear_error(timeout):
+    from kvmlet.errors import KvmletError
+
+    with machine_for(I8042_RESET) as machine:
+        with pytest.raises(KvmletError, match="cannot wait"):
+            machine.wait(timeout)
+        assert machine.wait(10).reason is StopReason.RESET
+
+
+def rom_guest(backing, readonly=True):
+    """A table guest that loads, stores and loads again at a RAM region at 0xE0000000."""
+    from kvmlet.bus import RamRegion
+    from tests.helpers.tiny_guest import Op, table_guest, write_ops
+
+    machine = machine_for(table_guest())
+    rom = RamRegion("rom", len(backing), backing, readonly=readonly)
+    machine.mmio.root.add_subregion(ROM_ADDRESS, rom)
+    ops = [Op.load(ROM_ADDRESS + 4, 4), Op.store(ROM_ADDRESS + 8, 4, 0xDEADBEEF)]
+    ops.append(Op.load(ROM_ADDRESS + 8, 4))
+    write_ops(machine.memory, ops)
+    return machine, rom
+
+
+ROM_ADDRESS = 0xE000_0000
+
+
+def run_rom_guest(machine):
+    from tests.helpers.tiny_guest import read_results
+
+    try:
+        machine.start()
+        assert machine.wait(10).reason is StopReason.RESET
+        return read_results(machine.memory, 3)
+    finally:
+        machine.close()
+
+
+def page_of_bytes() -> mmap.mmap:
+    page = mmap.mmap(-1, 4096)
+    page[:] = bytes(range(256)) * 16
+    return page
+
+
+def test_a_read_only_ram_region_is_a_read_only_memory_slot():
+    """Reads come from the slot (no exit), writes exit and are dropped: the read-only flag made
+    it from the region through the flat view and the KVM listener into the memory slot."""
+    backing = page_of_bytes()
+    machine, rom = rom_guest(backing)
+    assert run_rom_guest(machine) == [0x07060504, 0, 0x0B0A0908]
+    assert backing[8:12] == bytes([8, 9, 10, 11])
+    assert (rom.reads, rom.writes) == (0, 1), "reads from the slot, the write exited"
+
+
+@pytest.mark.parametrize("readonly", [True, False])
+def test_ram_kvm_refuses_to_map_is_served_by_the_bus(readonly):
+    """KVM refuses a slot whose host memory is not page-aligned (a bytearray): the space counts
+    the refusal and every access exits to the region instead, with the same result."""
+    backing = bytearray(range(256)) * 16
+    machine, rom = rom_guest(backing, readonly)
+    written = 0x0B0A0908 if readonly else 0xDEADBEEF
+    assert run_rom_guest(machine) == [0x07060504, 0, written]
+    assert (rom.reads, rom.writes) == (2, 1)
+    assert machine.mmio.stats()["listener_errors"] >= 1

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.guests import IN_TEST_BOX, user_space_runs_here
+from tests.helpers.guests import IN_TEST_BOX, box_stalled, user_space_runs_here
 
 CHECKOUT = Path(__file__).resolve().parents[2]
 BOX_TIMEOUT = 900
@@ -24,8 +24,11 @@ BOX_ATTEMPTS = 3
 """The box's L1 sometimes stops running nested guests altogether (L1 idle, every guest silent:
 shared/README.md §1 meets it too). It was seen in ~3 of 12 runs while the host was loaded by
 other jobs, and in none of 50 back-to-back guest boots (all transports, SMP, SIGKILLed
-monitors) on a quieter host; a fresh box is the remedy. The inner run stops at its first
-failure (-x) so a stalled box costs minutes, not the whole timeout."""
+monitors) on a quieter host; a fresh box is the remedy. Only that gets another attempt
+(`box_stalled`: the box timed out or failed, or after a failed test a canary guest did not run
+either); any other failure is the tier's result, so a flaky kvmlet bug cannot pass one run in
+three. The inner run stops at its first failure (-x) so a stalled box costs minutes, not the
+whole timeout."""
 
 pytestmark = [
     pytest.mark.linux,
@@ -61,7 +64,7 @@ def test_linux_tier_passes_inside_the_test_box(tmp_path):
     for attempt in range(1, BOX_ATTEMPTS + 1):
         status, report = run_box(tmp_path / f"box-{attempt}.log")
         print(f"--- test box, attempt {attempt}: exit status {status}\n{report}")
-        if status == 0:
+        if status == 0 or not box_stalled(status, report):
             break
     assert status == 0, f"exit status {status}; last lines:\n{report[-6000:]}"
     summary = re.findall(r"^=+ (\d+ passed.*?) =+$", report, re.MULTILINE)

@@ -89,7 +89,7 @@ def test_doorbells_never_exit_to_python(config, tmp_path):
     requests = sum(queue["requests"] for queue in blk["queues"])
     assert requests >= 64
     assert blk["notify_exits"] == 0
-    assert result.stats["virtio"]["worker"]["notifications"] >= 1
+    assert result.stats["virtio"]["workers"]["virtio-blk0"]["notifications"] >= 1
 
 
 def test_console_text_goes_both_ways_over_hvc0(config):

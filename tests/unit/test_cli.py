@@ -133,6 +133,9 @@ def test_control_commands_teach_with_examples():
     ("argv", "fragment"),
     [
         (["stop", "web", "--grace", "-1"], "--grace"),
+        (["stop", "web", "--grace", "nan"], "--grace"),
+        (["stop", "web", "--grace", "inf"], "--grace"),
+        (["stat", "web", "--watch", "inf"], "--watch"),
         (["stat", "web", "--watch", "0"], "--watch"),
         (["console", "web", "--bytes", "0"], "--bytes"),
         (["balloon", "web", "lots"], "lots"),
@@ -199,3 +202,107 @@ def test_replay_reports_and_exits_0_or_2(tmp_path):
     with_model(path, SOURCE.replace("return zlib.crc32(data)", "return 0"))
     result = run_cli("replay", str(path))
     assert result.returncode == 2 and "first divergence at event" in result.stderr
+
+
+@pytest.mark.parametrize("seconds", ["inf", "1e300", "0", "-1", "nan", "-inf", "soon", ""])
+def test_a_timeout_that_is_not_a_positive_number_of_seconds_is_one_line(tmp_path, seconds):
+    (tmp_path / "k").write_bytes(make_bzimage())
+    for command in (["run", "-k", str(tmp_path / "k")], ["sandbox"]):
+        result = run_cli(*command, "--timeout", seconds, "--host-profile", "none", "--", "true")
+        assert_one_line_error(result, "--timeout")
+
+
+def test_kernel_parameters_that_are_not_utf8_are_one_line(tmp_path):
+    (tmp_path / "k").write_bytes(make_bzimage())
+    result = subprocess.run(
+        [sys.executable, "-m", "kvmlet", "run", "-k", str(tmp_path / "k"), "-p", b"quiet \xff"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+    assert_one_line_error(result, "UTF-8")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["fly"],
+        ["run", "--no-such-flag"],
+        ["run", "-c"],
+        ["run", "-c", "two"],
+        ["run", "--console", "tty"],
+        ["run", "--virtio-transport", "usb"],
+        ["sandbox", "-m"],
+        ["stop"],
+        ["pause", "a", "b"],
+        ["stat", "web", "--watch", "often"],
+        ["console", "web", "--bytes", "many"],
+        ["balloon"],
+        ["list", "--yaml"],
+    ],
+)
+def test_usage_mistakes_are_one_line_and_status_1(argv):
+    result = run_cli(*argv)
+    assert_one_line_error(result)
+    assert "usage:" not in result.stderr
+
+
+def test_kernel_parameters_must_be_utf8_without_nul():
+    from kvmlet.errors import KvmletError
+    from kvmlet.machine.config import MachineConfig
+
+    with pytest.raises(KvmletError, match="kernel parameters"):
+        MachineConfig(boot_code=b"\xf4", params="console=\udcff")
+    with pytest.raises(KvmletError, match="kernel parameters"):
+        MachineConfig(boot_code=b"\xf4", extra_parameters=("a\0b",))
+
+
+def test_a_sigterm_while_the_machine_is_built_is_never_swallowed(tmp_path, monkeypatch, capsys):
+    """Building a machine runs code that takes any exception for a refusal (the bus's listener
+    commits); a SIGTERM then must not raise in there, but wait until the machine exists and
+    stop it."""
+    import os
+    import signal
+
+    from kvmlet.errors import KvmletError
+    from kvmlet.machine import machine as machine_module
+
+    swallowed, stops = [], []
+
+    class Building:
+        def __init__(self, config, **options):
+            try:  # what a listener commit does with whatever a KVM call raised
+                os.kill(os.getpid(), signal.SIGTERM)
+                for _ in range(1000):  # bytecode boundaries where a handler could run
+                    pass
+            except Exception as error:
+                swallowed.append(error)
+
+        def stop(self, reason, detail=""):
+            stops.append(detail)
+
+        def start(self):
+            raise KvmletError("not a real machine")
+
+        def close(self):
+            pass
+
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    monkeypatch.setattr(machine_module, "Machine", Building)
+    previous = signal.getsignal(signal.SIGTERM)
+    kernel = tmp_path / "bzImage"
+    kernel.write_bytes(make_bzimage())
+    try:
+        status = cli.main(["run", "-k", str(kernel), "--host-profile", "none"])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert swallowed == []
+    error = capsys.readouterr().err
+    if stops:  # delivered once the machine existed: stopped, then its start failed here
+        assert stops == ["SIGTERM"] and "not a real machine" in error
+    else:
+        assert error == "kvmlet: terminated (SIGTERM) before the guest started\n"
+    assert status == 1

@@ -101,3 +101,19 @@ def test_box_init_is_valid_shell_and_reports_status_between_markers():
     start, end = text.index("kvmlet-box: start"), text.index("kvmlet-box: end")
     assert start < text.index('> "$session/status"') < end
     assert "/bin/busybox reboot -f" in text[end:]
+
+
+@pytest.mark.parametrize(
+    ("status", "report", "stalled"),
+    [
+        (0, "20 passed", False),
+        (1, "FAILED tests/linux/test_virtio.py::test_x - AssertionError", False),
+        (1, "FAILED ...\nkvmlet-testbox: L1 stopped running nested guests (after x)\n", True),
+        (124, "", True),
+        (125, "testbox: the box stopped without a status", True),
+    ],
+)
+def test_only_the_box_s_own_failures_are_retried(status, report, stalled):
+    from tests.helpers.guests import box_stalled
+
+    assert box_stalled(status, report) is stalled

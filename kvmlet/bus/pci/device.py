@@ -286,7 +286,11 @@ class PciDevice:
         return address if address != 0 and valid else None
 
     def update_mappings(self) -> None:
-        """Place, move or hide each BAR's region to match the header (one rebuild)."""
+        """Place, move or hide each BAR's region to match the header (one rebuild).
+
+        A BAR mapped (or mapped again) where another device's BAR already decodes loses there,
+        and the BAR already there keeps working, doorbells included: the guest made the overlap,
+        and what it had before stays as it was."""
         if self.bus is None:
             return
         with transactions.transaction():
@@ -300,9 +304,10 @@ class PciDevice:
                     bar.region.disable()
                 elif not bar.placed:
                     container = self.bus.io_region if bar.is_io else self.bus.memory_region
-                    container.add_subregion(address, bar.region, self.bus.bar_priority)
+                    priority = self.bus.bar_priority
+                    container.add_subregion(address, bar.region, priority, yielding=True)
                     bar.placed = True
                 else:
-                    bar.region.move(address)
+                    bar.region.move(address, yielding=True)
                     bar.region.enable()
                 bar.mapped_at = address

@@ -6,7 +6,7 @@ driver's receive filters have nothing to filter: every frame a backend delivers 
 this NIC). The configuration space, the feature set and the header live in `config.py`, shared
 with a vhost-net data path.
 
-Transmit runs on a doorbell: each notification takes at most `TX_CHAINS_PER_WAKEUP` chains,
+Transmit runs on a doorbell: each round takes at most `TX_CHAINS_PER_WAKEUP` chains,
 in batches the backend writes with one call, and completes every chain it takes, whether the
 frame went out or was dropped (too short, too big for the MTU, a header that asks for an
 offload the driver did not negotiate). More work left, or output the backend could not write,
@@ -18,9 +18,13 @@ chains as it needs (`num_buffers` in the header). When the guest has no room, th
 the backend and the device stops polling it until the guest kicks the receive queue: the peer
 sees backpressure, nothing is dropped. A frame no guest buffer could take is dropped and counted.
 
-The device is driven by three entry points, all serialised by the device lock: `notify` (a
-doorbell), `backend_ready` (the worker saw the backend's descriptor ready, through the
-`ReadinessWatch` given to `connect_backend_watch`), and `set_link`. A peer that goes away takes
+The data path has two entry points, both on the device's worker thread: `serve` (a round of
+a kicked queue) and `backend_ready` (the worker saw the backend's descriptor ready, through the
+`ReadinessWatch` given to `connect_backend_watch`). They, and what the driver's register writes
+change under them (status, reset, a queue disabled) and `set_link`, are serialised by the
+device's data lock (`_data`), taken after the register lock and before a ring lock; the data
+path never takes the register lock while it holds the data lock, so what it must report with
+it (a broken ring, a lost backend) it reports once it has let go. A peer that goes away takes
 the link down: status LINK_UP cleared, a configuration interrupt, one report, and the guest
 goes on without a network.
 """
@@ -28,10 +32,11 @@ goes on without a network.
 from __future__ import annotations
 
 import struct
+import threading
 from collections.abc import Callable
 from typing import Protocol
 
-from kvmlet.errors import KvmletError, LazyLogger
+from kvmlet.errors import GuestMemoryError, KvmletError, LazyLogger
 from kvmlet.memory import GuestMemory
 from kvmlet.virtio.device import VirtioDevice
 from kvmlet.virtio.net.backend import BackendClosed, Frame, NetBackend
@@ -66,8 +71,8 @@ log = LazyLogger(__name__)
 RECEIVE_QUEUE = 0
 TRANSMIT_QUEUE = 1
 QUEUE_SIZE = 256
-# Work one wakeup may do with the device lock held, before the worker serves anything else;
-# what is left goes on at the next readiness of the backend (see the module's docstring).
+# Work one round may do, before the worker serves anything else; what is left goes on at the
+# next readiness of the backend (see the module's docstring).
 TX_CHAINS_PER_WAKEUP = 128
 TX_BATCH_FRAMES = 64
 TX_BATCH_BYTES = 256 * 1024
@@ -126,7 +131,9 @@ class VirtioNet(VirtioDevice):
         self._watch: ReadinessWatch | None = None
         self._rx_held: list[DescriptorChain] = []  # receive chains taken for the next frame
         self._rx_stalled = False
-        self._tx_more = False  # chains left over when a wakeup's budget ran out
+        self._tx_more = False  # chains left over when a round's budget ran out
+        self._data = threading.RLock()
+        self._lost: BackendClosed | None = None  # found on the data path, reported after it
         super().__init__(
             memory,
             [QUEUE_SIZE, QUEUE_SIZE],
@@ -139,14 +146,14 @@ class VirtioNet(VirtioDevice):
     def connect_backend_watch(self, watch: ReadinessWatch) -> None:
         """Called once by the wiring: the worker's watch on `backend.fileno()`, whose callback
         is `backend_ready`."""
-        with self._lock:
+        with self._data:
             self._watch = watch
             self._update_interest()
 
     def set_link(self, up: bool, reason: str = "") -> None:
         """Change the link status the guest sees (a configuration interrupt when it changes);
         a link whose backend closed stays down."""
-        with self._lock:
+        with self._lock, self._data:
             up = up and not self.backend.closed
             if up == self.link_up:
                 return
@@ -161,12 +168,16 @@ class VirtioNet(VirtioDevice):
             log.warning("%s", message)
 
     def _backend_lost(self, error: BackendClosed) -> None:
-        if self.backend.closed:
-            return
-        if self._watch is not None:
-            self._watch.close()
-            self._watch = None
-        self.backend.close()
+        """Close the backend and take the link down (the data lock not held, or held with the
+        register lock)."""
+        with self._lock, self._data:
+            self._lost = None
+            if self.backend.closed:
+                return
+            if self._watch is not None:
+                self._watch.close()
+                self._watch = None
+            self.backend.close()
         self.set_link(False, f"{self.name}: {error}: link down")
 
     def _update_interest(self) -> None:
@@ -220,10 +231,18 @@ class VirtioNet(VirtioDevice):
     def _features_ok(self) -> bool:
         return super()._features_ok() and broken_dependency(self.driver_features) is None
 
+    def write_status(self, value: int) -> None:
+        with self._lock, self._data:
+            super().write_status(value)
+
+    def reset(self) -> None:
+        with self._lock, self._data:  # no round under way: the held chains are the driver's
+            super().reset()
+
     def activate(self) -> None:
+        """DRIVER_OK: the backend gets the offloads, and the worker polls it for frames."""
         self._call_backend(self.backend.set_offloads, tap_offloads(self.driver_features))
         self._update_interest()
-        self.guarded(RECEIVE_QUEUE, self._receive)
 
     def reset_device(self) -> None:
         self._rx_held.clear()
@@ -232,14 +251,14 @@ class VirtioNet(VirtioDevice):
         self._update_interest()
 
     def set_queue_ready(self, index: int, ready: bool) -> None:
-        with self._lock:
+        with self._lock, self._data:
             if index == RECEIVE_QUEUE and not ready:
                 self._rx_held.clear()
             super().set_queue_ready(index, ready)
             self._update_interest()
 
     def close(self) -> None:
-        with self._lock:
+        with self._lock, self._data:
             if self._watch is not None:
                 self._watch.close()
                 self._watch = None
@@ -249,6 +268,7 @@ class VirtioNet(VirtioDevice):
             super().close()
 
     def _call_backend(self, operation: Callable[..., object], *arguments: object) -> None:
+        """A backend operation on the register side (register and data locks held)."""
         if self.backend.closed:
             return
         try:
@@ -258,80 +278,132 @@ class VirtioNet(VirtioDevice):
 
     # Entry points --------------------------------------------------------------------------------
 
-    def queue_notified(self, queue_index: int) -> None:
-        if queue_index == TRANSMIT_QUEUE:
-            self.guarded(TRANSMIT_QUEUE, self._transmit)
-        elif queue_index == RECEIVE_QUEUE:
-            self._rx_stalled = False
-            self.guarded(RECEIVE_QUEUE, self._receive)
-        self._update_interest()
+    def serve(self, queue_index: int, lend_hand: Callable[[], None] | None = None) -> bool:
+        """A round of a kicked queue: transmit what the guest posted, or receive into the
+        buffers it posted. Work left over goes on when the backend is ready (never True)."""
+        with self._data:
+            if not self.running:
+                return False
+            queue = self.queues[queue_index]
+            epoch = queue.epoch
+            try:
+                if queue_index == TRANSMIT_QUEUE:
+                    self._transmit(queue_index)
+                elif queue_index == RECEIVE_QUEUE:
+                    self._rx_stalled = False
+                    self._receive(queue_index)
+            except (VirtqueueError, GuestMemoryError) as error:
+                broken = error
+            else:
+                broken = None
+            finally:
+                self._update_interest()
+            lost = self._lost
+        self._report(queue_index, epoch, broken, lost)
+        return False
 
     def backend_ready(self, readable: bool, writable: bool, hangup: bool) -> None:
         """The worker saw the backend's descriptor ready (or its peer gone)."""
-        with self._lock:
+        queue_index, broken = TRANSMIT_QUEUE, None
+        with self._data:
+            epoch = self.queues[queue_index].epoch
             try:
                 if writable and self.running:
                     self.counters.tx_refused += self.backend.flush()
-                    self.guarded(TRANSMIT_QUEUE, self._transmit)
+                    self._transmit(TRANSMIT_QUEUE)
+                queue_index = RECEIVE_QUEUE
+                epoch = self.queues[queue_index].epoch
                 if (readable or hangup) and self.running:
-                    self.guarded(RECEIVE_QUEUE, self._receive)
+                    self._receive(RECEIVE_QUEUE)
                 if hangup:  # what the peer sent before it went is delivered: now it is gone
                     raise BackendClosed(f"{self.backend.description} hung up")
             except BackendClosed as error:
-                self._backend_lost(error)
+                self._lost = self._lost or error  # the first cause is the one reported
+            except (VirtqueueError, GuestMemoryError) as error:
+                broken = error
             finally:
                 self._update_interest()
+            lost = self._lost
+        self._report(queue_index, epoch, broken, lost)
+
+    def _report(
+        self,
+        queue_index: int,
+        epoch: int,
+        broken: Exception | None,
+        lost: BackendClosed | None,
+    ) -> None:
+        """What the data path found, reported with the data lock let go (both take the
+        register lock)."""
+        if broken is not None:
+            self.fail(f"queue {queue_index}: {broken}", queue_index, epoch)
+        if lost is not None:
+            self._backend_lost(lost)
 
     # Transmit ------------------------------------------------------------------------------------
 
     def _transmit(self, queue_index: int) -> None:
-        """Send what the guest posted, at most `TX_CHAINS_PER_WAKEUP` chains of it."""
+        """Send what the guest posted, at most `TX_CHAINS_PER_WAKEUP` chains of it; every chain
+        taken is completed, even when the ring turns out broken behind it."""
         queue = self.queues[queue_index]
-        if not queue.active:
-            return
         stats = self.queue_stats[queue_index]
         budget = TX_CHAINS_PER_WAKEUP
-        while budget and not (self.backend.blocked and self.link_up):
-            queue.disable_notifications()
+        broken = None
+        while budget and broken is None and not (self.backend.blocked and self.link_up):
             chains: list[DescriptorChain] = []
             frames: list[Frame] = []
             batch_bytes = 0
-            while len(chains) < min(budget, TX_BATCH_FRAMES) and batch_bytes < TX_BATCH_BYTES:
-                chain = queue.pop()
-                if chain is None:
+            with queue.lock:
+                if not queue.active:
                     break
-                chains.append(chain)
-                frame = self._outgoing_frame(chain)
-                if frame is not None:
-                    frames.append(frame)
-                    batch_bytes += chain.readable_length
+                epoch = queue.epoch
+                queue.disable_notifications()
+                try:
+                    while len(chains) < min(budget, TX_BATCH_FRAMES):
+                        if batch_bytes >= TX_BATCH_BYTES:
+                            break
+                        chain = queue.pop()
+                        if chain is None:
+                            break
+                        chains.append(chain)
+                        frame = self._outgoing_frame(chain)
+                        if frame is not None:
+                            frames.append(frame)
+                            batch_bytes += chain.readable_length
+                    again = not chains and queue.enable_notifications()
+                except (VirtqueueError, GuestMemoryError) as error:
+                    broken, again = error, False
             if not chains:
-                if queue.enable_notifications():
+                if again:
                     continue
                 break
             try:
                 self._send(frames)
             finally:
-                for chain in chains:
-                    queue.push(chain.head, 0)
+                with queue.lock:
+                    if queue.active and queue.epoch == epoch:
+                        for chain in chains:
+                            queue.push(chain.head, 0)
                 stats.requests += len(chains)
                 stats.bytes_from_guest += sum(chain.readable_length for chain in chains)
                 budget -= len(chains)
         # Out of budget with chains perhaps left: carry on when the backend can take more.
         self._tx_more = budget == 0 and self.link_up
         self.signal_used(queue_index)
+        if broken is not None:
+            raise broken
 
     def _send(self, frames: list[Frame]) -> None:
         if not frames:
             return
-        if not self.link_up:
+        if not self.link_up or self._lost is not None:
             self.counters.tx_dropped_link_down += len(frames)
             return
         try:
             refused = self.backend.send(frames)
         except BackendClosed as error:
             self.counters.tx_dropped_link_down += len(frames)
-            self._backend_lost(error)
+            self._lost = error
             return
         self.counters.tx_refused += refused
         self.counters.tx_frames += len(frames) - refused
@@ -374,9 +446,10 @@ class VirtioNet(VirtioDevice):
     def _receive(self, queue_index: int) -> None:
         """Move frames from the backend into the guest's buffers while both have some."""
         queue = self.queues[queue_index]
-        if not (self.link_up and queue.active) or self._rx_stalled:
+        if not (self.link_up and queue.active) or self._rx_stalled or self._lost is not None:
             return
-        queue.disable_notifications()
+        with queue.lock:
+            queue.disable_notifications()
         try:
             for _ in range(RX_FRAMES_PER_WAKEUP):
                 frame = self.backend.receive()
@@ -388,8 +461,9 @@ class VirtioNet(VirtioDevice):
                     break
                 self.backend.consume()
         except BackendClosed as error:
-            self._backend_lost(error)
-        self.signal_used(queue_index)
+            self._lost = error
+        finally:
+            self.signal_used(queue_index)
 
     def _deliver(self, queue_index: int, frame: memoryview) -> bool:
         """Copy one frame into receive chains, or drop it (counted); False when the guest has
@@ -414,6 +488,7 @@ class VirtioNet(VirtioDevice):
         queue, stats = self.queues[queue_index], self.queue_stats[queue_index]
         held[0].write(header)
         copied, total, skip = 0, len(payload), HEADER_SIZE
+        lengths = []
         for chain in held[:used]:
             written = skip
             for view in chain.writable_views:  # straight into each buffer: no slicing helper
@@ -428,7 +503,10 @@ class VirtioNet(VirtioDevice):
                 if copied == total:
                     break
             skip = 0
-            queue.push(chain.head, written)
+            lengths.append(written)
+        with queue.lock:
+            for chain, written in zip(held, lengths, strict=False):
+                queue.push(chain.head, written)
         del held[:used]
         stats.requests += used
         stats.bytes_to_guest += needed
@@ -444,20 +522,21 @@ class VirtioNet(VirtioDevice):
         held = self._rx_held
         limit = queue.size if self.negotiated(VIRTIO_NET_F_MRG_RXBUF) else 1
         room = sum(chain.writable_length for chain in held)
-        while room < needed:
-            if len(held) >= limit:
-                return False
-            chain = queue.pop()
-            if chain is None:
-                if queue.enable_notifications():
+        with queue.lock:
+            while room < needed:
+                if len(held) >= limit:
+                    return False
+                chain = queue.pop()
+                if chain is None:
+                    if queue.enable_notifications():
+                        continue
+                    return None
+                if chain.writable_length < (HEADER_SIZE + MIN_FRAME_SIZE if not held else 1):
+                    queue.push(chain.head, 0)  # no frame fits: give it back empty
+                    self.counters.rx_bad_buffers += 1
                     continue
-                return None
-            if chain.writable_length < (HEADER_SIZE + MIN_FRAME_SIZE if not held else 1):
-                queue.push(chain.head, 0)  # no frame fits: give it back empty
-                self.counters.rx_bad_buffers += 1
-                continue
-            held.append(chain)
-            room += chain.writable_length
+                held.append(chain)
+                room += chain.writable_length
         return True
 
     def _incoming_header(self, vnet_header: memoryview, payload_length: int) -> bytearray | None:
@@ -484,12 +563,12 @@ class VirtioNet(VirtioDevice):
     # Statistics ----------------------------------------------------------------------------------
 
     def stats(self) -> dict[str, object]:
-        with self._lock:
-            stats = super().stats()
-            stats["link_up"] = self.link_up
-            stats["backend"] = self.backend.description
-            stats["net"] = {
-                **vars(self.counters),
-                "rx_dropped_from_peer": self.backend.dropped_from_peer,
-            }
-            return stats
+        """Read without a lock, as every device's (a busy data path answers at once)."""
+        stats = super().stats()
+        stats["link_up"] = self.link_up
+        stats["backend"] = self.backend.description
+        stats["net"] = {
+            **vars(self.counters),
+            "rx_dropped_from_peer": self.backend.dropped_from_peer,
+        }
+        return stats

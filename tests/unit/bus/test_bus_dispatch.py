@@ -178,6 +178,28 @@ def test_failing_handler_reads_all_ones_and_is_counted():
     assert space.handler_errors == 3
 
 
+def test_a_handler_failing_on_every_access_is_counted_not_logged_each_time(caplog):
+    """A device bug the guest can hit in a loop: the first failures are logged with their
+    traceback, then only counted."""
+
+    class Broken:
+        def read(self, offset, size):
+            raise RuntimeError("device bug")
+
+        def write(self, offset, size, value):
+            raise RuntimeError("device bug")
+
+    space = AddressSpace("t", 0x100)
+    space.root.add_subregion(0, IoRegion("broken", 8, Broken(), impl=AccessSizes(4, 4)))
+    caplog.set_level("ERROR", logger="kvmlet.bus")
+    for _ in range(1000):
+        space.read(0, 4)
+        space.write(2, 2, 1)
+    assert space.handler_errors == 2000
+    assert 1 <= len(caplog.records) <= 11
+    assert caplog.records[0].exc_info is not None, "the first ones carry the traceback"
+
+
 def test_handler_runs_under_the_region_lock_unless_lock_free():
     seen = []
 
@@ -204,35 +226,56 @@ def test_handler_runs_under_the_region_lock_unless_lock_free():
     assert seen == [True, True, None]
 
 
-def test_shared_lock_serialises_concurrent_handlers():
-    state = {"inside": 0, "overlaps": 0}
+@pytest.mark.parametrize("shared", [False, True])
+def test_the_region_lock_serialises_concurrent_handlers(shared):
+    """One vCPU is inside a handler; another vCPU's access to the same region (or to another
+    region sharing its lock) must wait until the first one leaves: deterministic, the first
+    handler does not return before the second access had its chance to overlap."""
+    first_inside, second_inside, leave = (threading.Event() for _ in range(3))
 
-    class Slow:
+    class Registers:
         def read(self, offset, size):
-            state["inside"] += 1
-            if state["inside"] > 1:
-                state["overlaps"] += 1
-            for _ in range(200):
-                pass
-            state["inside"] -= 1
+            if offset == 0:
+                first_inside.set()
+                leave.wait(5)
+            else:
+                second_inside.set()
             return 0
 
         def write(self, offset, size, value):
             pass
 
     space = AddressSpace("t", 0x100)
-    space.root.add_subregion(0, IoRegion("slow", 4, Slow()))
+    lock = threading.Lock()
+    if shared:
+        space.root.add_subregion(0, IoRegion("a", 4, Registers(), lock=lock))
+        space.root.add_subregion(4, IoRegion("b", 4, Offset4(Registers()), lock=lock))
+    else:
+        space.root.add_subregion(0, IoRegion("a", 8, Registers()))
+    first = threading.Thread(target=space.read, args=(0, 4))
+    first.start()
+    assert first_inside.wait(5)
+    second = threading.Thread(target=space.read, args=(4, 4))
+    second.start()
+    overlapped = second_inside.wait(0.3)
+    leave.set()
+    first.join()
+    second.join()
+    assert not overlapped, "two handlers ran at once under one lock"
+    assert second_inside.is_set()
 
-    def hammer():
-        for _ in range(2000):
-            space.read(0, 4)
 
-    threads = [threading.Thread(target=hammer) for _ in range(3)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert state["overlaps"] == 0
+class Offset4:
+    """Shifts a device's offsets by 4, so region b's offset 0 is the device's offset 4."""
+
+    def __init__(self, device):
+        self.device = device
+
+    def read(self, offset, size):
+        return self.device.read(offset + 4, size)
+
+    def write(self, offset, size, value):
+        self.device.write(offset + 4, size, value)
 
 
 def test_ram_region_serves_exits_and_respects_readonly():

@@ -259,3 +259,35 @@ def test_doorbells_follow_a_bar_through_moves_and_disables(machine):
     late = RecordingListener()
     machine.mmio.add_listener(late)
     assert late.notifiers == listener.notifiers
+
+
+def test_a_bar_the_guest_maps_onto_another_loses_there(machine):
+    """Two devices' BARs on one address: the one already decoding there keeps it (registers and
+    doorbell), whichever device was attached first; the newcomer shows again once it is alone."""
+    first, second = make_device("first"), make_device("second")
+    machine.host.attach(first, slot=3)
+    machine.host.attach(second, slot=4)
+    for device, eventfd in ((first, 71), (second, 72)):
+        device.bars[1].region.add_eventfd(0x10, 2, eventfd)
+    listener = RecordingListener()
+    machine.mmio.add_listener(listener)
+
+    def at(address):
+        region = machine.mmio.view.lookup(address).region
+        return region.name if region is not None else None
+
+    def doorbells():
+        return sorted((n.address, n.eventfd) for n in listener.notifiers)
+
+    for slot, address in ((4, 0xFEB0_0000), (3, 0xFEC0_0000)):
+        machine.write(slot, 0x14, 4, address)
+        machine.write(slot, 0x04, 2, cfg.COMMAND_MEMORY)
+    machine.write(3, 0x14, 4, 0xFEB0_0000)  # the first device moves onto the second's BAR
+    assert at(0xFEB0_0000) == "second-mmio"
+    assert doorbells() == [(0xFEB0_0010, 72)]
+    machine.write(4, 0x14, 4, 0xFED0_0000)  # the second leaves: the first shows
+    assert (at(0xFEB0_0000), at(0xFED0_0000)) == ("first-mmio", "second-mmio")
+    assert doorbells() == [(0xFEB0_0010, 71), (0xFED0_0010, 72)]
+    machine.write(4, 0x14, 4, 0xFEB0_0000)  # and back onto the first: the second loses now
+    assert at(0xFEB0_0000) == "first-mmio"
+    assert doorbells() == [(0xFEB0_0010, 71)]

@@ -4,7 +4,7 @@ keeps BAR sizing honest, and maps each BAR exactly where its registers say."""
 from __future__ import annotations
 
 from bus_oracle import assert_view_matches_tree
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from kvmlet.bus import AddressSpace, IoRegion, RecordingListener, mmio_space, port_io_space
@@ -112,6 +112,10 @@ value = st.one_of(
         max_size=40,
     )
 )
+# Sizing with decoding on: the all-ones pattern puts a BAR's end exactly at the top of its
+# range, where it must stay unmapped (32-bit, then 64-bit).
+@example([(1, 0x04, 2, 0x3), (1, 0x14, 4, 0xFFFF_FFFF)])
+@example([(2, 0x04, 2, 0x3), (2, 0x18, 4, 0xFFFF_FFFF), (2, 0x1C, 4, 0xFFFF_FFFF)])
 def test_random_bar_programming_and_command_toggles(steps):
     io, mmio, devices = build()
     for slot, offset, size, data in steps:

@@ -22,7 +22,7 @@ from kvmlet.vhost.frontend import VhostError
 from kvmlet.vhost.user import VhostUserFrontend
 from kvmlet.vhost.user_protocol import Request
 from kvmlet.virtio.device import DEVICE_NEEDS_RESET, InterruptKind
-from kvmlet.virtio.worker import QueueWorker
+from kvmlet.virtio.worker import QueueWorker, doorbell
 from tests.helpers.vhost_user_backend import (
     BLK_FEATURES,
     SILENCE,
@@ -239,6 +239,27 @@ def test_only_the_backend_queues_go_to_the_backend(rig):
     r.device.notify(1)
     assert r.device.stats()["queues"][1]["notifications"] == 1
     assert r.driver.collect(1) == [], "the device's own queue stays idle"
+
+
+def test_a_backend_queue_is_never_a_workers_doorbell(rig):
+    """The backend reads its kick eventfds: a worker draining one would steal its kicks. A
+    queue the device keeps may have a doorbell, and a round of it pops nothing."""
+    r = rig(device_options={"backend_queues": 1})
+    bells = [doorbell(r.device, queue) for queue in (0, 1)]
+    try:
+        with pytest.raises(ValueError, match="kicked through its backend"):
+            r.worker.add(bells[0])
+        assert r.worker.doorbells == []
+        r.worker.add(bells[1])
+        r.start()
+        r.driver.post_data(1, [b"held"], [4])
+        bells[1].ring()
+        wait_until(lambda: r.worker.notifications == 1)
+        assert r.device.serve(1) is False
+        assert r.driver.collect(1) == [], "the device's own queue stays idle"
+    finally:
+        for bell in bells:
+            bell.close()
 
 
 def test_a_backend_without_a_config_space_leaves_the_devices_own(rig):

@@ -380,6 +380,20 @@ def test_pci_cfg_window_reaches_the_bar(rng):
     assert rng.read(layout.DEVICE_STATUS, 1) == ACKNOWLEDGE, "another BAR selects nothing"
 
 
+def test_pci_cfg_window_refuses_a_misaligned_access(rng):
+    """The window's offset must be a multiple of its length (virtio 1.2 §4.1.4.9): a 2-byte
+    window at 0x13 would reach the status byte at 0x14 through the bus's splitting."""
+    rng.probe()
+    window = rng.virtio_caps[layout.PCI_CFG]["position"]
+    rng.config_write(window + 4, 0, size=1)
+    rng.config_write(window + 8, layout.DEVICE_STATUS - 1)
+    rng.config_write(window + 12, 2)
+    rng.config_write(window + 16, ACKNOWLEDGE << 8)
+    assert rng.read(layout.DEVICE_STATUS, 1) == 0
+    rng.config_write(window + 8, layout.NUM_QUEUES - 1)
+    assert rng.config_read(window + 16) == ACKNOWLEDGE << 8, "the data register is left alone"
+
+
 def test_odd_notify_writes_are_ignored_and_wide_ones_still_kick(rng):
     rng.probe()
     rng.initialize()

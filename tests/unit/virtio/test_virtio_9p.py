@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
+import time
 
 import pytest
 
@@ -14,6 +16,7 @@ from kvmlet.ninep import Server
 from kvmlet.ninep import messages as m
 from kvmlet.virtio.device import InterruptKind
 from kvmlet.virtio.p9 import QUEUE_SIZE, VIRTIO_9P_MOUNT_TAG, Virtio9p, check_tag
+from kvmlet.virtio.worker import QueueWorker, doorbell
 from tests.helpers.virtio_driver import MockDriver
 
 PAGE = 4096
@@ -170,3 +173,120 @@ def test_closing_the_device_closes_the_server(memory, share):
     rpc(driver, m.Tlopen(3, 1, m.L_RDONLY))
     device.close()
     assert set(os.listdir("/proc/self/fd")) <= before
+
+
+def used_index(driver) -> int:
+    """How many chains the device has returned so far (the used ring's index)."""
+    return driver.memory.read_u16(driver.queues[0].used_ring + 2)
+
+
+def wait_until(condition, timeout=5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.002)
+    return True
+
+
+class GatedServer:
+    """A 9P server stand-in whose requests wait until the test opens their gate: each request's
+    first byte names its gate, its reply is that byte."""
+
+    def __init__(self):
+        self.gates = {}
+        self.lock = threading.Lock()
+        self.running = 0
+        self.most_running = 0
+        self.entered = threading.Semaphore(0)
+
+    def gate(self, key):
+        with self.lock:
+            return self.gates.setdefault(key, threading.Event())
+
+    def handle(self, readable, writable):
+        key = bytes(readable[0][:1])
+        with self.lock:
+            self.running += 1
+            self.most_running = max(self.most_running, self.running)
+        self.entered.release()
+        try:
+            self.gate(key).wait(5)
+        finally:
+            with self.lock:
+                self.running -= 1
+        writable[0][:1] = key
+        return 1
+
+    def reset(self):
+        pass
+
+    def close(self):
+        pass
+
+    def stats(self):
+        return {}
+
+
+@pytest.fixture
+def gated(memory):
+    server = GatedServer()
+    device = Virtio9p(memory, "gated", server)
+    driver = MockDriver(device, memory, 0x1000, 3 << 20)
+    driver.initialize()
+    bell = doorbell(device, 0)
+    worker = QueueWorker("virtio-9p-test", device.concurrency)
+    worker.add(bell)
+    worker.start()
+    yield server, device, driver
+    for gate in list(server.gates.values()):
+        gate.set()
+    worker.stop()
+    bell.close()
+    device.close()
+
+
+def test_requests_run_in_parallel_and_complete_out_of_order(gated):
+    server, _, driver = gated
+    heads = [driver.post_data(0, [key], [1])[0] for key in (b"a", b"b", b"c")]
+    driver.kick(0)
+    for _ in heads:  # all three inside the server at once
+        assert server.entered.acquire(timeout=5)
+    server.gate(b"c").set()
+    assert wait_until(lambda: used_index(driver) == 1)
+    server.gate(b"b").set()
+    assert wait_until(lambda: used_index(driver) == 2)
+    server.gate(b"a").set()
+    assert wait_until(lambda: used_index(driver) == 3)
+    assert [c.head for c in driver.collect(0)] == [heads[2], heads[1], heads[0]]
+
+
+def test_no_more_requests_than_the_cap_are_in_flight(gated):
+    server, device, driver = gated
+    keys = [bytes([65 + index]) for index in range(device.concurrency + 2)]
+    for key in keys:
+        driver.post_data(0, [key], [1])
+    driver.kick(0)
+    for _ in range(device.concurrency):
+        assert server.entered.acquire(timeout=5)
+    assert not server.entered.acquire(timeout=0.2), "more requests in flight than the cap"
+    assert server.most_running == device.concurrency
+    for key in keys:
+        server.gate(key).set()
+    assert wait_until(lambda: used_index(driver) == len(keys))
+    assert server.most_running == device.concurrency
+
+
+def test_a_request_that_finishes_after_a_reset_is_dropped(gated):
+    server, device, driver = gated
+    driver.post_data(0, [b"a"], [1])
+    driver.kick(0)
+    assert server.entered.acquire(timeout=5)
+    resetting = threading.Thread(target=device.write_status, args=(0,))
+    resetting.start()
+    time.sleep(0.05)
+    assert resetting.is_alive(), "a reset completes only once the request in flight has"
+    server.gate(b"a").set()
+    resetting.join(5)
+    assert not resetting.is_alive()
+    assert used_index(driver) == 0, "a reply pushed into the reset ring"

@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from kvmlet.memory import GuestMemory
+from kvmlet.virtio import balloon as balloon_module
 from kvmlet.virtio.balloon import (
     MAX_PFNS_PER_REQUEST,
     PAGE_SIZE,
@@ -239,3 +240,28 @@ def test_a_reset_empties_the_balloon(balloon, memory):
     balloon.write_config(4, 4, 2)
     balloon.write_status(0)
     assert balloon.inflated_pages == 0 and balloon.actual_pages == 0
+
+
+def test_a_statistics_buffer_held_across_a_reset_is_never_given_to_the_next_driver(balloon, memory):
+    driver = start(balloon, memory)
+    driver.post_data(STATISTICS, [statistics_buffer(free_memory=1)], [])
+    driver.kick(STATISTICS)
+    assert balloon.statistics == {"free_memory": 1}
+    balloon.write_status(0)
+    driver = start(balloon, memory)
+    assert not balloon.request_statistics(timeout=0.05)
+    assert driver.collect(STATISTICS) == [], "the old driver's buffer in the new driver's ring"
+
+
+def test_a_statistics_round_is_bounded(balloon, memory, monkeypatch):
+    """A driver posting buffer after buffer gets the older ones back at once, a round's worth
+    at a time: the worker looks at its other queues in between."""
+    monkeypatch.setattr(balloon_module, "ROUND_REQUESTS", 3)
+    driver = start(balloon, memory)
+    for value in range(5):
+        driver.post_data(STATISTICS, [statistics_buffer(free_memory=value)], [])
+    assert balloon.serve(STATISTICS) is True
+    assert len(driver.collect(STATISTICS)) == 2
+    assert balloon.serve(STATISTICS) is False
+    assert len(driver.collect(STATISTICS)) == 2
+    assert balloon.statistics == {"free_memory": 4}

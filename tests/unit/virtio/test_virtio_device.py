@@ -27,8 +27,8 @@ class EchoDevice(VirtioDevice):
     def __init__(self, memory):
         super().__init__(memory, [16, 16], 1 << 3, bytes(range(1, 11)))
 
-    def queue_notified(self, queue_index):
-        self.process_available(queue_index, lambda chain: 0)
+    def handle_request(self, request):
+        return 0
 
 
 def test_features_are_offered_through_32_bit_windows(memory):

@@ -210,3 +210,42 @@ def test_notification_suppression_flag_and_avail_event(memory):
     queue.pop()
     assert queue.enable_notifications() is False
     assert memory.read_u16(USED + 4 + 8 * SIZE) == 1
+
+
+@pytest.mark.parametrize("event_index", [True, False])
+def test_a_full_barrier_separates_publishing_from_rereading_the_driver(
+    memory, monkeypatch, event_index
+):
+    """x86 may let a load pass an earlier store: after the device publishes avail_event (or
+    clears NO_NOTIFY) it must fence before it re-reads avail.idx, or it and the driver can both
+    miss each other's update and the queue stalls. The fake barrier checks the store is done,
+    then plays the driver's racing post, which the device must see."""
+    from kvmlet.virtio import queue as queue_module
+
+    queue = make_queue(memory, event_index=event_index)
+    fences = []
+
+    def barrier():
+        if event_index:
+            fences.append(("enable", memory.read_u16(USED + 4 + 8 * SIZE)))
+        else:
+            fences.append(("enable", memory.read_u16(USED)))
+        make_available(memory, [0], start=0)  # the driver posts meanwhile
+
+    monkeypatch.setattr(queue_module, "full_barrier", barrier)
+    queue.disable_notifications()
+    assert queue.enable_notifications(), "the post after the fence is seen"
+    assert fences == [("enable", 0)]
+
+
+def test_a_full_barrier_separates_the_used_index_from_used_event(memory, monkeypatch):
+    from kvmlet.virtio import queue as queue_module
+
+    queue = make_queue(memory, event_index=True)
+    seen = []
+    monkeypatch.setattr(
+        queue_module, "full_barrier", lambda: seen.append(memory.read_u16(USED + 2))
+    )
+    queue.push(0, 0)
+    queue.needs_interrupt()
+    assert seen == [1], "the used index is published before used_event is read"

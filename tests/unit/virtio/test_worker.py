@@ -24,9 +24,9 @@ def wait_for(condition, timeout=5.0):
 
 
 class ExplodingRng(VirtioRng):
-    """A device with a bug: its queue work raises something the device does not guard."""
+    """A device with a bug: serving its queue raises something the device does not guard."""
 
-    def queue_notified(self, queue_index):
+    def serve(self, queue_index, lend_hand=None):
         raise RuntimeError("device bug")
 
 
@@ -138,19 +138,101 @@ def test_pausing_a_worker_busy_in_a_device_times_out(memory, worker):
     release = threading.Event()
 
     class SlowRng(VirtioRng):
-        def queue_notified(self, queue_index):
+        def handle_request(self, request):
             release.wait(5)
+            return 0
 
     device = SlowRng(memory)
-    MockDriver(device, memory, 0x10000, 1 << 18).initialize(queue_size=8)
+    driver = MockDriver(device, memory, 0x10000, 1 << 18)
+    driver.initialize(queue_size=8)
     bell = doorbell(device, 0)
     worker.add(bell)
     worker.start()
+    driver.post_data(0, [], [32])
     bell.ring()
     wait_for(lambda: worker.notifications == 1)
     assert not worker.pause(timeout=0.1)
     release.set()
     wait_for(lambda: worker._parked)  # it still pauses once the device is done
+    worker.resume()
+    bell.close()
+
+
+class BlockingRng(VirtioRng):
+    """Requests that wait on the host until released, served on two threads at once."""
+
+    concurrency = 2
+
+    def __init__(self, memory):
+        super().__init__(memory)
+        self.entered = threading.Semaphore(0)
+        self.release = threading.Event()
+
+    def may_block(self, chain):
+        return True
+
+    def handle_request(self, request):
+        self.entered.release()
+        self.release.wait(5)
+        return 0
+
+
+def test_a_pause_waits_for_the_helper_threads_rounds_too(memory):
+    device = BlockingRng(memory)
+    driver = MockDriver(device, memory, 0x10000, 1 << 18)
+    driver.initialize(queue_size=8)
+    bell = doorbell(device, 0)
+    worker = QueueWorker("blocking", device.concurrency)
+    worker.add(bell)
+    worker.start()
+    try:
+        driver.post_data(0, [], [32])
+        driver.post_data(0, [], [32])
+        bell.ring()
+        for _ in range(2):  # the poller and its helper, each inside a request
+            assert device.entered.acquire(timeout=5)
+        assert worker.hands_lent == 1
+        assert not worker.pause(timeout=0.1)
+        device.release.set()
+        assert worker.pause(timeout=5)
+        assert device.queue_stats[0].requests == 2
+        driver.post_data(0, [], [32])
+        bell.ring()
+        time.sleep(0.1)
+        assert device.queue_stats[0].requests == 2, "a paused worker takes no request"
+        worker.resume()
+        wait_for(lambda: device.queue_stats[0].requests == 3)
+    finally:
+        device.release.set()
+        worker.stop()
+        bell.close()
+
+
+def test_a_pause_waits_for_requests_completed_later(memory, worker):
+    """A request the device completes on a thread of its own (DEFERRED) still touches guest
+    memory: the worker is not paused until it is done."""
+    from kvmlet.virtio.serving import DEFERRED
+
+    taken = []
+
+    class DeferringRng(VirtioRng):
+        def handle_request(self, request):
+            taken.append(request)
+            return DEFERRED
+
+    device = DeferringRng(memory)
+    driver = MockDriver(device, memory, 0x10000, 1 << 18)
+    driver.initialize(queue_size=8)
+    bell = doorbell(device, 0)
+    worker.add(bell)
+    worker.start()
+    driver.post_data(0, [], [32])
+    bell.ring()
+    wait_for(lambda: taken)
+    assert not worker.pause(timeout=0.1)
+    taken[0].complete(0)
+    assert worker.pause(timeout=2)
+    assert [chain.length for chain in driver.collect(0)] == [0]
     worker.resume()
     bell.close()
 
