@@ -3,6 +3,7 @@ control commands against it, SIGTERM, and the API's documents against docs/api.y
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -256,3 +257,34 @@ def test_a_snapshot_through_the_api_matches_the_description(runtime, tmp_path):
         response = refused.call(session=session, base_url="http://localhost")
         refused.validate_response(response)
         assert response.status_code == 409
+
+
+def test_kvmlet_snapshot_then_kvmlet_run_restore(runtime, kernel, tmp_path):
+    snapshot = tmp_path / "tiny.snap"
+    run = start_run(kernel, "--name", "saved", "--timeout", "120")
+    try:
+        wait_for_api(runtime / "saved.sock", run)
+        paused = kvmlet_command("snapshot", "saved", str(snapshot), "--pause")
+        assert paused.returncode == 0, paused.stderr
+        assert paused.stdout.startswith(f"saved: saved to {snapshot} (")
+        assert paused.stdout.endswith("; paused\n")
+        stopped = kvmlet_command("snapshot", "saved", str(snapshot), "--stop")
+        assert stopped.stdout.endswith("; stopped\n")
+        assert run.wait(15) == 0
+    finally:
+        run.kill()
+        run.wait()
+    restored = subprocess.run(
+        [sys.executable, "-m", "kvmlet", "run", "--restore", str(snapshot), "--timeout", "1"],
+        capture_output=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+    assert restored.returncode == 124, restored.stderr
+    assert restored.stderr.startswith(b"kvmlet: the run timed out after")
+    console = restored.stdout  # the guest's loop goes on: each byte one more than the last
+    assert len(console) > 100
+    assert all(b == (a + 1) & 0xFF for a, b in itertools.pairwise(console))
+    output = kvmlet_command("run", "--restore", str(snapshot), "-m", "1G")
+    assert output.stderr == "kvmlet: --restore takes the machine from its file: drop -m/--mem\n"
