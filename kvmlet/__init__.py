@@ -3,7 +3,8 @@
 The public API: `MachineConfig`, `DiskConfig` and `DeviceConfig` describe a machine,
 `with_default_guest` adds kvmlet's own kernel and initramfs, `Machine` runs it (and takes
 watchpoints: a callback returns `BREAK` to pause it), `sandbox` runs one command in a throwaway
-machine; `GuestStop`/`StopReason` say how a guest ended; `KvmletError` is every user-facing error.
+machine; `GuestStop`/`StopReason` say how a guest ended; `KvmletError` is every user-facing error
+(`GuestStoppedError`, one of them, carries the `GuestStop` of a guest that stopped too soon).
 Device models are written with `kvmlet.devices` (docs/devices.md). `connect` reaches a running
 machine's control API (`kvmlet.api`), `serve` gives one to a `Machine` of your own.
 The names load on first use, so `kvmlet --version` or a CLI error costs no import of the rest.
@@ -19,10 +20,11 @@ __version__ = "0.1.0"
 _PUBLIC = {
     "BREAK": "kvmlet.machine.watchpoints",
     "DeviceConfig": "kvmlet.machine.config",
-    "DiskConfig": "kvmlet.machine.config",
+    "DiskConfig": "kvmlet.virtio.blk_config",
     "connect": "kvmlet.api.client",
     "serve": "kvmlet.api.server",
     "GuestStop": "kvmlet.vstate.vcpu_loop",
+    "GuestStoppedError": "kvmlet.errors",
     "KvmletError": "kvmlet.errors",
     "Machine": "kvmlet.machine.machine",
     "MachineConfig": "kvmlet.machine.config",
@@ -37,6 +39,7 @@ __all__ = [
     "DeviceConfig",
     "DiskConfig",
     "GuestStop",
+    "GuestStoppedError",
     "KvmletError",
     "Machine",
     "MachineConfig",
@@ -52,7 +55,7 @@ __all__ = [
 if TYPE_CHECKING:
     from kvmlet.api.client import connect
     from kvmlet.api.server import serve
-    from kvmlet.errors import KvmletError
+    from kvmlet.errors import GuestStoppedError, KvmletError
     from kvmlet.machine.config import DeviceConfig, DiskConfig, MachineConfig, with_default_guest
     from kvmlet.machine.machine import Machine
     from kvmlet.machine.watchpoints import BREAK

@@ -13,6 +13,15 @@ class KvmletError(Exception):
     """A user-facing error: printed as one line, never as a traceback."""
 
 
+class GuestStoppedError(KvmletError):
+    """The guest stopped before it did what the caller waited for; `stop` (a `GuestStop`)
+    says how it ended."""
+
+    def __init__(self, message: str, stop: object):
+        super().__init__(message)
+        self.stop = stop
+
+
 class GuestMemoryError(KvmletError):
     """A guest-physical access that falls outside guest RAM (guest-controlled: never fatal)."""
 

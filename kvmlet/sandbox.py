@@ -10,10 +10,16 @@ Nothing of the guest outlives the call.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field, replace
 
-from kvmlet.errors import KvmletError
-from kvmlet.guest.run_protocol import command_output, parse_exit_status, run_parameter
+from kvmlet.errors import GuestStoppedError
+from kvmlet.guest.run_protocol import (
+    command_output,
+    command_started,
+    parse_exit_status,
+    run_parameter,
+)
 from kvmlet.machine.config import MachineConfig, with_default_guest
 from kvmlet.machine.machine import Machine
 from kvmlet.vstate.vcpu_loop import GuestStop, StopReason
@@ -43,9 +49,11 @@ def sandbox(
 
     `config` sets memory, CPUs, disks...; its kernel defaults to kvmlet's default guest.
     A command still running after `timeout` seconds is stopped: the result then has status
-    None, `stop.reason` TIMEOUT and whatever the command printed. Raises KvmletError when the
-    guest could not run the command at all (e.g. this host's KVM cannot run guest user
-    space), with the reason in one line.
+    None, `stop.reason` TIMEOUT and whatever the command printed; a command that stops the
+    guest itself (e.g. `reboot -f`) has status None and that stop. Raises GuestStoppedError
+    (a KvmletError whose `stop` says how the guest ended) when the guest stopped before it
+    started the command, e.g. because this host's KVM cannot run guest user space
+    (`stop.reason` USER_SPACE_UNSUPPORTED).
     """
     base = with_default_guest(config)
     run_config = replace(
@@ -53,9 +61,10 @@ def sandbox(
     )
     with Machine(run_config, console_echo_fd=echo_fd) as machine:
         stop = machine.wait(timeout)
+        elapsed = time.monotonic() - (machine.started or machine.created)
         transcript = machine.console.transcript()
         stats = machine.stats()
     status = parse_exit_status(transcript)
-    if status is None and stop.reason not in (StopReason.RESET, StopReason.TIMEOUT):
-        raise KvmletError(f"the sandbox did not run the command: {stop}")
+    if status is None and stop.reason is not StopReason.TIMEOUT and not command_started(transcript):
+        raise GuestStoppedError(f"the command did not run: {stop} after {elapsed:.1f} s", stop)
     return SandboxResult(status, command_output(transcript), stop, stats)

@@ -3,7 +3,7 @@
 
 Usage: python3 testbox/run.py [--timeout S] [--verbose] [--env NAME=VALUE]... -- CMD...
 
-Our machines' own KVM cannot run guest user space (see ../shared/README.md), so the `linux`
+Our machines' own KVM cannot run guest user space (docs/hosts.md), so the `linux`
 test tier runs here instead. The box boots kvmlet's default guest kernel (KVM and KVM_AMD built
 in) under `qemu-system-x86_64 -accel tcg -cpu max`, with the host's root file system as its
 root (9p, read-only), tmpfs on /tmp, /run, /var/tmp and /dev/shm, and this checkout shared

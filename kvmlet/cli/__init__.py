@@ -55,10 +55,20 @@ exit status: 0 when every replayed device answered as in the run, 2 at the first
 SANDBOX_EPILOG = """\
 examples:
   kvmlet sandbox -- uname -a
-  kvmlet sandbox -m 512M -d data.img,ro -- 'md5sum /dev/vda; exit 7'
+  kvmlet sandbox -- 'cd /proc && grep -c processor cpuinfo; exit 7'
+  kvmlet sandbox -m 512M -d data.img,ro -- md5sum /dev/vda
 
-The command runs as root in kvmlet's default guest; its output is printed and its exit status
-is kvmlet's. Nothing of the guest remains afterwards.
+One argument is a shell command line, run with `sh -c` (pipes, `;` and `$VAR`
+work); several arguments are one program and its arguments, each passed on
+exactly as given. The command runs as root in kvmlet's default guest (busybox);
+its output, stdout and stderr alike, goes to stdout. Nothing of the guest
+remains afterwards.
+
+exit status: the command's own. When the status is kvmlet's own, the last line
+on stderr says why (`kvmlet: ...`): 1 a usage or setup error, or the command
+reported no status; 124 the command was still running at --timeout (its output
+so far is printed); 6 this host cannot run the guest's user space (host profile
+pvm); 3, 4, 5 the guest crashed, as for `kvmlet run`.
 """
 
 
@@ -286,14 +296,23 @@ def build_parser() -> argparse.ArgumentParser:
         "build-guest",
         help="build (or find cached) the default guest kernel and initramfs",
         description="Build kvmlet's default guest from Debian's linux-source-6.1 (or --source) "
-        "into ~/.cache/kvmlet; an unchanged configuration is found in the cache at once.",
+        "into kvmlet's cache: $KVMLET_CACHE_DIR, else $XDG_CACHE_HOME/kvmlet, else "
+        "~/.cache/kvmlet. An unchanged configuration is found in the cache at once. The first "
+        "build takes 7-8 minutes on 2 idle cores and keeps the extracted source (1.5 GB) "
+        "and the build objects for faster rebuilds.",
         formatter_class=plain,
     )
     build.add_argument("--source", metavar="DIR", help="a Linux source tree to use")
     build.add_argument(
         "--install-source",
         action="store_true",
-        help="apt-get install linux-source-6.1 when it is missing (root only)",
+        help="apt-get install linux-source-6.1 and the build tools when missing (root only)",
+    )
+    build.add_argument(
+        "--clean",
+        action="store_true",
+        help="remove what only a rebuild needs (the extracted source and the build objects) "
+        "and cached guests of other configurations, keep the current default guest, and exit",
     )
     add_control_commands(commands, plain, raw_description)
     return parser
@@ -301,15 +320,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _machine_config(args: argparse.Namespace, **extra):
     from kvmlet.boot.memory_map import parse_size
-    from kvmlet.machine.config import DiskConfig, MachineConfig
+    from kvmlet.machine.config import MachineConfig
+    from kvmlet.virtio.blk_config import parse_disk_option
 
-    disks = []
-    if args.disk:
-        from kvmlet.virtio.blk import parse_disk_option  # the virtio-blk stack, only for disks
-
-        for text in args.disk:
-            option = parse_disk_option(text)
-            disks.append(DiskConfig(option.path, option.read_only, option.direct))
+    disks = [parse_disk_option(text) for text in args.disk]
     return MachineConfig(
         memory=parse_size(args.mem),
         cpus=args.cpus,
@@ -335,6 +349,17 @@ def _notice_profile(config) -> None:
         print(profile.notice, file=sys.stderr)
 
 
+def _check_kvm_before_building() -> None:
+    """Open /dev/kvm before minutes of building a default guest it could not run."""
+    from kvmlet.kvm import Kvm
+
+    kvm = Kvm()
+    try:
+        kvm.require()
+    finally:
+        kvm.close()
+
+
 def run_config(args: argparse.Namespace) -> MachineConfig:
     """The `MachineConfig` of `kvmlet run ARGS`, the kernel checked and the host profile
     announced (the default guest is built or found only when no -k is given)."""
@@ -347,6 +372,8 @@ def run_config(args: argparse.Namespace) -> MachineConfig:
         method = inspect_kernel(args.kernel).boot_method(args.boot_method)
         if args.module and method != "multiboot":
             raise KvmletError(f"--module is for multiboot kernels; {args.kernel} boots {method}")
+    else:
+        _check_kvm_before_building()
     extra = {}
     if args.module:
         from kvmlet.machine.config import parse_module_option
@@ -496,6 +523,7 @@ class _SigtermStops:
 
 
 def _command_sandbox(args: argparse.Namespace) -> int:
+    from kvmlet.errors import GuestStoppedError
     from kvmlet.sandbox import DEFAULT_TIMEOUT, sandbox
     from kvmlet.vstate.vcpu_loop import StopReason
 
@@ -506,18 +534,22 @@ def _command_sandbox(args: argparse.Namespace) -> int:
 
     command = argv[0] if len(argv) == 1 else shlex.join(argv)
     config = _machine_config(args)
+    _check_kvm_before_building()
     _notice_profile(config)
     timeout = args.timeout or DEFAULT_TIMEOUT
-    result = sandbox(command, config, timeout=timeout)
+    try:
+        result = sandbox(command, config, timeout=timeout)
+    except GuestStoppedError as error:  # the guest never ran the command
+        print(f"kvmlet: {error}", file=sys.stderr)
+        return error.stop.reason.exit_status or 1
     sys.stdout.write(result.output)
     sys.stdout.flush()
     if result.status is None:
         if result.stop.reason is StopReason.TIMEOUT:
             print(f"kvmlet: the command timed out after {timeout:g} s", file=sys.stderr)
-            return result.stop.reason.exit_status
-        if result.stop.reason is StopReason.USER_SPACE_UNSUPPORTED:
-            raise KvmletError(str(result.stop))
-        raise KvmletError(f"the command reported no exit status ({result.stop})")
+        else:
+            print(f"kvmlet: the command reported no exit status ({result.stop})", file=sys.stderr)
+        return result.stop.reason.exit_status or 1
     return result.status
 
 
@@ -532,8 +564,17 @@ def _command_replay(args: argparse.Namespace) -> int:
 def _command_build_guest(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from kvmlet.guest import ensure_default_guest
+    from kvmlet.guest import clean_cache, ensure_default_guest
+    from kvmlet.guest.cache import format_bytes
 
+    if args.clean:
+        removed, kept = clean_cache()
+        for path, size in removed:
+            print(f"removed {path} ({format_bytes(size)})")
+        for path in kept:
+            print(f"kept    {path}")
+        print(f"freed {format_bytes(sum(size for _, size in removed))}")
+        return 0
     source = Path(args.source) if args.source is not None else None
     guest = ensure_default_guest(source, install_source=args.install_source)
     print(f"kernel (ELF):    {guest.vmlinux}")

@@ -10,8 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvmlet.guest.initramfs import ensure_initramfs
-from kvmlet.guest.kernel import ensure_kernel
+from kvmlet.errors import KvmletError
+from kvmlet.guest import initramfs, kernel
+from kvmlet.guest.cache import cache_root, clean
 from kvmlet.guest.progress import ConsoleProgress, Progress, QuietProgress
 from kvmlet.guest.run_protocol import READY_MARKER, parse_exit_status, run_parameter
 
@@ -21,6 +22,7 @@ __all__ = [
     "DefaultGuest",
     "Progress",
     "QuietProgress",
+    "clean_cache",
     "ensure_default_guest",
     "parse_exit_status",
     "run_parameter",
@@ -47,11 +49,35 @@ def ensure_default_guest(
 
     `source` is a Linux source tree to build from instead of Debian's linux-source-6.1;
     `progress` receives stage lines and make output (default: a ConsoleProgress on stderr);
-    `install_source` lets kvmlet run `apt-get install linux-source-6.1` when root.
-    Raises KvmletError with one clear line when the source or a tool is missing or the build
-    fails.
+    `install_source` lets kvmlet `apt-get install` whatever the build lacks, when root.
+    Before anything is built, every Debian package the build needs is checked: what is missing
+    is one KvmletError line naming them all; so is a failing build.
     """
     reporter = progress if progress is not None else ConsoleProgress()
-    kernel = ensure_kernel(source, reporter, install_source=install_source)
-    initrd = ensure_initramfs(reporter)
-    return DefaultGuest(kernel.bzimage, kernel.vmlinux, initrd, kernel.config)
+    missing = [*kernel.missing_packages(source), *initramfs.missing_packages()]
+    if missing and install_source:
+        kernel.apt_install(missing, reporter)
+    elif missing:
+        alternative = " (or pass --source DIR)" if kernel.DEBIAN_SOURCE_PACKAGE in missing else ""
+        raise KvmletError(
+            f"building the default guest needs Debian packages this host lacks: run "
+            f"`apt-get install {' '.join(missing)}`{alternative}"
+        )
+    built = kernel.ensure_kernel(source, reporter)
+    initrd = initramfs.ensure_initramfs(reporter)
+    return DefaultGuest(built.bzimage, built.vmlinux, initrd, built.config)
+
+
+def clean_cache() -> tuple[list[tuple[Path, int]], list[Path]]:
+    """Remove from the cache what only a rebuild needs (the extracted source, the build
+    objects) and every kernel or initramfs but the current default guest's.
+
+    Returns (what was removed with its size, what was kept)."""
+    keep: list[Path] = []
+    for folder, current in (
+        ("kernel", kernel.current_kernel_dir()),
+        ("initramfs", initramfs.current_dir()),
+    ):  # where the current entry cannot be told (its inputs are gone), keep them all
+        keep += [current] if current is not None else sorted((cache_root() / folder).glob("*"))
+    removed = clean(keep)
+    return removed, [path for path in keep if path.exists()]

@@ -19,8 +19,8 @@ import subprocess
 from pathlib import Path
 
 from kvmlet.errors import KvmletError
+from kvmlet.guest.cache import cache_root
 from kvmlet.guest.cpio import CpioWriter
-from kvmlet.guest.kernel import cache_root
 from kvmlet.guest.progress import Progress
 
 BUSYBOX_PATH = Path("/bin/busybox")
@@ -84,6 +84,26 @@ def initramfs_cache_key(busybox_image: bytes, init_script: str) -> str:
     for part in (RECIPE_VERSION.encode(), busybox_image, init_script.encode()):
         digest.update(hashlib.sha256(part).digest())
     return digest.hexdigest()[:16]
+
+
+def missing_packages(busybox: Path | None = None) -> list[str]:
+    """Debian packages the initramfs needs and this host lacks (a static busybox)."""
+    busybox = busybox or BUSYBOX_PATH
+    try:
+        with open(busybox, "rb") as file:
+            static = is_static_elf(file.read(1 << 16))
+    except OSError:
+        static = False
+    return [] if static else ["busybox-static"]
+
+
+def current_dir(busybox: Path | None = None) -> Path | None:
+    """The cache entry of the initramfs packed from this host's busybox, None without one."""
+    busybox = busybox or BUSYBOX_PATH
+    if missing_packages(busybox):
+        return None
+    key = initramfs_cache_key(busybox.read_bytes(), INIT_SCRIPT_PATH.read_text())
+    return cache_root() / "initramfs" / key
 
 
 def ensure_initramfs(progress: Progress, busybox: Path = BUSYBOX_PATH) -> Path:

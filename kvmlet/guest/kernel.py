@@ -16,7 +16,6 @@ call, since its contents can change without its version changing.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -24,20 +23,30 @@ import re
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from kvmlet.errors import KvmletError
-from kvmlet.guest.progress import Progress
+from kvmlet.guest.cache import cache_lock, cache_root, format_bytes, rebuild_only_size
+from kvmlet.guest.progress import Progress, StepProfile
 
 FRAGMENT_PATH = Path(__file__).with_name("kvmlet.config")
 DEBIAN_SOURCE_PACKAGE = "linux-source-6.1"
 DEBIAN_SOURCE_TARBALL = Path("/usr/src/linux-source-6.1.tar.xz")
 BUILD_PACKAGES = ("build-essential", "flex", "bison", "bc", "libelf-dev", "libssl-dev", "lz4")
-_BUILD_TOOLS = ("make", "gcc", "flex", "bison", "bc", "lz4", "perl")
+_TOOL_PACKAGES = {
+    "make": "build-essential",
+    "gcc": "build-essential",
+    "flex": "flex",
+    "bison": "bison",
+    "bc": "bc",
+    "lz4": "lz4",
+    "perl": "perl",
+}
+"""The commands a kernel build runs, and the Debian package of each."""
 _LIBELF_HEADER = Path("/usr/include/gelf.h")
+PROFILE_FILE = "kernel-build-profile.json"
+"""In the cache: the step profile of the last full kernel build, for the next one's estimate."""
 
 # Part of the cache key: change it whenever the steps below change what they produce.
 BUILD_RECIPE = (
@@ -74,15 +83,6 @@ class KernelSource:
         return self.tree is None
 
 
-def cache_root() -> Path:
-    """kvmlet's cache directory: $KVMLET_CACHE_DIR, else $XDG_CACHE_HOME/kvmlet, ~/.cache/kvmlet."""
-    explicit = os.environ.get("KVMLET_CACHE_DIR")
-    if explicit:
-        return Path(explicit)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "kvmlet"
-
-
 def required_symbols(fragment_text: str) -> list[str]:
     """Symbols the fragment sets to y."""
     return _ENABLED.findall(fragment_text)
@@ -110,43 +110,68 @@ def kernel_cache_key(fragment_text: str, source_version: str) -> str:
     return digest.hexdigest()[:16]
 
 
-def ensure_kernel(
-    source: Path | None, progress: Progress, *, install_source: bool = False
-) -> KernelBuild:
+def missing_packages(source: Path | None) -> list[str]:
+    """Debian packages a build of the default guest kernel needs and this host lacks; none
+    when the kernel built from Debian's source is already cached (nothing is built then)."""
+    if source is None and not DEBIAN_SOURCE_TARBALL.is_file():
+        return [DEBIAN_SOURCE_PACKAGE, *_missing_tool_packages(extracting=True)]
+    if source is None:
+        version = _debian_source_version()
+        if _is_complete(_debian_build(version)):
+            return []
+        return _missing_tool_packages(extracting=not _debian_tree(version).is_dir())
+    return _missing_tool_packages(extracting=False)
+
+
+def _missing_tool_packages(*, extracting: bool) -> list[str]:
+    tools = dict(_TOOL_PACKAGES, **({"xz": "xz-utils"} if extracting else {}))
+    packages = [package for tool, package in tools.items() if shutil.which(tool) is None]
+    if not _LIBELF_HEADER.is_file():
+        packages.append("libelf-dev")
+    return list(dict.fromkeys(packages))
+
+
+def ensure_kernel(source: Path | None, progress: Progress) -> KernelBuild:
     """The default guest kernel, built now if the cache does not hold it yet."""
-    kernel_source = _resolve_source(source, progress, install_source=install_source)
+    kernel_source = _resolve_source(source)
     fragment_text = FRAGMENT_PATH.read_text()
     output_dir = cache_root() / "kernel" / kernel_cache_key(fragment_text, kernel_source.version)
     build = KernelBuild(output_dir / "bzImage", output_dir / "vmlinux", output_dir / "config")
     if kernel_source.is_debian_package and _is_complete(build):
         return build
-    with _cache_lock():
+    with cache_lock():
         if kernel_source.is_debian_package and _is_complete(build):
             return build
-        tree = kernel_source.tree or _extract_debian_source(kernel_source.version, progress)
         _check_build_tools()
+        tree = kernel_source.tree or _extract_debian_source(kernel_source.version, progress)
         object_dir = cache_root() / "build" / _object_dir_name(kernel_source)
         _build(tree, object_dir, output_dir, fragment_text, progress)
+        progress.stage(
+            f"kept {format_bytes(rebuild_only_size())} of extracted source and build objects "
+            f"in {cache_root()} for faster rebuilds; `kvmlet build-guest --clean` removes them"
+        )
     return build
+
+
+def current_kernel_dir() -> Path | None:
+    """The cache entry of the default guest built from Debian's source with this fragment,
+    or None when the source package is not installed (its version is then unknown)."""
+    if not DEBIAN_SOURCE_TARBALL.is_file():
+        return None
+    return _debian_build(_debian_source_version()).bzimage.parent
+
+
+def _debian_build(version: str) -> KernelBuild:
+    key = kernel_cache_key(FRAGMENT_PATH.read_text(), version)
+    output_dir = cache_root() / "kernel" / key
+    return KernelBuild(output_dir / "bzImage", output_dir / "vmlinux", output_dir / "config")
 
 
 def _is_complete(build: KernelBuild) -> bool:
     return all(path.is_file() for path in (build.bzimage, build.vmlinux, build.config))
 
 
-@contextmanager
-def _cache_lock() -> Iterator[None]:
-    """Serialises builds between processes sharing the cache (CI jobs, several terminals)."""
-    root = cache_root()
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / "build.lock", "w") as lock_file:
-        fcntl.flock(lock_file, fcntl.LOCK_EX)
-        yield
-
-
-def _resolve_source(
-    source: Path | None, progress: Progress, *, install_source: bool
-) -> KernelSource:
+def _resolve_source(source: Path | None) -> KernelSource:
     if source is not None:
         tree = source.expanduser().resolve()
         makefile = tree / "Makefile"
@@ -158,12 +183,10 @@ def _resolve_source(
         )
         return KernelSource(version=f"tree:{tree}:{release}", tree=tree)
     if not DEBIAN_SOURCE_TARBALL.is_file():
-        if not install_source:
-            raise KvmletError(
-                f"no Linux source to build the default guest: run `apt-get install "
-                f"{DEBIAN_SOURCE_PACKAGE}` or pass --source DIR"
-            )
-        _apt_install((DEBIAN_SOURCE_PACKAGE, *BUILD_PACKAGES), progress)
+        raise KvmletError(
+            f"no Linux source to build the default guest: run `apt-get install "
+            f"{DEBIAN_SOURCE_PACKAGE}` or pass --source DIR"
+        )
     return KernelSource(version=_debian_source_version())
 
 
@@ -184,24 +207,29 @@ def _debian_source_version() -> str:
     return f"tarball-{info.st_size}-{int(info.st_mtime)}"
 
 
-def _apt_install(packages: tuple[str, ...], progress: Progress) -> None:
+def apt_install(packages: list[str], progress: Progress) -> None:
+    """`apt-get install PACKAGES` (root only), or a KvmletError saying what to run."""
     if os.geteuid() != 0:
         raise KvmletError(
-            f"installing {DEBIAN_SOURCE_PACKAGE} needs root: run `sudo apt-get install "
-            f"{' '.join(packages)}` or pass --source DIR"
+            f"installing what the default guest needs takes root: run `sudo apt-get install "
+            f"{' '.join(packages)}`"
         )
     progress.stage(f"installing {' '.join(packages)} with apt-get")
     result = subprocess.run(
         ["apt-get", "install", "-y", "--no-install-recommends", *packages], check=False
     )
-    if result.returncode != 0 or not DEBIAN_SOURCE_TARBALL.is_file():
-        raise KvmletError(f"apt-get install {DEBIAN_SOURCE_PACKAGE} failed (see its output above)")
+    if result.returncode != 0:
+        raise KvmletError(f"apt-get install {' '.join(packages)} failed (see its output above)")
+
+
+def _debian_tree(version: str) -> Path:
+    return cache_root() / "source" / version / "linux-source-6.1"
 
 
 def _extract_debian_source(version: str, progress: Progress) -> Path:
     """Unpacks the Debian tarball once per package version; returns the tree."""
-    target = cache_root() / "source" / version
-    tree = target / "linux-source-6.1"
+    tree = _debian_tree(version)
+    target = tree.parent
     if tree.is_dir():
         return tree
     progress.stage(f"extracting {DEBIAN_SOURCE_TARBALL} (once per source version)")
@@ -221,14 +249,9 @@ def _extract_debian_source(version: str, progress: Progress) -> Path:
 
 
 def _check_build_tools() -> None:
-    missing = [tool for tool in _BUILD_TOOLS if shutil.which(tool) is None]
-    if not _LIBELF_HEADER.is_file():
-        missing.append("libelf headers")
+    missing = _missing_tool_packages(extracting=False)
     if missing:
-        raise KvmletError(
-            f"missing kernel build tools ({', '.join(missing)}): run `apt-get install "
-            f"{' '.join(BUILD_PACKAGES)}`"
-        )
+        raise KvmletError(f"missing kernel build tools: run `apt-get install {' '.join(missing)}`")
 
 
 def _object_dir_name(source: KernelSource) -> str:
@@ -240,6 +263,7 @@ def _object_dir_name(source: KernelSource) -> str:
 def _build(
     tree: Path, object_dir: Path, output_dir: Path, fragment_text: str, progress: Progress
 ) -> None:
+    full_build = not (object_dir / "vmlinux").is_file()  # else make redoes only what changed
     object_dir.mkdir(parents=True, exist_ok=True)
     log_path = object_dir.with_name(object_dir.name + ".log")
     started = time.monotonic()
@@ -249,13 +273,25 @@ def _build(
         _configure(runner, object_dir)
         _verify_config(object_dir / ".config", fragment_text)  # before minutes of compiling
         jobs = os.cpu_count() or 1
-        progress.stage(f"compiling the kernel with make -j{jobs} (log: {log_path})")
-        runner.make(f"-j{jobs}", "bzImage", "vmlinux", show_progress=True)
+        kind = "" if full_build else " (again: only what changed)"
+        progress.stage(f"compiling the kernel{kind} with make -j{jobs} (log: {log_path})")
+        progress.build_started(_previous_profile() if full_build else None)
+        step_times = runner.make(f"-j{jobs}", "bzImage", "vmlinux", show_progress=True)
         _verify_config(object_dir / ".config", fragment_text)  # what was actually built
         progress.build_finished()
     seconds = time.monotonic() - started
+    profile = StepProfile.record(step_times) if full_build else None
+    if profile is not None:
+        (cache_root() / PROFILE_FILE).write_text(json.dumps(profile.to_json()) + "\n")
     _publish(object_dir, output_dir, log_path, fragment_text, seconds)
     progress.stage(f"kernel built in {seconds:.0f} s: {output_dir}")
+
+
+def _previous_profile() -> StepProfile | None:
+    try:
+        return StepProfile.from_json(json.loads((cache_root() / PROFILE_FILE).read_text()))
+    except (OSError, ValueError):
+        return None
 
 
 def _verify_config(config: Path, fragment_text: str) -> None:
@@ -321,13 +357,17 @@ class _MakeRunner:
             "KBUILD_BUILD_HOST": "kvmlet",
         }
 
-    def make(self, *arguments: str, show_progress: bool = False) -> None:
+    def make(self, *arguments: str, show_progress: bool = False) -> list[float]:
         command = ["make", f"O={self._object_dir}", "ARCH=x86_64", *arguments]
-        self.run(command, show_progress=show_progress)
+        return self.run(command, show_progress=show_progress)
 
-    def run(self, command: list[str], *, show_progress: bool = False) -> None:
+    def run(self, command: list[str], *, show_progress: bool = False) -> list[float]:
+        """Run `command`; with `show_progress`, pass its lines on and return when each came
+        (seconds since the start)."""
         self._log.write(f"$ {' '.join(command)}\n")
         self._log.flush()
+        started = time.monotonic()
+        step_times: list[float] = []
         process = subprocess.Popen(
             command,
             cwd=self._tree,
@@ -341,6 +381,7 @@ class _MakeRunner:
         for line in process.stdout:
             self._log.write(line)
             if show_progress:
+                step_times.append(time.monotonic() - started)
                 self._progress.build_output(line)
         status = process.wait()
         self._log.flush()
@@ -350,3 +391,4 @@ class _MakeRunner:
                 f"kernel build step `{' '.join(command[:4])}` failed (exit {status}): "
                 f"see {self._log_path}"
             )
+        return step_times

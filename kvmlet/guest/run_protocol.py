@@ -42,6 +42,11 @@ def parse_exit_status(console_output: bytes) -> int | None:
     return status if status <= 255 else None
 
 
+def command_started(console_output: bytes) -> bool:
+    """Whether the guest's init got as far as running the command (it printed the marker)."""
+    return (READY_MARKER + "\n").encode() in console_output.replace(b"\r\n", b"\n")
+
+
 def command_output(console_output: bytes) -> str:
     """The command's own output: what the console showed between the ready marker and the
     last exit marker, with the terminal's CR LF turned back into LF."""

@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from kvmlet.errors import KvmletError
+from kvmlet.errors import GuestStoppedError, KvmletError
 from kvmlet.host.terminal import BatchedWriter, ConsoleInput, EscapeAction, EscapeFilter
 
 TRANSCRIPT_LIMIT = 64 << 20
@@ -29,7 +29,11 @@ POLL_INTERVAL = 0.01
 class Console:
     """Transcript, host echo and input of one guest console."""
 
-    def __init__(self, echo_fd: int | None = None):
+    def __init__(
+        self, echo_fd: int | None = None, stop_reason: Callable[[], object | None] = lambda: None
+    ):
+        """`stop_reason()` is how the machine stopped (a `GuestStop`), None while it runs."""
+        self._stop_reason = stop_reason
         self._lock = threading.Lock()
         self._transcript = bytearray()
         self._dropped = 0
@@ -79,18 +83,27 @@ class Console:
         self,
         pattern: str | re.Pattern[str],
         timeout: float,
-        still_running: Callable[[], bool] = lambda: True,
+        still_running: Callable[[], bool] | None = None,
     ) -> re.Match[str]:
-        """Wait until the transcript matches `pattern` (a regex); KvmletError on timeout or
-        when `still_running()` turns false first."""
+        """Wait until the transcript matches `pattern` (a regex) and return the match.
+
+        Raises GuestStoppedError, with the stop's reason, as soon as the machine stops without
+        having printed it, and KvmletError when `timeout` seconds pass first. `still_running`,
+        when given, is one more condition: the wait ends (GuestStoppedError, `stop` None) once
+        it returns false."""
         regex = re.compile(pattern) if isinstance(pattern, str) else pattern
         deadline = time.monotonic() + timeout
         while True:
+            stop = self._stop_reason()  # before the text: whatever came before the stop is in it
             match = regex.search(self.text())
             if match is not None:
                 return match
-            if not still_running():
-                raise KvmletError(f"the guest stopped before printing {regex.pattern!r}")
+            if stop is not None:
+                raise GuestStoppedError(
+                    f"the guest stopped before printing {regex.pattern!r}: {stop}", stop
+                )
+            if still_running is not None and not still_running():
+                raise GuestStoppedError(f"stopped waiting for {regex.pattern!r}", None)
             if time.monotonic() >= deadline:
                 raise KvmletError(f"timed out after {timeout:g} s waiting for {regex.pattern!r}")
             time.sleep(POLL_INTERVAL)

@@ -113,7 +113,7 @@ class Machine(Controls):
         self.watchpoints = Watchpoints(self)
         self._init_controls()
         self.cmdline = ""  # the kernel's command line (none for boot code)
-        self.console = Console(console_echo_fd)
+        self.console = Console(console_echo_fd, stop_reason=lambda: self._stop)
         self.kvm = Kvm()
         self._closers = [self.kvm.close]
         self._router: KvmInterruptRouter | None = None

@@ -71,11 +71,10 @@ class VirtioDevices:
         self.left_open = False
         try:
             if config.disks:
-                from kvmlet.virtio.blk import DiskOptions, VirtioBlock
+                from kvmlet.virtio.blk import VirtioBlock
 
                 for disk in config.disks:
-                    options = DiskOptions(os.fspath(disk.path), disk.read_only, disk.direct)
-                    self.devices.append(VirtioBlock(memory, options))
+                    self.devices.append(VirtioBlock(memory, disk))
             if config.console == "virtio":
                 from kvmlet.virtio.console import VirtioConsole
 

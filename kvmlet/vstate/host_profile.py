@@ -1,6 +1,6 @@
 """Host profiles: the one named place for workarounds that belong to a host, not to kvmlet.
 
-Our development machines run a nested, software "PVM" KVM (shared/README.md §1): it executes
+Our development machines run a nested, software "PVM" KVM (docs/hosts.md): it executes
 guest kernel code in an instruction emulator that refuses a few instructions, and guest user
 space cannot make system calls. Profile `pvm` carries everything that keeps a Linux guest
 booting there (CPUID masks it honours, kernel parameters, fix-ups of refused instructions, and
@@ -37,14 +37,12 @@ CLEARCPUID_LIMIT = 127
 """The kernel reads at most this many characters of `clearcpuid=` and drops the rest."""
 
 PVM_CLEARED_FEATURES = (
+    "xsave",
     "smap",
     "popcnt",
     "sse4_2",
     "sse4_1",
     "ssse3",
-    "avx",
-    "avx2",
-    "fma",
     "f16c",
     "movbe",
     "bmi1",
@@ -53,12 +51,34 @@ PVM_CLEARED_FEATURES = (
     "pclmulqdq",
     "sha_ni",
     "adx",
-    "xsaveopt",
-    "avx512f",
     "rdseed",
 )
 """Features whose instructions the emulator refuses, most important first (what the guest
-kernel uses earliest and unconditionally comes first: CLAC/STAC, POPCNT, then SSE4/AVX)."""
+kernel uses earliest and unconditionally comes first: XRSTOR, CLAC/STAC, POPCNT, then SSE4).
+
+The kernel clears along with a feature every feature that depends on it
+(arch/x86/kernel/cpu/cpuid-deps.c): `xsave` takes xsaveopt, xsaves, avx and with avx avx2,
+fma and avx512f, so they need no room of their own in the 127 characters. `clearcpuid=xsave`
+does what `noxsave` does (both end in setup_clear_cpu_cap(X86_FEATURE_XSAVE) in
+cpu_parse_early_param), but Linux 6.1 reads `noxsave` with cmdline_find_option_bool and
+registers no parameter for it, so it listed `noxsave` as unknown and passed it on to init.
+Masking XSAVE in CPUID instead is not honoured by this KVM."""
+
+PVM_CLOCKSOURCE = "clocksource=refined-jiffies"
+"""Guest timekeeping from its own tick instead of kvm-clock or the TSC.
+
+A kernel with a periodic tick and no high-resolution timers (HZ_PERIODIC without
+HIGH_RES_TIMERS, as tinyconfig leaves it) runs that tick on the local APIC's TSC-deadline
+timer, which has no periodic mode: tick_handle_periodic (kernel/time/tick-common.c) programs
+each next tick itself and, once the clocksource is valid for high resolution (kvm-clock, tsc),
+first runs every tick it missed. Under this host's instruction emulator one tick costs about a
+tick period, so from `clocksource: Switched to clocksource kvm-clock` on the guest did little
+but catch up ticks, longer the busier the host (a boot that seemed to stall there, with either
+entry, ELF/PVH or bzImage). A jiffies clocksource is not valid for high resolution: the loop
+then drops missed ticks. Kernels with high-resolution timers (the default guest) pay for their
+ticks too, in hrtimer interrupts, and also boot faster. The cost: guest time advances by the
+ticks the guest got, so it lags the host's clock, and high-resolution timers stay off;
+docs/hosts.md has the measurements."""
 
 INT3 = 0xCC
 FWAIT = 0x9B
@@ -132,17 +152,31 @@ _INIT_DEATH = (
     r"|\S+\[1\]: segfault at"
     r"|invalid opcode.*\n(?:.*\n){0,3}.*\bComm: \S+"
 )
+_PID1_PROGRAM = r"\btraps: (\S+)\[1\]|(\S+)\[1\]: segfault at"
+_PID1_CRASHED_BEFORE_EXEC = r"\bPID: 1 Comm: swapper"
 
 
 def recognise_init_death(console_text: str) -> str | None:
     """One line explaining that the guest reached user space and its init died at once,
-    or None when the console shows no such thing (pure: the machine adds the timing)."""
+    or None when the console shows no such thing (pure: the machine adds the timing).
+
+    With `quiet` (the sandbox adds it) the kernel hides `Run /init as init process`, but not
+    how pid 1 ended: the panic `Attempted to kill init!` and a segfault of pid 1 are printed
+    at the emergency level. Pid 1 dies before running any program only in a kernel crash,
+    whose report names it `swapper`; any other death of pid 1 is its program's, and on this
+    host a program cannot even exit without a system call."""
+    death = re.compile(_INIT_DEATH)
     started = re.search(_RUN_INIT, console_text)
-    if started is None:
-        return None
-    if re.compile(_INIT_DEATH).search(console_text, started.end()) is None:
-        return None
-    return f"{started.group(1)} died at its first system call (host profile pvm)"
+    if started is not None:
+        if death.search(console_text, started.end()) is None:
+            return None
+        program = started.group(1)
+    else:
+        if death.search(console_text) is None or re.search(_PID1_CRASHED_BEFORE_EXEC, console_text):
+            return None
+        named = re.search(_PID1_PROGRAM, console_text)
+        program = next((name for name in named.groups() if name), "init") if named else "init"
+    return f"{program} died at its first system call (host profile pvm)"
 
 
 class HostProfile(NamedTuple):
@@ -194,14 +228,15 @@ PVM = HostProfile(
     name="pvm",
     notice=(
         "kvmlet: host profile pvm (software KVM): masking CMPXCHG16B and KVM hypercalls, adding "
-        "noxsave and clearcpuid=..., fixing up INT3/FWAIT the emulator refuses"
+        "clearcpuid=xsave,... and clocksource=refined-jiffies, fixing up INT3/FWAIT the emulator "
+        "refuses"
     ),
     # A hypercall from guest kernel code never returns here: PV IPIs hung SMP boot.
     cpuid_masks=(
         CpuidMask(CPUID_FEATURES, "ecx", CPUID1_ECX_CMPXCHG16B),
         HIDE_KVM_HYPERCALL_FEATURES,
     ),
-    kernel_parameters=("noxsave", clearcpuid_parameter(PVM_CLEARED_FEATURES)),
+    kernel_parameters=(clearcpuid_parameter(PVM_CLEARED_FEATURES), PVM_CLOCKSOURCE),
     fixes_emulation_failures=True,
     console_explainer=recognise_init_death,
 )

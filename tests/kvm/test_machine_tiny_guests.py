@@ -5,10 +5,12 @@ BOOT_CODE_ADDRESS; it talks to kvmlet's devices and stops the machine through th
 """
 
 import mmap
+import time
 
 import pytest
 
 from kvmlet.bus import AccessSizes, IoRegion
+from kvmlet.errors import GuestStoppedError
 from kvmlet.machine.config import DiskConfig, MachineConfig
 from kvmlet.machine.machine import Machine
 from kvmlet.vstate.vcpu_loop import StopReason
@@ -41,6 +43,15 @@ def test_guest_writes_to_the_serial_console_and_resets_through_the_i8042():
     assert stop.reason is StopReason.RESET
     assert machine.console.transcript() == b"hello\n"
     assert machine.stats()["port_io"]["regions"]["com1"]["writes"] == 6
+
+
+def test_waiting_for_console_output_ends_with_the_stop_when_the_guest_stops():
+    with machine_for(serial_print(b"bye\n") + I8042_RESET) as machine:
+        started = time.monotonic()
+        with pytest.raises(GuestStoppedError) as raised:
+            machine.console.wait_for("never printed", timeout=30)
+    assert time.monotonic() - started < 10
+    assert raised.value.stop.reason is StopReason.RESET
 
 
 def test_guest_reads_the_uart_line_status_through_the_bus():

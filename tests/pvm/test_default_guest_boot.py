@@ -48,6 +48,8 @@ def test_default_guest_reaches_user_space_and_kvmlet_explains_the_end(kernel):
         check=False,
     )
     assert "Run /init as init process" in result.stdout, result.stdout[-3000:]
+    # Every parameter of the profile is one the kernel knows (noxsave was not).
+    assert "Unknown kernel command line parameters" not in result.stdout
     notice, *rest = result.stderr.strip().splitlines()
     assert notice.startswith("kvmlet: host profile pvm")
     assert len(rest) == 1, result.stderr

@@ -112,6 +112,98 @@ def test_a_sandbox_command_that_times_out_exits_124_with_its_output(monkeypatch,
     assert captured.err.strip().splitlines()[-1] == "kvmlet: the command timed out after 3 s"
 
 
+def fake_sandbox(monkeypatch, outcome):
+    """Replace kvmlet.sandbox.sandbox by one that records its call and returns or raises
+    `outcome`."""
+    from kvmlet import sandbox as sandbox_module
+
+    asked = {}
+
+    def sandbox(command, config, *, timeout):
+        asked.update(command=command, timeout=timeout)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    monkeypatch.setattr(sandbox_module, "sandbox", sandbox)
+    return asked
+
+
+@pytest.mark.parametrize(
+    ("argv", "command"),
+    [
+        (["echo a; exit 3"], "echo a; exit 3"),
+        (["echo", "a; exit 3", "$HOME"], "echo 'a; exit 3' '$HOME'"),
+    ],
+)
+def test_one_sandbox_argument_is_a_shell_line_and_several_are_one_program(
+    monkeypatch, argv, command
+):
+    from kvmlet.sandbox import SandboxResult
+    from kvmlet.vstate.vcpu_loop import GuestStop, StopReason
+
+    asked = fake_sandbox(monkeypatch, SandboxResult(3, "a\n", GuestStop(StopReason.RESET)))
+    assert cli.main(["sandbox", "--host-profile", "none", "--", *argv]) == 3
+    assert asked["command"] == command
+
+
+@pytest.mark.parametrize(
+    ("reason", "status"),
+    [("USER_SPACE_UNSUPPORTED", 6), ("TRIPLE_FAULT", 3), ("RESET", 1)],
+)
+def test_a_sandbox_guest_that_never_ran_the_command_exits_with_kvmlets_status(
+    monkeypatch, capsys, reason, status
+):
+    from kvmlet.errors import GuestStoppedError
+    from kvmlet.vstate.vcpu_loop import GuestStop, StopReason
+
+    stop = GuestStop(StopReason[reason], "why")
+    fake_sandbox(monkeypatch, GuestStoppedError(f"the command did not run: {stop}", stop))
+    assert cli.main(["sandbox", "--host-profile", "none", "--", "true"]) == status
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.strip().splitlines()[-1] == f"kvmlet: the command did not run: {stop}"
+
+
+def test_a_sandbox_command_that_reset_the_guest_reports_no_status(monkeypatch, capsys):
+    from kvmlet.sandbox import SandboxResult
+    from kvmlet.vstate.vcpu_loop import GuestStop, StopReason
+
+    fake_sandbox(monkeypatch, SandboxResult(None, "bye\n", GuestStop(StopReason.RESET)))
+    assert cli.main(["sandbox", "--host-profile", "none", "--", "reboot -f"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "bye\n"
+    assert captured.err.strip().splitlines()[-1] == (
+        "kvmlet: the command reported no exit status (the guest reset the machine)"
+    )
+
+
+def test_sandbox_help_says_how_arguments_run_and_whose_status_it_is():
+    result = run_cli("sandbox", "--help")
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    assert "One argument is a shell command line" in text
+    assert "several arguments are one program and its arguments" in text
+    for status in ("1 a usage", "124 the command", "6 this host"):
+        assert status in text
+
+
+@pytest.mark.parametrize("argv", [["run"], ["sandbox", "--", "true"]])
+def test_a_host_without_kvm_is_told_so_before_the_default_guest_is_built(
+    tmp_path, monkeypatch, capsys, argv
+):
+    import kvmlet.guest
+
+    original = system.Kvm.__init__
+    monkeypatch.setattr(
+        system.Kvm, "__init__", lambda self, path="": original(self, str(tmp_path / "kvm"))
+    )
+    monkeypatch.setattr(kvmlet.guest, "ensure_default_guest", pytest.fail)
+    assert cli.main([*argv[:1], "--host-profile", "none", *argv[1:]]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("kvmlet: cannot open ") and "no such device" in line
+
+
 @pytest.mark.parametrize(
     "command", ["list", "stop", "pause", "resume", "stat", "balloon", "console"]
 )

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from kvmlet import guest
 from kvmlet.errors import KvmletError
-from kvmlet.guest import kernel
+from kvmlet.guest import initramfs, kernel
 from kvmlet.guest.kernel import (
     FRAGMENT_PATH,
     disabled_symbols,
@@ -151,9 +152,83 @@ def test_source_that_is_not_a_kernel_tree_is_refused(tmp_path):
         kernel.ensure_kernel(tmp_path, QuietProgress())
 
 
-def test_installing_the_source_needs_root(tmp_path, monkeypatch):
+def test_installing_what_is_missing_needs_root(tmp_path, monkeypatch):
     monkeypatch.setenv("KVMLET_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(kernel, "DEBIAN_SOURCE_TARBALL", tmp_path / "absent.tar.xz")
     monkeypatch.setattr(kernel.os, "geteuid", lambda: 1000)
-    with pytest.raises(KvmletError, match=r"needs root.*sudo apt-get install linux-source-6.1"):
-        kernel.ensure_kernel(None, QuietProgress(), install_source=True)
+    with pytest.raises(KvmletError, match=r"takes root.*sudo apt-get install linux-source-6.1"):
+        guest.ensure_default_guest(progress=QuietProgress(), install_source=True)
+
+
+def test_everything_missing_for_a_build_is_named_in_one_line_before_building(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVMLET_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(kernel, "DEBIAN_SOURCE_TARBALL", tmp_path / "absent.tar.xz")
+    monkeypatch.setattr(kernel, "_LIBELF_HEADER", tmp_path / "gelf.h")
+    monkeypatch.setattr(kernel.shutil, "which", lambda tool: None if tool in "flex xz" else tool)
+    monkeypatch.setattr(initramfs, "BUSYBOX_PATH", tmp_path / "busybox")
+    monkeypatch.setattr(kernel, "_build", pytest.fail)
+    with pytest.raises(KvmletError) as raised:
+        guest.ensure_default_guest(progress=QuietProgress())
+    assert str(raised.value) == (
+        "building the default guest needs Debian packages this host lacks: run `apt-get "
+        "install linux-source-6.1 flex xz-utils libelf-dev busybox-static` (or pass --source DIR)"
+    )
+
+
+def test_a_cached_kernel_needs_no_build_tools(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVMLET_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(kernel, "DEBIAN_SOURCE_TARBALL", Path(__file__))
+    monkeypatch.setattr(kernel, "_debian_source_version", lambda: "test-version")
+    monkeypatch.setattr(kernel.shutil, "which", lambda tool: None)
+    monkeypatch.setattr(kernel, "_LIBELF_HEADER", tmp_path / "gelf.h")
+    everything = ["build-essential", "flex", "bison", "bc", "lz4", "perl", "xz-utils"]
+    assert kernel.missing_packages(None) == [*everything, "libelf-dev"]
+    output = tmp_path / "kernel" / kernel_cache_key(FRAGMENT, "test-version")
+    output.mkdir(parents=True)
+    for name in ("bzImage", "vmlinux", "config"):
+        (output / name).write_text(name)
+    assert kernel.missing_packages(None) == []
+
+
+class RecordingProgress(QuietProgress):
+    def __init__(self):
+        self.previous = []
+
+    def build_started(self, previous):
+        self.previous.append(previous)
+
+
+def fake_make(monkeypatch, step_times):
+    """Replace make by a run that printed len(step_times) lines at those times."""
+
+    class Runner:
+        def __init__(self, *args):
+            pass
+
+        def make(self, *arguments, show_progress=False):
+            return step_times
+
+    monkeypatch.setattr(kernel, "_MakeRunner", Runner)
+    monkeypatch.setattr(kernel, "_configure", lambda runner, object_dir: None)
+    monkeypatch.setattr(kernel, "_verify_config", lambda config, fragment: None)
+    monkeypatch.setattr(kernel, "_publish", lambda *args: None)
+
+
+def test_a_full_build_leaves_its_step_profile_for_the_next_one(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVMLET_CACHE_DIR", str(tmp_path))
+    object_dir = tmp_path / "build" / "obj"
+    progress = RecordingProgress()
+    fake_make(monkeypatch, [float(n) for n in range(1, 101)])
+    kernel._build(tmp_path, object_dir, tmp_path / "out", FRAGMENT, progress)
+    first = kernel._previous_profile()
+    assert progress.previous == [None] and first.steps == 100 and first.seconds[-1] == 100
+    (object_dir / "vmlinux").write_text("built")  # the next build only redoes what changed
+    fake_make(monkeypatch, [1.0] * 30)
+    kernel._build(tmp_path, object_dir, tmp_path / "out", FRAGMENT, progress)
+    assert progress.previous == [None, None]  # no total: a rebuild is not a full build
+    assert kernel._previous_profile() == first  # and it does not replace the profile
+    (object_dir / "vmlinux").unlink()
+    fake_make(monkeypatch, [float(n) for n in range(1, 81)])
+    kernel._build(tmp_path, object_dir, tmp_path / "out", FRAGMENT, progress)
+    assert progress.previous[-1] == first
+    assert kernel._previous_profile().steps == 80

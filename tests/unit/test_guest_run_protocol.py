@@ -8,7 +8,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kvmlet.guest.run_protocol import command_output, parse_exit_status, run_parameter
+from kvmlet.guest.run_protocol import (
+    command_output,
+    command_started,
+    parse_exit_status,
+    run_parameter,
+)
 
 
 def test_parameter_carries_the_command_without_spaces():
@@ -21,6 +26,13 @@ def test_parameter_carries_the_command_without_spaces():
 def test_overlong_command_is_refused():
     with pytest.raises(ValueError, match="too long"):
         run_parameter("x" * 2000)
+
+
+def test_the_command_started_once_the_ready_marker_is_a_whole_line():
+    assert command_started(b"[ 1.0] boot\r\nkvmlet-guest: ready\r\nhi\r\n")
+    assert command_started(b"kvmlet-guest: ready\n")
+    assert not command_started(b"Kernel panic - not syncing: Attempted to kill init!\r\n")
+    assert not command_started(b"kvmlet-guest: ready")  # the line is not complete yet
 
 
 def test_last_well_formed_marker_wins():

@@ -30,7 +30,8 @@ from kvmlet.memory import GuestMemory
 from kvmlet.snapshot import codec
 from kvmlet.virtio import rng as rng_module
 from kvmlet.virtio.balloon import VirtioBalloon
-from kvmlet.virtio.blk import DiskOptions, VirtioBlock
+from kvmlet.virtio.blk import VirtioBlock
+from kvmlet.virtio.blk_config import DiskConfig
 from kvmlet.virtio.console import VirtioConsole
 from kvmlet.virtio.mmio import VirtioMmio
 from kvmlet.virtio.net.backend import NetBackend
@@ -93,7 +94,7 @@ class Rig:
     def _device(self):
         kind, memory = self.kind, self.memory
         if kind == "blk":
-            return VirtioBlock(memory, DiskOptions(str(self.image)))
+            return VirtioBlock(memory, DiskConfig(self.image))
         if kind == "console":
             return VirtioConsole(memory, self.output.append)
         if kind == "rng":

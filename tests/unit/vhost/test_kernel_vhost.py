@@ -1,6 +1,6 @@
 """The kernel vhost frontend without /dev/vhost-*: its structures and ioctl numbers against the
-real <linux/vhost.h> (gcc), and the errors a user meets. tests/linux/test_kernel_vhost.py drives
-a real vhost-vsock in the test box."""
+real <linux/vhost.h> (gcc), and the errors a user meets.
+tests/linux/test_kernel_vhost_in_guest.py drives a real vhost-vsock in the test box."""
 
 from __future__ import annotations
 
