@@ -4,6 +4,7 @@
         print(machine.describe().state)        # "running"
         machine.pause(); machine.resume()
         machine.set_balloon(64 << 20)          # take 64 MiB from the guest
+        machine.snapshot("web.snap")           # kvmlet run --restore web.snap goes on
         print(machine.stats().vcpus[0].exits)  # {"io": ..., "mmio": ..., ...}
         machine.stop()                         # ask the guest, then stop it from the host
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import socket
 from dataclasses import dataclass, field
 
@@ -116,6 +118,21 @@ class Stats:
 
 
 @dataclass(frozen=True)
+class SnapshotInfo:
+    path: str
+    file_bytes: int  # the file's size (its RAM area is sparse: it takes less on disk)
+    ram_bytes: int  # guest RAM written (its zero pages are not)
+    seconds: float  # from the request to the file in place
+    paused_seconds: float  # how long the guest was held for it
+    state: str  # the machine's state afterwards: "running", "paused" or "stopped"
+
+    @classmethod
+    def from_document(cls, document: dict) -> SnapshotInfo:
+        names = cls.__dataclass_fields__
+        return cls(**{name: document[name] for name in names})
+
+
+@dataclass(frozen=True)
 class ConsoleTail:
     text: str
     bytes: int
@@ -177,6 +194,13 @@ class Client:
         """Ask the guest to give `target_bytes` of its memory to the balloon (0: all back)."""
         document = self.request("PUT", "/v1/balloon", {"target_bytes": target_bytes})
         return BalloonInfo.from_document(document)
+
+    def snapshot(self, path: str, then: str = "resume") -> SnapshotInfo:
+        """Save the machine to the snapshot file `path` (made absolute), then "resume",
+        "pause" or "stop" it; `kvmlet run --restore FILE` or `Machine.restore` starts it
+        again."""
+        body = {"path": os.path.abspath(path), "then": then}
+        return SnapshotInfo.from_document(self.request("PUT", "/v1/vm/snapshot", body))
 
     def console(self, size: int = 4096) -> ConsoleTail:
         """The last `size` bytes the guest wrote to its console."""

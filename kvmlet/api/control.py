@@ -31,7 +31,8 @@ def stop_document(stop: GuestStop) -> dict[str, object]:
 
 
 class MachineControl:
-    """Describe, pause, resume, stop, statistics, balloon and console of one machine."""
+    """Describe, pause, resume, stop, snapshot, statistics, balloon and console of one
+    machine."""
 
     def __init__(
         self,
@@ -82,6 +83,17 @@ class MachineControl:
     def console(self, size: int) -> dict[str, object]:
         data, total = self.machine.console.tail(size)
         return {"text": data.decode(errors="replace"), "bytes": len(data), "total_bytes": total}
+
+    def snapshot(self, path: str, then: str) -> dict[str, object]:
+        result = self.machine.snapshot(path, then)
+        return {
+            "path": result.path,
+            "file_bytes": result.file_bytes,
+            "ram_bytes": result.ram_bytes,
+            "seconds": round(result.seconds, 6),
+            "paused_seconds": round(result.paused_seconds, 6),
+            "state": result.state,
+        }
 
     def _require_balloon(self):
         balloon = self.machine.balloon

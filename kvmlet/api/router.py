@@ -24,6 +24,8 @@ DEFAULT_CONSOLE_BYTES = 4096
 MAX_GRACE_SECONDS = 600.0
 DEFAULT_GRACE_SECONDS = 10.0
 MAX_QUERY_FIELDS = 8
+SNAPSHOT_THEN = ("resume", "pause", "stop")
+"""What a machine does once its snapshot is taken (kvmlet/machine/snapshot.py's THEN)."""
 
 
 class ApiError(Exception):
@@ -46,6 +48,7 @@ class Target(Protocol):
     def balloon(self) -> dict: ...
     def set_balloon(self, target_bytes: int) -> dict: ...
     def console(self, size: int) -> dict: ...
+    def snapshot(self, path: str, then: str) -> dict: ...
 
 
 Operation = Callable[[dict[str, list[str]], dict], object]
@@ -68,6 +71,7 @@ class Router:
             "/v1/vm/stop": {"PUT": Route(self._stop)},
             "/v1/vm/stats": {"GET": Route(lambda query, body: target.stats())},
             "/v1/vm/console": {"GET": Route(self._console, frozenset({"bytes"}))},
+            "/v1/vm/snapshot": {"PUT": Route(self._snapshot)},
             "/v1/balloon": {
                 "GET": Route(lambda query, body: target.balloon()),
                 "PUT": Route(self._balloon),
@@ -113,6 +117,16 @@ class Router:
         if isinstance(target, bool) or not isinstance(target, int) or target < 0:
             raise ApiError(400, "target_bytes must be a whole number of bytes, 0 or more")
         return self.target.set_balloon(target)
+
+    def _snapshot(self, query: dict[str, list[str]], body: dict) -> object:
+        _only(body, "path", "then")
+        path = body.get("path")
+        if not isinstance(path, str) or not path.startswith("/") or "\0" in path:
+            raise ApiError(400, "path must be the snapshot file's absolute path")
+        then = body.get("then", "resume")
+        if then not in SNAPSHOT_THEN:
+            raise ApiError(400, f"then must be one of {', '.join(SNAPSHOT_THEN)}")
+        return self.target.snapshot(path, then)
 
     def _console(self, query: dict[str, list[str]], body: dict) -> object:
         text = query.get("bytes", [str(DEFAULT_CONSOLE_BYTES)])[-1]

@@ -41,6 +41,7 @@ examples:
   kvmlet run -k test.elf -p 'verbose' --module data.bin,name=data --debug-exit 0x501
   kvmlet run -k vmlinux --device examples/mailbox_device.py:Mailbox,mmio=0xf1000000,irq=10
   kvmlet run -k test.elf --debug-exit 0x501 --record run.rec; kvmlet replay run.rec
+  kvmlet run --name web & kvmlet snapshot web web.snap --stop; kvmlet run --restore web.snap
 
 console: Ctrl-A x quits, Ctrl-A s prints statistics, Ctrl-A h helps, Ctrl-A Ctrl-A sends Ctrl-A.
 
@@ -109,9 +110,9 @@ def _add_machine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--host-profile",
         choices=("auto", "none", "pvm"),
-        default="auto",
+        default=None,
         help="workarounds for a host KVM: 'pvm' is the software KVM of some CI machines; "
-        "auto detects it (default: %(default)s)",
+        "auto detects it (default: auto; with --restore, the snapshot's)",
     )
     parser.add_argument(
         "--timeout",
@@ -244,6 +245,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="add a virtio-balloon: `kvmlet balloon NAME SIZE` then takes memory back from "
         "the guest, and free memory it reports is released on the host",
     )
+    run.add_argument(
+        "--restore",
+        metavar="FILE",
+        help="start the machine a snapshot file holds (`kvmlet snapshot`) where it was saved; "
+        "the machine comes from the file, so no -k, -m, -d... with it",
+    )
+    run.add_argument(
+        "--force",
+        action="store_true",
+        help="with --restore: go on even though a disk changed since the snapshot",
+    )
+    run.add_argument(
+        "--verify",
+        action="store_true",
+        help="with --restore: check every checksum of the snapshot's RAM first (reads it all)",
+    )
 
     add_sandbox_parser(commands, raw_description, _add_machine_arguments)
 
@@ -294,7 +311,7 @@ def _machine_config(args: argparse.Namespace, **extra):
         cpus=args.cpus,
         disks=tuple(disks),
         virtio_transport=args.virtio_transport,
-        host_profile=args.host_profile,
+        host_profile=args.host_profile or "auto",
         **extra,
     )
 
@@ -368,13 +385,51 @@ def run_config(args: argparse.Namespace) -> MachineConfig:
     return config
 
 
+RESTORE_TAKES_FROM_FILE = {
+    "kernel": (None, "-k/--kernel"),
+    "initrd": (None, "-i/--initrd"),
+    "params": ("", "-p/--params"),
+    "module": ([], "--module"),
+    "mem": ("256M", "-m/--mem"),
+    "cpus": (1, "-c/--cpus"),
+    "disk": ([], "-d/--disk"),
+    "virtio_transport": ("pci", "--virtio-transport"),
+    "console": ("serial", "--console"),
+    "boot_method": ("auto", "--boot-method"),
+    "debug_exit": (None, "--debug-exit"),
+    "device": ([], "--device"),
+    "record": (None, "--record"),
+    "balloon": (False, "--balloon"),
+}
+"""The machine's own options, which --restore takes from the file: (default, option)."""
+
+
+def _machine(args: argparse.Namespace, interactive: bool):
+    """The machine `kvmlet run` runs: built from its options, or restored from --restore."""
+    from kvmlet.machine.machine import Machine
+
+    io = {"console_echo_fd": 1, "console_input_fd": 0, "escape": interactive}
+    if args.restore is None:
+        if args.force or args.verify:
+            raise KvmletError("--force and --verify go with --restore FILE")
+        return Machine(args.config, **io)
+    changes = {"debug_io": args.debug_io}
+    if args.host_profile is not None:
+        changes["host_profile"] = args.host_profile
+    return Machine.restore(args.restore, force=args.force, verify=args.verify, **io, **changes)
+
+
 def _command_run(args: argparse.Namespace) -> int:
     from kvmlet.api.names import claim
     from kvmlet.host.report import format_stats
     from kvmlet.host.terminal import RawTerminal
-    from kvmlet.machine.machine import Machine
 
-    config = run_config(args)
+    if args.restore is None:
+        args.config = run_config(args)
+    else:
+        for name, (default, option) in RESTORE_TAKES_FROM_FILE.items():
+            if getattr(args, name) != default:
+                raise KvmletError(f"--restore takes the machine from its file: drop {option}")
     sigterm = _SigtermStops()
     # The name and socket, before any work; a SIGTERM meanwhile waits until the `try` below
     # can clean up after it.
@@ -387,7 +442,7 @@ def _command_run(args: argparse.Namespace) -> int:
             # Held while the machine is built: raised from the handler there, the error could
             # land in code that takes any exception for a device's or KVM's refusal.
             with sigterm.held():
-                machine = Machine(config, console_echo_fd=1, console_input_fd=0, escape=interactive)
+                machine = _machine(args, interactive)
             server = None
             try:
                 sigterm.deliver()

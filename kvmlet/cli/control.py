@@ -1,4 +1,5 @@
-"""The control commands: `kvmlet list`, `stop`, `pause`, `resume`, `stat`, `balloon`, `console`.
+"""The control commands: `kvmlet list`, `stop`, `pause`, `resume`, `snapshot`, `stat`,
+`balloon`, `console`.
 
 Each is a client of a running machine's control API (kvmlet/api), through `kvmlet.connect`;
 what they print for a person is `kvmlet.api.report`'s.
@@ -42,8 +43,21 @@ reports (2 MiB blocks it does not use) is released too, whatever the target.
 """
 
 
+SNAPSHOT_EPILOG = """\
+examples:
+  kvmlet snapshot web web.snap    save `web` to web.snap; it goes on running
+  kvmlet snapshot web web.snap --stop
+  kvmlet run --restore web.snap   start it again from the file (in a new process)
+
+The file holds every vCPU, the devices and guest RAM (its zero pages as holes: it is sparse);
+the disks are not copied, and a restore refuses a disk changed since (`--force` overrides).
+The guest is held only while its state is copied; the file is complete once this returns.
+"""
+
+
 def add_control_commands(commands, plain, raw_description) -> None:
-    """list, stop, pause, resume, stat, balloon, console: clients of a machine's API."""
+    """list, stop, pause, resume, snapshot, stat, balloon, console: clients of a machine's
+    API."""
     listing = commands.add_parser(
         "list",
         help="list your running machines",
@@ -85,6 +99,21 @@ def add_control_commands(commands, plain, raw_description) -> None:
         "the guest's clock does not advance until `kvmlet resume`.",
     )
     control("resume", "resume a paused machine", "Resume a paused machine.")
+    snapshot = control(
+        "snapshot",
+        "save a running machine to a file (kvmlet run --restore FILE starts it again)",
+        "Save a machine to a snapshot file: it is paused, saved, then goes on running "
+        "(or stays paused, or stops).",
+        SNAPSHOT_EPILOG,
+    )
+    snapshot.add_argument("file", metavar="FILE", help="the snapshot file to write")
+    then = snapshot.add_mutually_exclusive_group()
+    then.add_argument(
+        "--pause", dest="then", action="store_const", const="pause", help="stay paused after"
+    )
+    then.add_argument(
+        "--stop", dest="then", action="store_const", const="stop", help="stop the machine after"
+    )
     stat = control(
         "stat",
         "show a machine's statistics (exits, I/O, queues, memory)",
@@ -159,6 +188,19 @@ def _command_pause_resume(args: argparse.Namespace) -> int:
     return 0
 
 
+def _command_snapshot(args: argparse.Namespace) -> int:
+    from kvmlet.api.client import connect
+    from kvmlet.api.report import size_text
+
+    with connect(args.machine) as client:
+        info = client.snapshot(args.file, args.then or "resume")
+    print(
+        f"{args.machine}: saved to {info.path} ({size_text(info.ram_bytes)} of RAM, held "
+        f"{info.paused_seconds * 1000:.0f} ms, {info.seconds:.2f} s in all); {info.state}"
+    )
+    return 0
+
+
 def _command_stat(args: argparse.Namespace) -> int:
     from kvmlet.api.client import connect
     from kvmlet.api.report import stats_text
@@ -225,6 +267,7 @@ CONTROL_COMMANDS = {
     "stop": _command_stop,
     "pause": _command_pause_resume,
     "resume": _command_pause_resume,
+    "snapshot": _command_snapshot,
     "stat": _command_stat,
     "balloon": _command_balloon,
     "console": _command_console,

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from kvmlet.bus import AccessSizes, IoRegion
 from kvmlet.devices.irq import IrqLine
 from kvmlet.devices.registers import Register, RegisterBlock
-from kvmlet.errors import GuestMemoryError
+from kvmlet.errors import GuestMemoryError, KvmletError
 
 if TYPE_CHECKING:
     from kvmlet.bus.pci.msi import MsiController, MsiVector
@@ -316,6 +316,18 @@ class Device:
     def write(self, offset: int, size: int, value: int) -> None:
         raise NotImplementedError
 
+    def save_state(self) -> dict[str, Any]:
+        """What a snapshot keeps of the device: override it, with `load_state`, to snapshot
+        a machine that has the device (the default refuses, naming the device)."""
+        raise KvmletError(
+            f"device {type(self).__name__} has no save_state(): give it save_state() and "
+            "load_state() to snapshot a machine with it"
+        )
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Take what `save_state` returned, in a device just made by its factory."""
+        raise KvmletError(f"device {type(self).__name__} has no load_state()")
+
     def region(self) -> IoRegion:
         """The region the machine places (named after the device)."""
         return device_region(
@@ -336,6 +348,13 @@ class RegisterDevice(Device):
         self.impl = self.registers.impl
         self.read = self.registers.read  # the bus calls the block directly
         self.write = self.registers.write
+
+    def save_state(self) -> dict[str, Any]:
+        """The registers' stored values; a device with more state extends it."""
+        return {"registers": self.registers.save_state()}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.registers.load_state(state["registers"])
 
     def __getitem__(self, name: str) -> int:
         return self.registers[name]

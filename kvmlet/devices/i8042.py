@@ -144,6 +144,35 @@ class I8042Controller:
         self._update_irqs()
         return True
 
+    def save_state(self) -> dict[str, object]:
+        """Controller RAM, output port, output buffer, the command awaiting its data byte and
+        the levels driven on IRQ 1 and 12."""
+        return {
+            "ram": bytes(self._ram),
+            "output_port": self._output_port,
+            "output": [list(entry) for entry in self._output],
+            "pending_command": self._pending_command,
+            "last_write_was_command": self._last_write_was_command,
+            "irq_levels": [self._kbd_level, self._aux_level],
+        }
+
+    def load_state(self, state: dict) -> None:
+        """Take a saved state (the lines are not driven: the interrupt controller's saved
+        state has their levels)."""
+        ram = bytes(state["ram"])
+        if len(ram) != _RAM_SIZE:
+            raise ValueError(f"controller RAM of {len(ram)} bytes")
+        self._ram[:] = ram
+        self._output_port = state["output_port"] & 0xFF
+        self._output = deque(
+            (value & 0xFF, bits & (STATUS_AUX_DATA | STATUS_TIMEOUT))
+            for value, bits in state["output"][:_OUTPUT_BUFFER_LIMIT]
+        )
+        pending = state["pending_command"]
+        self._pending_command = None if pending is None else pending & 0xFF
+        self._last_write_was_command = bool(state["last_write_was_command"])
+        self._kbd_level, self._aux_level = (bool(level) for level in state["irq_levels"])
+
     def read(self, offset: int, size: int) -> int:
         """Offset 0 pops the output buffer, offset 4 is the status register."""
         if offset == DATA_OFFSET:

@@ -24,6 +24,7 @@ from kvmlet.bus.pci.msi_capability import Msi
 from kvmlet.bus.region import IoRegion
 from kvmlet.devices.context import DeviceContext, device_region
 from kvmlet.devices.registers import RegisterBlock
+from kvmlet.errors import KvmletError
 
 MIN_BAR_SIZE = {BarKind.IO: 4, BarKind.MEM32: 16, BarKind.MEM64: 16}
 
@@ -60,6 +61,7 @@ class PciFunction(PciDevice):
         self.interrupt_requested = False
         self.intx_asserted = False
         self.msi: Msi | None = None
+        self.bar_blocks: dict[int, Any] = {}
         if msi:
             if context.msi is None:
                 raise ValueError(f"{context.name}: MSI needs the context's MSI controller")
@@ -79,7 +81,38 @@ class PciFunction(PciDevice):
         impl = getattr(block, "impl", RegisterBlock.impl)
         region = device_region(self.context, f"{self.name}-bar{index}", size, block, valid, impl)
         self.add_bar(index, kind, size, region)
+        self.bar_blocks[index] = block
         return region
+
+    def save_state(self) -> dict[str, Any]:
+        """The configuration space, the interrupt request and the register blocks of the
+        BARs (any other block must save itself: override this and `load_state`)."""
+        blocks = {}
+        for index, block in self.bar_blocks.items():
+            if not isinstance(block, RegisterBlock):
+                raise KvmletError(
+                    f"device {type(self).__name__}: BAR {index} is not a RegisterBlock; "
+                    "override save_state() and load_state() to snapshot it"
+                )
+            blocks[str(index)] = block.save_state()
+        with self.lock:
+            return {
+                **super().save_state(),
+                "interrupt_requested": self.interrupt_requested,
+                "intx_asserted": self.intx_asserted,
+                "bars": blocks,
+            }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Header (BARs mapped), MSI vector programmed, register blocks and INTx as saved."""
+        with self.lock:
+            super().load_state(state)
+            for index, saved in state["bars"].items():
+                self.bar_blocks[int(index)].load_state(saved)
+            if self.msi is not None:
+                self.msi.republish()
+            self.interrupt_requested = bool(state["interrupt_requested"])
+            self.intx_asserted = bool(state["intx_asserted"])
 
     def raise_interrupt(self) -> None:
         """Signal the guest: an MSI message when enabled, else assert INTx."""

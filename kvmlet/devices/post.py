@@ -19,6 +19,14 @@ class PostCodeSink:
         self.writes = 0
         self.last_code: int | None = None
 
+    def save_state(self) -> dict[str, object]:
+        """The last code (the count of writes is the process's statistics)."""
+        return {"last_code": self.last_code}
+
+    def load_state(self, state: dict) -> None:
+        code = state["last_code"]
+        self.last_code = None if code is None else code & 0xFF
+
     def read(self, offset: int, size: int) -> int:
         return (1 << (8 * size)) - 1 if 1 <= size <= 8 else 0xFF
 

@@ -121,6 +121,17 @@ class RegisterBlock:
         for name, register in self.registers.items():
             self.values[name] = register.reset
 
+    def save_state(self) -> dict[str, int]:
+        """Every register's stored value, by name."""
+        return dict(self.values)
+
+    def load_state(self, state: dict) -> None:
+        """Stored values from `save_state` (no guest write rules, no callbacks)."""
+        if set(state) != set(self.registers):
+            raise ValueError(f"registers {sorted(state)} for a block of {sorted(self.registers)}")
+        for name, value in state.items():
+            self[name] = int(value)
+
     # -- the guest's side (the bus) ----------------------------------------------------------
 
     def read(self, offset: int, size: int) -> int:

@@ -81,6 +81,32 @@ class CmosRtc:
         """How far the guest has set its clock from the host's, in seconds."""
         return self._offset_seconds
 
+    def save_state(self) -> dict[str, object]:
+        """CMOS RAM, the selected register and the guest's offset from the host clock (the
+        time itself is the host's: it has gone on while the machine was saved, as a PC's
+        battery-backed clock does), and the fields being set while SET is on."""
+        return {
+            "cmos": bytes(self._cmos),
+            "index": self._index,
+            "offset_seconds": self._offset_seconds,
+            "frozen": None if self._frozen is None else dict(self._frozen),
+        }
+
+    def load_state(self, state: dict) -> None:
+        cmos = bytes(state["cmos"])
+        if len(cmos) != CMOS_SIZE:
+            raise ValueError(f"CMOS of {len(cmos)} bytes")
+        offset = float(state["offset_seconds"])
+        if not math.isfinite(offset):
+            raise ValueError("the clock offset is not a number")
+        frozen = state["frozen"]
+        if frozen is not None:
+            frozen = {name: int(frozen[name]) for name in _FIELD_OF.values()}
+        self._cmos[:] = cmos
+        self._index = state["index"] & INDEX_MASK
+        self._offset_seconds = offset
+        self._frozen = frozen
+
     def read(self, offset: int, size: int) -> int:
         """Offset 1 reads the selected register; the index port reads as open bus."""
         if offset != DATA_OFFSET:

@@ -198,6 +198,49 @@ class Uart16550:
         with self._lock:
             return self._irq_level
 
+    # ----- snapshots --------------------------------------------------------------------------
+
+    def save_state(self) -> dict[str, object]:
+        """Registers, FIFO, pending interrupt sources and the level driven on the line."""
+        with self._lock:
+            return {
+                "rx_fifo": bytes(self._rx_fifo),
+                "rx_refused": self._rx_refused,
+                "irq_level": self._irq_level,
+                "ier": self._ier,
+                "fcr": self._fcr,
+                "lcr": self._lcr,
+                "mcr": self._mcr,
+                "lsr_errors": self._lsr_errors,
+                "msr_deltas": self._msr_deltas,
+                "scr": self._scr,
+                "divisor": self._divisor,
+                "thr_interrupt_pending": self._thr_interrupt_pending,
+                "last_rx_byte": self._last_rx_byte,
+            }
+
+    def load_state(self, state: dict) -> None:
+        """Take a saved state. The interrupt line is not driven: the interrupt controller's
+        own saved state already has the level this UART left on it. (Counters are the
+        process's statistics, as every device's: a restored machine starts them at zero.)
+        `on_deferrable_change` hears the restored answer of `thr_writes_deferrable`."""
+        with self._lock:
+            self._ier = state["ier"] & IER_WRITABLE
+            self._fcr = state["fcr"] & 0xFF
+            self._lcr = state["lcr"] & 0xFF
+            self._mcr = state["mcr"] & MCR_WRITABLE
+            self._lsr_errors = state["lsr_errors"] & LSR_OVERRUN
+            self._msr_deltas = state["msr_deltas"] & MSR_DELTAS
+            self._scr = state["scr"] & 0xFF
+            self._divisor = state["divisor"] & 0xFFFF
+            self._thr_interrupt_pending = bool(state["thr_interrupt_pending"])
+            self._last_rx_byte = state["last_rx_byte"] & 0xFF
+            self._rx_fifo = deque(bytes(state["rx_fifo"])[: self._rx_limit()])
+            self._rx_refused = bool(state["rx_refused"])
+            self._irq_level = bool(state["irq_level"])
+        if self.on_deferrable_change is not None:
+            self.on_deferrable_change(self.thr_writes_deferrable)
+
     # ----- guest side (bus contract) ---------------------------------------------------------
 
     def read(self, offset: int, size: int) -> int:

@@ -249,6 +249,68 @@ class KvmClockData(ctypes.Structure):
     ]
 
 
+class KvmXsave(ctypes.Structure):
+    """KVM_GET_XSAVE/KVM_SET_XSAVE: the vCPU's XSAVE area (x87, SSE, AVX... as the host's CPUID
+    leaf 0xD lays it out); KVM_GET_XSAVE2 may fill more than these 4 KiB (KVM_CAP_XSAVE2)."""
+
+    _fields_ = [("region", u32 * 1024)]
+
+
+class KvmXcr(ctypes.Structure):
+    _fields_ = [("xcr", u32), ("reserved", u32), ("value", u64)]
+
+
+KVM_MAX_XCRS = 16
+
+
+class KvmXcrs(ctypes.Structure):
+    _fields_ = [
+        ("nr_xcrs", u32),
+        ("flags", u32),
+        ("xcrs", KvmXcr * KVM_MAX_XCRS),
+        ("padding", u64 * 16),
+    ]
+
+
+class KvmDebugregs(ctypes.Structure):
+    _fields_ = [
+        ("db", u64 * 4),
+        ("dr6", u64),
+        ("dr7", u64),
+        ("flags", u64),
+        ("reserved", u64 * 9),
+    ]
+
+
+class KvmIrqchip(ctypes.Structure):
+    """KVM_GET_IRQCHIP/KVM_SET_IRQCHIP: one in-kernel chip (PIC master, PIC slave or IOAPIC),
+    its `kvm_pic_state` or `kvm_ioapic_state` in the 512-byte union kept as bytes."""
+
+    _fields_ = [("chip_id", u32), ("pad", u32), ("chip", u8 * 512)]
+
+
+class KvmPitChannelState(ctypes.Structure):
+    _fields_ = [
+        ("count", u32),
+        ("latched_count", u16),
+        ("count_latched", u8),
+        ("status_latched", u8),
+        ("status", u8),
+        ("read_state", u8),
+        ("write_state", u8),
+        ("write_latch", u8),
+        ("rw_mode", u8),
+        ("mode", u8),
+        ("bcd", u8),
+        ("gate", u8),
+        ("count_load_time", ctypes.c_int64),
+    ]
+
+
+class KvmPitState2(ctypes.Structure):
+    _fields_ = [("channels", KvmPitChannelState * 3), ("flags", u32), ("reserved", u32 * 9)]
+
+
 # struct kvm_run: the header, then the exit-reason union (256 bytes), then the register
 # synchronisation area. kvmlet decodes the run page with struct offsets taken from these
 # declarations (see exits.py), so the declarations are the single source of the layout.

@@ -54,6 +54,7 @@ class Vcpu:
     def __init__(self, fd: int, vcpu_id: int, mmap_size: int):
         self.fd = fd
         self.id = vcpu_id
+        self.cpuid: list[s.KvmCpuidEntry2] | None = None  # the table set_cpuid2 set
         try:
             self._mapping = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED)
         except OSError as error:
@@ -174,12 +175,15 @@ class Vcpu:
             raise KvmletError(f"KVM refused to set MSR {items[done][0]:#x} on vCPU {self.id}")
 
     def set_cpuid2(self, entries: Iterable[s.KvmCpuidEntry2]) -> None:
+        """Set the vCPU's CPUID table; it is kept as `cpuid` (a snapshot saves it: some KVMs'
+        KVM_GET_CPUID2 answers with another table than the one set)."""
         table = list(entries)
         cpuid = s.cpuid2_with(len(table))()
         cpuid.header.nent = len(table)
         for index, entry in enumerate(table):
             cpuid.entries[index] = entry
         self._call("KVM_SET_CPUID2", nr.KVM_SET_CPUID2, cpuid)
+        self.cpuid = [s.KvmCpuidEntry2.from_buffer_copy(entry) for entry in table]
 
     def get_cpuid2(self) -> list[s.KvmCpuidEntry2]:
         cpuid = s.cpuid2_with(_MAX_CPUID_ENTRIES)()
@@ -188,6 +192,49 @@ class Vcpu:
         return [
             s.KvmCpuidEntry2.from_buffer_copy(entry) for entry in cpuid.entries[: cpuid.header.nent]
         ]
+
+    def get_xsave(self, size: int = 0) -> bytes:
+        """The XSAVE area: KVM_GET_XSAVE, or KVM_GET_XSAVE2 filling `size` bytes when the VM
+        says its area is larger than 4 KiB (KVM_CHECK_EXTENSION(KVM_CAP_XSAVE2))."""
+        if size <= ctypes.sizeof(s.KvmXsave):
+            return bytes(self._get("KVM_GET_XSAVE", nr.KVM_GET_XSAVE, s.KvmXsave()))
+        area = (ctypes.c_uint8 * size)()
+        self._call("KVM_GET_XSAVE2", nr.KVM_GET_XSAVE2, area)
+        return bytes(area)
+
+    def set_xsave(self, area: bytes) -> None:
+        """KVM_SET_XSAVE with an area `get_xsave` returned (at least 4 KiB)."""
+        buffer = (ctypes.c_uint8 * max(len(area), ctypes.sizeof(s.KvmXsave))).from_buffer_copy(
+            area.ljust(ctypes.sizeof(s.KvmXsave), b"\0")
+        )
+        self._call("KVM_SET_XSAVE", nr.KVM_SET_XSAVE, buffer)
+
+    def get_xcrs(self) -> s.KvmXcrs:
+        return self._get("KVM_GET_XCRS", nr.KVM_GET_XCRS, s.KvmXcrs())
+
+    def set_xcrs(self, xcrs: s.KvmXcrs) -> None:
+        self._call("KVM_SET_XCRS", nr.KVM_SET_XCRS, xcrs)
+
+    def get_debugregs(self) -> s.KvmDebugregs:
+        return self._get("KVM_GET_DEBUGREGS", nr.KVM_GET_DEBUGREGS, s.KvmDebugregs())
+
+    def set_debugregs(self, debugregs: s.KvmDebugregs) -> None:
+        self._call("KVM_SET_DEBUGREGS", nr.KVM_SET_DEBUGREGS, debugregs)
+
+    def get_tsc_khz(self) -> int:
+        """The guest's TSC frequency in kHz (KVM_GET_TSC_KHZ)."""
+        try:
+            return ioctl_int(self.fd, nr.KVM_GET_TSC_KHZ)
+        except OSError as error:
+            raise failure(f"KVM_GET_TSC_KHZ on vCPU {self.id}", error) from None
+
+    def set_tsc_khz(self, khz: int) -> None:
+        """Run the guest's TSC at `khz` (KVM_SET_TSC_KHZ: needs TSC scaling on the host for
+        another frequency than the host's)."""
+        try:
+            ioctl_int(self.fd, nr.KVM_SET_TSC_KHZ, khz)
+        except OSError as error:
+            raise failure(f"KVM_SET_TSC_KHZ {khz} on vCPU {self.id}", error) from None
 
     def kvmclock_ctrl(self) -> bool:
         """KVM_KVMCLOCK_CTRL: tell the guest it was paused by the host (its soft-lockup
@@ -204,7 +251,7 @@ class Vcpu:
         self._call(what, request, argument)
         return argument
 
-    def _call(self, what: str, request: int, argument: ctypes.Structure) -> int:
+    def _call(self, what: str, request: int, argument: ctypes.Structure | ctypes.Array) -> int:
         try:
             return ioctl_struct(self.fd, request, argument)
         except OSError as error:

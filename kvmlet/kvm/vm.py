@@ -233,6 +233,22 @@ class Vm:
         """KVM_SET_CLOCK: make the guest's kvmclock read `clock` ns from now on."""
         self._call("KVM_SET_CLOCK", nr.KVM_SET_CLOCK, s.KvmClockData(clock=clock))
 
+    # -- in-kernel devices -------------------------------------------------------------------
+
+    def get_irqchip(self, chip_id: int) -> s.KvmIrqchip:
+        """KVM_GET_IRQCHIP: the state of the PIC master (0), PIC slave (1) or IOAPIC (2)."""
+        return self._get("KVM_GET_IRQCHIP", nr.KVM_GET_IRQCHIP, s.KvmIrqchip(chip_id=chip_id))
+
+    def set_irqchip(self, chip: s.KvmIrqchip) -> None:
+        self._call("KVM_SET_IRQCHIP", nr.KVM_SET_IRQCHIP, chip)
+
+    def get_pit2(self) -> s.KvmPitState2:
+        """KVM_GET_PIT2: the in-kernel i8254's three channels and flags."""
+        return self._get("KVM_GET_PIT2", nr.KVM_GET_PIT2, s.KvmPitState2())
+
+    def set_pit2(self, state: s.KvmPitState2) -> None:
+        self._call("KVM_SET_PIT2", nr.KVM_SET_PIT2, state)
+
     # -- vCPUs and lifetime -----------------------------------------------------------------
 
     def create_vcpu(self, vcpu_id: int) -> Vcpu:

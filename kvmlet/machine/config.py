@@ -206,6 +206,46 @@ class MachineConfig:
         for text in (self.params, *self.extra_parameters):
             _check_kernel_parameters(text)
 
+    def to_document(self) -> dict[str, Any]:
+        """The configuration as a snapshot keeps it (plain values; file names absolute). The
+        user's devices are not in it: a snapshot keeps every placed device, hot-added ones
+        too (machine/snapshot.py); nor are the run's options (`debug_io`, `record`)."""
+
+        def path(name: FilePath | None) -> str | None:
+            return None if name is None else os.path.abspath(os.fspath(name))
+
+        return {
+            "kernel": path(self.kernel),
+            "boot_code": self.boot_code,
+            "initrd": path(self.initrd),
+            "params": self.params,
+            "memory": self.memory,
+            "cpus": self.cpus,
+            "disks": [
+                {"path": path(disk.path), "read_only": disk.read_only, "direct": disk.direct}
+                for disk in self.disks
+            ],
+            "console": self.console,
+            "virtio_transport": self.virtio_transport,
+            "rng": self.rng,
+            "balloon": self.balloon,
+            "boot_method": self.boot_method,
+            "host_profile": self.host_profile,
+            "extra_parameters": list(self.extra_parameters),
+            "modules": [[path(module.path), module.cmdline] for module in self.modules],
+            "debug_exit_port": self.debug_exit_port,
+        }
+
+    @classmethod
+    def from_document(cls, document: dict[str, Any], **changes: Any) -> MachineConfig:
+        """The configuration `to_document` wrote, with `changes` (the run's own options)."""
+        fields = dict(document)
+        fields["disks"] = tuple(DiskConfig(**disk) for disk in document["disks"])
+        fields["modules"] = tuple(BootModule(*module) for module in document["modules"])
+        fields["extra_parameters"] = tuple(document["extra_parameters"])
+        fields.update(changes)
+        return cls(**fields)
+
     def kernel_command_line(self, device_parameters: list[str], profile_parameters: str) -> str:
         """kvmlet's parameters, then devices', the host profile's, and the user's last."""
         console = "console=hvc0" if self.console == "virtio" else "console=ttyS0"

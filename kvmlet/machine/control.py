@@ -1,6 +1,6 @@
 """The operations the control API (kvmlet/api) uses on a running `Machine`: pause, resume,
-shutdown, describe; a base class of `Machine`, kept apart so the wiring in machine.py stays a
-list of parts.
+shutdown, snapshot, describe, stats; a base class of `Machine`, kept apart so the wiring in
+machine.py stays a list of parts.
 
 Pause holds every vCPU where the watchpoints park them for a break (outside KVM_RUN, at an
 instruction boundary, after any port I/O or MMIO completed), then every virtio device's worker
@@ -19,12 +19,14 @@ from typing import TYPE_CHECKING
 
 from kvmlet import __version__
 from kvmlet.errors import KvmletError
+from kvmlet.host.process import memory_usage
 from kvmlet.kvm.ioctls import KVM_API_VERSION
 from kvmlet.vstate.clock import FrozenClock, freeze_clock, thaw_clock
 from kvmlet.vstate.vcpu_loop import GuestStop, StopReason
 
 if TYPE_CHECKING:
     from kvmlet.machine.machine import Machine
+    from kvmlet.machine.snapshot import SnapshotResult
 
 PAUSE_TIMEOUT = 5.0
 """Seconds `pause()` waits for the vCPUs and the devices' workers to reach a safe point."""
@@ -119,6 +121,41 @@ class Controls:
     def uptime(self: Machine) -> float:
         """Seconds since `start()` (0 before)."""
         return 0.0 if self.started is None else time.monotonic() - self.started
+
+    def stats(self: Machine) -> dict[str, object]:
+        """Counters of the vCPUs (exits by reason), the bus (per region), the legacy and virtio
+        devices (per queue), the user's devices' workers, and the monitor's memory."""
+        stats: dict[str, object] = {
+            "vcpus": [
+                {"id": vcpu.id, "exits": counts.snapshot()}
+                for vcpu, counts in zip(self.vcpus, self.exit_counts, strict=True)
+            ],
+            "port_io": self.io.stats(),
+            "mmio": self.mmio.stats(),
+            "legacy": self.legacy.stats(),
+            "virtio": self.virtio.stats(),
+            "memory": memory_usage(self._ram_ranges),
+        }
+        if self._devices is not None:
+            stats["devices"] = {
+                placed.name: {
+                    "jobs": sum(worker.completed for worker in placed.context.workers),
+                    "job_errors": sum(worker.errors for worker in placed.context.workers),
+                }
+                for placed in self._devices
+            }
+        if self.recorder is not None:
+            stats["recorded_events"] = self.recorder.writer.events
+        return stats
+
+    def snapshot(self: Machine, path: str, then: str = "resume") -> SnapshotResult:
+        """Save the machine to a snapshot file: pause it, save every vCPU, the VM, every
+        device and guest RAM, then "resume" (default), stay paused ("pause") or "stop"
+        (snapshot.py). `Machine.restore(path)` builds it again, in this or another process.
+        KvmletError (one line) when it cannot be saved; the machine goes on as it was."""
+        from kvmlet.machine.snapshot import take_snapshot
+
+        return take_snapshot(self, path, then)
 
     @property
     def balloon(self: Machine):

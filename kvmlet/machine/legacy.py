@@ -115,6 +115,15 @@ class LegacyDevices:
         ]
         return entries
 
+    def state_owners(self) -> dict[str, object]:
+        """The devices a snapshot saves, by name (the debug-exit port has no state)."""
+        owners: dict[str, object] = {
+            port.name.lower(): uart
+            for port, uart in zip(LEGACY_SERIAL_PORTS, self.uarts, strict=True)
+        }
+        owners.update({"i8042": self.i8042, "cmos-rtc": self.rtc, "post": self.post})
+        return owners
+
     @property
     def console_uart(self) -> Uart16550:
         return self.uarts[0]

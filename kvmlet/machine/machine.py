@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import mmap
 import os
 import signal
 import threading
@@ -38,7 +37,6 @@ from kvmlet.bus.pci import CONF1_PORT, BarAllocator, PciWindow
 from kvmlet.bus.watch import Access, Watch, WatchCallback, current_vcpu, set_current_vcpu
 from kvmlet.errors import KvmletError, LazyLogger
 from kvmlet.host.console import Console
-from kvmlet.host.process import memory_usage
 from kvmlet.host.report import format_stats, trace_printer
 from kvmlet.host.terminal import EscapeAction, EscapeFilter
 from kvmlet.kvm import InternalErrorExit, Kvm, Vcpu
@@ -57,6 +55,7 @@ from kvmlet.machine.watchpoints import Watchpoints
 from kvmlet.memory import GuestMemory
 from kvmlet.vstate import host_profile
 from kvmlet.vstate.bus_listener import KvmBusListener
+from kvmlet.vstate.clock import thaw_clock
 from kvmlet.vstate.coalesced_io import CoalescedRing
 from kvmlet.vstate.cpu import (
     apply_boot_state,
@@ -70,6 +69,7 @@ from kvmlet.vstate.vcpu_loop import ExitCounts, GuestStop, StopReason, run_vcpu
 
 if TYPE_CHECKING:
     from kvmlet.machine.record import Recorder
+    from kvmlet.machine.restore import Restoring
     from kvmlet.machine.user_devices import UserDevices
 
 KICK_SIGNAL = signal.SIGRTMIN + 4
@@ -100,7 +100,9 @@ class Machine(Controls):
         console_echo_fd: int | None = None,
         console_input_fd: int | None = None,
         escape: bool = False,
+        restoring: Restoring | None = None,
     ):
+        """`restoring` is for `Machine.restore`: build the machine a snapshot was taken of."""
         if config.kernel is None and config.boot_code is None:
             raise KvmletError(
                 "MachineConfig needs a kernel (kvmlet.with_default_guest() adds the default one)"
@@ -125,24 +127,62 @@ class Machine(Controls):
         self._router: KvmInterruptRouter | None = None
         self._devices: UserDevices | None = None
         self.recorder: Recorder | None = None
+        self.ram_backings: dict[int, tuple[int, int]] = {}  # bank base -> (snapshot fd, offset)
+        self._restored_clock = None  # the kvmclock `start()` puts back after a restore
         try:
-            self._build(console_input_fd, escape)
+            self._build(console_input_fd, escape, restoring)
         except BaseException:
             self.close()
             raise
 
+    @classmethod
+    def restore(
+        cls,
+        path: str,
+        *,
+        force: bool = False,
+        verify: bool = False,
+        console_echo_fd: int | None = None,
+        console_input_fd: int | None = None,
+        escape: bool = False,
+        **changes: Any,
+    ) -> Machine:
+        """The machine a snapshot file was taken of, as it was (not started: `start()` lets
+        it go on). `force` accepts disks changed since; `verify` checks every RAM checksum
+        first; `changes` set run options of its configuration (`debug_io`, `host_profile`).
+        KvmletError (one line) for a file, disk or host that does not fit (restore.py)."""
+        from kvmlet.machine.restore import open_snapshot
+
+        config, restoring = open_snapshot(path, force=force, verify=verify, **changes)
+        try:
+            return cls(
+                config,
+                console_echo_fd=console_echo_fd,
+                console_input_fd=console_input_fd,
+                escape=escape,
+                restoring=restoring,
+            )
+        finally:
+            restoring.close()
+
     # -- construction ----------------------------------------------------------------------
 
-    def _build(self, console_input_fd: int | None, escape: bool) -> None:
+    def _build(
+        self, console_input_fd: int | None, escape: bool, restoring: Restoring | None
+    ) -> None:
         config = self.config
         self.kvm.require()
         self.vm = vm = self.kvm.create_vm()
         self._closers.append(vm.close)
         self.memory_map = MemoryMap(config.memory)
-        self.memory = GuestMemory.anonymous(self.memory_map.ram_banks())
+        if restoring is None:
+            self.memory = GuestMemory.anonymous(self.memory_map.ram_banks())
+            self.memory.ask_for_huge_pages()
+        else:
+            self.memory = restoring.memory(self)
+            self.ram_backings = restoring.backings
         self._closers.append(self.memory.close)
         self._ram_ranges = [(bank.host_address(), bank.size) for bank in self.memory]
-        ask_for_huge_pages(self.memory)
         self.io = port_io_space()
         self.mmio = mmio_space()
         self.kvm_listener = KvmBusListener(vm)
@@ -204,27 +244,37 @@ class Machine(Controls):
         )
         self._closers.append(self.console.close)
         console_device.on_rx_space = on_space
-        boot_state = self._load_kernel() if config.boot_code is None else None
-        if boot_state is None:
-            self.memory.write(BOOT_CODE_ADDRESS, config.boot_code)
-        supported = supported_cpuid(self.kvm)
         self.exit_counts = [ExitCounts() for _ in range(config.cpus)]
         for index in range(config.cpus):
             vcpu = vm.create_vcpu(index)
             self._closers.append(vcpu.close)
             self.vcpus.append(vcpu)
-            configure_vcpu(vcpu, supported, config.cpus, self.profile.cpuid_masks)
-        if self.coalesced is not None:
+        if self.coalesced is not None:  # closed before the vCPU whose run page maps it
             self.coalesced.map_from(self.vcpus[0], self._coalesced_page)
             self._closers.append(self.coalesced.close)
-        if boot_state is None:
-            start_real_mode(self.vcpus[0], BOOT_CODE_ADDRESS)
+        if restoring is not None:
+            self.cmdline = restoring.cmdline
+            restoring.apply(self)
         else:
-            apply_boot_state(self.vcpus[0], boot_state)
+            self._boot()
         if self.recorder is not None:
             from kvmlet.machine.record import record_header
 
             self.recorder.begin(record_header(self))
+
+    def _boot(self) -> None:
+        """Load the kernel (or the boot code) and set the vCPUs up to boot it."""
+        config = self.config
+        boot_state = self._load_kernel() if config.boot_code is None else None
+        if boot_state is None:
+            self.memory.write(BOOT_CODE_ADDRESS, config.boot_code)
+        supported = supported_cpuid(self.kvm)
+        for vcpu in self.vcpus:
+            configure_vcpu(vcpu, supported, config.cpus, self.profile.cpuid_masks)
+        if boot_state is None:
+            start_real_mode(self.vcpus[0], BOOT_CODE_ADDRESS)
+        else:
+            apply_boot_state(self.vcpus[0], boot_state)
 
     def _coalesced_ring(self) -> CoalescedRing | None:
         """The VM's coalesced-write ring, when this KVM coalesces port writes and no
@@ -288,7 +338,7 @@ class Machine(Controls):
             model = self._user_devices().add(device)
             placed = self._devices.placed[-1]
             if self.recorder is not None:
-                self.recorder.device_added(placed, _region_names(placed.model, placed.name))
+                self.recorder.device_added(placed, placed.region_names())
         finally:
             if pause:
                 self.resume()
@@ -306,6 +356,9 @@ class Machine(Controls):
         if self.started is not None:
             raise KvmletError("this machine has already been started")
         self.started = time.monotonic()
+        if self._restored_clock is not None:
+            thaw_clock(self.vm, self.vcpus, self._restored_clock)
+            self._restored_clock = None
         self.virtio.start()
         if self._devices is not None:
             self._devices.start()
@@ -467,32 +520,6 @@ class Machine(Controls):
         assert self._stop is not None
         return self._stop
 
-    def stats(self) -> dict[str, object]:
-        """Counters of the vCPUs (exits by reason), the bus (per region), the legacy and virtio
-        devices (per queue), the user's devices' workers, and the monitor's memory."""
-        stats: dict[str, object] = {
-            "vcpus": [
-                {"id": vcpu.id, "exits": counts.snapshot()}
-                for vcpu, counts in zip(self.vcpus, self.exit_counts, strict=True)
-            ],
-            "port_io": self.io.stats(),
-            "mmio": self.mmio.stats(),
-            "legacy": self.legacy.stats(),
-            "virtio": self.virtio.stats(),
-            "memory": memory_usage(self._ram_ranges),
-        }
-        if self._devices is not None:
-            stats["devices"] = {
-                placed.name: {
-                    "jobs": sum(worker.completed for worker in placed.context.workers),
-                    "job_errors": sum(worker.errors for worker in placed.context.workers),
-                }
-                for placed in self._devices
-            }
-        if self.recorder is not None:
-            stats["recorded_events"] = self.recorder.writer.events
-        return stats
-
     def close(self) -> None:
         """Stop the guest if it runs and release every resource (safe to call twice).
 
@@ -514,17 +541,6 @@ class Machine(Controls):
         self.close()
 
 
-def ask_for_huge_pages(memory: GuestMemory) -> None:
-    """Ask for transparent huge pages under guest RAM (MADV_HUGEPAGE, as QEMU does).
-
-    Where the host grants them, one page fault fills 2 MiB instead of 4 KiB (loading the
-    kernel is faster: docs/performance.md) and KVM can map the guest with large pages. A host
-    kernel without them refuses the advice; guest RAM then keeps small pages."""
-    for bank in memory:
-        with contextlib.suppress(OSError):
-            bank.mapping.madvise(mmap.MADV_HUGEPAGE)
-
-
 def seconds_since_process_start() -> float:
     """Time since this process started (the kernel's start time has clock-tick resolution)."""
     with open("/proc/self/stat") as stat:
@@ -535,11 +551,3 @@ def seconds_since_process_start() -> float:
 
 def _coalesce_ports(ring: CoalescedRing, port: int, size: int, enabled: bool) -> None:
     ring.set_zone(port, size, pio=True, enabled=enabled)
-
-
-def _region_names(model: Any, name: str) -> set[str]:
-    """The regions of a user device (its own, or its BARs')."""
-    bars = getattr(model, "bars", None)
-    if bars is None:
-        return {name}
-    return {bar.region.name for bar in bars if bar is not None}

@@ -41,6 +41,13 @@ class PlacedDevice(NamedTuple):
     context: DeviceContext
     slot: int | None
 
+    def region_names(self) -> set[str]:
+        """The device's regions (its own, or its BARs')."""
+        bars = getattr(self.model, "bars", None)
+        if bars is None:
+            return {self.name}
+        return {bar.region.name for bar in bars if bar is not None}
+
     def spec(self) -> dict:
         """The JSON a recording keeps to rebuild it (its BARs as they were programmed)."""
         spec = {
@@ -191,6 +198,21 @@ class UserDevices:
             return
         for index, address in bars.items():
             model.program_bar(index, address)
+
+    def state_owners(self) -> dict[str, Any]:
+        """Each device's model, which saves its own state (`Device.save_state`)."""
+        return {f"device:{placed.name}": placed.model for placed in self.placed}
+
+    def drain(self, timeout: float) -> None:
+        """Wait for every device's worker jobs to finish (a snapshot cannot carry a job in
+        flight); KvmletError naming the first device still busy after `timeout`."""
+        for placed in self.placed:
+            for worker in placed.context.workers:
+                if not worker.drain(timeout):
+                    raise KvmletError(
+                        f"device {placed.name} still runs a job after {timeout:g} s: a "
+                        "snapshot cannot carry it"
+                    )
 
     def start(self) -> None:
         """The machine started: start every device's workers (and those added later)."""

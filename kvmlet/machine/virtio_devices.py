@@ -14,6 +14,7 @@ boot without disks never loads virtio-blk, and one on PCI never loads virtio-mmi
 
 from __future__ import annotations
 
+import os
 import time
 from typing import TYPE_CHECKING
 
@@ -176,6 +177,24 @@ class VirtioDevices:
     def resume(self) -> None:
         for worker in self.workers:
             worker.resume()
+
+    def state_owners(self) -> dict[str, object]:
+        """Each transport (which saves its device with it), named as in the statistics."""
+        return {
+            f"{transport.device.name}{index}": transport
+            for index, transport in enumerate(self.transports)
+        }
+
+    def disks(self) -> list[dict[str, object]]:
+        """Each disk's image flushed to stable storage and its identity (a snapshot's disks
+        are the images themselves, as they are when it is taken)."""
+        disks = []
+        for device in self.devices:
+            image = getattr(device, "image", None)
+            if image is not None:
+                image.flush()
+                disks.append({"path": os.path.abspath(device.options.path), **image.identity()})
+        return disks
 
     def describe(self) -> list[dict[str, object]]:
         """One entry per device: its name in the statistics, type, transport and address."""

@@ -37,7 +37,7 @@ import os
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from kvmlet.errors import LazyLogger
+from kvmlet.errors import KvmletError, LazyLogger
 from kvmlet.memory import GuestMemory
 from kvmlet.vhost.frontend import VhostError, VhostFrontend, VringAddresses, memory_table
 from kvmlet.virtio.call import CallEventfd
@@ -56,6 +56,17 @@ if TYPE_CHECKING:
 
 log = LazyLogger(__name__)
 
+VIRTIO_ID_NET = 1
+VIRTIO_ID_BLOCK = 2
+RING_STATE_ONLY = {
+    VIRTIO_ID_NET: "frames the backend holds are the network's (it may drop any)",
+    VIRTIO_ID_BLOCK: "GET_VRING_BASE has the backend finish its requests in flight first",
+}
+"""Device types whose backend keeps nothing the guest relies on but its rings, so a snapshot
+carries them: the rings' positions (GET_VRING_BASE, then SET_VRING_BASE into the backend of
+the restored machine) and the rest in guest RAM. Others are refused: a vhost-vsock's
+connections live in the host kernel, a vhost-user-fs daemon's FUSE session (inode numbers,
+open files) in the daemon, and neither can be saved from here."""
 TRANSPORT_FEATURES = COMMON_FEATURES
 """Ring features a backend may offer the driver: VERSION_1, EVENT_IDX, INDIRECT_DESC (no
 packed rings: the queues are validated as split rings before the backend gets them)."""
@@ -117,6 +128,7 @@ class VhostDevice(VirtioDevice):
         # Bytes of configuration space the backend keeps (0: the device shows its own).
         self._config_size = config_size if backend_config is not None else 0
         self._handed: set[int] = set()
+        self._paused_rings: list[int] = []
         self._started = False
         self._log_failure = True
         self._kick_fds: list[int] = []
@@ -270,6 +282,59 @@ class VhostDevice(VirtioDevice):
         config = self.frontend.read_config(self._config_size)
         if config is not None:
             self.update_config(config)
+
+    # Pausing and snapshots ---------------------------------------------------------------------
+
+    def pause_backend(self) -> None:
+        """Take every ring back from the backend (GET_VRING_BASE) and keep where it got to in
+        the queues: a paused machine's backend touches no guest RAM, and the queues' state is
+        then what a snapshot saves. `resume_backend` hands them back."""
+        with self._lock:
+            handed = sorted(self._handed)
+            if not handed or not self._guarded(self._take_back, handed):
+                return
+            for index in handed:
+                queue = self.queues[index]
+                queue.last_available = self.vring_bases[index] & 0xFFFF
+                queue.used_index = self.memory.read_u16(queue.used_ring + 2)
+                queue._signalled_used = queue.used_index
+            self._paused_rings = handed
+
+    def resume_backend(self) -> None:
+        """Hand the rings `pause_backend` took back to the backend, from where it stopped."""
+        with self._lock:
+            paused, self._paused_rings = self._paused_rings, []
+            if paused and self.running:
+                self._guarded(self._restart_rings, paused)
+
+    def _restart_rings(self, indexes: Sequence[int]) -> None:
+        for index in indexes:
+            self._hand_over(index)
+        self.frontend.start(indexes)
+
+    def save_state(self) -> dict[str, object]:
+        """The device's state, its backend paused; KvmletError for a device type whose
+        backend keeps state of its own (`RING_STATE_ONLY`)."""
+        with self._lock:
+            if self.device_id not in RING_STATE_ONLY:
+                raise KvmletError(
+                    f"the state of its vhost backend {self.frontend.name} (device type "
+                    f"{self.device_id}) lives outside kvmlet and cannot be saved"
+                )
+            if self._handed:
+                raise KvmletError("its backend still runs the rings: pause the backend first")
+            return {**super().save_state(), "backend_rings": list(self._paused_rings)}
+
+    def load_state(self, state: dict) -> None:
+        """Take a saved state; a running device hands its rings to the (new) backend with
+        the saved positions (SET_VRING_BASE) at once."""
+        with self._lock:
+            if self.device_id not in RING_STATE_ONLY:
+                raise KvmletError(f"a vhost device of type {self.device_id} cannot be restored")
+            super().load_state(state)
+            self._paused_rings = []
+            if self.running:
+                self._guarded(self._start_backend)
 
     # Configuration space -----------------------------------------------------------------------
 

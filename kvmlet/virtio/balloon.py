@@ -171,6 +171,37 @@ class VirtioBalloon(VirtioDevice):
             "reported_bytes": self.reported_bytes,
         }
 
+    # Snapshots ----------------------------------------------------------------------------------
+
+    def save_state(self) -> dict[str, object]:
+        """The device's, plus which pages are in the balloon (a bitmap per bank), the buffer
+        of statistics the device holds and the guest's last figures (not the counters: the
+        process's statistics start at zero after a restore, as every device's)."""
+        with self._lock:
+            updated = self.statistics_updated
+            return {
+                **super().save_state(),
+                "inflated": [bytes(bitmap) for bitmap in self._inflated],
+                "held_statistics": self._held_statistics,
+                "statistics": dict(self.statistics),
+                "statistics_age": None if updated is None else time.monotonic() - updated,
+            }
+
+    def load_state(self, state: dict) -> None:
+        with self._lock:
+            super().load_state(state)
+            bitmaps = [bytes(bitmap) for bitmap in state["inflated"]]
+            if [len(bitmap) for bitmap in bitmaps] != [len(bitmap) for bitmap in self._inflated]:
+                raise ValueError("the balloon's bitmaps are for another RAM layout")
+            for bitmap, saved in zip(self._inflated, bitmaps, strict=True):
+                bitmap[:] = saved
+            self.inflated_pages = int.from_bytes(b"".join(bitmaps), "little").bit_count()
+            held = state["held_statistics"]
+            self._held_statistics = None if held is None else held & 0xFFFF
+            self.statistics = {str(name): int(value) for name, value in state["statistics"].items()}
+            age = state["statistics_age"]
+            self.statistics_updated = None if age is None else time.monotonic() - float(age)
+
     # The driver's side --------------------------------------------------------------------------
 
     def write_config(self, offset: int, size: int, value: int) -> None:

@@ -140,6 +140,16 @@ class VirtioBlock(VirtioDevice):
             int(self.can_discard),
         )
 
+    def save_state(self) -> dict[str, object]:
+        """The device's state, with the serial number the guest read (derived from the
+        image's inode, which a disk copied elsewhere would not keep)."""
+        return {**super().save_state(), "serial": self.serial}
+
+    def load_state(self, state: dict) -> None:
+        with self._lock:
+            super().load_state(state)
+            self.serial = bytes(state["serial"])[:ID_BYTES]
+
     def close(self) -> None:
         """Stop using the rings; close the image once no request is in flight (a transfer
         that outlives shutdown then never writes into a file that got its descriptor number)."""

@@ -198,8 +198,28 @@ class ImageIo:
     def flush(self) -> None:
         os.fdatasync(self.fd)
 
+    def identity(self) -> dict[str, int]:
+        """What a snapshot records of the image (it is not copied): see `file_identity`."""
+        return _identity(os.fstat(self.fd))
+
     def fallocate(self, mode: int, offset: int, length: int) -> None:
         fallocate(self.fd, mode, offset, length)
+
+
+def file_identity(path: str) -> dict[str, int]:
+    """A cheap identity of an image file: size, modification time, device and inode. A write
+    changes the modification time (to the kernel's clock tick: two writes within one tick may
+    leave it as it was), a replaced file its inode. OSError when it cannot be looked at."""
+    return _identity(os.stat(path))
+
+
+def _identity(status: os.stat_result) -> dict[str, int]:
+    return {
+        "size": status.st_size,
+        "mtime_ns": status.st_mtime_ns,
+        "device": status.st_dev,
+        "inode": status.st_ino,
+    }
 
 
 def _transfer(operation, fd: int, views: list[memoryview], offset: int, length: int) -> None:

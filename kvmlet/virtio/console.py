@@ -77,6 +77,16 @@ class VirtioConsole(VirtioDevice):
         self._deliver_input()
         return accepted
 
+    def save_state(self) -> dict[str, object]:
+        """The device's, plus host input accepted and not yet delivered."""
+        with self._lock:
+            return {**super().save_state(), "pending_input": bytes(self._pending_input)}
+
+    def load_state(self, state: dict) -> None:
+        with self._lock:
+            super().load_state(state)
+            self._pending_input = bytearray(bytes(state["pending_input"])[:MAX_PENDING_INPUT])
+
     def activate(self) -> None:
         self._deliver_input()
 

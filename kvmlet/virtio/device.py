@@ -24,7 +24,7 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
-from kvmlet.errors import LazyLogger
+from kvmlet.errors import KvmletError, LazyLogger
 from kvmlet.memory import GuestMemory
 from kvmlet.virtio.queue import Virtqueue, VirtqueueError
 from kvmlet.virtio.serving import RequestServing
@@ -86,6 +86,11 @@ class QueueStats:
         self.interrupts = 0
 
 
+def _queue_state(queue: Virtqueue) -> dict[str, object]:
+    with queue.lock:
+        return queue.save_state()
+
+
 class VirtioDevice(RequestServing):
     """Base class of the virtio devices: features, status, config space and queues."""
 
@@ -113,6 +118,54 @@ class VirtioDevice(RequestServing):
     def connect_interrupts(self, sink: InterruptSink) -> None:
         """Called by the transport once: where queue and configuration interrupts go."""
         self._interrupt = sink
+
+    # Snapshots ---------------------------------------------------------------------------------
+
+    def save_state(self) -> dict[str, object]:
+        """Status, negotiated features, configuration space and generation, and every queue;
+        a device with more state extends it (its own module knows what). KvmletError while
+        a request is in flight (a paused machine's workers have none: see
+        `QueueWorker.pause`): a request half served cannot be carried."""
+        with self._lock:
+            busy = [index for index, queue in enumerate(self.queues) if queue.in_flight]
+            if busy:
+                raise KvmletError(f"{self.name}: a request of queue {busy[0]} is in flight")
+            return {
+                "status": self.status,
+                "device_features": self.device_features,
+                "driver_features": self.driver_features,
+                "config": bytes(self._config),
+                "config_generation": self.config_generation,
+                "last_error": self.last_error,
+                "queues": [_queue_state(queue) for queue in self.queues],
+            }
+
+    def load_state(self, state: dict) -> None:
+        """Take a saved state without running the driver's transitions again (no activation
+        hooks: the device is as the driver left it). KvmletError when the driver has
+        accepted a feature this device does not offer now (another host, another backend)."""
+        with self._lock:
+            driver_features = state["driver_features"]
+            lost = driver_features & ~self.device_features
+            if lost and state["status"] & FEATURES_OK:
+                raise KvmletError(
+                    f"the guest's driver uses features this {self.name} no longer offers "
+                    f"({lost:#x})"
+                )
+            config = bytes(state["config"])
+            if len(config) != len(self._config) or len(state["queues"]) != len(self.queues):
+                raise ValueError("the saved configuration space or queues differ in size")
+            self.status = state["status"] & 0xFF
+            self.driver_features = driver_features
+            self._config[:] = config
+            self.config_generation = state["config_generation"] & 0xFFFF_FFFF
+            self.last_error = state["last_error"]
+            for index, (queue, saved) in enumerate(zip(self.queues, state["queues"], strict=True)):
+                try:
+                    with queue.lock:
+                        queue.load_state(saved)
+                except VirtqueueError as error:
+                    raise KvmletError(f"queue {index}: {error}") from None
 
     # Features (§2.2) -------------------------------------------------------------------------
 

@@ -102,6 +102,36 @@ class VirtioMmio:
         """The command-line word announcing this device to Linux at `base` with `irq_number`."""
         return f"virtio_mmio.device={REGION_SIZE:#x}@{base:#x}:{irq_number}"
 
+    # Snapshots -----------------------------------------------------------------------------------
+
+    def save_state(self) -> dict[str, object]:
+        """The transport's registers and the device's own state."""
+        with self._interrupt_lock:
+            interrupt_status = self.interrupt_status
+        return {
+            "interrupt_status": interrupt_status,
+            "selects": [
+                self._device_features_select,
+                self._driver_features_select,
+                self._queue_select,
+            ],
+            "device": self.device.save_state(),
+        }
+
+    def load_state(self, state: dict) -> None:
+        """The device, then the registers; the interrupt line is raised again if an
+        interrupt was pending (a level the interrupt controller's saved state has too)."""
+        self.device.load_state(state["device"])
+        self._device_features_select, self._driver_features_select, self._queue_select = (
+            value & 0xFFFF_FFFF for value in state["selects"]
+        )
+        with self._interrupt_lock:
+            self.interrupt_status = state["interrupt_status"] & (
+                INTERRUPT_USED_BUFFER | INTERRUPT_CONFIG_CHANGE
+            )
+            if self.interrupt_status:
+                self.irq.set_level(True)
+
     # Interrupts ----------------------------------------------------------------------------------
 
     def _interrupt(self, kind: InterruptKind, queue_index: int | None) -> None:

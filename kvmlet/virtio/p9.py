@@ -89,6 +89,18 @@ class Virtio9p(VirtioDevice):
         """Every 9P request may wait on the host's file system."""
         return True
 
+    def save_state(self) -> dict[str, object]:
+        """The device's state, while the guest has no 9P session: a session's fids are open
+        host files and walked paths, which a snapshot cannot carry (QEMU refuses to migrate
+        a mounted virtio-9p for the same reason). KvmletError while one is open."""
+        server = self.server.stats()
+        if server.get("fids") or server.get("msize"):
+            raise KvmletError(
+                f"the guest has the 9p share {self.tag!r} mounted ({server.get('fids', 0)} "
+                "fids open): its open files cannot be saved; unmount it first"
+            )
+        return super().save_state()
+
     def reset_device(self) -> None:
         self.server.reset()
 

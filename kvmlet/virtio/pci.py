@@ -194,6 +194,50 @@ class VirtioPci(PciDevice):
         offset = layout.NOTIFY_OFF_MULTIPLIER * queue_index
         self.notify_region.add_eventfd(offset, layout.NOTIFY_WIDTH, eventfd)
 
+    # Snapshots ------------------------------------------------------------------------------
+
+    def save_state(self) -> dict[str, object]:
+        """The PCI header, MSI-X, the transport's registers and the device's own state."""
+        with self.lock:
+            registers = {
+                "isr": self.isr,
+                "intx_asserted": self.intx_asserted,
+                "config_vector": self.config_vector,
+                "queue_vectors": list(self.queue_vectors),
+                "selects": [
+                    self._device_feature_select,
+                    self._driver_feature_select,
+                    self._queue_select,
+                ],
+            }
+        return {
+            **super().save_state(),
+            **registers,
+            "msix": self.msix.save_state(),
+            "device": self.device.save_state(),
+        }
+
+    def load_state(self, state: dict) -> None:
+        """Header (BARs mapped where the guest put them), MSI-X (routes re-created), the
+        registers, the device; INTx is driven again from ISR as the device left it."""
+        super().load_state(state)
+        self.msix.load_state(state["msix"])
+        vectors = [int(vector) & 0xFFFF for vector in state["queue_vectors"]]
+        if len(vectors) != self.device.queue_count:
+            raise ValueError(f"{len(vectors)} queue vectors for {self.device.queue_count} queues")
+        self.device.load_state(state["device"])
+        with self.lock:
+            self.config_vector = state["config_vector"] & 0xFFFF
+            self.queue_vectors = vectors
+            selects = state["selects"]
+            self._device_feature_select, self._driver_feature_select, self._queue_select = (
+                value & 0xFFFF_FFFF for value in selects
+            )
+            self.isr = state["isr"] & (layout.ISR_QUEUE | layout.ISR_CONFIG)
+            self.intx_asserted = False
+            self._update_intx()
+        self._route_calls()  # a backend's calls bound to the restored vectors, or relayed
+
     # Interrupts -----------------------------------------------------------------------------
 
     def _interrupt(self, kind: InterruptKind, queue_index: int | None) -> None:

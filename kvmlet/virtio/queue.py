@@ -263,6 +263,43 @@ class Virtqueue:
         self.epoch += 1
         self.active = True
 
+    def save_state(self) -> dict[str, object]:
+        """The driver's layout and the device's positions in the rings (what the rings
+        themselves hold is in guest RAM)."""
+        return {
+            "size": self.size,
+            "ready": self.ready,
+            "rings": [self.descriptor_table, self.available_ring, self.used_ring],
+            "active": self.active,
+            "event_index": self.event_index,
+            "indirect": self.indirect,
+            "last_available": self.last_available,
+            "used_index": self.used_index,
+            "signalled_used": self._signalled_used,
+        }
+
+    def load_state(self, state: dict) -> None:
+        """Take a saved state; an active queue is activated again over the (restored) guest
+        RAM, so a layout outside RAM is refused as it was when the driver set it up."""
+        self.reset()
+        self.size = state["size"] & 0xFFFF
+        self.ready = bool(state["ready"])
+        self.descriptor_table, self.available_ring, self.used_ring = (
+            address & 0xFFFF_FFFF_FFFF_FFFF for address in state["rings"]
+        )
+        if state["active"]:
+            self.activate(bool(state["event_index"]), bool(state["indirect"]))
+            self.last_available = self._available_shadow = state["last_available"] & 0xFFFF
+            self.used_index = state["used_index"] & 0xFFFF
+            self._signalled_used = state["signalled_used"] & 0xFFFF
+
+    def chain_at(self, head: int) -> DescriptorChain:
+        """The chain whose head is `head`, walked again (a chain a device took before a
+        snapshot and still held); VirtqueueError if the ring no longer holds one there."""
+        if not 0 <= head < self.size:
+            raise VirtqueueError(f"descriptor index {head} outside a table of {self.size}")
+        return self._walk(head)
+
     def pop(self) -> DescriptorChain | None:
         """The next available chain, or None when the driver has posted nothing new.
 

@@ -111,6 +111,20 @@ class FakeMachine:
         self.target_bytes = target_bytes
         return self.balloon()
 
+    def snapshot(self, path: str, then: str) -> dict:
+        self.calls.append(("snapshot", path, then))
+        if self.state == "stopped":
+            raise KvmletError("cannot pause: the machine is stopped")
+        self.state = {"resume": "running", "pause": "paused", "stop": "stopped"}[then]
+        return {
+            "path": path,
+            "file_bytes": 1 << 20,
+            "ram_bytes": 4096,
+            "seconds": 0.01,
+            "paused_seconds": 0.005,
+            "state": self.state,
+        }
+
     def console(self, size: int) -> dict:
         text = "login: "[-size:]
         return {"text": text, "bytes": len(text), "total_bytes": 7}

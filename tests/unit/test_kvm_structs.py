@@ -39,6 +39,13 @@ SIZES = {
     "kvm_vcpu_events": s.KvmVcpuEvents,
     "kvm_lapic_state": s.KvmLapicState,
     "kvm_clock_data": s.KvmClockData,
+    "kvm_xsave": s.KvmXsave,
+    "kvm_xcr": s.KvmXcr,
+    "kvm_xcrs": s.KvmXcrs,
+    "kvm_debugregs": s.KvmDebugregs,
+    "kvm_irqchip": s.KvmIrqchip,
+    "kvm_pit_channel_state": s.KvmPitChannelState,
+    "kvm_pit_state2": s.KvmPitState2,
     "kvm_run": s.KvmRun,
 }
 
@@ -60,6 +67,9 @@ OFFSETS = {
     "kvm_vcpu_events.flags": s.KvmVcpuEvents.flags.offset,
     "kvm_vcpu_events.exception_payload": s.KvmVcpuEvents.exception_payload.offset,
     "kvm_irq_routing_entry.u": s.KvmIrqRoutingEntry.u.offset,
+    "kvm_irqchip.chip": s.KvmIrqchip.chip.offset,
+    "kvm_pit_state2.flags": s.KvmPitState2.flags.offset,
+    "kvm_pit_channel_state.count_load_time": s.KvmPitChannelState.count_load_time.offset,
 }
 
 IOCTLS = [name for name in dir(nr) if name.startswith("KVM_") and name.isupper()]

@@ -22,6 +22,7 @@ LAYERS = {
     "guest": 3,
     "host": 3,
     "ninep": 3,
+    "snapshot": 3,
     "virtio": 4,
     "vhost": 5,
     "vstate": 5,

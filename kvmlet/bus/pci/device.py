@@ -216,6 +216,22 @@ class PciDevice:
                 part = (value >> (8 * (low - offset))) & ((1 << (8 * (high - low))) - 1)
                 capability.on_write(low - capability.offset, high - low, part)
 
+    def save_state(self) -> dict[str, object]:
+        """The configuration space as the guest left it (BAR addresses, command, capability
+        bytes); the write masks are the model's own and come with it."""
+        with self.lock:
+            return {"config": bytes(self.config.data)}
+
+    def load_state(self, state: dict) -> None:
+        """Take a saved configuration space and map the BARs where it says (the region tree
+        moves, the listeners follow: memory slots, ioeventfds)."""
+        config = bytes(state["config"])
+        if len(config) != cfg.CONFIG_SPACE_SIZE:
+            raise ValueError(f"a configuration space of {len(config)} bytes")
+        with self.lock:
+            self.config.data[:] = config
+            self.update_mappings()
+
     def command_changed(self, old: int, new: int) -> None:
         """Hook: the guest changed the command register (bus master, INTx disable, ...)."""
 

@@ -98,6 +98,14 @@ class PciHostBridge:
     def attach(self, device: PciDevice, slot: int | None = None, function: int = 0) -> int:
         return self.bus.attach(device, slot, function)
 
+    def save_state(self) -> dict[str, object]:
+        """The conf1 address latch and the bridge function's own header."""
+        return {"conf1": self.conf1.address, "bridge": self.device.save_state()}
+
+    def load_state(self, state: dict) -> None:
+        self.conf1.address = state["conf1"] & 0x80FF_FFFC
+        self.device.load_state(state["bridge"])
+
 
 def _top(windows: Sequence[tuple[int, int]] | None, space: AddressSpace) -> int:
     """Where a container holding `windows` must end: its last window's end, or the space's."""

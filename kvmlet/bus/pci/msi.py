@@ -172,6 +172,34 @@ class Msix:
                 if self._masked(index) != was_masked[index]:
                     self._publish(index)
 
+    # Snapshots ------------------------------------------------------------------------------
+
+    def save_state(self) -> dict[str, object]:
+        """The table, the pending bits and the capability's enable and mask bits."""
+        with self._lock:
+            return {
+                "enabled": self.enabled,
+                "function_masked": self.function_masked,
+                "table": bytes(self.table),
+                "pending": bytes(self.pending),
+            }
+
+    def load_state(self, state: dict) -> None:
+        """Take a saved state and program every vector as the table says (the machine's
+        controller re-creates the GSI routes in one batch); pending vectors stay pending."""
+        table = bytes(state["table"])
+        pending = bytes(state["pending"])
+        if len(table) != self.table_size or len(pending) != self.vector_count:
+            raise ValueError(f"an MSI-X state for another table size than {self.vector_count}")
+        with self._lock, self.controller.batch():
+            self.table[:] = table
+            self.pending = [bool(bit) for bit in pending]
+            self.enabled = bool(state["enabled"])
+            self.function_masked = bool(state["function_masked"])
+            for index in range(self.vector_count):
+                address, data = self.message(index)
+                self.vectors[index].update(address, data, self._masked(index))
+
     # Table and PBA registers (at offsets relative to their start) -------------------------
 
     def table_read(self, offset: int, size: int) -> int:

@@ -70,6 +70,12 @@ class Msi:
         if self.on_change is not None:
             self.on_change()
 
+    def republish(self) -> None:
+        """Program the vector as the capability's bytes say (after a snapshot's configuration
+        space was loaded)."""
+        address, data = self.message()
+        self.vector.update(address, data, not self.enabled)
+
     def fire(self) -> bool:
         """Deliver the message; False (nothing sent) while MSI is disabled."""
         if not self.enabled:

@@ -36,7 +36,7 @@ import threading
 from collections.abc import Callable
 from typing import Protocol
 
-from kvmlet.errors import GuestMemoryError, LazyLogger
+from kvmlet.errors import GuestMemoryError, KvmletError, LazyLogger
 from kvmlet.memory import GuestMemory
 from kvmlet.virtio.device import VirtioDevice
 from kvmlet.virtio.net.backend import BackendClosed, Frame, NetBackend
@@ -188,6 +188,43 @@ class VirtioNet(VirtioDevice):
         readable = usable and self.queues[RECEIVE_QUEUE].active and not self._rx_stalled
         writable = usable and (self.backend.blocked or self._tx_more)
         self._watch.want(readable, writable)
+
+    # Snapshots ---------------------------------------------------------------------------------
+
+    def save_state(self) -> dict[str, object]:
+        """The device's, plus the link, the receive chains held for the next frame (by head:
+        the rings are in guest RAM) and where receive and transmit stopped. Frames inside
+        the backend (a tap's queue, passt's socket) stay with the backend."""
+        with self._lock:
+            return {
+                **super().save_state(),
+                "link_up": self.link_up,
+                "rx_held": [chain.head for chain in self._rx_held],
+                "rx_stalled": self._rx_stalled,
+                "tx_more": self._tx_more,
+            }
+
+    def load_state(self, state: dict) -> None:
+        """Take a saved state; held receive chains are walked again from their heads, and a
+        running device tells its backend the offloads the driver accepted."""
+        with self._lock:
+            super().load_state(state)
+            queue = self.queues[RECEIVE_QUEUE]
+            held = [int(head) for head in state["rx_held"]]
+            if held and not queue.active:
+                raise ValueError("receive chains held on an inactive queue")
+            try:
+                self._rx_held = [queue.chain_at(head) for head in held]
+            except VirtqueueError as error:
+                raise KvmletError(f"a held receive chain: {error}") from None
+            self.link_up = bool(state["link_up"])
+            self._rx_stalled = bool(state["rx_stalled"])
+            self._tx_more = bool(state["tx_more"])
+            if self.running:
+                self._call_backend(self.backend.set_offloads, tap_offloads(self.driver_features))
+            self._update_interest()
+        if self.link_up and self.backend.closed:
+            self.set_link(False, f"{self.name}: its backend is gone: link down")
 
     # Feature negotiation and driver state ------------------------------------------------------
 

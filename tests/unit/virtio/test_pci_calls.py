@@ -26,7 +26,7 @@ VECTORS = QUEUES + 1
 
 
 class Rig:
-    def __init__(self):
+    def __init__(self, initialize: bool = True):
         self.memory = GuestMemory.anonymous([(0, GUEST_RAM_SIZE)])
         self.device = VhostDevice(
             self.memory, IdleFrontend(), name="vhost-test", device_id=2, queue_sizes=[16] * QUEUES
@@ -35,8 +35,9 @@ class Rig:
         self.driver = LinuxLikeDriver(self.device, self.memory, self.kvm)
         self.worker = StepWorker()
         self.device.connect_worker(self.worker)
-        self.driver.probe()
-        self.driver.initialize()
+        if initialize:
+            self.driver.probe()
+            self.driver.initialize()
         self.calls = [self.device.call_eventfd(index) for index in range(QUEUES)]
 
     def write(self, queue):
@@ -77,6 +78,21 @@ def test_each_queue_call_is_an_irqfd_on_its_vector(rig):
     rig.write(1)
     rig.worker.round()
     assert rig.fired() == [0, 1, 2] and [call.relayed for call in rig.calls] == [0, 0]
+
+
+def test_a_restored_transport_binds_the_calls_to_its_restored_vectors(rig):
+    rig.set_vector(0, 2)
+    rig.device.pause_backend()
+    state = rig.driver.pci.save_state()
+    restored = Rig(initialize=False)
+    try:
+        assert restored.attached() == [set(), set(), set()]
+        restored.driver.pci.load_state(state)
+        assert restored.attached() == [set(), set(), {c.fd for c in restored.calls}]
+        restored.write(0)
+        assert restored.fired() == [0, 0, 1]
+    finally:
+        restored.close()
 
 
 def test_a_new_vector_moves_the_irqfd(rig):
