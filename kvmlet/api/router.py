@@ -149,8 +149,8 @@ def _query(text: str, allowed: frozenset[str]) -> dict[str, list[str]]:
 
 
 def _body(request: Request) -> dict:
-    """A PUT's JSON object ({} for an empty body)."""
-    if not request.body.strip():
+    """A PUT's JSON object ({} for an empty body; whitespace alone is not JSON)."""
+    if not request.body:
         return {}
     kind = request.headers.get("content-type", "application/json").split(";")[0].strip()
     if kind.lower() != "application/json":

@@ -66,6 +66,8 @@ def test_stop_takes_defaults_and_its_two_fields(router, machine):
         ({"grace": 5}, "unknown field 'grace'"),
         (b'{"grace_seconds": NaN}', "must be a number"),
         (b'{"grace_seconds": Infinity}', "must be a number"),
+        (b"\n", "not JSON"),
+        (b"  ", "not JSON"),
     ],
 )
 def test_stop_refuses_bad_fields(router, machine, body, fragment):
