@@ -115,6 +115,7 @@ class HelperProcess:
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=_unblock_signals,
             )
         except OSError as error:
             if runtime_directory is not None:
@@ -288,6 +289,13 @@ class HelperProcess:
             if self._pidfd >= 0:
                 with contextlib.suppress(ProcessLookupError):
                     signal.pidfd_send_signal(self._pidfd, number)
+
+
+def _unblock_signals() -> None:
+    """In the child, before exec: a daemon starts with no signal blocked. The signal mask is
+    inherited across exec, and `kvmlet run` blocks SIGTERM while it builds the machine, which
+    is when daemons start: passt would then ignore the SIGTERM that stops it."""
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
 
 
 def _is_socket(path: str) -> bool:
