@@ -15,6 +15,7 @@ from kvmlet.virtio.blk_config import DiskConfig
 
 if TYPE_CHECKING:
     from kvmlet.guest import Progress
+    from kvmlet.virtio.net.option import NetConfig
 
 MAX_CPUS = 64
 BOOT_CODE_ADDRESS = 0x10000
@@ -148,6 +149,9 @@ class MachineConfig:
     the user's own device models; `debug_exit_port` places an isa-debug-exit port there;
     `record` writes every user-space access to that file (`kvmlet replay` reads it);
     `balloon` adds a virtio-balloon whose target the control API sets (`kvmlet balloon`).
+    `nets` are the guest's NICs (`NetConfig`, as `-n` gives them; none: no network, and a
+    `none` entry stands alone); `name` is the machine's name, which a NIC's generated MAC
+    derives from, so it stays the same from run to run (without a name it is random).
     """
 
     kernel: FilePath | None = None
@@ -169,6 +173,8 @@ class MachineConfig:
     devices: tuple[DeviceConfig, ...] = ()
     debug_exit_port: int | None = None
     record: FilePath | None = None
+    nets: tuple[NetConfig, ...] = ()
+    name: str | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.cpus <= MAX_CPUS:
@@ -183,6 +189,7 @@ class MachineConfig:
             raise KvmletError(f"--debug-exit port {self.debug_exit_port:#x} is not 0-0xfffc")
         for device in self.devices:
             device.check()
+        _check_nets(self.nets)
         for text in (self.params, *self.extra_parameters):
             _check_kernel_parameters(text)
 
@@ -217,6 +224,18 @@ def with_default_guest(
 
     guest = ensure_default_guest(progress=progress)
     return replace(config, kernel=guest.vmlinux, initrd=config.initrd or guest.initrd)
+
+
+def _check_nets(nets: tuple[NetConfig, ...]) -> None:
+    if not nets:
+        return
+    from kvmlet.virtio.net.option import NetConfig  # the network stack, only for a network
+
+    for net in nets:
+        if not isinstance(net, NetConfig):
+            raise KvmletError(f"a network is a NetConfig (as -n gives it), not {net!r}")
+    if len(nets) > 1 and any(net.mode == "none" for net in nets):
+        raise KvmletError("network mode none (no NIC) cannot go with other networks")
 
 
 def _check_kernel_parameters(text: str) -> None:
