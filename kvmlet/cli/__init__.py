@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from kvmlet import __version__
 from kvmlet.cli.control import CONTROL_COMMANDS, add_control_commands
+from kvmlet.cli.net import NETWORKS_HELP, add_net_option, net_configs
 from kvmlet.errors import KvmletError
 
 if TYPE_CHECKING:
@@ -167,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
         "run",
         help="boot a kernel (default: kvmlet's own minimal guest)",
         description="Boot a Linux kernel with its console on this terminal.",
-        epilog=RUN_EPILOG,
+        epilog=RUN_EPILOG + NETWORKS_HELP,
         formatter_class=raw_description,
     )
     run.add_argument(
@@ -248,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="where the control API listens (default: $XDG_RUNTIME_DIR/kvmlet/NAME.sock, "
         "else ~/.kvmlet/NAME.sock)",
     )
+    add_net_option(run)
     run.add_argument(
         "--balloon",
         action="store_true",
@@ -366,6 +368,7 @@ def run_config(args: argparse.Namespace) -> MachineConfig:
         from kvmlet.machine.config import parse_device_option
 
         extra["devices"] = tuple(parse_device_option(text) for text in args.device)
+    extra.update(net_configs(args))
     config = with_default_guest(
         _machine_config(
             args,
@@ -378,6 +381,7 @@ def run_config(args: argparse.Namespace) -> MachineConfig:
             balloon=args.balloon,
             debug_exit_port=args.debug_exit,
             record=args.record,
+            name=args.name,
             **extra,
         )
     )
