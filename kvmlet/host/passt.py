@@ -59,10 +59,12 @@ def passt_command(
 
 
 _NOISE = ("Failed to send", "You can now start", "or qrap", "    kvm ", "    ./qrap")
+_NOISE += ("UNIX domain socket bound at",)
 
 
 def is_noise(line: str) -> bool:
-    """passt's complaints about a missing syslog, and its advice on starting QEMU."""
+    """passt's complaints about a missing syslog, and its news of its socket and advice on
+    starting QEMU (the last words of a passt killed later would otherwise be those)."""
     return line.startswith(_NOISE)
 
 

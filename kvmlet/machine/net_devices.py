@@ -166,7 +166,10 @@ class Nic:
         if self.device is not None:
             status = helper.returncode
             how = f"killed by signal {-status}" if status is not None and status < 0 else status
-            reason = f"passt exited ({how}: {helper.last_words()}): link down"
+            words = helper.last_words()
+            reason = (
+                f"passt exited ({how}{'' if words == 'no output' else ': ' + words}): link down"
+            )
             self.device.set_link(False, f"{self.device.name}: {reason}")
 
     def links_removed(self, readable: bool, writable: bool, hangup: bool) -> None:

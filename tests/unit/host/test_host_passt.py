@@ -61,6 +61,7 @@ def test_a_missing_passt_says_what_to_install(monkeypatch, tmp_path):
 def test_syslog_complaints_and_qemu_advice_are_noise():
     assert is_noise("Failed to send 47 bytes to syslog")
     assert is_noise("    kvm ... -device virtio-net-pci,netdev=s -netdev stream,id=s")
+    assert is_noise("UNIX domain socket bound at /run/kvmlet-passt-x/passt.socket")
     assert not is_noise("External interface not usable")
 
 
