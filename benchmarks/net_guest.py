@@ -188,14 +188,15 @@ def gated_phases(wait_for, send_line, snapshot, on_first=None) -> dict[str, Coun
 
 
 def ensure_uplink() -> bool:
-    """What passt needs on the host: in the test box, which has no network, a dummy interface
-    with an address and a default route. True when one was added (`remove_uplink` then)."""
+    """What passt needs on the host: in the test box, which has no network, loopback up and a
+    dummy interface with an address and a default route. True when the dummy was added."""
     route = subprocess.run(
         ["ip", "-4", "route", "show", "default"], capture_output=True, text=True, check=True
     ).stdout
     if route.strip() or os.environ.get("KVMLET_TESTBOX") != "1":
         return False
     for words in (
+        ("link", "set", "lo", "up"),
         ("link", "add", "uplink", "type", "dummy"),
         ("addr", "add", "10.9.0.2/24", "dev", "uplink"),
         ("link", "set", "uplink", "up"),
