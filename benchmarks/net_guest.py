@@ -58,7 +58,7 @@ from kvmlet.vstate.host_profile import detect  # noqa: E402
 
 MIB = 1 << 20
 BOOT_TIMEOUT = 300.0
-PHASE_TIMEOUT = 600.0
+PHASE_TIMEOUT = 240.0
 PHASES = ("tx", "rx", "rr")
 CASES = ("qemu_tap_vhost", "kvmlet_tap_vhost", "kvmlet_tap_python", "qemu_passt", "kvmlet_passt")
 TAP = "nbtap0"
@@ -235,7 +235,11 @@ def run_kvmlet(case: str, initrd: Path, size: int, round_trips: int) -> tuple[di
         with Machine(config) as machine:
 
             def wait_for(pattern: str) -> None:
-                machine.console.wait_for(pattern, PHASE_TIMEOUT, lambda: machine.running)
+                try:
+                    machine.console.wait_for(pattern, PHASE_TIMEOUT, lambda: machine.running)
+                except Exception as error:
+                    tail = machine.console.text()[-2000:]
+                    raise RuntimeError(f"{case}: {error}; the console's end: {tail!r}") from None
 
             setup = configure_tap if case != "kvmlet_passt" else None
             phases = gated_phases(
@@ -387,7 +391,9 @@ def measure(args: argparse.Namespace) -> None:
                         "ratio_to_qemu": None,
                     }
                 )
-            for name, value in figures(results, phases).items():
+            run_figures = figures(results, phases)
+            emit({"case": f"{case}_run", **{k: round(v, 2) for k, v in run_figures.items()}})
+            for name, value in run_figures.items():
                 samples.setdefault((case, name), []).append(value)
             for phase in ("tx", "rx"):
                 cpu.setdefault(f"{case}:{phase}", []).append((phases[phase], args.mib))
