@@ -18,8 +18,9 @@ one of three:
 
 How each is wired to its worker (`connect`): a Python data path gets doorbells on the worker,
 like any device, and a readiness watch on its backend's descriptor. A vhost NIC's doorbells are
-its kick eventfds, which vhost-net reads (no worker touches them); the worker watches the call
-and err eventfds (a call is the queue's interrupt, relayed through the transport). For a tap
+its kick eventfds, which vhost-net reads (no worker touches them); its calls are attached to the
+queues' MSI-X vectors as KVM irqfds by virtio-pci, else relayed by the worker, which also
+watches the err eventfds (`VhostDevice.connect_worker`). For a tap
 NIC the worker also watches rtnetlink for the interface's deletion (`LinkRemovals`): the link
 then goes down as for passt, whether or not a driver was using the tap at the time.
 
@@ -265,8 +266,7 @@ class NetDevices:
         if isinstance(device, VhostNet):
             for queue in range(device.queue_count):
                 transport.add_doorbell(queue, device.kick_eventfd(queue))
-            for fd, callback in device.eventfd_watches():
-                worker.watch(fd, callback)
+            device.connect_worker(worker)
             queues = []
         else:
             assert isinstance(device, VirtioNet)
