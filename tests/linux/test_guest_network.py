@@ -7,7 +7,7 @@ the test box; a Python-side transfer is not, so each boot carries several checks
   guest run on.
 - tap: two NICs, one served by the kernel's vhost-net and one by the Python data path; guest
   and host exchange 10 MiB over TCP both ways on each (checksums compared), and the vhost NIC's
-  queues show no request handled in Python.
+  queues show no request handled in Python, its calls attached to their MSI-X vectors' irqfds.
 
 passt needs an interface with an address and a default route: the test box's L1 has none, so
 there the test adds a dummy one. Tap mode adds interfaces to the host: it runs in the test box,
@@ -313,6 +313,7 @@ def test_tap_vhost_net_and_python_paths_carry_10_mib_each_way(guest_config):
         }
         vhost, python = by_name["kvmvh0"], by_name["kvmpy0"]
         assert [queue["requests"] for queue in vhost["queues"]] == [0, 0]
+        assert [call["path"] for call in vhost["calls"]] == ["irqfd", "irqfd"]  # MSI-X, by KVM
         assert vhost["backend_error"] is None
         assert all(queue["requests"] > 100 for queue in python["queues"])
         assert python["net"]["rx_bytes"] >= TRANSFER and python["net"]["tx_bytes"] >= TRANSFER
