@@ -1,10 +1,11 @@
 """kvmlet: a lightweight Linux KVM virtual machine monitor in pure Python.
 
-The public API: `MachineConfig`, `DiskConfig` and `DeviceConfig` describe a machine,
-`with_default_guest` adds kvmlet's own kernel and initramfs, `Machine` runs it (and takes
-watchpoints: a callback returns `BREAK` to pause it), `sandbox` runs one command in a throwaway
-machine; `GuestStop`/`StopReason` say how a guest ended; `KvmletError` is every user-facing error
-(`GuestStoppedError`, one of them, carries the `GuestStop` of a guest that stopped too soon).
+The public API: `MachineConfig`, `DiskConfig`, `NetConfig` and `DeviceConfig` describe a
+machine, `with_default_guest` adds kvmlet's own kernel and initramfs, `Machine` runs it (and
+takes watchpoints: a callback returns `BREAK` to pause it), `sandbox` runs one command in a
+throwaway machine; `GuestStop`/`StopReason` say how a guest ended; `KvmletError` is every
+user-facing error (`GuestStoppedError`, one of them, carries the `GuestStop` of a guest that
+stopped too soon).
 Device models are written with `kvmlet.devices` (docs/devices.md). `connect` reaches a running
 machine's control API (`kvmlet.api`), `serve` gives one to a `Machine` of your own.
 The names load on first use, so `kvmlet --version` or a CLI error costs no import of the rest.
@@ -28,6 +29,7 @@ _PUBLIC = {
     "KvmletError": "kvmlet.errors",
     "Machine": "kvmlet.machine.machine",
     "MachineConfig": "kvmlet.machine.config",
+    "NetConfig": "kvmlet.virtio.net.option",
     "SandboxResult": "kvmlet.sandboxing",
     "StopReason": "kvmlet.vstate.vcpu_loop",
     "sandbox": "kvmlet.sandboxing",
@@ -43,6 +45,7 @@ __all__ = [
     "KvmletError",
     "Machine",
     "MachineConfig",
+    "NetConfig",
     "SandboxResult",
     "StopReason",
     "__version__",
@@ -60,6 +63,7 @@ if TYPE_CHECKING:
     from kvmlet.machine.machine import Machine
     from kvmlet.machine.watchpoints import BREAK
     from kvmlet.sandboxing import SandboxResult, sandbox
+    from kvmlet.virtio.net.option import NetConfig
     from kvmlet.vstate.vcpu_loop import GuestStop, StopReason
 
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from kvmlet import __version__
 from kvmlet.cli.control import CONTROL_COMMANDS, add_control_commands
+from kvmlet.cli.net import NETWORKS_HELP, add_net_option, net_configs
 from kvmlet.cli.sandbox import (
     ROOTFS_HELP_EPILOG,
     add_sandbox_parser,
@@ -157,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
         "run",
         help="boot a kernel (default: kvmlet's own minimal guest)",
         description="Boot a Linux kernel with its console on this terminal.",
-        epilog=RUN_EPILOG + "\n" + ROOTFS_HELP_EPILOG,
+        epilog=RUN_EPILOG + NETWORKS_HELP + "\n" + ROOTFS_HELP_EPILOG,
         formatter_class=raw_description,
     )
     run.add_argument(
@@ -239,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
         "else ~/.kvmlet/NAME.sock)",
     )
     add_share_arguments(run)
+    add_net_option(run)
     run.add_argument(
         "--balloon",
         action="store_true",
@@ -365,6 +367,7 @@ def run_config(args: argparse.Namespace) -> MachineConfig:
         from kvmlet.machine.config import parse_device_option
 
         extra["devices"] = tuple(parse_device_option(text) for text in args.device)
+    extra.update(net_configs(args))
     config = with_default_guest(
         _machine_config(
             args,
@@ -377,6 +380,7 @@ def run_config(args: argparse.Namespace) -> MachineConfig:
             balloon=args.balloon,
             debug_exit_port=args.debug_exit,
             record=args.record,
+            name=args.name,
             **extra,
         )
     )

@@ -1,7 +1,9 @@
 #!/bin/sh
 # /init of kvmlet's default guest (busybox sh inside the initramfs).
 #
-# Mounts the pseudo file systems, prints "kvmlet-guest: ready", then either
+# Mounts the pseudo file systems, brings the network up (loopback; DHCP with udhcpc on every
+# NIC, unless the kernel configured one itself with ip=...), prints "kvmlet-guest: ready",
+# then either
 #  - runs the command given base64-encoded as kvmlet.run=... on the kernel command line, prints
 #    "kvmlet-exit: STATUS" and resets the machine, or
 #  - gives the user a shell on the console (the device of the last console= parameter).
@@ -18,6 +20,18 @@ mount -t tmpfs tmpfs /run
 hostname kvmlet
 
 export PATH=/sbin:/usr/sbin:/bin:/usr/bin HOME=/root TERM="${TERM:-linux}"
+
+# The network: loopback, and a DHCP lease on every NIC (udhcpc tries for 3 s, then keeps trying
+# in the background), unless an ip= parameter had the kernel configure it.
+ip link set lo up
+case " $(cat /proc/cmdline) " in
+    *" ip="*) ;;
+    *)
+        for interface in /sys/class/net/eth*; do
+            [ -e "$interface" ] && udhcpc -i "${interface##*/}" -b -t 3 -T 1
+        done
+        ;;
+esac
 
 run_command=""
 for parameter in $(cat /proc/cmdline); do

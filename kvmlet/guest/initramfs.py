@@ -1,12 +1,13 @@
-"""Packs the default guest's initramfs: Debian's static busybox, its applet links and /init.
+"""Packs the default guest's initramfs: Debian's static busybox, its applet links, /init and
+the few files init uses (`GUEST_FILES`: udhcpc's event script).
 
 The archive is a newc cpio written in pure Python (kvmlet.guest.cpio), so no root is needed for
 /dev/console. Every applet busybox lists with `--list-full` becomes a symlink in the archive,
 so the guest spends no time installing them at boot. It is left uncompressed: under an
 instruction-emulating KVM the kernel spent 43 s gunzipping it, against a copy that costs nothing
 on any host (the kernel keeps RD_GZIP for users' own initrds). The result is cached under
-`<cache>/initramfs/<key>/initrd.cpio`, keyed by the busybox binary, the init script and this
-recipe.
+`<cache>/initramfs/<key>/initrd.cpio`, keyed by the busybox binary, the init script, the
+other files and this recipe.
 """
 
 from __future__ import annotations
@@ -25,10 +26,12 @@ from kvmlet.guest.progress import Progress
 
 BUSYBOX_PATH = Path("/bin/busybox")
 INIT_SCRIPT_PATH = Path(__file__).with_name("init.sh")
+GUEST_FILES = {"etc/udhcpc/default.script": Path(__file__).with_name("udhcpc.script")}
+"""Files of the guest's root (executable) beside /init, and where kvmlet keeps them."""
 # Part of the cache key: change it whenever pack_initramfs changes what it writes.
 RECIPE_VERSION = "initramfs-2"  # 2: uncompressed
 _DIRECTORIES = ("bin", "sbin", "usr", "usr/bin", "usr/sbin", "dev", "etc", "proc", "sys")
-_DIRECTORIES += ("tmp", "run", "root", "mnt")
+_DIRECTORIES += ("tmp", "run", "root", "mnt", "etc/udhcpc")
 _ELF_MAGIC = b"\x7fELF"
 _PT_INTERP = 3
 
@@ -59,8 +62,14 @@ def busybox_applet_paths(busybox: Path) -> list[str]:
     return sorted({line.strip().strip("/") for line in result.stdout.splitlines() if line.strip()})
 
 
-def pack_initramfs(busybox_image: bytes, applet_paths: list[str], init_script: str) -> bytes:
-    """The newc archive of the default guest's root file system."""
+def pack_initramfs(
+    busybox_image: bytes,
+    applet_paths: list[str],
+    init_script: str,
+    files: dict[str, bytes] | None = None,
+) -> bytes:
+    """The newc archive of the default guest's root file system; `files` are executables
+    by their path in it (their directories among the archive's)."""
     archive = io.BytesIO()
     writer = CpioWriter(archive)
     for directory in _DIRECTORIES:
@@ -68,7 +77,10 @@ def pack_initramfs(busybox_image: bytes, applet_paths: list[str], init_script: s
     writer.add_char_device("dev/console", 5, 1, 0o600)
     writer.add_file("bin/busybox", busybox_image, 0o755)
     writer.add_file("init", init_script.encode(), 0o755)
-    taken = {"bin/busybox", "init", "dev/console", *_DIRECTORIES}
+    files = files or {}
+    for path, data in sorted(files.items()):
+        writer.add_file(path, data, 0o755)
+    taken = {"bin/busybox", "init", "dev/console", *_DIRECTORIES, *files}
     for applet in applet_paths:
         parent = applet.rpartition("/")[0]
         if applet in taken or (parent and parent not in _DIRECTORIES):
@@ -79,11 +91,20 @@ def pack_initramfs(busybox_image: bytes, applet_paths: list[str], init_script: s
     return archive.getvalue()
 
 
-def initramfs_cache_key(busybox_image: bytes, init_script: str) -> str:
+def initramfs_cache_key(
+    busybox_image: bytes, init_script: str, files: dict[str, bytes] | None = None
+) -> str:
     digest = hashlib.sha256()
     for part in (RECIPE_VERSION.encode(), busybox_image, init_script.encode()):
         digest.update(hashlib.sha256(part).digest())
+    for path, data in sorted((files or {}).items()):
+        digest.update(hashlib.sha256(path.encode() + b"\0" + data).digest())
     return digest.hexdigest()[:16]
+
+
+def guest_files() -> dict[str, bytes]:
+    """`GUEST_FILES` as `pack_initramfs` takes them."""
+    return {path: source.read_bytes() for path, source in GUEST_FILES.items()}
 
 
 def missing_packages(busybox: Path | None = None) -> list[str]:
@@ -102,7 +123,7 @@ def current_dir(busybox: Path | None = None) -> Path | None:
     busybox = busybox or BUSYBOX_PATH
     if missing_packages(busybox):
         return None
-    key = initramfs_cache_key(busybox.read_bytes(), INIT_SCRIPT_PATH.read_text())
+    key = initramfs_cache_key(busybox.read_bytes(), INIT_SCRIPT_PATH.read_text(), guest_files())
     return cache_root() / "initramfs" / key
 
 
@@ -118,12 +139,13 @@ def ensure_initramfs(progress: Progress, busybox: Path = BUSYBOX_PATH) -> Path:
             f"{busybox} is not a static x86-64 binary: run `apt-get install busybox-static`"
         )
     init_script = INIT_SCRIPT_PATH.read_text()
-    output = cache_root() / "initramfs" / initramfs_cache_key(busybox_image, init_script)
+    files = guest_files()
+    output = cache_root() / "initramfs" / initramfs_cache_key(busybox_image, init_script, files)
     initrd = output / "initrd.cpio"
     if initrd.is_file():
         return initrd
     progress.stage(f"packing the initramfs (busybox from {busybox})")
-    image = pack_initramfs(busybox_image, busybox_applet_paths(busybox), init_script)
+    image = pack_initramfs(busybox_image, busybox_applet_paths(busybox), init_script, files)
     output.mkdir(parents=True, exist_ok=True)
     staging = initrd.with_name(f"initrd.cpio.{os.getpid()}.partial")
     staging.write_bytes(image)

@@ -57,10 +57,13 @@ def find_program(name: str, package: str, candidates: Sequence[str] = ()) -> str
     raise KvmletError(f"{name} not found: install it with `apt-get install {package}`")
 
 
-def make_runtime_directory(name: str, owner: tuple[int, int] | None = None) -> str:
-    """A fresh private directory (mode 0700) for one daemon's socket and files; `owner`
-    (uid, gid) hands it to the user a daemon drops its privileges to."""
-    base = os.environ.get("XDG_RUNTIME_DIR")
+def make_runtime_directory(
+    name: str, owner: tuple[int, int] | None = None, base: str | None = None
+) -> str:
+    """A fresh private directory (mode 0700) for one daemon's socket and files, in `base`
+    (default: $XDG_RUNTIME_DIR, else the temporary directory); `owner` (uid, gid) hands it to
+    the user a daemon drops its privileges to."""
+    base = base or os.environ.get("XDG_RUNTIME_DIR")
     if not (base and os.path.isdir(base) and os.access(base, os.W_OK)):
         base = None
     path = tempfile.mkdtemp(prefix=f"kvmlet-{name}-", dir=base)
@@ -115,6 +118,7 @@ class HelperProcess:
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=_unblock_signals,
             )
         except OSError as error:
             if runtime_directory is not None:
@@ -288,6 +292,13 @@ class HelperProcess:
             if self._pidfd >= 0:
                 with contextlib.suppress(ProcessLookupError):
                     signal.pidfd_send_signal(self._pidfd, number)
+
+
+def _unblock_signals() -> None:
+    """In the child, before exec: a daemon starts with no signal blocked. The signal mask is
+    inherited across exec, and `kvmlet run` blocks SIGTERM while it builds the machine, which
+    is when daemons start: passt would then ignore the SIGTERM that stops it."""
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
 
 
 def _is_socket(path: str) -> bool:

@@ -10,6 +10,10 @@ again until a guest driver accepts some (`TapDevice.set_offloads`).
 
 A missing /dev/net/tun, no permission, an interface name in use or taken by another kind of
 interface: each is one `KvmletError` line.
+
+`LinkRemovals` says when interfaces are deleted (rtnetlink's RTM_DELLINK): a tap's descriptor
+tells a poller only when the poller waits for input (its deletion wakes only readers), and a
+tap served by vhost-net has no reader in kvmlet.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import socket
 import struct
 
 from kvmlet.errors import KvmletError
@@ -51,12 +56,13 @@ _IFREQ = struct.Struct(f"{IFNAMSIZ}sH22x")
 
 
 class TapDevice:
-    """An open tap: its name, descriptor and the offloads its kernel accepts."""
+    """An open tap: its name, interface index, descriptor and the offloads its kernel accepts."""
 
-    def __init__(self, name: str, fd: int, supported_offloads: int):
+    def __init__(self, name: str, fd: int, supported_offloads: int, index: int = 0):
         self.name = name
         self.fd = fd
         self.supported_offloads = supported_offloads
+        self.index = index
         self.vnet_header_size = VNET_HEADER_SIZE
 
     def __repr__(self) -> str:
@@ -107,7 +113,7 @@ def open_tap(name: str | None = None, device: str = TUN_DEVICE) -> TapDevice:
             raise KvmletError(_setiff_error(name, error)) from None
         actual = _IFREQ.unpack(reply)[0].rstrip(b"\0").decode()
         fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HEADER_SIZE))
-        tap = TapDevice(actual, fd, _probe_offloads(fd))
+        tap = TapDevice(actual, fd, _probe_offloads(fd), socket.if_nametoindex(actual))
     except BaseException:
         os.close(fd)
         raise
@@ -147,3 +153,67 @@ def _probe_offloads(fd: int) -> int:
         supported |= flag
     fcntl.ioctl(fd, TUNSETOFFLOAD, 0)
     return supported
+
+
+RTMGRP_LINK = 1
+RTM_DELLINK = 17
+_NLMSG_HEADER = struct.Struct("=IHHII")  # length, type, flags, sequence, port
+_IFINFOMSG = struct.Struct("=BxHiII")  # family, type, index, flags, change
+
+
+class LinkRemovals:
+    """A non-blocking rtnetlink socket that reports the network interfaces of this network
+    namespace as they are deleted (or moved to another namespace)."""
+
+    def __init__(self) -> None:
+        kind = socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
+        self.socket = socket.socket(socket.AF_NETLINK, kind, socket.NETLINK_ROUTE)
+        try:
+            self.socket.bind((0, RTMGRP_LINK))
+        except BaseException:
+            self.socket.close()
+            raise
+
+    def fileno(self) -> int:
+        return self.socket.fileno()
+
+    def read(self) -> set[int] | None:
+        """The indexes of the interfaces deleted since the last call (what is waiting is
+        read), or None when the kernel dropped messages: the caller must then look for
+        itself (`interface_exists`)."""
+        removed: set[int] = set()
+        while True:
+            try:
+                data = self.socket.recv(65536)
+            except BlockingIOError:
+                return removed
+            except OSError as error:
+                if error.errno == errno.ENOBUFS:  # the socket overflowed: messages are lost
+                    return None
+                raise
+            removed.update(deleted_links(data))
+
+    def close(self) -> None:
+        self.socket.close()
+
+
+def deleted_links(data: bytes) -> list[int]:
+    """The interface indexes of the RTM_DELLINK messages in one netlink datagram."""
+    found = []
+    offset = 0
+    while offset + _NLMSG_HEADER.size <= len(data):
+        length, kind, _, _, _ = _NLMSG_HEADER.unpack_from(data, offset)
+        if length < _NLMSG_HEADER.size or offset + length > len(data):
+            break
+        if kind == RTM_DELLINK and length >= _NLMSG_HEADER.size + _IFINFOMSG.size:
+            found.append(_IFINFOMSG.unpack_from(data, offset + _NLMSG_HEADER.size)[2])
+        offset += (length + 3) & ~3
+    return found
+
+
+def interface_exists(index: int) -> bool:
+    try:
+        socket.if_indextoname(index)
+    except OSError:
+        return False
+    return True

@@ -15,6 +15,7 @@ from kvmlet.virtio.blk_config import DiskConfig
 
 if TYPE_CHECKING:
     from kvmlet.guest import Progress
+    from kvmlet.virtio.net.option import NetConfig
 
 MAX_CPUS = 64
 BOOT_CODE_ADDRESS = 0x10000
@@ -163,6 +164,9 @@ class MachineConfig:
     `boot_timer` places the boot-time marker port (devices/boot_timer.py): the guest's mark
     sets `Machine.boot_marked_after` and prints the time since the process started on stderr;
     `shares` are host directories over virtio-9p (kvmlet.machine.shares).
+    `nets` are the guest's NICs (`NetConfig`, as `-n` gives them; none: no network, and a
+    `none` entry stands alone); `name` is the machine's name, which a NIC's generated MAC
+    derives from, so it stays the same from run to run (without a name it is random).
     """
 
     kernel: FilePath | None = None
@@ -186,6 +190,8 @@ class MachineConfig:
     record: FilePath | None = None
     boot_timer: bool = False
     shares: tuple[ShareConfig, ...] = ()
+    nets: tuple[NetConfig, ...] = ()
+    name: str | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.cpus <= MAX_CPUS:
@@ -203,6 +209,7 @@ class MachineConfig:
         tags = [share.tag for share in self.shares]
         if len(set(tags)) != len(tags):
             raise KvmletError(f"9p mount tags must differ: {', '.join(tags)}")
+        _check_nets(self.nets)
         for text in (self.params, *self.extra_parameters):
             _check_kernel_parameters(text)
 
@@ -277,6 +284,18 @@ def with_default_guest(
 
     guest = ensure_default_guest(progress=progress)
     return replace(config, kernel=guest.vmlinux, initrd=config.initrd or guest.initrd)
+
+
+def _check_nets(nets: tuple[NetConfig, ...]) -> None:
+    if not nets:
+        return
+    from kvmlet.virtio.net.option import NetConfig  # the network stack, only for a network
+
+    for net in nets:
+        if not isinstance(net, NetConfig):
+            raise KvmletError(f"a network is a NetConfig (as -n gives it), not {net!r}")
+    if len(nets) > 1 and any(net.mode == "none" for net in nets):
+        raise KvmletError("network mode none (no NIC) cannot go with other networks")
 
 
 def _check_kernel_parameters(text: str) -> None:

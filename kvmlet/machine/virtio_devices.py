@@ -1,4 +1,4 @@
-"""The machine's virtio devices (disks, console, entropy, balloon) on the chosen transport.
+"""The machine's virtio devices (disks, console, entropy, balloon, NICs) on the chosen transport.
 
 Device models know nothing of transports; this module creates them from the configuration and
 puts each behind virtio-pci (a PCI function the guest finds by enumeration, MSI-X through
@@ -25,6 +25,7 @@ from kvmlet.vstate.interrupts import IrqfdLine, KvmIrqLine
 
 if TYPE_CHECKING:
     from kvmlet.machine.machine import Machine
+    from kvmlet.machine.net_devices import NetDevices
     from kvmlet.virtio.balloon import VirtioBalloon
     from kvmlet.virtio.console import VirtioConsole
     from kvmlet.virtio.device import VirtioDevice
@@ -62,6 +63,7 @@ class VirtioDevices:
         self.transports: list[VirtioPci | VirtioMmio] = []
         self.console: VirtioConsole | None = None
         self.balloon: VirtioBalloon | None = None
+        self.nets: NetDevices | None = None
         self.workers: list[QueueWorker] = []
         self._doorbells: list[Doorbell] = []
         self._lines: list[IrqfdLine] = []
@@ -93,6 +95,11 @@ class VirtioDevices:
                 from kvmlet.machine.shares import share_devices
 
                 self.devices.extend(share_devices(config.shares, memory))
+            if config.nets:
+                from kvmlet.machine.net_devices import NetDevices
+
+                self.nets = NetDevices(memory, config.nets, config.name)
+                self.devices.extend(self.nets.devices)
             if config.virtio_transport == "pci":
                 self._attach_pci(machine)
             else:
@@ -112,7 +119,7 @@ class VirtioDevices:
                 irq = MMIO_IRQS[index]
                 transport = VirtioMmio(device, KvmIrqLine(machine.vm, irq))
                 machine.mmio.root.add_subregion(base, transport.region)
-                self._add_doorbells(device, transport, self._worker_for(device, index))
+                self._connect(device, transport, self._worker_for(device, index))
                 self._parameters.append(transport.kernel_parameter(base, irq))
                 self.transports.append(transport)
 
@@ -134,7 +141,7 @@ class VirtioDevices:
                 transport.config.set(0x3C, 1, irq)  # interrupt line, as firmware would set it
                 machine.pci.attach(transport, slot=slot)
                 machine.bar_allocator.assign(transport)
-                self._add_doorbells(device, transport, worker)
+                self._connect(device, transport, worker)
                 self.transports.append(transport)
 
     def _worker_for(self, device: VirtioDevice, index: int) -> QueueWorker:
@@ -143,10 +150,16 @@ class VirtioDevices:
         self.workers.append(worker)
         return worker
 
-    def _add_doorbells(
+    def _connect(
         self, device: VirtioDevice, transport: VirtioPci | VirtioMmio, worker: QueueWorker
     ) -> None:
-        for queue in range(device.queue_count):
+        """The device's doorbells on its worker; a NIC's data path wired its own way."""
+        nic = self.nets.nic_of(device) if self.nets is not None else None
+        if nic is None:
+            queues = range(device.queue_count)
+        else:
+            queues = self.nets.connect(nic, transport, worker)
+        for queue in queues:
             bell = doorbell(device, queue)
             self._doorbells.append(bell)
             transport.add_doorbell(queue, bell.eventfd)
@@ -207,6 +220,8 @@ class VirtioDevices:
                 "transport": self.transport_kind,
                 "queues": device.queue_count,
             }
+            if self.nets is not None:
+                entry.update(self.nets.describe(device))
             if self.transport_kind == "pci":
                 entry["pci_slot"] = 1 + index  # as _attach_pci places them
             else:
@@ -232,11 +247,15 @@ class VirtioDevices:
                     log.warning("virtio devices left open: a worker is still running")
                 self.left_open = True
                 return False
+        if self.nets is not None:
+            self.nets.stop_helpers()  # after the workers, before the devices
         for bell in self._doorbells:
             bell.close()
         for line in self._lines:
             line.close()
         for device in self.devices:
             device.close()
+        if self.nets is not None:
+            self.nets.close()  # the taps, which vhost-net held until its device closed
         self.left_open = False
         return True

@@ -462,3 +462,45 @@ def test_a_rootfs_guest_that_stopped_early_gets_one_line_saying_why(capsys):
     assert capsys.readouterr().err == "kvmlet: the guest kernel lacks: CONFIG_9P_FS\n"
     explain_rootfs_stop(b"[ 0.5] boot\r\nkvmlet-guest: ready\r\n# reboot -f\r\n")
     assert capsys.readouterr().err == ""
+
+
+def test_help_teaches_the_network_modes():
+    result = run_cli("run", "--help")
+    for text in ("--net", "user[,hostfwd=tcp:HOSTPORT:GUESTPORT...]", "vhost=on|off", "none"):
+        assert text in result.stdout
+    assert "`-n` alone" in result.stdout and "for root too" in result.stdout
+
+
+def test_net_options_become_nics_and_the_name_goes_with_them(tmp_path):
+    from kvmlet.virtio.net.option import NetConfig, PortForward
+
+    kernel = tmp_path / "k"
+    kernel.write_bytes(make_bzimage())
+
+    def config(*argv: str):
+        args = cli.build_parser().parse_args(["run", "-k", str(kernel), *argv])
+        return cli.run_config(args)
+
+    nets = config("-n", "-n", "tap,ifname=kvm0", "-n", "hostfwd=tcp:8080:80", "-m", "64M").nets
+    assert nets == (
+        NetConfig("user"),
+        NetConfig("tap", ifname="kvm0"),
+        NetConfig("user", forwards=(PortForward("tcp", 8080, 80),)),
+    )
+    assert config().nets == ()
+    assert config("--name", "web", "-n").name == "web"  # what generated MACs derive from
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["-n", "slirp"], "unknown mode 'slirp'"),
+        (["-n", "none", "-n", "user"], "none (no NIC) cannot go with other networks"),
+        (["-n", "tap,ifname=a/b"], "is not an interface name"),
+        (["--net", "user,mtu=70000"], "mtu=70000 is not 68-65520"),
+    ],
+)
+def test_net_mistakes_are_one_line(tmp_path, argv, fragment):
+    (tmp_path / "k").write_bytes(make_bzimage())
+    result = run_cli("run", "-k", str(tmp_path / "k"), "--host-profile", "none", *argv)
+    assert_one_line_error(result, fragment)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import stat
 import struct
@@ -103,3 +104,74 @@ def test_init_script_run_mode_under_busybox(tmp_path):
     ).stdout
     assert output.startswith(b"kvmlet-guest: ready\nhello guest\n")
     assert parse_exit_status(output) == 7
+
+
+def test_guest_files_go_into_the_archive_and_its_cache_key():
+    files = initramfs.guest_files()
+    assert set(files) == {"etc/udhcpc/default.script"}
+    image = pack_initramfs(b"B", ["bin/sh"], "x", files)
+    entry = {e["name"]: e for e in read_newc(image)}["etc/udhcpc/default.script"]
+    assert entry["data"] == files["etc/udhcpc/default.script"] and entry["mode"] & 0o111
+    key = initramfs_cache_key(b"busybox", INIT_SCRIPT, files)
+    assert key != initramfs_cache_key(b"busybox", INIT_SCRIPT)
+    changed = {"etc/udhcpc/default.script": b"#!/bin/sh\n"}
+    assert key != initramfs_cache_key(b"busybox", INIT_SCRIPT, changed)
+
+
+def test_init_asks_for_a_lease_on_every_nic_unless_the_kernel_configured_one():
+    network = INIT_SCRIPT[
+        INIT_SCRIPT.index("ip link set lo up") : INIT_SCRIPT.index("run_command=")
+    ]
+    assert '*" ip="*) ;;' in network and "/sys/class/net/eth*" in network
+    assert 'udhcpc -i "${interface##*/}" -b' in network
+    assert INIT_SCRIPT.index("ip link set lo up") < INIT_SCRIPT.index('echo "kvmlet-guest: ready"')
+
+
+def isolated_shell() -> list[str] | None:
+    """A POSIX shell that runs `ip` from PATH (busybox sh would run its own applet) and, as
+    root, in a private network namespace: a script under test never reaches the host's
+    interfaces. None when neither is to be had."""
+    shell = shutil.which("dash")
+    if shell is None:
+        return None
+    if os.geteuid() != 0:
+        return [shell]  # without privilege `ip` can change nothing anyway
+    unshare = shutil.which("unshare")
+    return [unshare, "--net", shell] if unshare else None
+
+
+@pytest.mark.skipif(isolated_shell() is None, reason="needs dash (and unshare(1) as root)")
+def test_udhcpc_script_puts_the_lease_on_the_interface(tmp_path):
+    """The event script with an `ip` that only writes down what it is told."""
+    fake_ip = tmp_path / "bin" / "ip"
+    fake_ip.parent.mkdir()
+    fake_ip.write_text(f'#!/bin/sh\necho "$*" >>{tmp_path}/ip.log\n')
+    fake_ip.chmod(0o755)
+    script = initramfs.GUEST_FILES["etc/udhcpc/default.script"]
+    lease = {
+        "interface": "eth0",
+        "ip": "192.0.2.15",
+        "mask": "24",
+        "router": "192.0.2.2 192.0.2.1",
+        "dns": "192.0.2.3 192.0.2.4",
+        "domain": "example.org",
+        "mtu": "65520",
+    }
+    environment = {"PATH": f"{fake_ip.parent}:/usr/bin:/bin", "RESOLV_CONF": str(tmp_path / "r")}
+    for event in ("deconfig", "bound"):
+        subprocess.run(
+            [*isolated_shell(), str(script), event], env={**environment, **lease}, check=True
+        )
+    assert (tmp_path / "ip.log").read_text().splitlines() == [
+        "-4 addr flush dev eth0",
+        "link set eth0 up",
+        "-4 addr show dev eth0",
+        "-4 addr flush dev eth0",
+        "addr add 192.0.2.15/24 dev eth0",
+        "link set eth0 mtu 65520",
+        "route del default dev eth0",
+        "route add default via 192.0.2.2 dev eth0",
+    ]
+    assert (tmp_path / "r").read_text() == (
+        "search example.org\nnameserver 192.0.2.3\nnameserver 192.0.2.4\n"
+    )

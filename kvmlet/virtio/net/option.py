@@ -16,12 +16,12 @@ the same every time for a given machine name and NIC index, random without a nam
 `mtu=`, user mode uses passt's 65520 (few, large frames through the Python data path) and tap
 mode 1500 (what a tap and the host's bridges expect).
 
-Parsing is a pure function: `parse_net_option(text)` or one `KvmletError` line.
+Parsing is a pure function: `parse_net_option(text)` or one `KvmletError` line. A `NetConfig`
+made in Python is checked the same way when it is made.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -33,6 +33,7 @@ MODES = ("user", "tap", "none")
 PASST_MAX_MTU = 65520
 DEFAULT_MTU = {"user": PASST_MAX_MTU, "tap": 1500}
 _HEX = frozenset("0123456789abcdefABCDEF")
+IFNAMSIZ = 16
 _OPTIONS = {
     "user": {"hostfwd", "mac", "mtu"},
     "tap": {"ifname", "vhost", "mac", "mtu"},
@@ -59,6 +60,35 @@ class NetConfig:
     vhost: bool | None = None  # None: vhost-net where /dev/vhost-net opens
     forwards: tuple[PortForward, ...] = ()
 
+    def __post_init__(self) -> None:
+        where = f"network {self.mode!r}"
+        if self.mode not in MODES:
+            raise KvmletError(f"{where}: unknown mode (user, tap or none)")
+        given = {
+            "mac": self.mac is not None,
+            "mtu": self.mtu is not None,
+            "ifname": self.ifname is not None,
+            "vhost": self.vhost is not None,
+            "hostfwd": bool(self.forwards),
+        }
+        for key, present in given.items():
+            if present and key not in _OPTIONS[self.mode]:
+                raise KvmletError(f"{where}: {self.mode} mode has no option {key!r}")
+        if self.mac is not None:
+            object.__setattr__(self, "mac", _parse_mac(where, str(self.mac)))
+        if self.mtu is not None:
+            object.__setattr__(self, "mtu", _parse_mtu(where, self.mode, str(self.mtu)))
+        if self.ifname is not None and not _is_interface_name(self.ifname):
+            raise KvmletError(f"{where}: ifname={self.ifname!r} is not an interface name")
+        forwards: list[PortForward] = []
+        for forward in self.forwards:
+            if not isinstance(forward, tuple) or len(forward) != 3:
+                raise KvmletError(f"{where}: a forward is (protocol, host port, guest port)")
+            protocol, host_port, guest_port = forward
+            value = f"{protocol}:{host_port}:{guest_port}"
+            forwards.append(_parse_forward(where, value, forwards))
+        object.__setattr__(self, "forwards", tuple(forwards))
+
     @property
     def effective_mtu(self) -> int:
         """The MTU the guest is told (virtio-net's MTU feature, and passt's DHCP)."""
@@ -70,6 +100,8 @@ class NetConfig:
         if self.mac is not None:
             return bytes.fromhex(self.mac.replace(":", ""))
         if machine_name:
+            import hashlib  # only here: 3 ms of imports otherwise on the way to every boot
+
             seed = hashlib.sha256(f"kvmlet-nic/{machine_name}/{index}".encode()).digest()[:6]
         else:
             seed = os.urandom(6)
@@ -97,39 +129,41 @@ def parse_net_option(text: str) -> NetConfig:
         if key not in _OPTIONS[mode]:
             raise KvmletError(f"network {text!r}: {mode} mode has no option {key!r}")
         if key == "hostfwd":
-            forwards.append(_parse_forward(text, value, forwards))
+            forwards.append(_parse_forward(f"network {text!r}", value, forwards))
         elif key in values:
             raise KvmletError(f"network {text!r}: {key} given twice")
         else:
             values[key] = value
-    mtu = _parse_mtu(text, mode, values["mtu"]) if "mtu" in values else None
-    vhost = _parse_switch(text, "vhost", values["vhost"]) if "vhost" in values else None
-    mac = _parse_mac(text, values["mac"]) if "mac" in values else None
-    return NetConfig(mode, mac, mtu, values.get("ifname"), vhost, tuple(forwards))
+    where = f"network {text!r}"
+    mtu = _parse_mtu(where, mode, values["mtu"]) if "mtu" in values else None
+    vhost = _parse_switch(where, "vhost", values["vhost"]) if "vhost" in values else None
+    mac = _parse_mac(where, values["mac"]) if "mac" in values else None
+    ifname = values.get("ifname")
+    if ifname is not None and not _is_interface_name(ifname):
+        raise KvmletError(f"{where}: ifname={ifname} is not an interface name")
+    return NetConfig(mode, mac, mtu, ifname, vhost, tuple(forwards))
 
 
-def _parse_forward(text: str, value: str, earlier: list[PortForward]) -> PortForward:
+def _parse_forward(where: str, value: str, earlier: list[PortForward]) -> PortForward:
     protocol, *ports = value.split(":")
     if protocol not in ("tcp", "udp") or len(ports) != 2:
-        raise KvmletError(
-            f"network {text!r}: hostfwd={value} is not tcp:HOSTPORT:GUESTPORT (or udp:...)"
-        )
-    host_port, guest_port = (_parse_port(text, value, port) for port in ports)
+        raise KvmletError(f"{where}: hostfwd={value} is not tcp:HOSTPORT:GUESTPORT (or udp:...)")
+    host_port, guest_port = (_parse_port(where, value, port) for port in ports)
     if any(f.protocol == protocol and f.host_port == host_port for f in earlier):
-        raise KvmletError(f"network {text!r}: host port {protocol}:{host_port} forwarded twice")
+        raise KvmletError(f"{where}: host port {protocol}:{host_port} forwarded twice")
     return PortForward(protocol, host_port, guest_port)
 
 
-def _parse_port(text: str, value: str, port: str) -> int:
+def _parse_port(where: str, value: str, port: str) -> int:
     if not _is_decimal(port) or not 0 < int(port) < 65536:
-        raise KvmletError(f"network {text!r}: hostfwd={value}: {port!r} is not a port (1-65535)")
+        raise KvmletError(f"{where}: hostfwd={value}: {port!r} is not a port (1-65535)")
     return int(port)
 
 
-def _parse_mtu(text: str, mode: str, value: str) -> int:
+def _parse_mtu(where: str, mode: str, value: str) -> int:
     highest = PASST_MAX_MTU if mode == "user" else MAX_MTU
     if not _is_decimal(value) or not MIN_MTU <= int(value) <= highest:
-        raise KvmletError(f"network {text!r}: mtu={value} is not {MIN_MTU}-{highest}")
+        raise KvmletError(f"{where}: mtu={value} is not {MIN_MTU}-{highest}")
     return int(value)
 
 
@@ -137,17 +171,26 @@ def _is_decimal(text: str) -> bool:
     return text.isascii() and text.isdigit() and len(text) <= 6
 
 
-def _parse_switch(text: str, key: str, value: str) -> bool:
+def _is_interface_name(name: str) -> bool:
+    """A name the kernel takes for a network interface (1-15 bytes, no '/', ':' or space)."""
+    return (
+        0 < len(name.encode()) < IFNAMSIZ
+        and name not in (".", "..")
+        and not any(c in "/:" or c.isspace() for c in name)
+    )
+
+
+def _parse_switch(where: str, key: str, value: str) -> bool:
     if value not in ("on", "off"):
-        raise KvmletError(f"network {text!r}: {key}={value} is not on or off")
+        raise KvmletError(f"{where}: {key}={value} is not on or off")
     return value == "on"
 
 
-def _parse_mac(text: str, value: str) -> str:
+def _parse_mac(where: str, value: str) -> str:
     pieces = value.replace("-", ":").split(":")
     if len(pieces) != 6 or any(len(piece) != 2 or not _HEX.issuperset(piece) for piece in pieces):
-        raise KvmletError(f"network {text!r}: mac={value} is not six hex bytes")
+        raise KvmletError(f"{where}: mac={value} is not six hex bytes")
     address = bytes(int(piece, 16) for piece in pieces)
     if address[0] & 1:
-        raise KvmletError(f"network {text!r}: mac={value} is a multicast address")
+        raise KvmletError(f"{where}: mac={value} is a multicast address")
     return format_mac(address)

@@ -61,6 +61,7 @@ def test_a_missing_passt_says_what_to_install(monkeypatch, tmp_path):
 def test_syslog_complaints_and_qemu_advice_are_noise():
     assert is_noise("Failed to send 47 bytes to syslog")
     assert is_noise("    kvm ... -device virtio-net-pci,netdev=s -netdev stream,id=s")
+    assert is_noise("UNIX domain socket bound at /run/kvmlet-passt-x/passt.socket")
     assert not is_noise("External interface not usable")
 
 
@@ -157,10 +158,28 @@ def test_passt_that_cannot_start_is_one_line(monkeypatch, tmp_path):
     assert not (tmp_path / "runtime").exists()
 
 
-def _directory_in(base):
-    def make(name, owner=None):
-        path = base / "runtime"
+def _directory_in(directory):
+    def make(name, owner=None, base=None):
+        path = directory / "runtime"
         path.mkdir()
         return str(path)
 
     return make
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="passt drops to nobody only when run as root")
+def test_passt_gets_a_socket_path_it_binds_as_given(tmp_path):
+    """passt cuts long socket paths short, and as nobody it cannot reach a private directory:
+    either way its directory goes to /tmp instead."""
+    reachable = tmp_path / "open"
+    reachable.mkdir(mode=0o755)
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    nobody = passt_module.NOBODY
+    if any(not os.stat(p).st_mode & 0o001 for p in (tmp_path, *tmp_path.parents)):
+        pytest.skip("the test's own directory is private")
+    assert passt_module._passt_can_bind(str(reachable / "d" / "passt.socket"), nobody)
+    assert not passt_module._passt_can_bind(str(private / "d" / "passt.socket"), nobody)
+    assert passt_module._passt_can_bind(str(private / "d" / "passt.socket"), None)
+    deep = reachable / ("x" * 90) / "passt.socket"
+    assert not passt_module._passt_can_bind(str(deep), None)

@@ -181,6 +181,19 @@ def test_a_daemon_that_ignores_sigterm_is_killed(start):
     assert 0.3 <= time.monotonic() - started < 5
 
 
+def test_a_daemon_started_while_sigterm_is_blocked_still_stops_on_sigterm(start):
+    """`kvmlet run` blocks SIGTERM while it builds the machine, when passt starts: the mask
+    must not reach the daemon, or it would ignore the SIGTERM that stops it."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        helper, path = start("serve")
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    helper.connect(path, timeout=10).close()
+    helper.stop(grace=5)
+    assert helper.returncode == -signal.SIGTERM
+
+
 def test_a_binary_that_cannot_run_is_one_line(tmp_path):
     directory = make_runtime_directory("fake")
     with pytest.raises(KvmletError, match=r"cannot start fake .*No such file or directory"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import textwrap
@@ -220,3 +221,42 @@ def test_a_tap_deleted_under_the_guest_takes_the_link_down():
         "reports": [[False, "virtio-net: tap kvt0 was deleted: link down"]],
         "config_status": 0,
     }
+
+
+def test_rtnetlink_reports_a_deleted_interface_by_its_index():
+    """vhost-net reads the tap, not kvmlet: its deletion is news from rtnetlink."""
+    result = in_network_namespace(
+        """
+        import json, subprocess
+        from kvmlet.host.tap import LinkRemovals, interface_exists, open_tap
+
+        removals = LinkRemovals()
+        tap, other = open_tap("kvt0"), open_tap("kvt1")
+        quiet = removals.read()
+        subprocess.run(["ip", "link", "delete", "kvt0"], check=True)
+        removed = removals.read()
+        print(json.dumps({"quiet": sorted(quiet), "removed": sorted(removed),
+                          "indexes": [tap.index, other.index],
+                          "exists": [interface_exists(tap.index), interface_exists(other.index)]}))
+        """
+    )
+    gone, kept = result["indexes"]
+    assert gone != kept and result["quiet"] == [] and result["removed"] == [gone]
+    assert result["exists"] == [False, True]
+
+
+def test_deleted_links_reads_only_whole_dellink_messages():
+    from kvmlet.host.tap import RTM_DELLINK, deleted_links
+
+    def message(kind: int, index: int, declared: int | None = None) -> bytes:
+        body = struct.pack("=BxHiII", 0, 1, index, 0, 0)
+        length = 16 + len(body) if declared is None else declared
+        return struct.pack("=IHHII", length, kind, 0, 0, 0) + body
+
+    newlink = 16
+    datagram = message(newlink, 3) + message(RTM_DELLINK, 4) + message(RTM_DELLINK, 5)
+    assert deleted_links(datagram) == [4, 5]
+    assert deleted_links(message(RTM_DELLINK, 6, declared=200)) == []  # longer than the datagram
+    assert deleted_links(message(RTM_DELLINK, 7, declared=8)) == []  # shorter than a header
+    assert deleted_links(message(RTM_DELLINK, 8, declared=20)) == []  # no room for its ifinfomsg
+    assert deleted_links(b"\x01\x02") == []

@@ -88,3 +88,32 @@ def test_a_generated_mac_is_local_unicast_and_stable_per_machine_and_nic():
 def test_a_configured_mac_wins():
     config = parse_net_option("tap,mac=52:54:00:12:34:56")
     assert config.mac_address("web", 3) == bytes.fromhex("525400123456")
+
+
+@pytest.mark.parametrize(
+    ("made", "message"),
+    [
+        (lambda: NetConfig("slirp"), "network 'slirp': unknown mode"),
+        (lambda: NetConfig("user", ifname="tap0"), "user mode has no option 'ifname'"),
+        (lambda: NetConfig("none", forwards=(PortForward("tcp", 1, 2),)), "no option 'hostfwd'"),
+        (lambda: NetConfig("tap", mtu=10), "mtu=10 is not 68-65535"),
+        (lambda: NetConfig("tap", mac="ff:ff:ff:ff:ff:ff"), "is a multicast address"),
+        (lambda: NetConfig("tap", ifname="a" * 16), "is not an interface name"),
+        (lambda: NetConfig("tap", ifname="a b"), "is not an interface name"),
+        (lambda: NetConfig(forwards=(("tcp", 0, 22),)), "'0' is not a port"),
+        (lambda: NetConfig(forwards=(("tcp", 22),)), "a forward is (protocol, host port, guest"),
+    ],
+)
+def test_a_net_config_made_in_python_is_checked_the_same_way(made, message):
+    with pytest.raises(KvmletError) as raised:
+        made()
+    assert message in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_a_net_config_made_in_python_is_normalised():
+    config = NetConfig("tap", mac="52-54-00-AB-CD-EF", mtu="9000", ifname="k" * 15)
+    assert config.mac == "52:54:00:ab:cd:ef" and config.mtu == 9000
+    assert NetConfig(forwards=(("udp", 53, 5353),)).forwards == (PortForward("udp", 53, 5353),)
+    assert parse_net_option("tap,ifname=" + "k" * 15) == NetConfig("tap", ifname="k" * 15)
+    with pytest.raises(KvmletError, match="ifname=a/b is not an interface name"):
+        parse_net_option("tap,ifname=a/b")
