@@ -14,6 +14,7 @@ from kvmlet.errors import KvmletError
 
 if TYPE_CHECKING:
     from kvmlet.guest import Progress
+    from kvmlet.machine.vhost_config import FilesystemConfig, MemoryBackend, VhostUserDiskConfig
 
 MAX_CPUS = 64
 BOOT_CODE_ADDRESS = 0x10000
@@ -156,6 +157,8 @@ class MachineConfig:
     the user's own device models; `debug_exit_port` places an isa-debug-exit port there;
     `record` writes every user-space access to that file (`kvmlet replay` reads it);
     `balloon` adds a virtio-balloon whose target the control API sets (`kvmlet balloon`).
+    `filesystems`, `vhost_user_disks` and `vsock_cid` are devices served outside Python, and
+    `mem_backend` where guest RAM lives (vhost_config.py).
     """
 
     kernel: FilePath | None = None
@@ -177,6 +180,11 @@ class MachineConfig:
     devices: tuple[DeviceConfig, ...] = ()
     debug_exit_port: int | None = None
     record: FilePath | None = None
+    mem_backend: MemoryBackend = "auto"
+    filesystems: tuple[FilesystemConfig, ...] = ()
+    vhost_user_disks: tuple[VhostUserDiskConfig, ...] = ()
+    vsock_cid: int | None = None
+    virtiofsd: FilePath | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.cpus <= MAX_CPUS:
@@ -193,6 +201,11 @@ class MachineConfig:
             device.check()
         for text in (self.params, *self.extra_parameters):
             _check_kernel_parameters(text)
+        vhost = self.filesystems or self.vhost_user_disks or self.vsock_cid is not None
+        if vhost or self.mem_backend != "auto":
+            from kvmlet.machine.vhost_config import check_vhost_options
+
+            check_vhost_options(self)
 
     def kernel_command_line(self, device_parameters: list[str], profile_parameters: str) -> str:
         """kvmlet's parameters, then devices', the host profile's, and the user's last."""

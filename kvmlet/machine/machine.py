@@ -27,6 +27,7 @@ import functools
 import mmap
 import os
 import signal
+import socket
 import threading
 import time
 from typing import TYPE_CHECKING, Any
@@ -45,6 +46,7 @@ from kvmlet.kvm import InternalErrorExit, Kvm, Vcpu
 from kvmlet.machine.config import BOOT_CODE_ADDRESS, DeviceConfig, MachineConfig
 from kvmlet.machine.control import Controls
 from kvmlet.machine.legacy import attach_debug_exit, attach_legacy_devices
+from kvmlet.machine.vhost_config import shareable_memory
 from kvmlet.machine.virtio_devices import SLOTS_WITH_INTX, VirtioDevices, intx_irq
 from kvmlet.machine.watchpoints import Watchpoints
 from kvmlet.memory import GuestMemory
@@ -131,7 +133,8 @@ class Machine(Controls):
         self.vm = vm = self.kvm.create_vm()
         self._closers.append(vm.close)
         self.memory_map = MemoryMap(config.memory)
-        self.memory = GuestMemory.anonymous(self.memory_map.ram_banks())
+        backing = GuestMemory.memfd if shareable_memory(config) else GuestMemory.anonymous
+        self.memory = backing(self.memory_map.ram_banks())
         self._closers.append(self.memory.close)
         self._ram_ranges = [(bank.host_address(), bank.size) for bank in self.memory]
         ask_for_huge_pages(self.memory)
@@ -261,6 +264,13 @@ class Machine(Controls):
             if pause:
                 self.resume()
         return model
+
+    def vsock_connect(self, port: int, timeout: float = 10.0) -> socket.socket:
+        """A stream connection to `port` of the guest's vsock (`--vsock CID`), waiting up to
+        `timeout` seconds for the guest to listen there; KvmletError when it did not."""
+        if self.virtio.vhost is None:
+            raise KvmletError("this machine has no vsock device (--vsock CID)")
+        return self.virtio.vhost.connect_vsock(port, timeout)
 
     @property
     def devices(self) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""The machine's virtio devices (disks, console, entropy, balloon) on the chosen transport.
+"""The machine's virtio devices (disks, console, entropy, balloon, and the vhost devices of
+vhost_devices.py) on the chosen transport.
 
 Device models know nothing of transports; this module creates them from the configuration and
 puts each behind virtio-pci (a PCI function the guest finds by enumeration, MSI-X through
@@ -25,6 +26,7 @@ from kvmlet.vstate.interrupts import IrqfdLine, KvmIrqLine
 
 if TYPE_CHECKING:
     from kvmlet.machine.machine import Machine
+    from kvmlet.machine.vhost_devices import VhostDevices
     from kvmlet.virtio.balloon import VirtioBalloon
     from kvmlet.virtio.console import VirtioConsole
     from kvmlet.virtio.device import VirtioDevice
@@ -62,6 +64,7 @@ class VirtioDevices:
         self.transports: list[VirtioPci | VirtioMmio] = []
         self.console: VirtioConsole | None = None
         self.balloon: VirtioBalloon | None = None
+        self.vhost: VhostDevices | None = None
         self.workers: list[QueueWorker] = []
         self._doorbells: list[Doorbell] = []
         self._lines: list[IrqfdLine] = []
@@ -90,6 +93,11 @@ class VirtioDevices:
 
                 self.balloon = VirtioBalloon(memory)
                 self.devices.append(self.balloon)
+            if config.vhost_user_disks or config.filesystems or config.vsock_cid is not None:
+                from kvmlet.machine.vhost_devices import VhostDevices
+
+                self.vhost = VhostDevices(machine)
+                self.devices.extend(self.vhost.devices)
             if config.virtio_transport == "pci":
                 self._attach_pci(machine)
             else:
@@ -143,7 +151,8 @@ class VirtioDevices:
     def _add_doorbells(
         self, device: VirtioDevice, transport: VirtioPci | VirtioMmio, worker: QueueWorker
     ) -> None:
-        for queue in range(device.queue_count):
+        first = self.vhost.wire(device, transport, worker) if self.vhost is not None else 0
+        for queue in range(first, device.queue_count):
             bell = doorbell(device, queue)
             self._doorbells.append(bell)
             transport.add_doorbell(queue, bell.eventfd)
@@ -217,5 +226,7 @@ class VirtioDevices:
             line.close()
         for device in self.devices:
             device.close()
+        if self.vhost is not None:
+            self.vhost.close()
         self.left_open = False
         return True
