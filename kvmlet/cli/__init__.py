@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from kvmlet import __version__
 from kvmlet.cli.control import CONTROL_COMMANDS, add_control_commands
+from kvmlet.cli.vhost_options import add_vhost_arguments, vhost_fields
 from kvmlet.errors import KvmletError
 
 if TYPE_CHECKING:
@@ -109,7 +110,8 @@ def _add_machine_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="PATH[,ro][,direct]",
-        help="a raw disk image as a virtio-blk device (/dev/vda, vdb...); repeatable",
+        help="a raw disk image as a virtio-blk device (/dev/vda, vdb...); repeatable; "
+        "vhost-user=SOCKET[,ro] is a disk a vhost-user-blk backend serves (after the images)",
     )
     parser.add_argument(
         "--virtio-transport",
@@ -254,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="add a virtio-balloon: `kvmlet balloon NAME SIZE` then takes memory back from "
         "the guest, and free memory it reports is released on the host",
     )
+    add_vhost_arguments(run)
 
     sandbox = commands.add_parser(
         "sandbox",
@@ -307,11 +310,18 @@ def _machine_config(args: argparse.Namespace, **extra):
 
     disks = []
     if args.disk:
+        from kvmlet.machine.vhost_config import VHOST_USER_PREFIX, parse_vhost_user_disk
         from kvmlet.virtio.blk import parse_disk_option  # the virtio-blk stack, only for disks
 
+        vhost_disks = []
         for text in args.disk:
+            if text.startswith(VHOST_USER_PREFIX):
+                vhost_disks.append(parse_vhost_user_disk(text))
+                continue
             option = parse_disk_option(text)
             disks.append(DiskConfig(option.path, option.read_only, option.direct))
+        if vhost_disks:
+            extra["vhost_user_disks"] = tuple(vhost_disks)
     return MachineConfig(
         memory=parse_size(args.mem),
         cpus=args.cpus,
@@ -371,6 +381,7 @@ def run_config(args: argparse.Namespace) -> MachineConfig:
         from kvmlet.machine.config import parse_device_option
 
         extra["devices"] = tuple(parse_device_option(text) for text in args.device)
+    extra.update(vhost_fields(args))
     config = with_default_guest(
         _machine_config(
             args,
