@@ -57,6 +57,16 @@ def find_virtiofsd(program: str | None = None) -> str:
     return found
 
 
+def virtiofsd_available(program: str | None = None) -> bool:
+    """Whether a virtiofsd can be started (`program`, else Debian's): a caller with another way
+    to share a directory (9p) picks it when not."""
+    try:
+        find_virtiofsd(program)
+    except KvmletError:
+        return False
+    return True
+
+
 def virtiofsd_command(
     program: str,
     source: str,

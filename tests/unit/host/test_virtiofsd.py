@@ -14,6 +14,7 @@ from kvmlet.host.virtiofsd import (
     VIRTIOFSD_PATHS,
     find_virtiofsd,
     start_virtiofsd,
+    virtiofsd_available,
     virtiofsd_command,
 )
 from kvmlet.vhost.user import VhostUserFrontend
@@ -49,9 +50,15 @@ def test_a_read_only_share_is_a_read_only_bind_mount_in_the_daemons_namespace(un
     assert "mount -o remount,bind,ro" in READ_ONLY_SCRIPT and 'exec "$@"' in READ_ONLY_SCRIPT
 
 
-def test_a_daemon_that_is_not_there_is_one_line():
+def test_a_daemon_that_is_not_there_is_one_line(monkeypatch, tmp_path):
     with pytest.raises(KvmletError, match="--virtiofsd /nonexistent/virtiofsd: no such"):
         find_virtiofsd("/nonexistent/virtiofsd")
+    assert not virtiofsd_available("/nonexistent/virtiofsd")
+    assert virtiofsd_available("/bin/true")
+    monkeypatch.setattr("kvmlet.host.virtiofsd.VIRTIOFSD_PATHS", (str(tmp_path / "none"),))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(KvmletError, match="apt-get install qemu-system-common"):
+        find_virtiofsd()
 
 
 def test_the_socket_is_connected_before_the_daemon_runs_and_refused_once_it_died(tmp_path):
