@@ -31,6 +31,7 @@ examples:
   kvmlet run                          boot kvmlet's default guest to a busybox shell
   kvmlet run -k bzImage -p 'loglevel=7' -m 1G -c 2
   kvmlet run -k vmlinux -i initrd.gz -d disk.img -d ro.img,ro --console virtio
+  kvmlet run --fs ~/src,tag=src --vsock 3 -d vhost-user=/run/qsd.sock   (mount -t virtiofs src /mnt)
   kvmlet run -k test.elf -p 'verbose' --module data.bin,name=data --debug-exit 0x501
   kvmlet run -k vmlinux --device examples/mailbox_device.py:Mailbox,mmio=0xf1000000,irq=10
   kvmlet run -k test.elf --debug-exit 0x501 --record run.rec; kvmlet replay run.rec
