@@ -45,11 +45,11 @@ def add_vhost_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def vhost_fields(args: argparse.Namespace) -> dict[str, object]:
-    """The `MachineConfig` fields these options set."""
-    from kvmlet.machine.vhost_config import parse_fs_option
-
+    """The `MachineConfig` fields these options set (vhost_config.py loads only for --fs)."""
     fields: dict[str, object] = {}
     if args.fs:
+        from kvmlet.machine.vhost_config import parse_fs_option
+
         fields["filesystems"] = tuple(
             parse_fs_option(text, index) for index, text in enumerate(args.fs)
         )

@@ -27,7 +27,6 @@ import functools
 import mmap
 import os
 import signal
-import socket
 import threading
 import time
 from typing import TYPE_CHECKING, Any
@@ -46,7 +45,6 @@ from kvmlet.kvm import InternalErrorExit, Kvm, Vcpu
 from kvmlet.machine.config import BOOT_CODE_ADDRESS, DeviceConfig, MachineConfig
 from kvmlet.machine.control import Controls
 from kvmlet.machine.legacy import attach_debug_exit, attach_legacy_devices
-from kvmlet.machine.vhost_config import shareable_memory
 from kvmlet.machine.virtio_devices import SLOTS_WITH_INTX, VirtioDevices, intx_irq
 from kvmlet.machine.watchpoints import Watchpoints
 from kvmlet.memory import GuestMemory
@@ -63,6 +61,8 @@ from kvmlet.vstate.interrupts import KvmInterruptRouter, KvmIrqLine
 from kvmlet.vstate.vcpu_loop import ExitCounts, GuestStop, StopReason, run_vcpu
 
 if TYPE_CHECKING:
+    import socket  # it imports selectors: a boot without vsock does without
+
     from kvmlet.machine.record import Recorder
     from kvmlet.machine.user_devices import UserDevices
 
@@ -133,8 +133,7 @@ class Machine(Controls):
         self.vm = vm = self.kvm.create_vm()
         self._closers.append(vm.close)
         self.memory_map = MemoryMap(config.memory)
-        backing = GuestMemory.memfd if shareable_memory(config) else GuestMemory.anonymous
-        self.memory = backing(self.memory_map.ram_banks())
+        self.memory = _guest_memory(config, self.memory_map.ram_banks())
         self._closers.append(self.memory.close)
         self._ram_ranges = [(bank.host_address(), bank.size) for bank in self.memory]
         ask_for_huge_pages(self.memory)
@@ -501,3 +500,14 @@ def _region_names(model: Any, name: str) -> set[str]:
     if bars is None:
         return {name}
     return {bar.region.name for bar in bars if bar is not None}
+
+
+def _guest_memory(config: MachineConfig, banks) -> GuestMemory:
+    """Guest RAM: in memfds when a vhost-user backend must map it (or asked), else anonymous.
+    vhost_config.py (dataclasses, built at import) loads only for a machine that needs it."""
+    if config.mem_backend != "auto" or config.filesystems or config.vhost_user_disks:
+        from kvmlet.machine.vhost_config import shareable_memory
+
+        if shareable_memory(config):
+            return GuestMemory.memfd(banks)
+    return GuestMemory.anonymous(banks)
