@@ -34,7 +34,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from kvmlet.memory import GuestMemory
-from kvmlet.virtio.blk import VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, DiskOptions, VirtioBlock
+from kvmlet.virtio.blk import VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VirtioBlock
+from kvmlet.virtio.blk_config import DiskConfig
 from kvmlet.virtio.device import VIRTIO_F_EVENT_IDX
 from kvmlet.virtio.worker import QueueWorker, doorbell
 from tests.helpers.virtio_driver import MockDriver
@@ -240,7 +241,7 @@ def threaded_reference_rate(fd: int, depth: int, threads: int, seconds: float) -
 def measure_served(path: Path, direct: bool, seconds: float) -> None:
     for depth in SERVED_DEPTHS:
         memory = GuestMemory.anonymous([(0, GUEST_RAM)])
-        device = VirtioBlock(memory, DiskOptions(str(path), direct=direct))
+        device = VirtioBlock(memory, DiskConfig(str(path), direct=direct))
         driver = MockDriver(device, memory, 0x1000, GUEST_RAM - 0x1000, record_interrupts=False)
         features = device.device_features_word(0) | device.device_features_word(1) << 32
         driver.initialize(wanted=features & ~(1 << VIRTIO_F_EVENT_IDX))
@@ -284,7 +285,7 @@ def main():
             measure_served(path, arguments.direct, arguments.seconds)
             return
         memory = GuestMemory.anonymous([(0, GUEST_RAM)])
-        device = VirtioBlock(memory, DiskOptions(str(path), direct=arguments.direct))
+        device = VirtioBlock(memory, DiskConfig(str(path), direct=arguments.direct))
         driver = MockDriver(device, memory, 0x1000, GUEST_RAM - 0x1000)
         driver.initialize()
         flags = os.O_RDWR | (os.O_DIRECT if arguments.direct else 0)

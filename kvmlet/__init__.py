@@ -22,7 +22,7 @@ __version__ = "0.1.0"
 _PUBLIC = {
     "BREAK": "kvmlet.machine.watchpoints",
     "DeviceConfig": "kvmlet.machine.config",
-    "DiskConfig": "kvmlet.machine.config",
+    "DiskConfig": "kvmlet.virtio.blk_config",
     "FilesystemConfig": "kvmlet.machine.vhost_config",
     "VhostUserDiskConfig": "kvmlet.machine.vhost_config",
     "connect": "kvmlet.api.client",

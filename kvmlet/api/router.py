@@ -116,7 +116,7 @@ class Router:
 
     def _console(self, query: dict[str, list[str]], body: dict) -> object:
         text = query.get("bytes", [str(DEFAULT_CONSOLE_BYTES)])[-1]
-        if not text.isdigit() or not 1 <= int(text) <= MAX_CONSOLE_BYTES:
+        if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= MAX_CONSOLE_BYTES:
             raise ApiError(400, f"bytes must be a number from 1 to {MAX_CONSOLE_BYTES}")
         return self.target.console(int(text))
 

@@ -80,6 +80,14 @@ DEVICE_MMIO_WINDOW = AddressRange(0xF100_0000, 0x0100_0000)
 # I/O ports for PCI I/O BARs: above the legacy ISA devices and the PCI config ports (0xCF8).
 PCI_IO_WINDOW = AddressRange(0x1000, 0xF000)
 
+# What the PCI host bridge forwards to its bus (a BAR elsewhere decodes nowhere): below 4 GiB
+# the MMIO hole up to the IOAPIC (the BAR window, then the virtio-mmio and device windows,
+# whose own regions win where they are placed), and above RAM a 64-bit window up to 2**39, the
+# physical address width of every x86-64 CPU KVM runs on.
+PCI_MEMORY_WINDOW_32 = AddressRange(MMIO_HOLE.base, IOAPIC_ADDRESS - MMIO_HOLE.base)
+PCI_MEMORY_64_END = 1 << 39
+PCI_MEMORY_64_ALIGNMENT = GiB
+
 # RAM sizes kvmlet accepts. 16 MiB is where x86-64 kernels load by default, so nothing smaller
 # can boot; 256 GiB keeps the top of RAM within the 39 physical address bits of every x86-64
 # CPU KVM runs on.
@@ -145,6 +153,13 @@ class MemoryMap:
         if self.high_ram_size:
             banks.append((HIGH_RAM_START, self.high_ram_size))
         return banks
+
+    def pci_memory_windows(self) -> list[AddressRange]:
+        """The MMIO ranges the PCI host bridge forwards: the hole below 4 GiB up to the IOAPIC,
+        and from the first GiB boundary above RAM (4 GiB at least) up to 2**39."""
+        top_of_ram = max(HIGH_RAM_START, HIGH_RAM_START + self.high_ram_size)
+        base_64 = -(-top_of_ram // PCI_MEMORY_64_ALIGNMENT) * PCI_MEMORY_64_ALIGNMENT
+        return [PCI_MEMORY_WINDOW_32, AddressRange(base_64, PCI_MEMORY_64_END - base_64)]
 
     def e820(self) -> list[E820Entry]:
         """The e820 map: usable RAM, the reserved legacy area below 1 MiB, no MMIO hole."""

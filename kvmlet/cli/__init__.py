@@ -307,22 +307,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _machine_config(args: argparse.Namespace, **extra):
     from kvmlet.boot.memory_map import parse_size
-    from kvmlet.machine.config import DiskConfig, MachineConfig
+    from kvmlet.machine.config import MachineConfig
+    from kvmlet.virtio.blk_config import parse_disk_option
 
     disks = []
-    if args.disk:
-        from kvmlet.machine.vhost_config import VHOST_USER_PREFIX, parse_vhost_user_disk
-        from kvmlet.virtio.blk import parse_disk_option  # the virtio-blk stack, only for disks
+    vhost_disks = []
+    for text in args.disk:
+        if text.startswith("vhost-user="):  # vhost_config.py loads only for one of those
+            from kvmlet.machine.vhost_config import parse_vhost_user_disk
 
-        vhost_disks = []
-        for text in args.disk:
-            if text.startswith(VHOST_USER_PREFIX):
-                vhost_disks.append(parse_vhost_user_disk(text))
-                continue
-            option = parse_disk_option(text)
-            disks.append(DiskConfig(option.path, option.read_only, option.direct))
-        if vhost_disks:
-            extra["vhost_user_disks"] = tuple(vhost_disks)
+            vhost_disks.append(parse_vhost_user_disk(text))
+        else:
+            disks.append(parse_disk_option(text))
+    if vhost_disks:
+        extra["vhost_user_disks"] = tuple(vhost_disks)
     return MachineConfig(
         memory=parse_size(args.mem),
         cpus=args.cpus,

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 from kvmlet.boot import BOOT_METHODS, BootMethod, BootModule
 from kvmlet.boot.memory_map import PORT_IO_END, MiB
 from kvmlet.errors import KvmletError
+from kvmlet.virtio.blk_config import DiskConfig
 
 if TYPE_CHECKING:
     from kvmlet.guest import Progress
@@ -136,15 +137,6 @@ def parse_module_option(text: str) -> BootModule:
     if not path:
         raise KvmletError(f"--module {text!r}: name a file")
     return BootModule(path, cmdline)
-
-
-@dataclass(frozen=True)
-class DiskConfig:
-    """A raw disk image given to the guest as a virtio-blk device."""
-
-    path: FilePath
-    read_only: bool = False
-    direct: bool = False
 
 
 @dataclass(frozen=True)

@@ -1,22 +1,29 @@
 """The PC legacy devices a Linux guest expects, placed on the port I/O bus.
 
 Four 16550A UARTs (COM1 carries the serial console), the i8042 (whose reset line stops the
-machine), the CMOS RTC and the POST-code port. The PIT and PIC live in KVM's in-kernel irqchip.
-On request, an isa-debug-exit port through which a test kernel ends the run with a status.
+machine), the CMOS RTC and the POST-code port. The PICs, the PIT, the IOAPIC and the local APICs
+live in KVM (in-kernel irqchip and PIT); `reserve_in_kernel_devices` covers their ranges on the
+bus (see kvmlet/devices/reserved.py). The PCI host bridge forwards only the layout's PCI
+windows. On request, an isa-debug-exit port through which a test kernel ends the run with a
+status.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
+from kvmlet.boot.memory_map import IOAPIC_ADDRESS, LAPIC_ADDRESS, PCI_IO_WINDOW, MemoryMap
 from kvmlet.bus import AccessSizes, AddressSpace, IoRegion
+from kvmlet.bus.pci import PciHostBridge
 from kvmlet.devices.debug_exit import REGION_SIZE as DEBUG_EXIT_SIZE
 from kvmlet.devices.debug_exit import DebugExit
 from kvmlet.devices.i8042 import REGION_SIZE as I8042_REGION_SIZE
 from kvmlet.devices.i8042 import I8042Controller
 from kvmlet.devices.irq import IrqLine
 from kvmlet.devices.post import PostCodeSink
+from kvmlet.devices.reserved import Reserved
 from kvmlet.devices.rtc import CmosRtc
 from kvmlet.devices.serial import LEGACY_SERIAL_PORTS, REGION_SIZE, Uart16550
 from kvmlet.errors import KvmletError
@@ -25,6 +32,34 @@ I8042_PORT = 0x60
 I8042_KEYBOARD_IRQ = 1
 RTC_PORT = 0x70
 POST_PORT = 0x80
+
+IN_KERNEL_PRIORITY = 1
+"""Above every other region: KVM answers these addresses before the bus could."""
+
+
+class InKernelDevice(NamedTuple):
+    """A range KVM serves itself: name, type, first port or address, size."""
+
+    name: str
+    type: str
+    address: int
+    size: int
+
+
+IN_KERNEL_PORTS = (
+    InKernelDevice("pic-master", "kvm-i8259", 0x20, 2),
+    InKernelDevice("pit", "kvm-i8254", 0x40, 4),
+    InKernelDevice("pit-speaker", "kvm-i8254-speaker", 0x61, 1),
+    InKernelDevice("pic-slave", "kvm-i8259", 0xA0, 2),
+    InKernelDevice("elcr", "kvm-i8259-elcr", 0x4D0, 2),
+)
+"""KVM_CREATE_IRQCHIP's PICs and ELCR, KVM_CREATE_PIT2's PIT and dummy speaker port."""
+
+IN_KERNEL_MMIO = (
+    InKernelDevice("ioapic", "kvm-ioapic", IOAPIC_ADDRESS, 0x100),
+    InKernelDevice("lapic", "kvm-lapic", LAPIC_ADDRESS, 0x1000),
+)
+"""The in-kernel IOAPIC and the local APICs' page at its default base."""
 
 _BYTE = AccessSizes(1, 1)
 _ANY_WIDTH = AccessSizes(1, 4)
@@ -62,6 +97,14 @@ class LegacyDevices:
         ]
         entries.append({"name": "i8042", "type": "i8042", "port": I8042_PORT})
         entries.append({"name": "cmos-rtc", "type": "mc146818-rtc", "port": RTC_PORT})
+        entries += [
+            {"name": device.name, "type": device.type, "port": device.address}
+            for device in IN_KERNEL_PORTS
+        ]
+        entries += [
+            {"name": device.name, "type": device.type, "mmio_base": device.address}
+            for device in IN_KERNEL_MMIO
+        ]
         return entries
 
     @property
@@ -98,8 +141,8 @@ def attach_legacy_devices(
             io.root.add_subregion(port.base, region)
             uarts.append(uart)
         i8042 = I8042Controller(on_reset, kbd_irq=irq_line(I8042_KEYBOARD_IRQ))
-        # One region over 0x60-0x64: 0x61 (the PC speaker) is the in-kernel PIT's and never
-        # exits; the device answers 0x62/0x63 with all-ones like an unassigned port.
+        # One region over 0x60-0x64: 0x61 (the PC speaker) is the in-kernel PIT's (reserved
+        # above it); the device answers 0x62/0x63 with all-ones like an unassigned port.
         i8042_region = IoRegion("i8042", I8042_REGION_SIZE, i8042, impl=_BYTE)
         io.root.add_subregion(I8042_PORT, i8042_region)
         rtc = CmosRtc(rtc_clock)
@@ -107,6 +150,30 @@ def attach_legacy_devices(
         post = PostCodeSink()
         io.root.add_subregion(POST_PORT, IoRegion("post", 1, post, valid=_ANY_WIDTH))
     return LegacyDevices(uarts, i8042, i8042_region, rtc, post)
+
+
+def reserve_in_kernel_devices(io: AddressSpace, mmio: AddressSpace) -> None:
+    """Cover the ranges of KVM's in-kernel devices with `Reserved` regions, above the rest."""
+    anything = AccessSizes(1, 8, unaligned=True)
+    with io.transaction():
+        for space, devices in ((io, IN_KERNEL_PORTS), (mmio, IN_KERNEL_MMIO)):
+            for device in devices:
+                region = IoRegion(
+                    device.name, device.size, Reserved(), valid=anything, impl=anything, lock=None
+                )
+                space.root.add_subregion(device.address, region, IN_KERNEL_PRIORITY)
+
+
+def attach_pci_host_bridge(
+    io: AddressSpace, mmio: AddressSpace, memory_map: MemoryMap
+) -> PciHostBridge:
+    """The host bridge at 0xCF8, forwarding the PCI I/O window and `memory_map`'s MMIO ones."""
+    return PciHostBridge(
+        io,
+        mmio,
+        io_windows=[PCI_IO_WINDOW],
+        memory_windows=memory_map.pci_memory_windows(),
+    )
 
 
 def _discard(data: bytes) -> None:

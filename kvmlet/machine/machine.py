@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 from kvmlet.boot import PciInterrupt, inspect_kernel, load_kernel
 from kvmlet.boot.memory_map import PCI_IO_WINDOW, PCI_MMIO_WINDOW, MemoryMap
 from kvmlet.bus import AddressSpace, RamRegion, mmio_space, port_io_space, transactions
-from kvmlet.bus.pci import BarAllocator, PciHostBridge, PciWindow
+from kvmlet.bus.pci import BarAllocator, PciWindow
 from kvmlet.bus.watch import Access, Watch, WatchCallback, current_vcpu, set_current_vcpu
 from kvmlet.errors import KvmletError, LazyLogger
 from kvmlet.host.console import Console
@@ -44,7 +44,12 @@ from kvmlet.host.terminal import EscapeAction, EscapeFilter
 from kvmlet.kvm import InternalErrorExit, Kvm, Vcpu
 from kvmlet.machine.config import BOOT_CODE_ADDRESS, DeviceConfig, MachineConfig
 from kvmlet.machine.control import Controls
-from kvmlet.machine.legacy import attach_debug_exit, attach_legacy_devices
+from kvmlet.machine.legacy import (
+    attach_debug_exit,
+    attach_legacy_devices,
+    attach_pci_host_bridge,
+    reserve_in_kernel_devices,
+)
 from kvmlet.machine.virtio_devices import SLOTS_WITH_INTX, VirtioDevices, intx_irq
 from kvmlet.machine.watchpoints import Watchpoints
 from kvmlet.memory import GuestMemory
@@ -167,9 +172,10 @@ class Machine(Controls):
             self._guest_reset,
             rtc_clock,
         )
+        reserve_in_kernel_devices(self.io, self.mmio)
         if config.debug_exit_port is not None:
             attach_debug_exit(self.io, config.debug_exit_port, self._debug_exit)
-        self.pci = PciHostBridge(self.io, self.mmio)
+        self.pci = attach_pci_host_bridge(self.io, self.mmio, self.memory_map)
         self.bar_allocator = BarAllocator(
             PciWindow("pci-io", PCI_IO_WINDOW.base, PCI_IO_WINDOW.size),
             PciWindow("pci-mmio32", PCI_MMIO_WINDOW.base, PCI_MMIO_WINDOW.size),

@@ -19,8 +19,9 @@ import os
 from collections.abc import Callable
 from typing import NamedTuple
 
+from kvmlet.boot.memory_map import MemoryMap
 from kvmlet.bus import mmio_space, port_io_space
-from kvmlet.bus.pci import CONF1_PORT, PciHostBridge
+from kvmlet.bus.pci import CONF1_PORT
 from kvmlet.bus.pci.msi import RecordingMsiController
 from kvmlet.devices.irq import RecordingIrqLine
 from kvmlet.devices.journal import (
@@ -36,7 +37,12 @@ from kvmlet.devices.journal import (
 )
 from kvmlet.errors import GuestMemoryError, KvmletError
 from kvmlet.machine.config import DeviceConfig
-from kvmlet.machine.legacy import attach_debug_exit, attach_legacy_devices
+from kvmlet.machine.legacy import (
+    attach_debug_exit,
+    attach_legacy_devices,
+    attach_pci_host_bridge,
+    reserve_in_kernel_devices,
+)
 from kvmlet.machine.user_devices import UserDevices
 
 CONF1_DATA = CONF1_PORT + 4
@@ -159,9 +165,10 @@ class ReplayBoard:
             _nothing,
             lambda: self.journal.clock("cmos-rtc", 0, None),
         )
+        reserve_in_kernel_devices(self.io, self.mmio)
         if header.get("debug_exit_port") is not None:
             attach_debug_exit(self.io, int(header["debug_exit_port"]), lambda value, status: None)
-        self.pci = PciHostBridge(self.io, self.mmio)
+        self.pci = attach_pci_host_bridge(self.io, self.mmio, _memory_map(header))
         self.devices = UserDevices(
             self.io,
             self.mmio,
@@ -267,6 +274,14 @@ def replay(path: str | os.PathLike[str]) -> ReplayResult:
     except Divergence as divergence:
         return ReplayResult(accesses, dict(skipped), str(divergence), position)
     return ReplayResult(accesses, dict(skipped), None, None)
+
+
+def _memory_map(header: dict) -> MemoryMap:
+    """The recorded machine's memory map (its PCI windows depend on the RAM size)."""
+    memory = header.get("memory")
+    if not isinstance(memory, int) or isinstance(memory, bool):
+        raise KvmletError("the recording's header has no RAM size ('memory')")
+    return MemoryMap(memory)
 
 
 def _access(board: ReplayBoard, event: AccessEvent) -> None:

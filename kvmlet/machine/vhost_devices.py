@@ -9,8 +9,10 @@ is particular to a vhost device:
   signals it on the guest's notify write, the bus moves it with the BAR, and the backend
   reads it. No worker ever waits on it. A queue the device keeps (vsock's event queue) gets an
   ordinary doorbell from the caller.
-- The call and err eventfds are watched on the device's worker (`eventfd_watches`): a call
-  becomes the queue's interrupt through the transport (MSI-X, INTx or virtio-mmio).
+- Each call eventfd is bound by virtio-pci to its queue's MSI-X vector as a KVM irqfd while
+  it can be; otherwise, and for every err eventfd, the device's worker watches it
+  (`VhostDevice.connect_worker`) and a call becomes the queue's interrupt through the
+  transport (a masked vector, INTx or virtio-mmio).
 - A vhost-user backend's socket is watched on the worker too, level-triggered and never read
   (through a duplicate of its descriptor, which the watch owns, so the frontend may close
   the socket whenever it fails): readable means the backend hung up or spoke out of turn;
@@ -125,8 +127,7 @@ class VhostDevices:
         vhost: VhostDevice = device  # type: ignore[assignment]
         for queue in range(vhost.backend_queues):
             transport.add_doorbell(queue, vhost.kick_eventfd(queue))
-        for fd, callback in vhost.eventfd_watches():
-            worker.watch(fd, callback)
+        vhost.connect_worker(worker)
         self._watch_backend(vhost, worker)
         return vhost.backend_queues
 

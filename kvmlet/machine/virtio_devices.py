@@ -15,7 +15,6 @@ boot without disks never loads virtio-blk, and one on PCI never loads virtio-mmi
 
 from __future__ import annotations
 
-import os
 import time
 from typing import TYPE_CHECKING
 
@@ -74,11 +73,10 @@ class VirtioDevices:
         self.left_open = False
         try:
             if config.disks:
-                from kvmlet.virtio.blk import DiskOptions, VirtioBlock
+                from kvmlet.virtio.blk import VirtioBlock
 
                 for disk in config.disks:
-                    options = DiskOptions(os.fspath(disk.path), disk.read_only, disk.direct)
-                    self.devices.append(VirtioBlock(memory, options))
+                    self.devices.append(VirtioBlock(memory, disk))
             if config.console == "virtio":
                 from kvmlet.virtio.console import VirtioConsole
 

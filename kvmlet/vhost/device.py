@@ -10,10 +10,11 @@ queue its size, base (the next available index), the host addresses of its rings
   KVM signals it on the guest's notify write and the backend wakes without Python; a kick that
   does reach Python (`notify`) is passed on to it. It is never a worker's doorbell (the backend
   reads it): `connect_kick` refuses a backend queue.
-- call: the queue's interrupt. The backend signals it when it used buffers (it applied the
-  driver's suppression itself). The wiring either binds it to the queue's MSI-X vector as a KVM
-  irqfd, or watches it on the device's own worker (`eventfd_watches` → `QueueWorker.watch`)
-  and `relay_call` raises the transport's queue interrupt (INTx, virtio-mmio, a masked vector).
+- call: the queue's interrupt (`call_eventfd`, a `CallEventfd`). The backend signals it when
+  it used buffers (it applied the driver's suppression itself). virtio-pci binds it to the
+  queue's MSI-X vector as a KVM irqfd while that vector is enabled and unmasked; otherwise the
+  device's worker watches it (`connect_worker`) and `relay_call` raises the transport's queue
+  interrupt (a masked vector's pending bit, INTx, virtio-mmio).
 - err: the backend found the ring broken; watched too, it puts the device in NEEDS_RESET.
 
 A driver reset, and a queue disabled (virtio-mmio), takes the rings back with GET_VRING_BASE
@@ -34,10 +35,12 @@ import contextlib
 import functools
 import os
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from kvmlet.errors import LazyLogger
 from kvmlet.memory import GuestMemory
 from kvmlet.vhost.frontend import VhostError, VhostFrontend, VringAddresses, memory_table
+from kvmlet.virtio.call import CallEventfd
 from kvmlet.virtio.device import (
     COMMON_FEATURES,
     DEVICE_NEEDS_RESET,
@@ -47,6 +50,9 @@ from kvmlet.virtio.device import (
     VirtioDevice,
 )
 from kvmlet.virtio.queue import DESCRIPTOR_SIZE
+
+if TYPE_CHECKING:
+    from kvmlet.virtio.worker import QueueWorker
 
 log = LazyLogger(__name__)
 
@@ -114,11 +120,14 @@ class VhostDevice(VirtioDevice):
         self._started = False
         self._log_failure = True
         self._kick_fds: list[int] = []
-        self._call_fds: list[int] = []
         self._err_fds: list[int] = []
+        self.calls: list[CallEventfd] = []
         try:
-            for fds in (self._kick_fds, self._call_fds, self._err_fds):
+            for fds in (self._kick_fds, self._err_fds):
                 fds.extend(_eventfd() for _ in range(backend_queues))
+            for index in range(backend_queues):
+                relay = functools.partial(self.relay_call, index)
+                self.calls.append(CallEventfd(f"{name} queue {index}", relay))
         except OSError:
             self._close_eventfds()
             raise
@@ -130,16 +139,18 @@ class VhostDevice(VirtioDevice):
         no worker: the backend reads it)."""
         return self._kick_fds[queue_index]
 
-    def call_eventfd(self, queue_index: int) -> int:
-        """The interrupt eventfd of a backend queue, signalled by the backend."""
-        return self._call_fds[queue_index]
+    def call_eventfd(self, queue_index: int) -> CallEventfd | None:
+        """The interrupt eventfd of a backend queue, signalled by the backend (None for a queue
+        the device keeps)."""
+        return self.calls[queue_index] if 0 <= queue_index < len(self.calls) else None
 
-    def eventfd_watches(self) -> list[tuple[int, Callable[[], None]]]:
-        """(eventfd, callback) pairs for a `QueueWorker.watch`: every call eventfd (relayed as
-        the queue's interrupt) and every err eventfd."""
-        calls = [(fd, functools.partial(self.relay_call, i)) for i, fd in enumerate(self._call_fds)]
-        errs = [(fd, functools.partial(self.vring_error, i)) for i, fd in enumerate(self._err_fds)]
-        return calls + errs
+    def connect_worker(self, worker: QueueWorker) -> None:
+        """Watch the backend's eventfds on the device's worker: each call eventfd while it is
+        relayed (see `CallEventfd`), each err eventfd (the ring is broken: NEEDS_RESET)."""
+        for call in self.calls:
+            call.connect_watch(worker.watch_readiness(call.fd, call.ready))
+        for index, fd in enumerate(self._err_fds):
+            worker.watch(fd, functools.partial(self.vring_error, index))
 
     def connect_kick(self, queue_index: int, kick: Callable[[], None] | None) -> None:
         """A worker's doorbell for a queue the device keeps; the backend's queues have their
@@ -153,9 +164,9 @@ class VhostDevice(VirtioDevice):
         return False
 
     def relay_call(self, queue_index: int) -> None:
-        """The backend signalled queue `queue_index`'s call eventfd (already read): interrupt
-        the driver through the transport. No lock: a control request in flight on a vCPU must
-        not hold up interrupts."""
+        """The backend signalled queue `queue_index`'s call eventfd and it is not bound (its
+        `CallEventfd` read it): interrupt the driver through the transport. No lock: a control
+        request in flight on a vCPU must not hold up interrupts."""
         if self.status & DRIVER_OK and self._interrupt is not None:
             self.queue_stats[queue_index].interrupts += 1
             self._interrupt(InterruptKind.QUEUE, queue_index)
@@ -211,7 +222,7 @@ class VhostDevice(VirtioDevice):
         frontend.set_vring_base(index, queue.last_available)
         frontend.set_vring_addr(index, addresses)
         frontend.set_vring_kick(index, self._kick_fds[index])
-        frontend.set_vring_call(index, self._call_fds[index])
+        frontend.set_vring_call(index, self.calls[index].fd)
         frontend.set_vring_err(index, self._err_fds[index])
         self._handed.add(index)
 
@@ -304,7 +315,8 @@ class VhostDevice(VirtioDevice):
 
     def stats(self) -> dict[str, object]:
         """The device's counters (its queues' `requests` stay 0: Python never pops), plus the
-        backend's name, its last failure and where it stopped each ring last. Read without
+        backend's name, its last failure, where it stopped each ring last and how each call
+        eventfd reaches the guest (`CallEventfd.stats`: irqfd or relay). Read without
         the register lock, as every device's: a control request stuck on the backend must not
         hold up the statistics."""
         return {
@@ -312,6 +324,7 @@ class VhostDevice(VirtioDevice):
             "backend": self.frontend.name,
             "backend_error": self.backend_error,
             "vring_bases": dict(self.vring_bases),
+            "calls": [call.stats() for call in self.calls],
         }
 
     def close(self) -> None:
@@ -325,7 +338,10 @@ class VhostDevice(VirtioDevice):
             super().close()
 
     def _close_eventfds(self) -> None:
-        for fds in (self._kick_fds, self._call_fds, self._err_fds):
+        for call in self.calls:
+            call.close()
+        self.calls.clear()
+        for fds in (self._kick_fds, self._err_fds):
             for fd in fds:
                 os.close(fd)
             fds.clear()

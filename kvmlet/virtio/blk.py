@@ -12,18 +12,17 @@ finishes them. Every request taken from the ring is completed: one that cannot b
 whatever reason, with VIRTIO_BLK_S_IOERR.
 
 The image is locked with `flock` (exclusive when writable, shared when read-only), so two
-monitors cannot open the same writable image. `parse_disk_option` reads the CLI's
-`-d PATH[,ro][,direct]`.
+monitors cannot open the same writable image. A disk is described by `DiskConfig`
+(`virtio/blk_config.py`).
 """
 
 from __future__ import annotations
 
 import os
 import struct
-from dataclasses import dataclass
 
-from kvmlet.errors import KvmletError
 from kvmlet.memory import GuestMemory
+from kvmlet.virtio.blk_config import DiskConfig
 from kvmlet.virtio.blk_io import (
     DIRECT_ALIGNMENT,
     FALLOC_FL_PUNCH_HOLE,
@@ -75,26 +74,6 @@ _RANGE = struct.Struct("<QII")
 _CONFIG = struct.Struct("<QII4sI8s4sIIIIIB3x")
 
 
-@dataclass(frozen=True)
-class DiskOptions:
-    """One `-d` option: the image path and its flags."""
-
-    path: str
-    read_only: bool = False
-    direct: bool = False
-
-
-def parse_disk_option(text: str) -> DiskOptions:
-    """Parse `PATH[,ro][,direct]`; a malformed option is a KvmletError."""
-    path, *flags = text.split(",")
-    if not path:
-        raise KvmletError(f"disk option {text!r}: missing image path")
-    unknown = set(flags) - {"ro", "direct"}
-    if unknown:
-        raise KvmletError(f"disk option {text!r}: unknown flag {sorted(unknown)[0]!r}")
-    return DiskOptions(path, read_only="ro" in flags, direct="direct" in flags)
-
-
 class _RequestFailed(Exception):
     """A request the device completes with a non-OK status."""
 
@@ -109,13 +88,15 @@ class VirtioBlock(VirtioDevice):
     name = "virtio-blk"
     concurrency = 4
 
-    def __init__(self, memory: GuestMemory, options: DiskOptions, serial: str | None = None):
+    def __init__(self, memory: GuestMemory, options: DiskConfig, serial: str | None = None):
         self.options = options
-        self.image = ImageIo.open(options.path, options.read_only, options.direct)
+        self.image = ImageIo.open(os.fspath(options.path), options.read_only, options.direct)
         try:
             self.capacity_sectors = self.image.size // SECTOR_SIZE
             self.serial = (serial or self._default_serial()).encode()[:ID_BYTES]
-            punch, zero = (False, False) if options.read_only else probe_fallocate(options.path)
+            punch, zero = (
+                (False, False) if options.read_only else probe_fallocate(os.fspath(options.path))
+            )
             self.can_discard, self.can_write_zeroes = punch, zero
             super().__init__(memory, [QUEUE_SIZE], self._features(), self._config_bytes())
         except BaseException:

@@ -22,12 +22,15 @@ from __future__ import annotations
 import enum
 import threading
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from kvmlet.errors import LazyLogger
 from kvmlet.memory import GuestMemory
 from kvmlet.virtio.queue import Virtqueue, VirtqueueError
 from kvmlet.virtio.serving import RequestServing
+
+if TYPE_CHECKING:
+    from kvmlet.virtio.call import CallEventfd
 
 log = LazyLogger(__name__)
 
@@ -302,6 +305,11 @@ class VirtioDevice(RequestServing):
                 )
         except VirtqueueError as error:
             self.fail(f"queue {index}: {error}")
+
+    def call_eventfd(self, queue_index: int) -> CallEventfd | None:
+        """The queue's interrupt when a backend signals it on an eventfd (vhost), which a
+        transport may bind to an MSI-X vector; None: the device raises it in Python."""
+        return None
 
     def connect_kick(self, queue_index: int, kick: Callable[[], None] | None) -> None:
         """Where a kick of `queue_index` that reached a transport register goes: `kick()`

@@ -9,13 +9,21 @@ MSI-X table, PBA), so the bus moves all of them, and every doorbell, with the BA
 Interrupts: with MSI-X enabled, a queue or configuration interrupt signals the vector the driver
 chose for it (nothing for VIRTIO_MSI_NO_VECTOR), through the injected `MsiController`; otherwise
 it sets the ISR bit and raises the level-triggered INTx `IrqLine` until the driver reads ISR.
-The transport never touches KVM.
+The transport never touches KVM. A queue whose interrupt a backend signals on an eventfd
+(`VirtioDevice.call_eventfd`, vhost) has that eventfd attached to its vector while the vector
+can fire (MSI-X on, neither function nor entry masked), so the backend interrupts the guest
+with no Python step; otherwise the device relays it, which keeps the pending bit and ISR right.
+`_route_calls` re-decides after every change of a queue's vector or of a mask.
 
 Locks: the header lock (`PciDevice.lock`) guards ISR and the INTx line and never waits for
-another lock of this device; the configuration window performs its BAR access outside it.
+another lock of this device; the configuration window performs its BAR access outside it. The
+call-routing lock serialises `_route_calls`, which runs with neither the header nor the MSI-X
+lock held (a relay from a switch takes them).
 """
 
 from __future__ import annotations
+
+import threading
 
 from kvmlet.bus import AccessSizes, ContainerRegion, IoRegion
 from kvmlet.bus.access import read_region, write_region
@@ -85,6 +93,9 @@ class VirtioPci(PciDevice):
         self._driver_feature_select = 0
         self._queue_select = 0
         self.msix = Msix(msi, device.queue_count + 1)
+        calls = ((index, device.call_eventfd(index)) for index in range(device.queue_count))
+        self._calls = [(index, call) for index, call in calls if call is not None]
+        self._calls_lock = threading.Lock()
         self.bar_region = ContainerRegion(self.name, layout.BAR_SIZE)
         self.parts: list[IoRegion] = []
         self.common_region = self._add_part(
@@ -118,7 +129,7 @@ class VirtioPci(PciDevice):
             layout.MSIX_TABLE_OFFSET,
             self.msix.table_size,
             self.msix.table_read,
-            self.msix.table_write,
+            self._msix_table_write,
             valid=_MSIX_VALID,
             impl=_MSIX_IMPL,
         )
@@ -197,6 +208,19 @@ class VirtioPci(PciDevice):
         with self.lock:
             self.isr |= layout.ISR_CONFIG if kind is InterruptKind.CONFIG else layout.ISR_QUEUE
             self._update_intx()
+
+    def _route_calls(self) -> None:
+        """Attach each call eventfd to its queue's vector while that vector can fire, else hand
+        it to the relay (see the module docstring); a no-op for a device without any."""
+        if not self._calls:
+            return
+        with self._calls_lock:
+            for index, call in self._calls:
+                call.bind(self.msix.unmasked(self.queue_vectors[index]))
+
+    def _msix_table_write(self, offset: int, size: int, value: int) -> None:
+        self.msix.table_write(offset, size, value)
+        self._route_calls()
 
     def _update_intx(self) -> None:
         """Drive INTx from ISR, the INTx-disable bit and MSI-X (header lock held)."""
@@ -294,6 +318,7 @@ class VirtioPci(PciDevice):
         elif field == layout.QUEUE_MSIX_VECTOR:
             if queue < device.queue_count:
                 self.queue_vectors[queue] = self._checked_vector(value)
+                self._route_calls()
         elif field == layout.QUEUE_ENABLE:
             if value & 1:
                 device.set_queue_ready(queue, True)
@@ -311,6 +336,7 @@ class VirtioPci(PciDevice):
             self._queue_select = 0
             self.config_vector = NO_VECTOR
             self.queue_vectors = [NO_VECTOR] * self.device.queue_count
+            self._route_calls()
             with self.lock:
                 self.isr = 0
                 self._update_intx()
@@ -369,11 +395,13 @@ class VirtioPci(PciDevice):
         return super().config_read(offset, size)
 
     def config_write(self, offset: int, size: int, value: int) -> None:
-        msix_was_enabled = self.msix.enabled
+        msix_was = self.msix.enabled, self.msix.function_masked
         super().config_write(offset, size, value)
-        if self.msix.enabled != msix_was_enabled:
+        if self.msix.enabled != msix_was[0]:
             with self.lock:
                 self._update_intx()
+        if (self.msix.enabled, self.msix.function_masked) != msix_was:
+            self._route_calls()
         if self._window_data_touched(offset, size):
             with self.lock:
                 window = self._window()

@@ -11,6 +11,13 @@ reprograms a vector (address, data) the router re-installs the table, once per u
 and once per `batch()` of changes; a masked vector keeps its old route (its device makes it
 pending instead of firing it).
 
+Another eventfd can be attached to a vector (`attach`): a second irqfd on the vector's GSI, as
+QEMU does for a vhost backend's call eventfd, so the backend's write interrupts the guest with
+no Python step. KVM reads the eventfd when it injects; at assignment it injects a count already
+there once (leaving it in the eventfd), and deassignment (`detach`) discards what is left, all
+of it delivered. The router installs pending route changes first, so an attached eventfd never
+fires through a stale route.
+
 Legacy pins: `KvmIrqLine(vm, gsi)` drives a line with KVM_IRQ_LINE; `IrqfdLine` drives it
 through an irqfd: edges are one eventfd write, a level line uses KVM's resample eventfd, which
 KVM signals when the guest EOIs (after lowering the line); the line is raised again then only if
@@ -59,6 +66,7 @@ class KvmMsiVector:
         self.eventfd = _eventfd()
         self.routed: tuple[int, int] | None = None
         self.fired = 0
+        self.attached: set[int] = set()
 
     def update(self, address: int, data: int, masked: bool) -> None:
         if not masked and self.routed != (address, data):
@@ -67,6 +75,12 @@ class KvmMsiVector:
     def fire(self) -> None:
         self.fired += 1
         os.eventfd_write(self.eventfd, 1)
+
+    def attach(self, eventfd: int) -> None:
+        self.router.attach(self, eventfd)
+
+    def detach(self, eventfd: int) -> None:
+        self.router.detach(self, eventfd)
 
 
 class KvmMsiController:
@@ -127,6 +141,21 @@ class KvmInterruptRouter:
             self._dirty = True
             if self._batch_depth == 0:
                 self.commit()
+
+    def attach(self, vector: KvmMsiVector, eventfd: int) -> None:
+        """A second irqfd on `vector`'s GSI: writes to `eventfd` deliver its message."""
+        with self._lock:
+            if self._dirty:
+                self.commit()
+            self.vm.assign_irqfd(eventfd, vector.gsi)
+            vector.attached.add(eventfd)
+
+    def detach(self, vector: KvmMsiVector, eventfd: int) -> None:
+        """Remove the irqfd `attach` made (nothing once the VM is closed)."""
+        with self._lock:
+            if eventfd in vector.attached and self.vm.fd >= 0:
+                self.vm.deassign_irqfd(eventfd, vector.gsi)
+            vector.attached.discard(eventfd)
 
     @contextlib.contextmanager
     def batch(self) -> Iterator[None]:

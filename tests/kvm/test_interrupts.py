@@ -10,6 +10,7 @@ still-asserted line after the guest's EOI), and not a third time once the device
 from __future__ import annotations
 
 import ctypes
+import os
 import select
 import signal
 import threading
@@ -207,3 +208,99 @@ def test_level_irqfd_line_is_resampled_after_the_guest_eoi(vm):
         line.close()
         vcpu.close()
         memory.close()
+
+
+LAPIC_PROGRAM = bytes.fromhex(
+    "fa"  # cli
+    "2666c706f000ff010000"  # mov dword es:[0xf0], 0x1ff: spurious vector register, APIC on
+    "fb"  # sti
+    "f4"  # hlt
+    "ebfd"  # jmp back to hlt
+)
+"""Software-enable the local APIC (ES is based at it), then sti; hlt forever."""
+MSI_VECTOR = 0x41
+MSI_HANDLER = bytes.fromhex(
+    "2666c706b00000000000"  # mov dword es:[0xb0], 0: EOI (the APIC takes dword accesses only)
+    "b044e610"  # out 0x10, 0x44
+    "cf"  # iret
+)
+"""Vector 0x41: EOI to the local APIC, `out 0x10, 0x44`, iret."""
+
+
+def lapic_guest(vm, memory):
+    """A real-mode vCPU that takes MSI vector 0x41 (an `out 0x10` each time) and halts."""
+    vcpu = real_mode_guest(vm, memory, LAPIC_PROGRAM)
+    memory.write(HANDLER, MSI_HANDLER)
+    memory.write_u16(4 * MSI_VECTOR, HANDLER)
+    memory.write_u16(4 * MSI_VECTOR + 2, 0)
+    sregs = vcpu.get_sregs()
+    sregs.es.base = MSI_ADDRESS
+    vcpu.set_sregs(sregs)
+    return vcpu
+
+
+def signalled(fd: int) -> bool:
+    return bool(select.select([fd], [], [], 0)[0])
+
+
+def test_an_attached_eventfd_interrupts_the_guest_with_no_python_step(vm):
+    """A vhost backend's call eventfd attached to an MSI vector: the write is the whole path
+    (no worker, no Python between it and the guest's handler); once detached, writes stay
+    counted for a relay, and attaching with a count pending delivers it once."""
+    memory = GuestMemory.anonymous([(0, RAM_SIZE)])
+    vcpu = lapic_guest(vm, memory)
+    router = KvmInterruptRouter(vm)
+    call = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    try:
+        vector = router.controller().vector(1)
+        vector.update(MSI_ADDRESS, MSI_VECTOR, masked=False)
+        vector.attach(call)
+        assert isinstance(run_for(vcpu, 0.2), InterruptedExit), "halted, nothing pending"
+        threading.Timer(0.05, os.eventfd_write, (call, 1)).start()
+        exit = run_for(vcpu, 2.0)
+        assert isinstance(exit, IoExit) and exit.port == 0x10, exit
+        assert not signalled(call), "KVM took the count"
+        assert vector.fired == 0, "nothing went through the vector's own eventfd"
+
+        vector.detach(call)
+        os.eventfd_write(call, 1)
+        assert isinstance(run_for(vcpu, 0.2), InterruptedExit), "detached: no interrupt"
+        assert signalled(call), "the write waits in the eventfd for a relay"
+
+        vector.attach(call)
+        exit = run_for(vcpu, 2.0)
+        assert isinstance(exit, IoExit) and exit.port == 0x10, "the pending count, at attach"
+        assert isinstance(run_for(vcpu, 0.2), InterruptedExit), "and only once"
+        vector.detach(call)
+        assert not signalled(call), "detaching discards the count KVM already delivered"
+    finally:
+        router.close()
+        os.close(call)
+        vcpu.close()
+        memory.close()
+
+
+def test_an_eventfd_is_attached_only_once_its_route_is_installed(vm):
+    vcpu = vm.create_vcpu(0)
+    router = KvmInterruptRouter(vm)
+    call = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    try:
+        controller = router.controller()
+        vector = controller.vector(0)
+        with controller.batch():
+            vector.update(MSI_ADDRESS, 0x31, masked=False)
+            assert router.table_updates == 0
+            vector.attach(call)
+            assert router.table_updates == 1, "the batch's routes went in before the irqfd"
+            assert line_status(vm, vector.gsi, True) >= 0
+        assert router.table_updates == 1, "and nothing was left to install"
+        other = router.controller().vector(0)
+        with pytest.raises(KvmletError, match="KVM_IRQFD"):
+            other.attach(call)  # one irqfd per eventfd and VM
+        vector.detach(call)
+        other.attach(call)  # free again
+        other.detach(call)
+    finally:
+        router.close()
+        os.close(call)
+        vcpu.close()

@@ -147,8 +147,7 @@ def test_a_device_reset_resets_the_owner_and_the_next_start_transmits(memory, ta
     )
     driver = MockDriver(device, memory, 0x10000, 2 << 20)
     worker = QueueWorker("net")
-    for fd, callback in device.eventfd_watches():
-        worker.watch(fd, callback)
+    device.connect_worker(worker)
     worker.start()
     try:
         for attempt in range(2):

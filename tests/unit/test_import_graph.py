@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tests.helpers.fresh_python import run_fresh_python
-from tests.unit.boot.synthetic_kernels import MiB, make_elf, pvh_note
+from tests.unit.boot.synthetic_kernels import MiB, make_bzimage, make_elf, pvh_note
 
 BOOT_ONLY_NEEDS_NONE_OF = (
     "kvmlet.guest",  # building the default guest: only without -k, or build-guest
@@ -82,13 +82,22 @@ def test_a_boot_with_a_kernel_imports_only_what_it_needs(tmp_path):
     assert unwanted == []
 
 
-def test_a_disk_brings_in_virtio_blk(tmp_path):
-    """The same check sees a module when the configuration does need it."""
+def test_a_bzimage_brings_in_its_loader(tmp_path):
+    """The same check sees a module when the configuration does need it (the last -k wins)."""
+    bzimage = tmp_path / "bzImage"
+    bzimage.write_bytes(make_bzimage())
+    modules = modules_after(tmp_path, "-k", str(bzimage))
+    assert "kvmlet.boot.bzimage" in modules
+    assert not loaded(modules, "kvmlet.guest")
+
+
+def test_a_disk_option_does_not_bring_in_the_block_stack_before_the_machine(tmp_path):
+    """A disk is configured with `virtio/blk_config.py`; the device comes with the machine."""
     disk = tmp_path / "disk.img"
     disk.write_bytes(bytes(4096))
     modules = modules_after(tmp_path, "-d", str(disk))
-    assert "kvmlet.virtio.blk" in modules
-    assert not loaded(modules, "kvmlet.guest")
+    assert "kvmlet.virtio.blk_config" in modules
+    assert not loaded(modules, "kvmlet.virtio.blk")
 
 
 def test_a_boot_builds_no_dataclass_but_the_public_configurations(tmp_path):

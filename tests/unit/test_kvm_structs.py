@@ -7,14 +7,13 @@ what the ctypes declarations produce.
 from __future__ import annotations
 
 import ctypes
-import shutil
-import subprocess
 
 import pytest
 
 from kvmlet.kvm import exits
 from kvmlet.kvm import ioctls as nr
 from kvmlet.kvm import structs as s
+from tests.helpers.c_header import probe_c_header
 
 SIZES = {
     "kvm_userspace_memory_region": s.KvmUserspaceMemoryRegion,
@@ -91,30 +90,10 @@ EXIT_CONSTANTS = [name for name in dir(exits) if name.startswith("KVM_")]
 
 @pytest.fixture(scope="module")
 def header_values(tmp_path_factory) -> dict[str, int]:
-    if shutil.which("gcc") is None:
-        pytest.skip("gcc is not installed")
-    lines = [
-        "#include <stdio.h>",
-        "#include <stddef.h>",
-        "#include <linux/kvm.h>",
-        "int main(void) {",
-    ]
-    for name in SIZES:
-        lines.append(f'printf("sizeof {name} %zu\\n", sizeof(struct {name}));')
-    for name in OFFSETS:
-        struct_name, _, member = name.partition(".")
-        lines.append(f'printf("offset {name} %zu\\n", offsetof(struct {struct_name}, {member}));')
-    for name in (*IOCTLS, *CONSTANTS, *EXIT_CONSTANTS):
-        lines.append(f'printf("value {name} %llu\\n", (unsigned long long)({name}));')
-    lines.append("return 0; }")
-    source = tmp_path_factory.mktemp("kvmh") / "probe.c"
-    source.write_text("\n".join(lines))
-    binary = source.with_suffix("")
-    subprocess.run(["gcc", "-o", str(binary), str(source)], check=True, capture_output=True)
-    output = subprocess.run([str(binary)], check=True, capture_output=True, text=True).stdout
-    return {
-        f"{kind} {name}": int(value) for kind, name, value in map(str.split, output.splitlines())
-    }
+    directory = tmp_path_factory.mktemp("kvmh")
+    return probe_c_header(
+        directory, "linux/kvm.h", SIZES, OFFSETS, (*IOCTLS, *CONSTANTS, *EXIT_CONSTANTS)
+    )
 
 
 @pytest.mark.parametrize("name", SIZES)

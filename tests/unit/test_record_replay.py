@@ -12,14 +12,20 @@ from pathlib import Path
 
 import pytest
 
+from kvmlet.boot.memory_map import MemoryMap
 from kvmlet.bus import IoRegion, mmio_space, port_io_space
-from kvmlet.bus.pci import BarAllocator, PciDevice, PciHostBridge, PciWindow
+from kvmlet.bus.pci import BarAllocator, PciDevice, PciWindow
 from kvmlet.bus.pci.msi import RecordingMsiController
 from kvmlet.devices.irq import RecordingIrqLine
 from kvmlet.devices.journal import MAGIC
 from kvmlet.errors import KvmletError
 from kvmlet.machine.config import DeviceConfig
-from kvmlet.machine.legacy import attach_debug_exit, attach_legacy_devices
+from kvmlet.machine.legacy import (
+    attach_debug_exit,
+    attach_legacy_devices,
+    attach_pci_host_bridge,
+    reserve_in_kernel_devices,
+)
 from kvmlet.machine.record import Recorder
 from kvmlet.machine.replay import replay
 from kvmlet.machine.user_devices import UserDevices
@@ -29,6 +35,7 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 MAILBOX = f"{EXAMPLES}/mailbox_device.py:Mailbox"
 DIGEST = f"{EXAMPLES}/pci_digest.py:PciDigest"
 MAILBOX_AT = 0xF100_0000
+RAM_SIZE = 64 << 20
 
 
 class Scratch:
@@ -53,8 +60,9 @@ class RecordedBoard:
             lambda: None,
             self.recorder.clock("cmos-rtc", lambda: 1_700_000_000.25),
         )
+        reserve_in_kernel_devices(self.io, self.mmio)
         attach_debug_exit(self.io, 0x501, lambda value, status: None)
-        self.pci = PciHostBridge(self.io, self.mmio)
+        self.pci = attach_pci_host_bridge(self.io, self.mmio, MemoryMap(RAM_SIZE))
         self.pci.attach(PciDevice("virtio-net", 0x1AF4, 0x1041, 0x020000), slot=1)
         self.mmio.root.add_subregion(0xF000_0000, IoRegion("virtio-mmio0", 0x100, Scratch()))
         self.memory = GuestMemory.anonymous([(0, 1 << 20)])
@@ -73,6 +81,7 @@ class RecordedBoard:
             self.add(config)
         self.recorder.begin(
             {
+                "memory": RAM_SIZE,
                 "debug_exit_port": 0x501,
                 "devices": [placed.spec() for placed in self.devices],
                 "pci_functions": {str(n): f.name for n, f in self.pci.bus.functions.items()},

@@ -3,10 +3,14 @@
 Configuration reads of an empty slot or function return all-ones (which Linux takes as "no
 device"). Attaching a function other than 0 marks function 0 multi-function, so the guest scans
 the others. BARs are placed in `io_region` / `memory_region` at their bus address (both
-containers start at bus address 0) with `bar_priority`.
+containers start at bus address 0) with `bar_priority`, and only where the host bridge forwards:
+a BAR the guest programs outside every window of its kind decodes nowhere, as on a PC whose host
+bridge claims only its windows.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 from kvmlet.bus.pci import config_space as cfg
 from kvmlet.bus.pci.device import PciDevice
@@ -23,11 +27,29 @@ def devfn(slot: int, function: int) -> int:
 class PciBus:
     """Bus 0 behind a host bridge."""
 
-    def __init__(self, io_region: Region, memory_region: Region, bar_priority: int = 0):
+    def __init__(
+        self,
+        io_region: Region,
+        memory_region: Region,
+        bar_priority: int = 0,
+        *,
+        io_windows: Sequence[tuple[int, int]] | None = None,
+        memory_windows: Sequence[tuple[int, int]] | None = None,
+    ):
+        """`io_windows` and `memory_windows` are the (base, size) ranges the host bridge
+        forwards to the bus; None forwards the whole of the region."""
         self.io_region = io_region
         self.memory_region = memory_region
         self.bar_priority = bar_priority
+        self.io_windows = _ranges(io_windows, io_region)
+        self.memory_windows = _ranges(memory_windows, memory_region)
         self.functions: dict[int, PciDevice] = {}
+
+    def forwards(self, is_io: bool, address: int, size: int) -> bool:
+        """Whether [address, address + size) lies inside one window of its kind."""
+        end = address + size
+        windows = self.io_windows if is_io else self.memory_windows
+        return any(start <= address and end <= stop for start, stop in windows)
 
     def attach(self, device: PciDevice, slot: int | None = None, function: int = 0) -> int:
         """Plug `device` in (first free slot if `slot` is None); returns its devfn."""
@@ -71,3 +93,15 @@ class PciBus:
         device = self.functions.get(number)
         if device is not None:
             device.config_write(offset, size, value)
+
+
+def _ranges(
+    windows: Sequence[tuple[int, int]] | None, region: Region
+) -> tuple[tuple[int, int], ...]:
+    """(start, end) pairs of `windows`, or the whole of `region` when there are none."""
+    if windows is None:
+        return ((0, region.size),)
+    for base, size in windows:
+        if base < 0 or size <= 0 or base + size > region.size:
+            raise ValueError(f"PCI window {base:#x}+{size:#x} does not fit in {region.name!r}")
+    return tuple((base, base + size) for base, size in windows)

@@ -255,7 +255,8 @@ class PciDevice:
             self.update_mappings()
 
     def decoded_address(self, bar: PciBar) -> int | None:
-        """Where `bar` decodes now: None when its decode is disabled or its address invalid."""
+        """Where `bar` decodes now: None when its decode is disabled, its address invalid, or
+        outside the host bridge's windows."""
         command = self.command
         enabled = command & (cfg.COMMAND_IO if bar.is_io else cfg.COMMAND_MEMORY)
         if not enabled:
@@ -267,7 +268,9 @@ class PciDevice:
         else:
             # The all-ones sizing pattern (a BAR ending at the top of its range) stays unmapped.
             valid = end < (1 << 32 if bar.kind is BarKind.MEM32 else 1 << 64)
-        return address if address != 0 and valid else None
+        if address == 0 or not valid or not self.bus.forwards(bar.is_io, address, bar.size):
+            return None
+        return address
 
     def update_mappings(self) -> None:
         """Place, move or hide each BAR's region to match the header (one rebuild).

@@ -5,12 +5,16 @@ then reads or writes 1, 2 or 4 bytes at 0xCFC-0xCFF. Only bus 0 exists; other bu
 enable bit and absent functions read all-ones. Byte and word accesses to 0xCF8-0xCFB do not
 touch the address register (Linux's conf1 probe relies on that); they read all-ones.
 
-BAR containers: "pci-io" and "pci-memory" cover the whole port I/O and MMIO spaces beneath
-everything else (priority -1), so RAM and legacy devices keep their addresses whatever a guest
-programs into a BAR.
+BAR containers: "pci-io" and "pci-memory" lie beneath everything else (priority -1), so RAM,
+legacy and in-kernel devices keep their addresses whatever a guest programs into a BAR. The
+bridge forwards only its windows (given by the machine's layout; the whole space when none are
+given): a BAR programmed outside them decodes nowhere, and each container ends where its last
+window does.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 from kvmlet.bus.address_space import AddressSpace
 from kvmlet.bus.pci.bus import PciBus
@@ -63,10 +67,23 @@ class Conf1:
 class PciHostBridge:
     """Wires a PCI bus into the port I/O and MMIO spaces, with the host bridge at 00.0."""
 
-    def __init__(self, io_space: AddressSpace, mmio_space: AddressSpace):
-        self.io_container = ContainerRegion("pci-io", io_space.size)
-        self.memory_container = ContainerRegion("pci-memory", mmio_space.size)
-        self.bus = PciBus(self.io_container, self.memory_container)
+    def __init__(
+        self,
+        io_space: AddressSpace,
+        mmio_space: AddressSpace,
+        *,
+        io_windows: Sequence[tuple[int, int]] | None = None,
+        memory_windows: Sequence[tuple[int, int]] | None = None,
+    ):
+        """`io_windows`/`memory_windows`: the (base, size) ranges forwarded to the bus."""
+        self.io_container = ContainerRegion("pci-io", _top(io_windows, io_space))
+        self.memory_container = ContainerRegion("pci-memory", _top(memory_windows, mmio_space))
+        self.bus = PciBus(
+            self.io_container,
+            self.memory_container,
+            io_windows=io_windows,
+            memory_windows=memory_windows,
+        )
         self.device = HostBridgeDevice()
         self.bus.attach(self.device, slot=0)
         self.conf1 = Conf1(self.bus)
@@ -80,3 +97,10 @@ class PciHostBridge:
 
     def attach(self, device: PciDevice, slot: int | None = None, function: int = 0) -> int:
         return self.bus.attach(device, slot, function)
+
+
+def _top(windows: Sequence[tuple[int, int]] | None, space: AddressSpace) -> int:
+    """Where a container holding `windows` must end: its last window's end, or the space's."""
+    if windows is None:
+        return space.size
+    return max((base + size for base, size in windows), default=space.size)

@@ -1,9 +1,12 @@
 """MSI-X (PCI 3.0 §6.8.2): the capability, the vector table and the pending-bit array.
 
 A device model never talks to KVM: it is handed an `MsiController` whose `vector(index)` gives
-an `MsiVector` to program (`update(address, data, masked)`) and to signal (`fire()`). The
-machine supplies the KVM implementation (`kvmlet.vstate.interrupts`: a GSI route and an irqfd
-per vector); tests supply `RecordingMsiController`.
+an `MsiVector` to program (`update(address, data, masked)`) and to signal (`fire()`). An
+eventfd that someone else signals (a vhost backend's call eventfd) can also be attached to a
+vector (`attach(eventfd)`), so that each write to it delivers the message with no Python step,
+until `detach(eventfd)`. The machine supplies the KVM implementation
+(`kvmlet.vstate.interrupts`: a GSI route and an irqfd per vector, extra irqfds on the same GSI
+for attached eventfds); tests supply `RecordingMsiController`.
 
 `Msix` keeps the guest-visible state: the capability's enable and function-mask bits, a table of
 16-byte entries (address low, address high, data, vector control) and the pending bits. A vector
@@ -20,6 +23,7 @@ from contextlib import AbstractContextManager, nullcontext
 from typing import Protocol
 
 from kvmlet.bus.pci.device import PciDevice
+from kvmlet.errors import KvmletError
 
 MSIX_CAPABILITY_ID = 0x11
 MESSAGE_CONTROL = 2
@@ -42,6 +46,14 @@ class MsiVector(Protocol):
     def fire(self) -> None:
         """Deliver the message once (callable from any thread)."""
 
+    def attach(self, eventfd: int) -> None:
+        """Deliver the message on every write to `eventfd` from now on, without this process;
+        a count already in `eventfd` is delivered once at once (KvmletError if refused)."""
+
+    def detach(self, eventfd: int) -> None:
+        """Stop delivering on writes to `eventfd`; whatever was written before has been
+        delivered, later writes stay counted in `eventfd`."""
+
 
 class MsiController(Protocol):
     """Where a device's MSI-X vectors come from."""
@@ -54,7 +66,9 @@ class MsiController(Protocol):
 
 
 class RecordingVector:
-    """An `MsiVector` that remembers its message and every delivery (tests, tracing)."""
+    """An `MsiVector` that remembers its message, every delivery and the eventfds attached to
+    it (tests, tracing). It only records: what the kernel does with an attached eventfd is the
+    test's to play. `refuse_attach` makes `attach` fail as KVM may."""
 
     def __init__(self) -> None:
         self.address = 0
@@ -62,6 +76,9 @@ class RecordingVector:
         self.masked = True
         self.updates: list[tuple[int, int, bool]] = []
         self.fired: list[tuple[int, int]] = []
+        self.attached: set[int] = set()
+        self.attachments: list[tuple[str, int]] = []
+        self.refuse_attach = False
 
     def update(self, address: int, data: int, masked: bool) -> None:
         self.address, self.data, self.masked = address, data, masked
@@ -69,6 +86,16 @@ class RecordingVector:
 
     def fire(self) -> None:
         self.fired.append((self.address, self.data))
+
+    def attach(self, eventfd: int) -> None:
+        if self.refuse_attach or eventfd in self.attached:
+            raise KvmletError(f"KVM_IRQFD refused eventfd {eventfd}")
+        self.attached.add(eventfd)
+        self.attachments.append(("attach", eventfd))
+
+    def detach(self, eventfd: int) -> None:
+        self.attached.remove(eventfd)
+        self.attachments.append(("detach", eventfd))
 
 
 class RecordingMsiController:
@@ -200,6 +227,14 @@ class Msix:
         table = self.table
         address = int.from_bytes(table[entry : entry + 8], "little")
         return address, int.from_bytes(table[entry + 8 : entry + 12], "little")
+
+    def unmasked(self, index: int) -> MsiVector | None:
+        """Vector `index`'s delivery object while the guest lets it fire (MSI-X on, neither
+        the function nor the entry masked); None otherwise, or for no such vector."""
+        if not 0 <= index < self.vector_count:
+            return None
+        with self._lock:
+            return None if self._masked(index) else self.vectors[index]
 
     def _entry_masked(self, index: int) -> bool:
         return bool(self.table[ENTRY_SIZE * index + 12] & VECTOR_CONTROL_MASKED)

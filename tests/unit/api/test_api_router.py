@@ -108,7 +108,15 @@ def test_a_machine_without_a_balloon_says_how_to_get_one():
 def test_console_tail_and_its_query(router):
     assert call(router, "GET", "/v1/vm/console")[1]["text"] == "login: "
     assert call(router, "GET", "/v1/vm/console?bytes=3")[1]["text"] == "n: "
-    for query in ("bytes=0", "bytes=-1", "bytes=abc", "bytes=", f"bytes={MAX_CONSOLE_BYTES + 1}"):
+    for query in (
+        "bytes=0",
+        "bytes=-1",
+        "bytes=abc",
+        "bytes=",
+        "bytes=³",
+        "bytes=٣",
+        f"bytes={MAX_CONSOLE_BYTES + 1}",
+    ):
         status, body, _ = call(router, "GET", f"/v1/vm/console?{query}")
         assert status == 400 and "bytes must be" in body["error"], query
     status, body, _ = call(router, "GET", "/v1/vm/console?lines=3")

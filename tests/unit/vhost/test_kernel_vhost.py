@@ -1,13 +1,11 @@
 """The kernel vhost frontend without /dev/vhost-*: its structures and ioctl numbers against the
-real <linux/vhost.h> (gcc), and the errors a user meets. tests/linux/test_kernel_vhost.py drives
-a real vhost-vsock in the test box."""
+real <linux/vhost.h> (gcc), and the errors a user meets.
+tests/linux/test_kernel_vhost_in_guest.py drives a real vhost-vsock in the test box."""
 
 from __future__ import annotations
 
 import ctypes
 import os
-import shutil
-import subprocess
 
 import pytest
 
@@ -15,6 +13,7 @@ from kvmlet.errors import KvmletError
 from kvmlet.vhost import kernel_abi as abi
 from kvmlet.vhost.frontend import VhostError
 from kvmlet.vhost.kernel import KernelVhostNet, KernelVhostVsock
+from tests.helpers.c_header import probe_c_header
 
 SIZES = {
     "vhost_vring_state": abi.VhostVringState,
@@ -34,26 +33,8 @@ NUMBERS = sorted(name for name in dir(abi) if name.startswith("VHOST_") and name
 
 @pytest.fixture(scope="module")
 def header_values(tmp_path_factory) -> dict[str, int]:
-    if shutil.which("gcc") is None:
-        pytest.skip("gcc is not installed")
-    lines = ["#include <stdio.h>", "#include <stddef.h>", "#include <linux/vhost.h>"]
-    lines.append("int main(void) {")
-    for name in SIZES:
-        lines.append(f'printf("sizeof {name} %zu\\n", sizeof(struct {name}));')
-    for name in OFFSETS:
-        struct_name, _, member = name.partition(".")
-        lines.append(f'printf("offset {name} %zu\\n", offsetof(struct {struct_name}, {member}));')
-    for name in NUMBERS:
-        lines.append(f'printf("value {name} %lld\\n", (long long)({name}));')
-    lines.append("return 0; }")
-    source = tmp_path_factory.mktemp("vhosth") / "probe.c"
-    source.write_text("\n".join(lines))
-    binary = source.with_suffix("")
-    subprocess.run(["gcc", "-o", str(binary), str(source)], check=True, capture_output=True)
-    output = subprocess.run([str(binary)], check=True, capture_output=True, text=True).stdout
-    return {
-        f"{kind} {name}": int(value) for kind, name, value in map(str.split, output.splitlines())
-    }
+    directory = tmp_path_factory.mktemp("vhosth")
+    return probe_c_header(directory, "linux/vhost.h", SIZES, OFFSETS, NUMBERS, signed=True)
 
 
 @pytest.mark.parametrize("name", SIZES)

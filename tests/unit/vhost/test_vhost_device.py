@@ -74,8 +74,7 @@ class Rig:
         )
         self.driver = MockDriver(self.device, self.memory, 0x10000, 1 << 20)
         self.worker = QueueWorker("vhost-test")
-        for fd, callback in self.device.eventfd_watches():
-            self.worker.watch(fd, callback)
+        self.device.connect_worker(self.worker)
         self.worker.start()
 
     def start(self, queues=(0, 1)):
@@ -234,7 +233,7 @@ def test_a_disabled_queue_comes_back_from_the_backend(rig):
 def test_only_the_backend_queues_go_to_the_backend(rig):
     r = rig(device_options={"backend_queues": 1})
     assert r.start() == ["SET_FEATURES", "SET_MEM_TABLE", *HAND_OVER, "SET_VRING_ENABLE"]
-    assert len(r.device.eventfd_watches()) == 2
+    assert [r.device.call_eventfd(index) is None for index in (0, 1)] == [False, True]
     r.driver.post_data(1, [b"held"], [4])
     r.device.notify(1)
     assert r.device.stats()["queues"][1]["notifications"] == 1
@@ -401,7 +400,7 @@ def test_a_backend_that_cannot_serve_the_device_is_refused(backend_options, devi
 def test_closing_stops_the_rings_and_releases_the_eventfds(rig):
     r = rig()
     r.driver.initialize()
-    fds = [fd for fd, _ in r.device.eventfd_watches()] + [r.device.kick_eventfd(0)]
+    fds = [r.device.call_eventfd(0).fd, r.device.kick_eventfd(0)]
     r.device.close()
     assert r.backend.names()[-2:] == ["GET_VRING_BASE", "GET_VRING_BASE"]
     assert r.frontend.fileno() is None
@@ -432,7 +431,7 @@ def test_a_backend_in_another_process_serves_the_guest(tmp_path):
         driver.initialize()
         head, (answer,) = driver.post_data(0, [b"across processes"], [16])
         os.eventfd_write(device.kick_eventfd(0), 1)
-        call = device.call_eventfd(0)
+        call = device.call_eventfd(0).fd
         wait_until(lambda: _readable(call))
         assert os.eventfd_read(call) == 1
         assert [(c.head, c.length) for c in driver.collect(0)] == [(head, 16)]

@@ -1,6 +1,8 @@
 """A VhostDevice behind the virtio transports as they are: its kick eventfds are the doorbells
-the bus reports (and moves with the BAR), and a relayed call is the queue's interrupt in every
-interrupt mode (MSI-X vector, INTx with ISR, virtio-mmio's InterruptStatus)."""
+the bus reports (and moves with the BAR); a call eventfd is an irqfd on the queue's MSI-X vector
+while that vector can fire (KVM's part played by tests/helpers/irqfd.py), and otherwise a relayed
+call is the queue's interrupt in every mode (a masked vector's pending bit, INTx with ISR,
+virtio-mmio's InterruptStatus)."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from kvmlet.vhost.user import VhostUserFrontend
 from kvmlet.virtio import pci_layout as layout
 from kvmlet.virtio.mmio import INTERRUPT_STATUS, QUEUE_NOTIFY, VirtioMmio
 from kvmlet.virtio.worker import QueueWorker
+from tests.helpers.irqfd import IrqfdController, readable
 from tests.helpers.vhost_user_backend import PythonBackend
 from tests.helpers.virtio_driver import GUEST_RAM_SIZE, MockDriver
 from tests.unit.virtio.test_pci import BAR_ADDRESS, MSI_ADDRESS, LinuxLikeDriver
@@ -31,8 +34,7 @@ def device():
     frontend = VhostUserFrontend(ours, name="python-backend", timeout=3.0)
     vhost = VhostDevice(memory, frontend, name="vhost-test", device_id=2, queue_sizes=[16, 16])
     worker = QueueWorker("vhost-test")
-    for fd, callback in vhost.eventfd_watches():
-        worker.watch(fd, callback)
+    vhost.connect_worker(worker)
     worker.start()
     yield vhost
     worker.stop()
@@ -49,8 +51,8 @@ def wait_until(condition, timeout=5.0):
         time.sleep(0.002)
 
 
-def test_pci_doorbells_are_the_kick_eventfds_and_calls_fire_the_queue_vector(device):
-    pci = LinuxLikeDriver(device, device.memory)
+def test_pci_doorbells_are_the_kick_eventfds_and_calls_are_bound_to_the_queue_vector(device):
+    pci = LinuxLikeDriver(device, device.memory, IrqfdController())
     for index in range(2):
         pci.pci.add_doorbell(index, device.kick_eventfd(index))
     pci.probe()
@@ -58,14 +60,34 @@ def test_pci_doorbells_are_the_kick_eventfds_and_calls_fire_the_queue_vector(dev
     notify = BAR_ADDRESS + layout.NOTIFY_OFFSET
     assert notifiers == {(notify, device.kick_eventfd(0)), (notify + 4, device.kick_eventfd(1))}
     pci.initialize()
+    call = device.call_eventfd(1)
+    assert pci.msi.vectors[2].attached == {call.fd}, "queue 1's call is an irqfd on vector 2"
     head, (answer,) = pci.rings.post_data(1, [b"through pci"], [11])
     os.eventfd_write(device.kick_eventfd(1), 1)  # KVM's ioeventfd on the guest's notify write
-    wait_until(lambda: pci.msi.vectors[2].fired)
-    assert pci.msi.vectors[2].fired == [(MSI_ADDRESS, 0x32)]
+    wait_until(lambda: readable(call.fd))  # the backend's write, which KVM takes
     assert [c.head for c in pci.rings.collect(1)] == [head]
     assert device.memory.read(answer, 11) == b"icp hguorht"
     assert pci.pci.stats()["notify_exits"] == 0
+    assert pci.msi.vectors[2].fired == [] and call.relayed == 0, "no Python step"
+    assert device.stats()["calls"][1] == {"path": "irqfd", "relayed": 0, "binds": 1}
     assert pci.irq.history == []
+
+
+def test_pci_a_masked_vector_gets_its_calls_relayed_into_the_pending_bit(device):
+    pci = LinuxLikeDriver(device, device.memory, IrqfdController())
+    pci.probe()
+    pci.initialize()
+    call, vector = device.call_eventfd(0), pci.msi.vectors[1]
+    pci.mask_entry(1)
+    assert vector.attached == set() and not call.bound
+    pci.rings.post_data(0, [b"masked"], [6])
+    os.eventfd_write(device.kick_eventfd(0), 1)
+    wait_until(lambda: pci.pending() == {1})  # relayed by the device's worker
+    assert vector.fired == [] and call.relayed == 1
+    pci.mask_entry(1, masked=False)
+    assert vector.fired == [(MSI_ADDRESS, 0x31)], "the pending interrupt, once, at unmask"
+    assert pci.pending() == set() and vector.attached == {call.fd}
+    assert device.stats()["calls"][0] == {"path": "irqfd", "relayed": 1, "binds": 2}
 
 
 def test_pci_without_msix_a_call_is_the_isr_and_intx(device):

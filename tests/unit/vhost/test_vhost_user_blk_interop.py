@@ -95,21 +95,24 @@ class Disk:
         )
         self.driver = MockDriver(self.device, self.memory, 0x10000, 2 << 20)
         self.worker = QueueWorker("vhost-user-blk")
-        for fd, callback in self.device.eventfd_watches():
-            self.worker.watch(fd, callback)
+        self.device.connect_worker(self.worker)
         self.worker.start()
 
     def request(
         self, kind: int, sector: int, data: bytes = b"", read: int = 0
     ) -> tuple[int, bytes]:
-        """Post one request, kick as KVM would, wait for its interrupt: (status, data read)."""
+        """Post one request, kick as KVM would, wait for its completion and for an interrupt:
+        (status, data read). The daemon also signals each call once when the ring is handed
+        over, so a relayed interrupt alone does not say the request is done."""
         interrupts = len(self.driver.interrupts)
         readable = [REQUEST_HEADER.pack(kind, 0, sector), *([data] if data else [])]
         head, writable = self.driver.post_data(0, readable, [read, 1] if read else [1])
         os.eventfd_write(self.device.kick_eventfd(0), 1)
+        completed = []
+        wait_until(lambda: completed.extend(self.driver.collect(0)) or completed)
+        assert [c.head for c in completed] == [head]
         wait_until(lambda: len(self.driver.interrupts) > interrupts)
         assert self.driver.interrupts[-1] == (InterruptKind.QUEUE, 0)
-        assert [c.head for c in self.driver.collect(0)] == [head]
         status = self.memory.read_u8(writable[-1])
         return status, self.memory.read(writable[0], read) if read else b""
 

@@ -27,7 +27,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvmlet.memory import GuestMemory
-from kvmlet.virtio.blk import SECTOR_SIZE, VIRTIO_BLK_T_IN, DiskOptions, VirtioBlock
+from kvmlet.virtio.blk import SECTOR_SIZE, VIRTIO_BLK_T_IN, VirtioBlock
+from kvmlet.virtio.blk_config import DiskConfig
 from kvmlet.virtio.console import (
     MAX_OUTPUT_PER_CHAIN,
     RECEIVE_QUEUE,
@@ -127,7 +128,7 @@ def bounded_kicks(device, memory, queue_index: int, kicks: int = 4) -> None:
 @given(chains=CHAINS, seed=st.integers(0, 3), rearming=st.booleans())
 def test_disk_reads_over_their_own_rings_stay_bounded(chains, seed, rearming):
     memory = GuestMemory.anonymous([(0, RAM)])
-    device = VirtioBlock(memory, DiskOptions(str(image_with(seed, rearming))))
+    device = VirtioBlock(memory, DiskConfig(str(image_with(seed, rearming))))
     try:
         start(device, memory)
         if rearming:
@@ -216,7 +217,7 @@ def test_aliasing_descriptors_move_bounded_bytes(kind, aliases, writable_from, i
     elif kind == "rng":
         device, queue_index = VirtioRng(memory), 0
     else:
-        device, queue_index = VirtioBlock(memory, DiskOptions(str(image_with(0, False)))), 0
+        device, queue_index = VirtioBlock(memory, DiskConfig(str(image_with(0, False)))), 0
     try:
         start(device, memory)
         memory.write(0x8000, struct.pack("<IIQ", VIRTIO_BLK_T_IN, 0, 0))

@@ -21,9 +21,9 @@ from kvmlet.virtio.blk import (
     VIRTIO_BLK_S_IOERR,
     VIRTIO_BLK_S_OK,
     VIRTIO_BLK_T_IN,
-    DiskOptions,
     VirtioBlock,
 )
+from kvmlet.virtio.blk_config import DiskConfig
 from kvmlet.virtio.console import TRANSMIT_QUEUE, VirtioConsole
 from kvmlet.virtio.device import (
     ACKNOWLEDGE,
@@ -60,7 +60,7 @@ def rearming_image(path) -> None:
 def rearming_disk(memory: GuestMemory, path) -> tuple[VirtioBlock, MockDriver]:
     """A disk whose only posted request reads a sector over its own available ring."""
     rearming_image(path)
-    device = VirtioBlock(memory, DiskOptions(str(path)))
+    device = VirtioBlock(memory, DiskConfig(str(path)))
     driver = MockDriver(device, memory, 0x10000, 1 << 20)
     driver.negotiate()
     device.set_queue_size(0, QUEUE_SIZE)
@@ -163,7 +163,7 @@ def test_a_kick_that_exits_to_the_vcpu_does_not_run_the_queue_there(memory, tmp_
 def direct_disk(memory, tmp_path):
     path = tmp_path / "direct.img"
     path.write_bytes(bytes(range(256)) * 64)
-    device = VirtioBlock(memory, DiskOptions(str(path), direct=True))
+    device = VirtioBlock(memory, DiskConfig(str(path), direct=True))
     driver = MockDriver(device, memory, 0x10000, 1 << 20)
     driver.initialize()
     yield device, driver

@@ -33,13 +33,13 @@ MSI_ADDRESS = 0xFEE0_0000
 class LinuxLikeDriver:
     """A virtio-pci device on a host bridge, probed over conf1 and its BAR like Linux does."""
 
-    def __init__(self, device, memory):
+    def __init__(self, device, memory, msi=None):
         self.device = device
         self.io, self.mmio = port_io_space(), mmio_space()
         self.listener = RecordingListener()
         self.mmio.add_listener(self.listener)
         self.bridge = PciHostBridge(self.io, self.mmio)
-        self.msi = RecordingMsiController()
+        self.msi = msi or RecordingMsiController()
         self.irq = RecordingIrqLine()
         self.pci = VirtioPci(device, self.msi, self.irq)
         self.devfn = self.bridge.attach(self.pci, slot=SLOT)
@@ -178,6 +178,17 @@ class LinuxLikeDriver:
 
     def isr(self):
         return self.mmio.read(self.bar + self.virtio_caps[layout.ISR_CFG]["offset"], 1)
+
+    def mask_entry(self, index, masked=True):
+        """Set or clear the mask bit of MSI-X table entry `index`."""
+        table = self.config_read(self.caps[0x11] + 4) & ~7
+        self.mmio.write(self.bar + table + 16 * index + 12, 4, int(masked))
+
+    def pending(self):
+        """The MSI-X pending bits, as a set of vector indexes."""
+        pba = self.bar + (self.config_read(self.caps[0x11] + 8) & ~7)
+        bits = self.mmio.read(pba, 8)
+        return {index for index in range(64) if bits >> index & 1}
 
 
 @pytest.fixture

@@ -17,9 +17,9 @@ from kvmlet.virtio.blk import (
     VIRTIO_BLK_T_FLUSH,
     VIRTIO_BLK_T_IN,
     VIRTIO_BLK_T_OUT,
-    DiskOptions,
     VirtioBlock,
 )
+from kvmlet.virtio.blk_config import DiskConfig
 from kvmlet.virtio.rng import VirtioRng
 from kvmlet.virtio.serving import DEFERRED
 from kvmlet.virtio.worker import QueueWorker, doorbell
@@ -41,7 +41,7 @@ class ServedDisk:
 
     def __init__(self, memory, path, threads: int = 4, direct: bool = False):
         self.memory = memory
-        self.device = VirtioBlock(memory, DiskOptions(str(path), direct=direct))
+        self.device = VirtioBlock(memory, DiskConfig(str(path), direct=direct))
         self.driver = MockDriver(self.device, memory, 0x10000, 2 << 20)
         self.driver.initialize()
         self.bell = doorbell(self.device, 0)

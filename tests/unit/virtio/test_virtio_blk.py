@@ -24,10 +24,9 @@ from kvmlet.virtio.blk import (
     VIRTIO_BLK_T_IN,
     VIRTIO_BLK_T_OUT,
     VIRTIO_BLK_T_WRITE_ZEROES,
-    DiskOptions,
     VirtioBlock,
-    parse_disk_option,
 )
+from kvmlet.virtio.blk_config import DiskConfig, parse_disk_option
 from tests.helpers.virtio_driver import MockDriver
 
 IMAGE_SECTORS = 64
@@ -49,7 +48,7 @@ def make_disk(memory):
     devices = []
 
     def make(path, **flags):
-        device = VirtioBlock(memory, DiskOptions(str(path), **flags))
+        device = VirtioBlock(memory, DiskConfig(str(path), **flags))
         devices.append(device)
         driver = MockDriver(device, memory, 0x1000, 3 << 20)
         driver.initialize()
@@ -128,7 +127,7 @@ def test_flush_is_fdatasync(image, make_disk, monkeypatch):
 
 
 def test_get_id_returns_the_serial(image, memory):
-    device = VirtioBlock(memory, DiskOptions(str(image)), serial="serial-0123456789abcdefXYZ")
+    device = VirtioBlock(memory, DiskConfig(str(image)), serial="serial-0123456789abcdefXYZ")
     try:
         driver = MockDriver(device, memory, 0x1000, 1 << 20)
         driver.initialize()
@@ -165,7 +164,7 @@ def test_transfers_beyond_seg_max_times_size_max_fail(tmp_path):
     path.write_bytes(b"")
     os.truncate(path, 2 * MAX_TRANSFER)
     memory = GuestMemory.anonymous([(0, MAX_TRANSFER + (2 << 20))])
-    device = VirtioBlock(memory, DiskOptions(str(path)))
+    device = VirtioBlock(memory, DiskConfig(str(path)))
     try:
         driver = MockDriver(device, memory, 0x1000, memory.size - 0x1000)
         driver.initialize()
@@ -265,28 +264,28 @@ def test_direct_io_round_trips_aligned_and_unaligned_transfers(
 
 def test_missing_image_is_a_clear_error(tmp_path, memory):
     with pytest.raises(KvmletError, match=r"cannot open disk image .*nope\.img: No such file"):
-        VirtioBlock(memory, DiskOptions(str(tmp_path / "nope.img")))
+        VirtioBlock(memory, DiskConfig(str(tmp_path / "nope.img")))
 
 
 def test_a_writable_image_is_locked_against_a_second_monitor(image, memory):
-    first = VirtioBlock(memory, DiskOptions(str(image)))
+    first = VirtioBlock(memory, DiskConfig(str(image)))
     try:
         with pytest.raises(KvmletError, match="locked by another process"):
-            VirtioBlock(memory, DiskOptions(str(image)))
+            VirtioBlock(memory, DiskConfig(str(image)))
         with pytest.raises(KvmletError, match="locked by another process"):
-            VirtioBlock(memory, DiskOptions(str(image), read_only=True))
+            VirtioBlock(memory, DiskConfig(str(image), read_only=True))
     finally:
         first.close()
-    readers = [VirtioBlock(memory, DiskOptions(str(image), read_only=True)) for _ in range(2)]
+    readers = [VirtioBlock(memory, DiskConfig(str(image), read_only=True)) for _ in range(2)]
     with pytest.raises(KvmletError, match="locked"):
-        VirtioBlock(memory, DiskOptions(str(image)))
+        VirtioBlock(memory, DiskConfig(str(image)))
     for reader in readers:
         reader.close()
 
 
 def test_parse_disk_option():
-    assert parse_disk_option("/a/b.img") == DiskOptions("/a/b.img")
-    assert parse_disk_option("x.img,ro,direct") == DiskOptions("x.img", True, True)
+    assert parse_disk_option("/a/b.img") == DiskConfig("/a/b.img")
+    assert parse_disk_option("x.img,ro,direct") == DiskConfig("x.img", True, True)
     with pytest.raises(KvmletError, match="unknown flag 'rw'"):
         parse_disk_option("x.img,rw")
     with pytest.raises(KvmletError, match="missing image path"):

@@ -19,7 +19,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from kvmlet.memory import GuestMemory
-from kvmlet.virtio.blk import DiskOptions, VirtioBlock
+from kvmlet.virtio.blk import VirtioBlock
+from kvmlet.virtio.blk_config import DiskConfig
 from kvmlet.virtio.console import VirtioConsole
 from kvmlet.virtio.device import (
     ACKNOWLEDGE,
@@ -58,7 +59,7 @@ IMAGE.write_bytes(bytes(64 * 512))
 
 def make_device(kind, memory):
     if kind == "blk":
-        return VirtioBlock(memory, DiskOptions(str(IMAGE)))
+        return VirtioBlock(memory, DiskConfig(str(IMAGE)))
     if kind == "console":
         return VirtioConsole(memory, lambda data: None)
     return VirtioRng(memory)

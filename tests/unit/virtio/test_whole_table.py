@@ -27,9 +27,9 @@ from kvmlet.virtio.blk import (
     VIRTIO_BLK_S_OK,
     VIRTIO_BLK_T_IN,
     VIRTIO_BLK_T_OUT,
-    DiskOptions,
     VirtioBlock,
 )
+from kvmlet.virtio.blk_config import DiskConfig
 from kvmlet.virtio.queue import (
     MAX_QUEUE_SIZE,
     VIRTQ_DESC_F_INDIRECT,
@@ -64,7 +64,7 @@ def disk(tmp_path, two_banks):
     def make(data: bytes = image_bytes(), **flags):
         path = tmp_path / f"disk{len(devices)}.img"
         path.write_bytes(data)
-        device = VirtioBlock(two_banks, DiskOptions(str(path), **flags))
+        device = VirtioBlock(two_banks, DiskConfig(str(path), **flags))
         devices.append(device)
         driver = MockDriver(device, two_banks, 0x1000, 0x40000)
         driver.initialize()
@@ -295,7 +295,7 @@ def test_a_block_device_fed_in_order_tables_never_raises(
     original = image_bytes(2)
     path.write_bytes(original)
     memory = GuestMemory.anonymous([LOW, HIGH])
-    device = VirtioBlock(memory, DiskOptions(str(path)))
+    device = VirtioBlock(memory, DiskConfig(str(path)))
     try:
         driver = MockDriver(device, memory, 0x1000, 0x800)
         driver.initialize(queue_size=QUEUE)

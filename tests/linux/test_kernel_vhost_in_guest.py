@@ -182,8 +182,7 @@ def test_vhost_device_hands_its_rings_to_the_kernel_and_takes_them_back(memory):
     )
     driver = MockDriver(device, memory, 0x10000, 2 << 20)
     worker = QueueWorker("vsock")
-    for fd, callback in device.eventfd_watches():
-        worker.watch(fd, callback)
+    device.connect_worker(worker)
     worker.start()
     try:
         for port in (6000, 6001):
