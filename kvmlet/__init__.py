@@ -1,11 +1,12 @@
 """kvmlet: a lightweight Linux KVM virtual machine monitor in pure Python.
 
 The public API: `MachineConfig`, `DiskConfig`, `NetConfig` and `DeviceConfig` describe a
-machine, `with_default_guest` adds kvmlet's own kernel and initramfs, `Machine` runs it (and
-takes watchpoints: a callback returns `BREAK` to pause it), `sandbox` runs one command in a
-throwaway machine; `GuestStop`/`StopReason` say how a guest ended; `KvmletError` is every
-user-facing error (`GuestStoppedError`, one of them, carries the `GuestStop` of a guest that
-stopped too soon).
+machine (`FilesystemConfig` a host directory shared over virtiofs, `VhostUserDiskConfig` a disk
+a vhost-user backend serves), `with_default_guest` adds kvmlet's own kernel and initramfs,
+`Machine` runs it (and takes watchpoints: a callback returns `BREAK` to pause it), `sandbox`
+runs one command in a throwaway machine; `GuestStop`/`StopReason` say how a guest ended;
+`KvmletError` is every user-facing error (`GuestStoppedError`, one of them, carries the
+`GuestStop` of a guest that stopped too soon).
 Device models are written with `kvmlet.devices` (docs/devices.md). `connect` reaches a running
 machine's control API (`kvmlet.api`), `serve` gives one to a `Machine` of your own.
 The names load on first use, so `kvmlet --version` or a CLI error costs no import of the rest.
@@ -22,6 +23,8 @@ _PUBLIC = {
     "BREAK": "kvmlet.machine.watchpoints",
     "DeviceConfig": "kvmlet.machine.config",
     "DiskConfig": "kvmlet.virtio.blk_config",
+    "FilesystemConfig": "kvmlet.machine.vhost_config",
+    "VhostUserDiskConfig": "kvmlet.machine.vhost_config",
     "connect": "kvmlet.api.client",
     "serve": "kvmlet.api.server",
     "GuestStop": "kvmlet.vstate.vcpu_loop",
@@ -40,6 +43,7 @@ __all__ = [
     "BREAK",
     "DeviceConfig",
     "DiskConfig",
+    "FilesystemConfig",
     "GuestStop",
     "GuestStoppedError",
     "KvmletError",
@@ -48,6 +52,7 @@ __all__ = [
     "NetConfig",
     "SandboxResult",
     "StopReason",
+    "VhostUserDiskConfig",
     "__version__",
     "connect",
     "sandbox",
@@ -61,6 +66,7 @@ if TYPE_CHECKING:
     from kvmlet.errors import GuestStoppedError, KvmletError
     from kvmlet.machine.config import DeviceConfig, DiskConfig, MachineConfig, with_default_guest
     from kvmlet.machine.machine import Machine
+    from kvmlet.machine.vhost_config import FilesystemConfig, VhostUserDiskConfig
     from kvmlet.machine.watchpoints import BREAK
     from kvmlet.sandboxing import SandboxResult, sandbox
     from kvmlet.virtio.net.option import NetConfig

@@ -29,6 +29,7 @@ from kvmlet.cli.sandbox import (
     explain_rootfs_stop,
     with_shares,
 )
+from kvmlet.cli.vhost_options import add_vhost_arguments, vhost_fields
 from kvmlet.errors import KvmletError
 
 if TYPE_CHECKING:
@@ -39,6 +40,7 @@ examples:
   kvmlet run                          boot kvmlet's default guest to a busybox shell
   kvmlet run -k bzImage -p 'loglevel=7' -m 1G -c 2
   kvmlet run -k vmlinux -i initrd.gz -d disk.img -d ro.img,ro --console virtio
+  kvmlet run --fs ~/src,tag=src --vsock 3 -d vhost-user=/run/qsd.sock   (mount -t virtiofs src /mnt)
   kvmlet run -k test.elf -p 'verbose' --module data.bin,name=data --debug-exit 0x501
   kvmlet run -k vmlinux --device examples/mailbox_device.py:Mailbox,mmio=0xf1000000,irq=10
   kvmlet run -k test.elf --debug-exit 0x501 --record run.rec; kvmlet replay run.rec
@@ -100,7 +102,8 @@ def _add_machine_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="PATH[,ro][,direct]",
-        help="a raw disk image as a virtio-blk device (/dev/vda, vdb...); repeatable",
+        help="a raw disk image as a virtio-blk device (/dev/vda, vdb...); repeatable; "
+        "vhost-user=SOCKET[,ro] is a disk a vhost-user-blk backend serves (after the images)",
     )
     parser.add_argument(
         "--virtio-transport",
@@ -247,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="add a virtio-balloon: `kvmlet balloon NAME SIZE` then takes memory back from "
         "the guest, and free memory it reports is released on the host",
     )
+    add_vhost_arguments(run)
     run.add_argument(
         "--restore",
         metavar="FILE",
@@ -307,7 +311,17 @@ def _machine_config(args: argparse.Namespace, **extra):
     from kvmlet.machine.config import MachineConfig
     from kvmlet.virtio.blk_config import parse_disk_option
 
-    disks = [parse_disk_option(text) for text in args.disk]
+    disks = []
+    vhost_disks = []
+    for text in args.disk:
+        if text.startswith("vhost-user="):  # vhost_config.py loads only for one of those
+            from kvmlet.machine.vhost_config import parse_vhost_user_disk
+
+            vhost_disks.append(parse_vhost_user_disk(text))
+        else:
+            disks.append(parse_disk_option(text))
+    if vhost_disks:
+        extra["vhost_user_disks"] = tuple(vhost_disks)
     return MachineConfig(
         memory=parse_size(args.mem),
         cpus=args.cpus,
@@ -368,6 +382,7 @@ def run_config(args: argparse.Namespace) -> MachineConfig:
 
         extra["devices"] = tuple(parse_device_option(text) for text in args.device)
     extra.update(net_configs(args))
+    extra.update(vhost_fields(args))
     config = with_default_guest(
         _machine_config(
             args,

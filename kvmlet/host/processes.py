@@ -1,9 +1,10 @@
-"""Helper daemons kvmlet starts for a machine (passt; later virtiofsd, qemu-storage-daemon).
+"""Helper daemons kvmlet starts for a machine (passt, virtiofsd).
 
 `find_program` finds a daemon's binary or says in one line which Debian package to install.
 `HelperProcess.start` runs it with stdin closed and its output (stdout and stderr together)
 captured, in its own session (a Ctrl-C or a signal meant for kvmlet's process group does not
-reach it: kvmlet stops it in order), and gives it a private runtime directory for its socket.
+reach it: kvmlet stops it in order), and gives it a private runtime directory for its socket
+(or hands it a socket already listening, `pass_fds`, and says when it answered: `serving`).
 `connect` waits for the daemon's UNIX socket and connects to it; a daemon that exits first, or
 takes too long, is a `KvmletError` carrying its last line of output.
 
@@ -108,9 +109,11 @@ class HelperProcess:
         runtime_directory: str | None = None,
         on_exit: Callable[[HelperProcess], None] | None = None,
         is_noise: Callable[[str], bool] | None = None,
+        pass_fds: Sequence[int] = (),
     ) -> HelperProcess:
         """Run `argv` as daemon `name`; `runtime_directory` is removed when it stops.
-        `is_noise(line)` marks output lines not worth showing in an error message."""
+        `is_noise(line)` marks output lines not worth showing in an error message;
+        `pass_fds` are descriptors the daemon inherits (e.g. a socket it listens on)."""
         try:
             process = subprocess.Popen(
                 list(argv),
@@ -119,6 +122,7 @@ class HelperProcess:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 preexec_fn=_unblock_signals,
+                pass_fds=tuple(pass_fds),
             )
         except OSError as error:
             if runtime_directory is not None:
@@ -162,6 +166,11 @@ class HelperProcess:
             if line.strip() and not self._is_noise(line):
                 return line.strip()
         return "no output"
+
+    def serving(self) -> None:
+        """The daemon answered (on a socket it was handed, say): from now on its death is
+        news for `on_exit`, as after `wait_for_socket`."""
+        self._ready = True
 
     # Waiting for its socket ---------------------------------------------------------------------
 

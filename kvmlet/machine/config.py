@@ -15,6 +15,7 @@ from kvmlet.virtio.blk_config import DiskConfig
 
 if TYPE_CHECKING:
     from kvmlet.guest import Progress
+    from kvmlet.machine.vhost_config import FilesystemConfig, MemoryBackend, VhostUserDiskConfig
     from kvmlet.virtio.net.option import NetConfig
 
 MAX_CPUS = 64
@@ -167,6 +168,8 @@ class MachineConfig:
     `nets` are the guest's NICs (`NetConfig`, as `-n` gives them; none: no network, and a
     `none` entry stands alone); `name` is the machine's name, which a NIC's generated MAC
     derives from, so it stays the same from run to run (without a name it is random).
+    `filesystems`, `vhost_user_disks` and `vsock_cid` are devices served outside Python, and
+    `mem_backend` where guest RAM lives (vhost_config.py).
     """
 
     kernel: FilePath | None = None
@@ -192,6 +195,11 @@ class MachineConfig:
     shares: tuple[ShareConfig, ...] = ()
     nets: tuple[NetConfig, ...] = ()
     name: str | None = None
+    mem_backend: MemoryBackend = "auto"
+    filesystems: tuple[FilesystemConfig, ...] = ()
+    vhost_user_disks: tuple[VhostUserDiskConfig, ...] = ()
+    vsock_cid: int | None = None
+    virtiofsd: FilePath | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.cpus <= MAX_CPUS:
@@ -212,6 +220,11 @@ class MachineConfig:
         _check_nets(self.nets)
         for text in (self.params, *self.extra_parameters):
             _check_kernel_parameters(text)
+        vhost = self.filesystems or self.vhost_user_disks or self.vsock_cid is not None
+        if vhost or self.mem_backend != "auto":
+            from kvmlet.machine.vhost_config import check_vhost_options
+
+            check_vhost_options(self)
 
     def to_document(self) -> dict[str, Any]:
         """The configuration as a snapshot keeps it (plain values; file names absolute). The

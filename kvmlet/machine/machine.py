@@ -68,6 +68,8 @@ from kvmlet.vstate.interrupts import KvmInterruptRouter, KvmIrqLine
 from kvmlet.vstate.vcpu_loop import ExitCounts, GuestStop, StopReason, run_vcpu
 
 if TYPE_CHECKING:
+    import socket  # it imports selectors: a boot without vsock does without
+
     from kvmlet.machine.record import Recorder
     from kvmlet.machine.restore import Restoring
     from kvmlet.machine.user_devices import UserDevices
@@ -176,7 +178,7 @@ class Machine(Controls):
         self._closers.append(vm.close)
         self.memory_map = MemoryMap(config.memory)
         if restoring is None:
-            self.memory = GuestMemory.anonymous(self.memory_map.ram_banks())
+            self.memory = _guest_memory(config, self.memory_map.ram_banks())
             self.memory.ask_for_huge_pages()
         else:
             self.memory = restoring.memory(self)
@@ -343,6 +345,13 @@ class Machine(Controls):
             if pause:
                 self.resume()
         return model
+
+    def vsock_connect(self, port: int, timeout: float = 10.0) -> socket.socket:
+        """A stream connection to `port` of the guest's vsock (`--vsock CID`), waiting up to
+        `timeout` seconds for the guest to listen there; KvmletError when it did not."""
+        if self.virtio.vhost is None:
+            raise KvmletError("this machine has no vsock device (--vsock CID)")
+        return self.virtio.vhost.connect_vsock(port, timeout)
 
     @property
     def devices(self) -> dict[str, Any]:
@@ -551,3 +560,14 @@ def seconds_since_process_start() -> float:
 
 def _coalesce_ports(ring: CoalescedRing, port: int, size: int, enabled: bool) -> None:
     ring.set_zone(port, size, pio=True, enabled=enabled)
+
+
+def _guest_memory(config: MachineConfig, banks) -> GuestMemory:
+    """Guest RAM: in memfds when a vhost-user backend must map it (or asked), else anonymous.
+    vhost_config.py (dataclasses, built at import) loads only for a machine that needs it."""
+    if config.mem_backend != "auto" or config.filesystems or config.vhost_user_disks:
+        from kvmlet.machine.vhost_config import shareable_memory
+
+        if shareable_memory(config):
+            return GuestMemory.memfd(banks)
+    return GuestMemory.anonymous(banks)

@@ -1,4 +1,5 @@
-"""The machine's virtio devices (disks, console, entropy, balloon, NICs) on the chosen transport.
+"""The machine's virtio devices (disks, console, entropy, balloon, NICs, and the vhost devices
+of vhost_devices.py) on the chosen transport.
 
 Device models know nothing of transports; this module creates them from the configuration and
 puts each behind virtio-pci (a PCI function the guest finds by enumeration, MSI-X through
@@ -26,6 +27,7 @@ from kvmlet.vstate.interrupts import IrqfdLine, KvmIrqLine
 if TYPE_CHECKING:
     from kvmlet.machine.machine import Machine
     from kvmlet.machine.net_devices import NetDevices
+    from kvmlet.machine.vhost_devices import VhostDevices
     from kvmlet.virtio.balloon import VirtioBalloon
     from kvmlet.virtio.console import VirtioConsole
     from kvmlet.virtio.device import VirtioDevice
@@ -64,6 +66,7 @@ class VirtioDevices:
         self.console: VirtioConsole | None = None
         self.balloon: VirtioBalloon | None = None
         self.nets: NetDevices | None = None
+        self.vhost: VhostDevices | None = None
         self.workers: list[QueueWorker] = []
         self._doorbells: list[Doorbell] = []
         self._lines: list[IrqfdLine] = []
@@ -100,6 +103,11 @@ class VirtioDevices:
 
                 self.nets = NetDevices(memory, config.nets, config.name)
                 self.devices.extend(self.nets.devices)
+            if config.vhost_user_disks or config.filesystems or config.vsock_cid is not None:
+                from kvmlet.machine.vhost_devices import VhostDevices
+
+                self.vhost = VhostDevices(machine)
+                self.devices.extend(self.vhost.devices)
             if config.virtio_transport == "pci":
                 self._attach_pci(machine)
             else:
@@ -153,10 +161,12 @@ class VirtioDevices:
     def _connect(
         self, device: VirtioDevice, transport: VirtioPci | VirtioMmio, worker: QueueWorker
     ) -> None:
-        """The device's doorbells on its worker; a NIC's data path wired its own way."""
+        """The device's doorbells on its worker; a NIC's data path and a vhost device's
+        backend queues wired their own way."""
+        first = self.vhost.wire(device, transport, worker) if self.vhost is not None else 0
         nic = self.nets.nic_of(device) if self.nets is not None else None
         if nic is None:
-            queues = range(device.queue_count)
+            queues = range(first, device.queue_count)
         else:
             queues = self.nets.connect(nic, transport, worker)
         for queue in queues:
@@ -257,5 +267,7 @@ class VirtioDevices:
             device.close()
         if self.nets is not None:
             self.nets.close()  # the taps, which vhost-net held until its device closed
+        if self.vhost is not None:
+            self.vhost.close()
         self.left_open = False
         return True

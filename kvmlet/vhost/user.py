@@ -205,7 +205,11 @@ class VhostUserFrontend:
             self._fail("the backend closed the connection" if not data else "unsolicited message")
 
     def close(self) -> None:
+        """End the connection: shut down first, so that the backend sees it end even while
+        another descriptor of the socket stays open (a worker's watch holds a duplicate)."""
         if self._socket is not None:
+            with contextlib.suppress(OSError):
+                self._socket.shutdown(socket.SHUT_RDWR)
             self._socket.close()
             self._socket = None
 
