@@ -147,9 +147,9 @@ sandbox_agent() { # run the command kvmlet.sandbox left in its control share $1
     # it, and SIGINT is not ignored as in a background job); kvmlet asks for a signal by
     # leaving a file named signal, which a watcher passes on to that session.
     session=/run/kvmlet/session
-    (
-        while [ ! -e signal ]; do $bb usleep 50000; done
-        [ -s $session ] && kill -s "$($bb head -c 8 signal)" -- -"$($bb cat $session)"
+    (   # a signal asked before the session wrote its id waits for it (killed when it ends)
+        while [ ! -e signal ] || [ ! -s $session ]; do $bb usleep 50000; done
+        kill -s "$($bb head -c 8 signal)" -- -"$($bb cat $session)"
     ) >/dev/null 2>&1 &
     watcher=$!
     : >started
