@@ -4,6 +4,7 @@ Each guest is a few bytes of 16-bit code (assembly in the comments) loaded at
 BOOT_CODE_ADDRESS; it talks to kvmlet's devices and stops the machine through the i8042.
 """
 
+import ctypes
 import mmap
 import time
 
@@ -224,9 +225,14 @@ def test_a_read_only_ram_region_is_a_read_only_memory_slot():
 
 @pytest.mark.parametrize("readonly", [True, False])
 def test_ram_kvm_refuses_to_map_is_served_by_the_bus(readonly):
-    """KVM refuses a slot whose host memory is not page-aligned (a bytearray): the space counts
-    the refusal and every access exits to the region instead, with the same result."""
-    backing = bytearray(range(256)) * 16
+    """KVM refuses a slot whose host memory is not page-aligned: the space counts the refusal
+    and every access exits to the region instead, with the same result. (A bytearray alone
+    may happen to start on a page, so the view is moved off one when it does.)"""
+    buffer = bytearray(2 * 4096)
+    address = ctypes.addressof((ctypes.c_char * len(buffer)).from_buffer(buffer))
+    start = 8 if address % 4096 == 0 else 0
+    backing = memoryview(buffer)[start : start + 4096]
+    backing[:] = bytes(range(256)) * 16
     machine, rom = rom_guest(backing, readonly)
     written = 0x0B0A0908 if readonly else 0xDEADBEEF
     assert run_rom_guest(machine) == [0x07060504, 0, written]
