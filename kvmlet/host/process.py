@@ -1,4 +1,5 @@
-"""The monitor process as the host sees it: resident memory, in total and inside guest RAM.
+"""The monitor process as the host sees it: resident memory (in total and inside guest RAM) and
+the time since it started.
 
 The total is /proc/self/statm's resident set; the part in guest RAM is counted with mincore(2)
 over the guest RAM mappings, one byte per page, a chunk at a time: a few hundred microseconds
@@ -9,7 +10,9 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import os
 import threading
+import time
 from collections.abc import Iterable
 
 _CHUNK = 1 << 30
@@ -49,3 +52,11 @@ def memory_usage(guest_ranges: Iterable[tuple[int, int]]) -> dict[str, int]:
         "monitor_rss_bytes": total - guest,
         "threads": threading.active_count(),
     }
+
+
+def seconds_since_process_start() -> float:
+    """Time since this process started (the kernel's start time has clock-tick resolution)."""
+    with open("/proc/self/stat") as stat:
+        start_ticks = int(stat.read().rsplit(")", 1)[1].split()[19])
+    started = start_ticks / os.sysconf("SC_CLK_TCK")
+    return time.clock_gettime(time.CLOCK_BOOTTIME) - started

@@ -32,11 +32,12 @@ from typing import TYPE_CHECKING, Any
 
 from kvmlet.boot import PciInterrupt, inspect_kernel, load_kernel
 from kvmlet.boot.memory_map import PCI_IO_WINDOW, PCI_MMIO_WINDOW, MemoryMap
-from kvmlet.bus import AddressSpace, RamRegion, mmio_space, port_io_space, transactions
+from kvmlet.bus import RamRegion, mmio_space, port_io_space, transactions
 from kvmlet.bus.pci import CONF1_PORT, BarAllocator, PciWindow
-from kvmlet.bus.watch import Access, Watch, WatchCallback, current_vcpu, set_current_vcpu
+from kvmlet.bus.watch import current_vcpu, set_current_vcpu
 from kvmlet.errors import KvmletError, LazyLogger
 from kvmlet.host.console import Console
+from kvmlet.host.process import seconds_since_process_start
 from kvmlet.host.report import format_stats, trace_printer
 from kvmlet.host.terminal import EscapeAction, EscapeFilter
 from kvmlet.kvm import InternalErrorExit, Kvm, Vcpu
@@ -51,7 +52,7 @@ from kvmlet.machine.legacy import (
     reserve_in_kernel_devices,
 )
 from kvmlet.machine.virtio_devices import SLOTS_WITH_INTX, VirtioDevices, intx_irq
-from kvmlet.machine.watchpoints import Watchpoints
+from kvmlet.machine.watchpoints import Watching, Watchpoints
 from kvmlet.memory import GuestMemory
 from kvmlet.vstate import host_profile
 from kvmlet.vstate.bus_listener import KvmBusListener
@@ -92,7 +93,7 @@ def _install_kick_handler() -> None:
     signal.signal(KICK_SIGNAL, lambda signum, frame: None)
 
 
-class Machine(Controls):
+class Machine(Controls, Watching):
     """One virtual machine built from a `MachineConfig`; see the module docstring."""
 
     def __init__(
@@ -447,35 +448,6 @@ class Machine(Controls):
         self.watchpoints.stopping()
         self._kick()
 
-    # -- watchpoints and breaks ---------------------------------------------------------------
-
-    def watch(
-        self,
-        space: str | AddressSpace,
-        start: int,
-        end: int,
-        on_access: WatchCallback,
-        *,
-        reads: bool = True,
-        writes: bool = True,
-    ) -> Watch:
-        """Call `on_access(access)` on every access to [start, end) of `space` ("io" or
-        "mmio"); it returns BREAK to pause the machine, raises to stop it (watchpoints.py)."""
-        return self.watchpoints.watch(space, start, end, on_access, reads=reads, writes=writes)
-
-    def unwatch(self, watch: Watch) -> None:
-        self.watchpoints.unwatch(watch)
-
-    def wait_for_break(self, timeout: float | None = None) -> Access | None:
-        """Wait for a break (or `pause`) to hold every vCPU: the access that broke, or None
-        after `pause()`. KvmletError if the guest stops or `timeout` passes first."""
-        return self.watchpoints.wait_for_break(timeout)
-
-    @property
-    def watch_error(self) -> BaseException | None:
-        """What a watch callback raised to stop the run (StopReason.WATCH_FAILED)."""
-        return self.watchpoints.error
-
     def _kick(self) -> None:
         """Signal every other vCPU thread still alive, so a KVM_RUN it sleeps in returns."""
         current = threading.current_thread()
@@ -548,14 +520,6 @@ class Machine(Controls):
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-
-def seconds_since_process_start() -> float:
-    """Time since this process started (the kernel's start time has clock-tick resolution)."""
-    with open("/proc/self/stat") as stat:
-        start_ticks = int(stat.read().rsplit(")", 1)[1].split()[19])
-    started = start_ticks / os.sysconf("SC_CLK_TCK")
-    return time.clock_gettime(time.CLOCK_BOOTTIME) - started
 
 
 def _coalesce_ports(ring: CoalescedRing, port: int, size: int, enabled: bool) -> None:

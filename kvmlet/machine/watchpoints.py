@@ -152,3 +152,36 @@ class Watchpoints:
             if not (self.paused and len(self.parked) == everyone):
                 raise KvmletError(f"no break within {timeout} s")
             return self.hit
+
+
+class Watching:
+    """The watchpoint API of `Machine` (a mixin over its `watchpoints`)."""
+
+    watchpoints: Watchpoints
+
+    def watch(
+        self,
+        space: str | AddressSpace,
+        start: int,
+        end: int,
+        on_access: WatchCallback,
+        *,
+        reads: bool = True,
+        writes: bool = True,
+    ) -> Watch:
+        """Call `on_access(access)` on every access to [start, end) of `space` ("io" or
+        "mmio"); it returns BREAK to pause the machine, raises to stop it (watchpoints.py)."""
+        return self.watchpoints.watch(space, start, end, on_access, reads=reads, writes=writes)
+
+    def unwatch(self, watch: Watch) -> None:
+        self.watchpoints.unwatch(watch)
+
+    def wait_for_break(self, timeout: float | None = None) -> Access | None:
+        """Wait for a break (or `pause`) to hold every vCPU: the access that broke, or None
+        after `pause()`. KvmletError if the guest stops or `timeout` passes first."""
+        return self.watchpoints.wait_for_break(timeout)
+
+    @property
+    def watch_error(self) -> BaseException | None:
+        """What a watch callback raised to stop the run (StopReason.WATCH_FAILED)."""
+        return self.watchpoints.error
