@@ -45,7 +45,8 @@ class Watchpoints:
         self.hit: Access | None = None
         self.error: BaseException | None = None
 
-    def _space(self, space: str | AddressSpace) -> AddressSpace:
+    def address_space(self, space: str | AddressSpace) -> AddressSpace:
+        """The space `space` names ("io"/"port" or "mmio"/"memory"), or `space` itself."""
         machine = self.machine
         if isinstance(space, AddressSpace):
             return space
@@ -55,18 +56,8 @@ class Watchpoints:
             return machine.mmio
         raise KvmletError(f"unknown address space {space!r}: use 'io' or 'mmio'")
 
-    def watch(
-        self,
-        space: str | AddressSpace,
-        start: int,
-        end: int,
-        on_access: WatchCallback,
-        *,
-        reads: bool = True,
-        writes: bool = True,
-    ) -> Watch:
-        target = self._space(space)
-        watch = Watch(target.name, start, end, on_access, reads=reads, writes=writes)
+    def add(self, target: AddressSpace, watch: Watch) -> None:
+        """Start calling `watch` on the accesses of `target` (the space it names)."""
         watches = self.lists.get(target.name)
         if watches is None:
             watches = self.lists[target.name] = WatchList(self._dispatch)
@@ -74,7 +65,6 @@ class Watchpoints:
             target.add_trace(watches)
         else:
             watches.add(watch)
-        return watch
 
     def unwatch(self, watch: Watch) -> None:
         watches = self.lists.get(watch.space)
@@ -83,7 +73,7 @@ class Watchpoints:
         watches.remove(watch)
         if not watches:
             del self.lists[watch.space]
-            self._space(watch.space).remove_trace(watches)
+            self.address_space(watch.space).remove_trace(watches)
 
     def _dispatch(self, watch: Watch, access: Access) -> None:
         try:
@@ -171,7 +161,10 @@ class Watching:
     ) -> Watch:
         """Call `on_access(access)` on every access to [start, end) of `space` ("io" or
         "mmio"); it returns BREAK to pause the machine, raises to stop it (watchpoints.py)."""
-        return self.watchpoints.watch(space, start, end, on_access, reads=reads, writes=writes)
+        target = self.watchpoints.address_space(space)
+        watch = Watch(target.name, start, end, on_access, reads=reads, writes=writes)
+        self.watchpoints.add(target, watch)
+        return watch
 
     def unwatch(self, watch: Watch) -> None:
         self.watchpoints.unwatch(watch)
