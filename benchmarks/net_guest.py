@@ -34,13 +34,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import statistics
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from collections import Counter
 from dataclasses import replace
@@ -48,6 +46,8 @@ from pathlib import Path
 
 CHECKOUT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(CHECKOUT))
+
+from qemu_console import QemuConsole  # noqa: E402  (beside this script)
 
 from kvmlet.guest import QuietProgress, ensure_default_guest, parse_exit_status, run_parameter  # noqa: E402
 from kvmlet.host.passt import passt_command, unprivileged_user  # noqa: E402
@@ -261,45 +261,6 @@ def run_kvmlet(case: str, initrd: Path, size: int, round_trips: int) -> tuple[di
         peer.kill()
 
 
-class QemuConsole:
-    """QEMU's serial console on its stdin and stdout (-nographic), with a transcript."""
-
-    def __init__(self, argv: list[str]):
-        self.process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        self.transcript = bytearray()
-        self._changed = threading.Condition()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        while chunk := self.process.stdout.read1(65536):
-            with self._changed:
-                self.transcript += chunk
-                self._changed.notify_all()
-        with self._changed:
-            self._changed.notify_all()
-
-    def wait_for(self, pattern: str) -> None:
-        regex = re.compile(pattern.encode())
-        deadline = time.monotonic() + PHASE_TIMEOUT
-        with self._changed:
-            while not regex.search(self.transcript):
-                if not self._reader.is_alive() or time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"QEMU never printed {pattern!r}: {self.transcript[-2000:]!r}"
-                    )
-                self._changed.wait(1.0)
-
-    def send_line(self) -> None:
-        self.process.stdin.write(b"\n")
-        self.process.stdin.flush()
-
-    def finish(self) -> bytes:
-        self.process.wait(BOOT_TIMEOUT)
-        self._reader.join(BOOT_TIMEOUT)
-        return bytes(self.transcript)
-
-
 def start_passt_for_qemu() -> tuple[subprocess.Popen, str]:
     """passt as kvmlet starts it (same options, MTU included), listening for QEMU."""
     run_as = unprivileged_user() if os.geteuid() == 0 else None
@@ -333,7 +294,7 @@ def run_qemu(case: str, kernel: Path, initrd: Path, size: int, round_trips: int)
             *("-netdev", netdev, "-device", f"virtio-net-pci,netdev=n0,mac={MAC}"),
             *("-append", parameters),
         ]
-        console = QemuConsole(qemu)
+        console = QemuConsole(qemu, PHASE_TIMEOUT, BOOT_TIMEOUT)
         try:
             stat_path = f"/proc/{console.process.pid}/stat"
             setup = configure_tap if case == "qemu_tap_vhost" else None

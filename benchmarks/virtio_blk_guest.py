@@ -48,6 +48,8 @@ from pathlib import Path
 CHECKOUT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(CHECKOUT))
 
+from qemu_console import QemuConsole  # noqa: E402  (beside this script)
+
 from kvmlet.guest import QuietProgress, ensure_default_guest, parse_exit_status, run_parameter  # noqa: E402
 from kvmlet.guest.cpio import CpioWriter  # noqa: E402
 from kvmlet.machine.config import (  # noqa: E402
@@ -333,45 +335,6 @@ def run_kvmlet(config: MachineConfig, seconds: float) -> tuple[dict, dict]:
     return parse_results(transcript.decode(errors="replace")), phases
 
 
-class QemuConsole:
-    """QEMU's serial console on its stdin and stdout (-nographic), with a transcript."""
-
-    def __init__(self, argv: list[str]):
-        self.process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        self.transcript = bytearray()
-        self._changed = threading.Condition()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        while chunk := self.process.stdout.read1(65536):
-            with self._changed:
-                self.transcript += chunk
-                self._changed.notify_all()
-        with self._changed:
-            self._changed.notify_all()
-
-    def wait_for(self, pattern: str) -> None:
-        regex = re.compile(pattern.encode())
-        deadline = time.monotonic() + BOOT_TIMEOUT
-        with self._changed:
-            while not regex.search(self.transcript):
-                if not self._reader.is_alive() or time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"QEMU never printed {pattern!r}: {self.transcript[-2000:]!r}"
-                    )
-                self._changed.wait(1.0)
-
-    def send_line(self) -> None:
-        self.process.stdin.write(b"\n")
-        self.process.stdin.flush()
-
-    def finish(self) -> bytes:
-        self.process.wait(BOOT_TIMEOUT)
-        self._reader.join(BOOT_TIMEOUT)
-        return bytes(self.transcript)
-
-
 def run_qemu(kernel: Path, initrd: Path, image: Path, seconds: float) -> tuple[dict, dict]:
     """Runs the phases under QEMU; returns the guest's results and per-phase CPU time."""
     command = guest_command(seconds, gated=True)
@@ -381,7 +344,7 @@ def run_qemu(kernel: Path, initrd: Path, image: Path, seconds: float) -> tuple[d
         *("-drive", f"file={image},if=virtio,format=raw,cache=writeback"),
         *("-append", f"console=ttyS0 reboot=k panic=-1 quiet {run_parameter(command)}"),
     ]
-    console = QemuConsole(qemu)
+    console = QemuConsole(qemu, BOOT_TIMEOUT, BOOT_TIMEOUT)
     try:
         stat_path = f"/proc/{console.process.pid}/stat"
         phases = gated_phases(
