@@ -328,21 +328,15 @@ def test_runts_from_the_peer_are_dropped(stream):
     assert stream.device.counters.rx_dropped_malformed == 2
 
 
-def test_without_mergeable_buffers_a_chain_no_frame_fits_is_returned_empty(stream):
-    stream.start(PLAIN)
-    posted = stream.post_receive_buffers(1, 20)
-    posted.update(stream.post_receive_buffers(1, 2048))
-    stream.peer.sendall(stream_message(ethernet_frame(100)))
-    stream.pump()
-    completions = stream.driver.collect(RECEIVE_QUEUE)
-    assert [c.length for c in completions] == [0, 112]
-    assert stream.device.counters.rx_bad_buffers == 1
-
-
-def test_chains_too_small_for_any_frame_are_returned_empty(stream):
-    stream.start(MERGEABLE)
-    posted = stream.post_receive_buffers(1, 8)
-    posted.update(stream.post_receive_buffers(1, 2048))
+@pytest.mark.parametrize(
+    ("features", "too_small"),
+    [(PLAIN, 20), (MERGEABLE, 8)],
+    ids=["without-mergeable-buffers", "too-small-for-any-frame"],
+)
+def test_a_chain_no_frame_fits_is_returned_empty(stream, features, too_small):
+    stream.start(features)
+    stream.post_receive_buffers(1, too_small)
+    stream.post_receive_buffers(1, 2048)
     stream.peer.sendall(stream_message(ethernet_frame(100)))
     stream.pump()
     completions = stream.driver.collect(RECEIVE_QUEUE)
