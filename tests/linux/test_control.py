@@ -40,7 +40,7 @@ class Guest:
         self.client = kvmlet.connect(server.name)
         self._marks = itertools.count()
 
-    def run(self, command: str, timeout: float = 60) -> str:
+    def run(self, command: str, timeout: float = 240) -> str:
         """Run a shell command in the guest; its output (one line, between markers that the
         console's echo of the typed line does not show: the quotes split them there)."""
         mark = f"m{next(self._marks)}"
