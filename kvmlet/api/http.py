@@ -1,8 +1,8 @@
 """An HTTP/1.1 server on a listening UNIX socket, bounded against hostile clients.
 
-Parsing is h11's (a small, well-kept sans-I/O HTTP/1.1 library): it turns bytes into request
-events and refuses what is malformed with the status to answer. This module does the I/O, on
-threads of its own (nothing here runs on a vCPU thread), in two parts:
+This module does the I/O, on threads of its own (nothing here runs on a vCPU thread), in two
+parts; each client's protocol state (h11's parser, the request arriving, the answer's bytes)
+is a `Connection` (http_connection.py):
 
 - one I/O thread owns every socket: it accepts, checks the peer's credentials (SO_PEERCRED:
   only the user that owns the machine may connect, whatever the socket's mode says), reads
@@ -21,18 +21,14 @@ mid-request is forgotten. After an error the server shuts its side and lingers u
 `LINGER_SECONDS`, reading and dropping what the client still sends: closing with unread data
 would reset the connection, and the client could lose the answer.
 
-The server's threads share one interpreter with the guest's: a vCPU thread needs the
-interpreter lock for every exit it handles, so a flood of requests would slow an exit-heavy
-guest. `CpuBudget` bounds what the server takes: its threads may use `Limits.cpu_share` of one
-CPU on average (with a small burst); past that they wait, requests queue up, and their latency,
-not the guest, pays.
+The server's threads keep to a `CpuBudget` of `Limits.cpu_share` of one CPU (cpu_budget.py),
+so that a flood of requests does not slow the guest.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
-import json
 import os
 import select
 import socket
@@ -44,34 +40,26 @@ from typing import NamedTuple
 
 import h11
 
+from kvmlet.api.cpu_budget import CpuBudget, lower_priority
+from kvmlet.api.http_connection import (
+    DISPATCHED,
+    LINGERING,
+    READING,
+    WRITING,
+    Connection,
+    Handler,
+    Reply,
+    Request,
+    check_head,
+    raw_answer,
+)
 from kvmlet.errors import LazyLogger
 
 log = LazyLogger(__name__)
 
-REASONS = {
-    200: b"OK",
-    400: b"Bad Request",
-    403: b"Forbidden",
-    404: b"Not Found",
-    405: b"Method Not Allowed",
-    408: b"Request Timeout",
-    409: b"Conflict",
-    413: b"Content Too Large",
-    415: b"Unsupported Media Type",
-    431: b"Request Header Fields Too Large",
-    500: b"Internal Server Error",
-    501: b"Not Implemented",
-    503: b"Service Unavailable",
-    505: b"HTTP Version Not Supported",
-}
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
-NICENESS_INCREMENT = 5
-"""The server's threads run this much nicer than the monitor: under CPU pressure the guest's
-vCPU and device threads come first."""
 LINGER_SECONDS = 1.0
 READ_SIZE = 65536
-
-READING, DISPATCHED, WRITING, LINGERING = "reading", "dispatched", "writing", "lingering"
 
 
 class Limits(NamedTuple):
@@ -87,43 +75,7 @@ class Limits(NamedTuple):
     cpu_burst: float = 0.05  # CPU seconds the server may use at once before it must wait
 
 
-class CpuBudget:
-    """CPU time the server may still use: it accrues at `share` CPU seconds per second up to
-    `burst`; threads pay what they used (`time.thread_time`) and sleep while in debt."""
-
-    def __init__(self, share: float, burst: float):
-        self.share = share
-        self.burst = burst
-        self._balance = burst
-        self._updated = time.monotonic()
-        self._lock = threading.Lock()
-        self.waited = 0.0  # seconds threads slept to stay in budget
-
-    def pay(self, cpu_seconds: float) -> None:
-        with self._lock:
-            now = time.monotonic()
-            self._balance = min(self.burst, self._balance + (now - self._updated) * self.share)
-            self._updated = now
-            self._balance -= cpu_seconds
-            debt = -self._balance
-        if debt > 0:
-            pause = debt / self.share
-            self.waited += pause
-            time.sleep(pause)
-
-
 DEFAULT_LIMITS = Limits()
-
-
-class Request(NamedTuple):
-    method: str
-    target: str  # path and query string, as sent
-    headers: dict[str, str]  # lower-case names; a repeated header keeps its last value
-    body: bytes
-
-
-Reply = tuple[int, object, list[tuple[str, str]]]
-Handler = Callable[[Request], Reply]
 
 
 def owner_only(peer_uid: int) -> bool:
@@ -135,49 +87,6 @@ def peer_uid(connection: socket.socket) -> int:
     """The user id of the process at the other end of a UNIX socket (SO_PEERCRED)."""
     credentials = connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
     return _UCRED.unpack(credentials)[1]
-
-
-def encode_json(payload: object) -> bytes:
-    return json.dumps(payload, separators=(",", ":"), default=str).encode() + b"\n"
-
-
-class Connection:
-    """One client. The I/O thread owns it, except while a handler answers its request."""
-
-    def __init__(self, sock: socket.socket, limits: Limits, now: float):
-        self.socket = sock
-        self.fd = sock.fileno()
-        self.http = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.header_bytes)
-        self.state = READING
-        self.deadline = now + limits.idle_seconds
-        self.request_started: float | None = None
-        self.head: h11.Request | None = None
-        self.body = bytearray()
-        self.outgoing = b""
-        self.close_after = False
-
-    def answer(self, status: int, payload: object, headers: list[tuple[str, str]]) -> bytes:
-        """The bytes of a JSON answer (empty when h11 says none can be sent now)."""
-        body = encode_json(payload)
-        head = [
-            ("content-type", "application/json"),
-            ("content-length", str(len(body))),
-            ("server", "kvmlet"),
-            *headers,
-        ]
-        if self.http.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
-            return b""
-        try:
-            response = h11.Response(
-                status_code=status, headers=head, reason=REASONS.get(status, b"")
-            )
-            return (
-                self.http.send(response)
-                + self.http.send(h11.Data(data=body))
-                + self.http.send(h11.EndOfMessage())
-            )
-        except h11.LocalProtocolError:
-            return b""
 
 
 class HttpServer:
@@ -242,7 +151,7 @@ class HttpServer:
     # -- the I/O thread -------------------------------------------------------------------------
 
     def _io_loop(self) -> None:
-        _lower_priority()
+        lower_priority()
         listener = self.listener.fileno()
         self._poller.register(listener, select.POLLIN)
         self._poller.register(self._wake_read, select.POLLIN)
@@ -343,7 +252,7 @@ class HttpServer:
             if event is h11.NEED_DATA:
                 return
             if isinstance(event, h11.Request):
-                problem = _check_head(event, limits)
+                problem = check_head(event, limits)
                 if problem is not None:
                     self._fail(connection, *problem)
                     return
@@ -361,13 +270,7 @@ class HttpServer:
                 return
 
     def _queue_request(self, connection: Connection) -> None:
-        head = connection.head
-        request = Request(
-            head.method.decode("ascii", "replace"),
-            head.target.decode("ascii", "replace"),
-            {name.decode("ascii").lower(): value.decode("latin-1") for name, value in head.headers},
-            bytes(connection.body),
-        )
+        request = connection.request()
         self.counters["requests"] += 1
         with self._lock:
             if len(self._queue) >= self.limits.queued:
@@ -411,12 +314,7 @@ class HttpServer:
         if connection.close_after or (http.our_state, http.their_state) != (h11.DONE, h11.DONE):
             self._linger(connection)
         else:
-            http.start_next_cycle()
-            connection.state = READING
-            connection.request_started = None
-            connection.head = None
-            connection.body = bytearray()
-            connection.deadline = time.monotonic() + self.limits.idle_seconds
+            connection.next_request(time.monotonic() + self.limits.idle_seconds)
             self._poller.modify(connection.fd, select.POLLIN)
             self._advance(connection)  # a pipelined request may be buffered already
 
@@ -425,7 +323,7 @@ class HttpServer:
         self.counters[f"status_{status}"] += 1
         data = connection.answer(status, {"error": message}, [("connection", "close")])
         if not data:  # h11 cannot answer (the client broke off, or a refused connection)
-            data = _raw_answer(status, message)
+            data = raw_answer(status, message)
         connection.close_after = True
         connection.state = WRITING
         connection.outgoing = data
@@ -482,7 +380,7 @@ class HttpServer:
         thread.start()
 
     def _handler_loop(self) -> None:
-        _lower_priority()
+        lower_priority()
         while True:
             with self._lock:
                 while not self._queue and not self._closing:
@@ -500,31 +398,3 @@ class HttpServer:
             self.budget.pay(time.thread_time() - used)
             with self._lock:
                 self._idle_handlers += 1
-
-
-def _check_head(event: h11.Request, limits: Limits) -> tuple[int, str] | None:
-    """Why a request head is refused (status, message), or None."""
-    if event.http_version not in (b"1.0", b"1.1"):
-        return 505, f"HTTP/{event.http_version.decode()} is not spoken here"
-    size = len(event.target) + sum(len(name) + len(value) + 4 for name, value in event.headers)
-    if size > limits.header_bytes:  # it arrived in one read: h11 did not count it
-        return 431, f"request headers over {limits.header_bytes} bytes"
-    for name, value in event.headers:
-        if name == b"content-length" and int(value) > limits.body_bytes:
-            return 413, f"request body over {limits.body_bytes} bytes"
-    return None
-
-
-def _raw_answer(status: int, message: str) -> bytes:
-    body = encode_json({"error": message})
-    return (
-        b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
-        b"connection: close\r\n\r\n" % (status, REASONS.get(status, b""), len(body))
-    ) + body
-
-
-def _lower_priority() -> None:
-    with contextlib.suppress(OSError, AttributeError):
-        thread = threading.get_native_id()
-        niceness = os.getpriority(os.PRIO_PROCESS, thread) + NICENESS_INCREMENT
-        os.setpriority(os.PRIO_PROCESS, thread, niceness)

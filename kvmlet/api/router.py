@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import NamedTuple, Protocol
 from urllib.parse import parse_qs
 
-from kvmlet.api.http import Reply, Request
+from kvmlet.api.http_connection import Reply, Request
 from kvmlet.errors import KvmletError
 
 API_PREFIX = "/v1"

@@ -22,15 +22,12 @@ the machine: the control API (kvmlet/api) is built on these.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
-import signal
 import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from kvmlet.boot import PciInterrupt, inspect_kernel, load_kernel
 from kvmlet.boot.memory_map import PCI_IO_WINDOW, PCI_MMIO_WINDOW, MemoryMap
 from kvmlet.bus import RamRegion, mmio_space, port_io_space, transactions
 from kvmlet.bus.pci import CONF1_PORT, BarAllocator, PciWindow
@@ -42,7 +39,8 @@ from kvmlet.host.report import format_stats, trace_printer
 from kvmlet.host.terminal import EscapeAction, EscapeFilter
 from kvmlet.kvm import InternalErrorExit, Kvm, Vcpu
 from kvmlet.kvm.ioctls import KVM_CAP_COALESCED_MMIO, KVM_CAP_COALESCED_PIO
-from kvmlet.machine.config import BOOT_CODE_ADDRESS, DeviceConfig, MachineConfig
+from kvmlet.machine.booting import boot, guest_memory
+from kvmlet.machine.config import DeviceConfig, MachineConfig
 from kvmlet.machine.control import Controls
 from kvmlet.machine.legacy import (
     attach_boot_timer,
@@ -51,19 +49,13 @@ from kvmlet.machine.legacy import (
     attach_pci_host_bridge,
     reserve_in_kernel_devices,
 )
-from kvmlet.machine.virtio_devices import SLOTS_WITH_INTX, VirtioDevices, intx_irq
+from kvmlet.machine.vcpu_threads import VCPU_STOP_TIMEOUT, VcpuThreads
+from kvmlet.machine.virtio_devices import VirtioDevices
 from kvmlet.machine.watchpoints import Watching, Watchpoints
-from kvmlet.memory import GuestMemory
 from kvmlet.vstate import host_profile
 from kvmlet.vstate.bus_listener import KvmBusListener
 from kvmlet.vstate.clock import thaw_clock
 from kvmlet.vstate.coalesced_io import CoalescedRing
-from kvmlet.vstate.cpu import (
-    apply_boot_state,
-    configure_vcpu,
-    start_real_mode,
-    supported_cpuid,
-)
 from kvmlet.vstate.diagnostics import describe_vcpu
 from kvmlet.vstate.interrupts import KvmInterruptRouter, KvmIrqLine
 from kvmlet.vstate.vcpu_loop import ExitCounts, GuestStop, StopReason, run_vcpu
@@ -75,22 +67,7 @@ if TYPE_CHECKING:
     from kvmlet.machine.restore import Restoring
     from kvmlet.machine.user_devices import UserDevices
 
-KICK_SIGNAL = signal.SIGRTMIN + 4
-"""Sent to a vCPU thread to make KVM_RUN return (its handler does nothing)."""
-KICK_INTERVAL = 0.05
-"""Seconds between kicks while waiting for vCPU threads to stop."""
-VCPU_STOP_TIMEOUT = 10.0
-"""Seconds `wait` and `close` wait for the vCPU threads to leave after a stop."""
-
 log = LazyLogger(__name__)
-
-
-def _install_kick_handler() -> None:
-    if signal.getsignal(KICK_SIGNAL) not in (signal.SIG_DFL, signal.SIG_IGN, None):
-        return
-    if threading.current_thread() is not threading.main_thread():
-        raise KvmletError("create the first kvmlet Machine from the main thread (signal setup)")
-    signal.signal(KICK_SIGNAL, lambda signum, frame: None)
 
 
 class Machine(Controls, Watching):
@@ -110,7 +87,7 @@ class Machine(Controls, Watching):
             raise KvmletError(
                 "MachineConfig needs a kernel (kvmlet.with_default_guest() adds the default one)"
             )
-        _install_kick_handler()
+        self.vcpu_threads = VcpuThreads()
         self.config = config
         self.profile = host_profile.resolve(config.host_profile)
         self.created = time.monotonic()
@@ -119,7 +96,6 @@ class Machine(Controls, Watching):
         self._stop: GuestStop | None = None
         self._stop_lock = threading.Lock()
         self._stopped = threading.Event()
-        self._threads: list[threading.Thread] = []
         self.vcpus: list[Vcpu] = []
         self.watchpoints = Watchpoints(self)
         self._init_controls()
@@ -179,7 +155,7 @@ class Machine(Controls, Watching):
         self._closers.append(vm.close)
         self.memory_map = MemoryMap(config.memory)
         if restoring is None:
-            self.memory = _guest_memory(config, self.memory_map.ram_banks())
+            self.memory = guest_memory(config, self.memory_map.ram_banks())
             self.memory.ask_for_huge_pages()
         else:
             self.memory = restoring.memory(self)
@@ -259,25 +235,11 @@ class Machine(Controls, Watching):
             self.cmdline = restoring.cmdline
             restoring.apply(self)
         else:
-            self._boot()
+            boot(self)
         if self.recorder is not None:
             from kvmlet.machine.record import record_header
 
             self.recorder.begin(record_header(self))
-
-    def _boot(self) -> None:
-        """Load the kernel (or the boot code) and set the vCPUs up to boot it."""
-        config = self.config
-        boot_state = self._load_kernel() if config.boot_code is None else None
-        if boot_state is None:
-            self.memory.write(BOOT_CODE_ADDRESS, config.boot_code)
-        supported = supported_cpuid(self.kvm)
-        for vcpu in self.vcpus:
-            configure_vcpu(vcpu, supported, config.cpus, self.profile.cpuid_masks)
-        if boot_state is None:
-            start_real_mode(self.vcpus[0], BOOT_CODE_ADDRESS)
-        else:
-            apply_boot_state(self.vcpus[0], boot_state)
 
     def _coalesced_ring(self) -> CoalescedRing | None:
         """The VM's coalesced-write ring, when this KVM coalesces port writes and no
@@ -288,28 +250,6 @@ class Machine(Controls, Watching):
         if self.kvm.check_extension(KVM_CAP_COALESCED_PIO) <= 0:
             return None
         return CoalescedRing(self.vm, self.io, self.mmio)
-
-    def _load_kernel(self):
-        """Load the configured kernel with the command line its boot method takes."""
-        config = self.config
-        method = inspect_kernel(config.kernel).boot_method(config.boot_method)
-        if method == "multiboot":
-            self.cmdline = config.multiboot_command_line()
-        else:
-            self.cmdline = config.kernel_command_line(
-                self.virtio.kernel_parameters(), self.profile.kernel_cmdline_additions()
-            )
-        return load_kernel(
-            self.memory,
-            config.kernel,
-            config.initrd,
-            self.cmdline,
-            self.memory_map,
-            config.cpus,
-            method,
-            [PciInterrupt(device=slot, pin=1, irq=intx_irq(slot)) for slot in SLOTS_WITH_INTX],
-            config.modules,
-        )
 
     def interrupt_router(self) -> KvmInterruptRouter:
         """The VM's GSI routing table (MSI and MSI-X vectors), made on first use."""
@@ -372,12 +312,7 @@ class Machine(Controls, Watching):
         self.virtio.start()
         if self._devices is not None:
             self._devices.start()
-        for vcpu in self.vcpus:
-            thread = threading.Thread(
-                target=self._vcpu_thread, args=(vcpu,), name=f"vcpu{vcpu.id}", daemon=True
-            )
-            self._threads.append(thread)
-            thread.start()
+        self.vcpu_threads.start(self.vcpus, self._vcpu_thread)
         return self
 
     def _vcpu_thread(self, vcpu: Vcpu) -> None:
@@ -446,28 +381,7 @@ class Machine(Controls, Watching):
             self._stopped.set()
         # Every vCPU, the calling one too: its next KVM_RUN must return at once.
         self.watchpoints.stopping()
-        self._kick()
-
-    def _kick(self) -> None:
-        """Signal every other vCPU thread still alive, so a KVM_RUN it sleeps in returns."""
-        current = threading.current_thread()
-        for thread in self._threads:
-            if thread.is_alive() and thread is not current:
-                with contextlib.suppress(ProcessLookupError, TypeError):
-                    signal.pthread_kill(thread.ident, KICK_SIGNAL)
-
-    def _join_vcpu_threads(self) -> bool:
-        """Wait for the vCPU threads to leave, kicking again meanwhile: a kick can land just
-        before a thread re-enters KVM_RUN, and a vCPU waiting for INIT/SIPI on some KVMs
-        does not look at immediate_exit. False if one still runs after VCPU_STOP_TIMEOUT."""
-        deadline = time.monotonic() + VCPU_STOP_TIMEOUT
-        while any(thread.is_alive() for thread in self._threads):
-            if time.monotonic() >= deadline:
-                return False
-            self._kick()
-            for thread in self._threads:
-                thread.join(KICK_INTERVAL)
-        return True
+        self.vcpu_threads.kick()
 
     def _explain(self, stop: GuestStop) -> GuestStop:
         """On a host profile that accounts for it, name what really ended the guest."""
@@ -493,7 +407,7 @@ class Machine(Controls, Watching):
             raise KvmletError(f"cannot wait {timeout!r} seconds for the guest")
         if not self._stopped.wait(timeout):
             self.stop(StopReason.TIMEOUT)  # the caller knows how long it waited
-        if not self._join_vcpu_threads():
+        if not self.vcpu_threads.join():
             raise KvmletError(
                 f"a vCPU thread did not stop within {VCPU_STOP_TIMEOUT:g} s of the guest's stop"
             )
@@ -509,7 +423,7 @@ class Machine(Controls, Watching):
         later `close` tries again. Devices whose worker is stuck likewise stay open."""
         if self.started is not None and not self._stopped.is_set():
             self.stop(StopReason.HOST_QUIT, "closed")
-        if not self._join_vcpu_threads():
+        if not self.vcpu_threads.join():
             log.warning("a vCPU thread did not stop: the machine's resources stay open")
             return
         while self._closers:
@@ -524,14 +438,3 @@ class Machine(Controls, Watching):
 
 def _coalesce_ports(ring: CoalescedRing, port: int, size: int, enabled: bool) -> None:
     ring.set_zone(port, size, pio=True, enabled=enabled)
-
-
-def _guest_memory(config: MachineConfig, banks) -> GuestMemory:
-    """Guest RAM: in memfds when a vhost-user backend must map it (or asked), else anonymous.
-    vhost_config.py (dataclasses, built at import) loads only for a machine that needs it."""
-    if config.mem_backend != "auto" or config.filesystems or config.vhost_user_disks:
-        from kvmlet.machine.vhost_config import shareable_memory
-
-        if shareable_memory(config):
-            return GuestMemory.memfd(banks)
-    return GuestMemory.anonymous(banks)

@@ -96,7 +96,7 @@ class Watchpoints:
             self.hit = hit
             for vcpu in self.machine.vcpus:
                 vcpu.immediate_exit = True
-        self.machine._kick()
+        self.machine.vcpu_threads.kick()
 
     def resume(self) -> None:
         with self.condition:

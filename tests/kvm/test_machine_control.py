@@ -91,7 +91,7 @@ def test_a_stop_releases_a_paused_machine():
         stop = machine.shutdown()  # no grace: from the host
         assert stop.reason is StopReason.HOST_QUIT
         assert machine.wait(5).reason is StopReason.HOST_QUIT
-        assert not any(thread.is_alive() for thread in machine._threads)
+        assert not any(thread.is_alive() for thread in machine.vcpu_threads.threads)
     finally:
         machine.close()
 

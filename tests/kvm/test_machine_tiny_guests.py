@@ -117,7 +117,7 @@ def test_stop_kicks_halted_vcpus_and_reports_a_timeout():
     with machine_for(bytes.fromhex("fa f4"), cpus=2) as machine:  # cli ; hlt
         stop = machine.wait(0.3)
     assert stop.reason is StopReason.TIMEOUT
-    assert not any(thread.is_alive() for thread in machine._threads)
+    assert not any(thread.is_alive() for thread in machine.vcpu_threads.threads)
 
 
 def test_debug_io_traces_each_access_by_region_name(capfd):

@@ -15,8 +15,7 @@ import pytest
 
 from kvmlet.bus import AccessSizes, IoRegion
 from kvmlet.errors import KvmletError
-from kvmlet.machine import machine as machine_module
-from kvmlet.machine import virtio_devices
+from kvmlet.machine import vcpu_threads, virtio_devices
 from kvmlet.machine.config import DiskConfig, MachineConfig
 from kvmlet.machine.machine import Machine
 from kvmlet.virtio.blk import VIRTIO_BLK_S_OK, VIRTIO_BLK_T_FLUSH
@@ -139,7 +138,7 @@ def test_closing_with_a_vcpu_stuck_in_a_handler_closes_nothing_it_uses(monkeypat
     device = Blocking()
     region = IoRegion("stuck", 0x1000, device, valid=AccessSizes(1, 4), impl=AccessSizes(1, 4))
     machine.mmio.root.add_subregion(0xD0000, region, priority=1)
-    monkeypatch.setattr(machine_module, "VCPU_STOP_TIMEOUT", 0.3)
+    monkeypatch.setattr(vcpu_threads, "VCPU_STOP_TIMEOUT", 0.3)
     machine.start()
     try:
         assert device.entered.wait(10)
@@ -148,7 +147,7 @@ def test_closing_with_a_vcpu_stuck_in_a_handler_closes_nothing_it_uses(monkeypat
         assert vcpu.fd >= 0 and machine.vm.fd >= 0, "closed under a running vCPU thread"
     finally:
         device.release.set()
-    assert wait_for(lambda: not machine._threads[0].is_alive(), timeout=10)
+    assert wait_for(lambda: not machine.vcpu_threads.threads[0].is_alive(), timeout=10)
     machine.close()
     assert machine.vcpus[0].fd == -1 and machine.vm.fd == -1
 

@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from kvmlet.api.http import CpuBudget, Limits
+from kvmlet.api.cpu_budget import CpuBudget
+from kvmlet.api.http import Limits
 from tests.helpers.api import (
     FakeMachine,
     closed_by_peer,

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kvmlet.api.http import Request
+from kvmlet.api.http_connection import Request
 from kvmlet.api.router import MAX_CONSOLE_BYTES, Router
 from tests.helpers.api import FakeMachine
 
