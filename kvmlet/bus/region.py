@@ -167,6 +167,11 @@ class Region:
             self._changed()
             transactions.lock.removals += 1
 
+    @property
+    def rank(self) -> int:
+        """Where this region stands among siblings of its priority: the higher wins."""
+        return self._sequence
+
     def _sort_subregions(self) -> None:
         self.subregions.sort(key=lambda child: (-child.priority, -child._sequence))
 

@@ -218,9 +218,15 @@ class PciDevice:
 
     def save_state(self) -> dict[str, object]:
         """The configuration space as the guest left it (BAR addresses, command, capability
-        bytes); the write masks are the model's own and come with it."""
+        bytes; the write masks are the model's own and come with it), and which of its mapped
+        BARs wins where the guest made them overlap (`bar_precedence`, winner first)."""
         with self.lock:
-            return {"config": bytes(self.config.data)}
+            mapped = [bar for bar in self.bars if bar is not None and bar.mapped_at is not None]
+            mapped.sort(key=lambda bar: -bar.region.rank)
+            return {
+                "config": bytes(self.config.data),
+                "bar_precedence": [bar.index for bar in mapped],
+            }
 
     def load_state(self, state: dict) -> None:
         """Take a saved configuration space and map the BARs where it says (the region tree
@@ -230,7 +236,17 @@ class PciDevice:
             raise ValueError(f"a configuration space of {len(config)} bytes")
         with self.lock:
             self.config.data[:] = config
-            self.update_mappings()
+            with transactions.transaction():
+                self.update_mappings()
+                self._restore_bar_precedence(state.get("bar_precedence", ()))
+
+    def _restore_bar_precedence(self, precedence) -> None:
+        """Rank the mapped BARs as saved: each one re-placed where it is, winner first, so
+        every later one yields to it (an overlap the guest made resolves as it did)."""
+        for index in precedence:
+            bar = self.bars[index] if 0 <= index < len(self.bars) else None
+            if bar is not None and bar.mapped_at is not None:
+                bar.region.move(bar.mapped_at, yielding=True)
 
     def command_changed(self, old: int, new: int) -> None:
         """Hook: the guest changed the command register (bus master, INTx disable, ...)."""
