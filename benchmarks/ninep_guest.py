@@ -65,6 +65,8 @@ VIRTIOFSD = Path("/usr/lib/qemu/virtiofsd")
 CASES = ("write_mibps", "read_mibps", "meta_ops_per_s", "find_entries_per_s")
 RUNS = ("qemu_9p", "kvmlet_9p", "kvmlet_virtiofs", "qemu_true", "kvmlet_sandbox_true")
 RESULT = re.compile(rb"ninep-bench: (\w+) (\d+)")
+KEPT_COUNTERS = ("vcpus.", "virtio.virtio-9p", "virtio.vhost-user-fs")
+"""kvmlet's counters a run's record keeps per phase: exits, the shares' queues and servers."""
 
 
 @dataclass(frozen=True)
@@ -144,7 +146,11 @@ def flat_counters(stats: object, prefix: str = "") -> dict[str, float]:
 
 def kvmlet_snapshot(machine: Machine) -> dict[str, float]:
     """The machine's counters, the process's CPU time and its virtio threads' CPU time."""
-    snapshot = flat_counters(machine.stats())
+    snapshot = {
+        key: value
+        for key, value in flat_counters(machine.stats()).items()
+        if key.startswith(KEPT_COUNTERS) and not key.endswith(("fids", "msize"))
+    }
     snapshot["cpu_s"] = time.process_time()
     clock_ticks = os.sysconf("SC_CLK_TCK")
     for thread in threading.enumerate():
