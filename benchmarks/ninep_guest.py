@@ -62,8 +62,14 @@ TAG = "bench"
 NINEP_MOUNT = f"mount -t 9p -o {GUEST_MOUNT_OPTIONS} {TAG} /mnt/bench"
 VIRTIOFS_MOUNT = f"mount -t virtiofs {TAG} /mnt/bench"
 VIRTIOFSD = Path("/usr/lib/qemu/virtiofsd")
-CASES = ("write_mibps", "read_mibps", "meta_ops_per_s", "find_entries_per_s")
-RUNS = ("qemu_9p", "kvmlet_9p", "kvmlet_virtiofs", "qemu_true", "kvmlet_sandbox_true")
+RUNS = (
+    "qemu_9p",
+    "kvmlet_9p",
+    "kvmlet_virtiofs",
+    "qemu_true",
+    "kvmlet_true",
+    "kvmlet_sandbox_true",
+)
 RESULT = re.compile(rb"ninep-bench: (\w+) (\d+)")
 KEPT_COUNTERS = ("vcpus.", "virtio.virtio-9p", "virtio.vhost-user-fs")
 """kvmlet's counters a run's record keeps per phase: exits, the shares' queues and servers."""
@@ -261,6 +267,40 @@ def sandbox_true() -> dict:
     return {"wall_s": seconds}
 
 
+def kvmlet_true() -> dict:
+    """`true` booted the way the QEMU peer boots it (same init, command and root share, none
+    of the sandbox's agent, control share or working-directory share): a process of its own,
+    start to exit, with the 9p requests the root share served."""
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--boot-true"],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        timeout=RUN_TIMEOUT,
+        check=False,
+    )
+    seconds = time.monotonic() - started
+    if result.returncode != 0:
+        raise RuntimeError(f"kvmlet booting `true`: status {result.returncode}: {result.stderr!r}")
+    return {"wall_s": seconds, **json.loads(result.stdout)}
+
+
+def boot_true() -> int:
+    """The child of `kvmlet_true`."""
+    guest = ensure_default_guest(progress=QuietProgress())
+    config = MachineConfig(kernel=guest.vmlinux, extra_parameters=("quiet", run_parameter("true")))
+    with Machine(with_root_share(config, "/")) as machine:
+        machine.wait(RUN_TIMEOUT)
+        counters = flat_counters(machine.stats())
+        transcript = machine.console.transcript()
+    if parse_exit_status(transcript) != 0:
+        print(f"`true` failed under kvmlet: {transcript[-3000:]!r}", file=sys.stderr)
+        return 1
+    root = {key: value for key, value in counters.items() if key.startswith("virtio.virtio-9p")}
+    emit({"root_share_requests": sum(v for k, v in root.items() if k.endswith("server.requests"))})
+    return 0
+
+
 def qemu_true(guest) -> dict:
     run = run_qemu(guest, None, "true")
     if parse_exit_status(run["transcript"]) != 0:
@@ -281,7 +321,11 @@ def measure(args: argparse.Namespace) -> None:
             guest, scratch, guest_script(VIRTIOFS_MOUNT, sizes), virtiofs=True
         ),
     }
-    boots = {"qemu_true": lambda: qemu_true(guest), "kvmlet_sandbox_true": sandbox_true}
+    boots = {
+        "qemu_true": lambda: qemu_true(guest),
+        "kvmlet_true": kvmlet_true,
+        "kvmlet_sandbox_true": sandbox_true,
+    }
     chosen = args.only.split(",") if args.only else [*variants, *boots]
     samples: dict[tuple[str, str], list[float]] = {}
     with tempfile.TemporaryDirectory(prefix="kvmlet-9p-bench-") as directory:
@@ -291,7 +335,7 @@ def measure(args: argparse.Namespace) -> None:
             for variant in chosen:
                 if variant in boots:
                     run = boots[variant]()
-                    figures = {"wall_s": run["wall_s"]}
+                    figures = {"wall_s": run.pop("wall_s")}
                 else:
                     run = variants[variant](scratch)
                     figures = phases(run, variant, sizes)
@@ -332,12 +376,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--rounds", type=int, default=3, help="interleaved runs per monitor")
     parser.add_argument("--here", action="store_true", help="run on this host's KVM")
+    parser.add_argument("--boot-true", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--only", help="comma-separated runs: " + ", ".join(RUNS))
     parser.add_argument("--mib", type=int, default=64, help="size of the sequential file")
     parser.add_argument("--files", type=int, default=1000, help="files of the metadata phase")
     parser.add_argument("--directories", type=int, default=100, help="directories of the tree")
     parser.add_argument("--files-per-directory", type=int, default=99)
     args = parser.parse_args()
+    if args.boot_true:
+        return boot_true()
     if not args.here and detect().name != "none" and os.environ.get("KVMLET_TESTBOX") != "1":
         return run_in_test_box(sys.argv[1:])
     if shutil.which("qemu-system-x86_64") is None:
