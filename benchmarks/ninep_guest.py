@@ -2,8 +2,8 @@
 
 Both monitors boot the same kernel (the default guest's vmlinux) with the same initramfs
 (kvmlet's root-file-system one) and the host's / as a read-only 9p root under an overlay, plus
-a read-write 9p share of a scratch directory at /mnt/bench (msize 512000, no guest cache). The
-guest command, timed by the guest's own clock (`date +%s%N`):
+a read-write share of a scratch directory at /mnt/bench (9p: msize 512000, no guest cache). The
+guest command, each phase timed by the guest's own clock (`date +%s%N`):
 
     write    dd 64 MiB of zeros into a file in 1 MiB writes, with fsync
     read     dd it back in 1 MiB reads (9p without cache: every read reaches the server)
@@ -11,17 +11,26 @@ guest command, timed by the guest's own clock (`date +%s%N`):
              all (rm): operations per second over the 3,000
     find     find over a tree of 10,000 entries (100 directories of 99 files) made on the host
 
-QEMU 7.2: `qemu-system-x86_64 -enable-kvm -M pc -cpu host -m 256M -fsdev local,...,
-security_model=none -device virtio-9p-pci,...` for both shares. Interleaved rounds (QEMU,
-kvmlet), medians.
+Runs, interleaved per round (`--only` picks some):
 
-The sandbox case is the wall time of `python3 -m kvmlet sandbox -- true` (process start to
-exit status), against QEMU booting the same guest to run `true` through the same init (the way
-`vng -- true` does: a 9p root, a command, power off), process start to exit.
+    qemu_9p          QEMU 7.2, `-enable-kvm -M pc -cpu host -m 256M`, `-fsdev local`
+                     (security_model=none) and virtio-9p-pci for both shares
+    kvmlet_9p        kvmlet's 9p server (in this process) for both shares
+    kvmlet_virtiofs  kvmlet with the scratch share served by its own virtiofsd
+                     (/usr/lib/qemu/virtiofsd), the root still over 9p
+    qemu_true        QEMU booting the same guest to run `true` through the same init (the way
+                     `vng -- true` does: a 9p root, a command, power off), process start to exit
+    kvmlet_true      kvmlet booting the same, in a process of its own, start to exit
+    kvmlet_sandbox_true  `python3 -m kvmlet sandbox -- true`, process start to exit status
+
+Each run prints a record on stderr as it ends (figures, wall time, how the guest stopped, and
+for kvmlet the counters each phase moved: exits, the shares' requests and interrupts, CPU time
+of the process and of its virtio threads); the medians and their ratios to QEMU's go to stdout
+as JSON lines: {"case", "value", "ratio_to_qemu", "samples", "rounds"}. `--mib`, `--files`,
+`--directories` and `--files-per-directory` shrink the work for debugging.
 
 Where guest user space cannot run (our machines' software KVM) the script runs itself inside
-the test box. Prints JSON lines: {"case", "value", "unit", "ratio_to_qemu", "samples", ...}.
-Usage: python3 benchmarks/ninep_guest.py [--rounds 3]
+the test box. Usage: python3 benchmarks/ninep_guest.py [--rounds 3] [--only RUN,...]
 """
 
 from __future__ import annotations
