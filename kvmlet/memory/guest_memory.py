@@ -279,8 +279,9 @@ class GuestMemory:
         if len(addresses) < _MANY_BUFFERS or not self.contains_all(addresses, lengths):
             return [self.view(a, n) for a, n in zip(addresses, lengths, strict=True)]
         base, _, low = self._low
-        starts = [address - base for address in addresses] if base else addresses
-        return [low[start : start + length] for start, length in zip(starts, lengths, strict=True)]
+        starts = list(map(operator.sub, addresses, itertools.repeat(base))) if base else addresses
+        # Slices made by map in C, not a Python step per buffer (a 9p read brings ~100 pages).
+        return list(map(low.__getitem__, map(slice, starts, map(operator.add, starts, lengths))))
 
     def host_iovec(self, addresses: Sequence[int], lengths: Sequence[int]) -> HostIovec | None:
         """The buffers as a `struct iovec` array for a vectored system call, when

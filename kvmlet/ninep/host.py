@@ -66,8 +66,19 @@ _libc.fchownat.argtypes += [ctypes.c_int]
 _libc.utimensat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_int]
 
 
-class _OpenHow(ctypes.Structure):
-    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+_OPEN_HOW = struct.Struct("=QQQ")
+"""struct open_how: flags, mode, resolve."""
+_openat2_syscall = ctypes.CFUNCTYPE(
+    ctypes.c_long,
+    ctypes.c_long,
+    ctypes.c_int,
+    ctypes.c_char_p,
+    ctypes.c_char_p,
+    ctypes.c_size_t,
+    use_errno=True,
+)(("syscall", _libc))
+"""syscall(SYS_openat2, dirfd, path, how, size) with its argument types declared once: a call
+then converts plain ints and bytes itself (a fid walk or a create makes one per name)."""
 
 
 class _Timespec(ctypes.Structure):
@@ -111,15 +122,9 @@ def openat2(dir_fd: int, name: bytes, flags: int, mode: int = 0, resolve: int = 
     """openat2(2), close-on-exec (and, unless O_PATH, which takes no other flags, never
     making a terminal ours); raises OSError (ENOSYS on kernels before 5.6)."""
     flags |= os.O_CLOEXEC if flags & os.O_PATH else os.O_CLOEXEC | os.O_NOCTTY
-    how = _OpenHow(flags, mode, resolve)
+    how = _OPEN_HOW.pack(flags, mode, resolve)
     while True:
-        fd = _libc.syscall(
-            ctypes.c_long(SYS_OPENAT2),
-            ctypes.c_long(dir_fd),
-            ctypes.c_char_p(name),
-            ctypes.byref(how),
-            ctypes.c_size_t(ctypes.sizeof(how)),
-        )
+        fd = _openat2_syscall(SYS_OPENAT2, dir_fd, name, how, _OPEN_HOW.size)
         if fd >= 0:
             return fd
         if ctypes.get_errno() != errno.EINTR:

@@ -211,6 +211,12 @@ def decode_response(message: bytes | memoryview):
 
 def encode(message) -> bytes:
     """The bytes of any message value (a ValueError when a field is out of range)."""
+    framed = message.LAYOUT.framed
+    if framed is not None:
+        try:
+            return framed.pack(framed.size, message.TYPE, *message)
+        except struct.error as error:
+            raise ValueError(f"{type(message).__name__}: {error}") from None
     body = message.LAYOUT.pack(message[1:])
     return HEADER.pack(HEADER_SIZE + len(body), message.TYPE, message.tag) + body
 

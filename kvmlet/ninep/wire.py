@@ -46,10 +46,15 @@ class Qid(NamedTuple):
 class Layout:
     """A compiled format: `unpack(body)` -> field values, `pack(values)` -> body bytes."""
 
-    __slots__ = ("format", "steps")
+    __slots__ = ("flat", "format", "framed", "steps")
 
     def __init__(self, format: str):
         self.format = format
+        # A format of plain numbers only (the common case) is one struct for the whole body,
+        # and `framed` the same with the message header in front: one call for a message.
+        flat = all(letter in _FIXED and letter != "Q" for letter in format)
+        self.flat = _run_struct(format) if flat else None
+        self.framed = struct.Struct(HEADER.format + self.flat.format[1:]) if flat else None
         # Each step is (struct, letters) for a run of fixed-size fields, one struct call for
         # the run, or (None, letter) for a variable-size field.
         steps: list[tuple[struct.Struct | None, str]] = []
@@ -68,10 +73,15 @@ class Layout:
             steps.append((_run_struct(run), run))
         self.steps = tuple(steps)
 
-    def unpack(self, body: bytes | memoryview, offset: int = 0) -> list[object]:
+    def unpack(self, body: bytes | memoryview, offset: int = 0) -> list[object] | tuple:
         """The field values of `body` from `offset` (qids as `Qid`); trailing bytes are ignored."""
-        values: list[object] = []
         end = len(body)
+        flat = self.flat
+        if flat is not None:
+            if offset + flat.size > end:
+                raise MalformedMessage(f"{self.format}: body ends inside a field")
+            return flat.unpack_from(body, offset)
+        values: list[object] = []
         for fixed, letters in self.steps:
             if fixed is not None:
                 if offset + fixed.size > end:
@@ -106,6 +116,11 @@ class Layout:
 
     def pack(self, values: tuple | list) -> bytes:
         """The body for `values` (one per field letter); a value out of range is a ValueError."""
+        if self.flat is not None:
+            try:
+                return self.flat.pack(*values)
+            except struct.error as error:
+                raise ValueError(f"{self.format}: {error}") from None
         parts: list[bytes] = []
         position = 0
         try:

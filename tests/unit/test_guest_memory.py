@@ -260,3 +260,21 @@ def test_a_refused_memfd_mapping_leaves_no_file_open(monkeypatch):
         GuestMemory.memfd(LAYOUT)
     assert len(calls) == 2
     assert open_fd_count() == before
+
+
+@pytest.mark.parametrize("base", [0, 0x10000])
+@given(buffers=st.lists(st.tuples(st.integers(0, 0xF000), st.integers(0, 0x1000)), max_size=40))
+def test_views_of_many_buffers_are_each_buffer(base, buffers):
+    """`views` (one bounds check for the lot when there are many) gives each buffer's bytes,
+    in order, whatever the bank's base."""
+    memory = GuestMemory.anonymous([(base, 0x10000)])
+    try:
+        memory.write(base, bytes(range(256)) * 256)
+        addresses = [base + offset for offset, _ in buffers]
+        lengths = [length for _, length in buffers]
+        views = memory.views(addresses, lengths)
+        assert [bytes(view) for view in views] == [
+            memory.read(base + offset, length) for offset, length in buffers
+        ]
+    finally:
+        memory.close()

@@ -113,6 +113,8 @@ def test_values_out_of_range_are_refused_when_encoding():
     with pytest.raises(ValueError):
         m.encode(m.Tclunk(1, 1 << 32))
     with pytest.raises(ValueError):
+        Layout("dq").pack((1 << 32, 0))
+    with pytest.raises(ValueError):
         m.encode(m.Rreadlink(1, b"x" * 70000))
     with pytest.raises(ValueError):
         Layout("dz")
