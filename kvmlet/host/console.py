@@ -46,7 +46,7 @@ class Console:
         self._start = 0
         self._dropped = 0
         self._read_position = 0
-        self._writer = BatchedWriter(echo_fd) if echo_fd is not None else None
+        self._writer = BatchedWriter(echo_fd, start=False) if echo_fd is not None else None
         self._input: ConsoleInput | None = None
         self._pipe_write: int | None = None
 
@@ -166,8 +166,15 @@ class Console:
             escape_filter=EscapeFilter() if escape else None,
             on_action=on_action,
         )
-        self._input.start()
         return self._input.notify_space
+
+    def start(self) -> None:
+        """Start the threads that echo guest output and read its input (once the vCPUs
+        run: a restored guest's first instruction waits for neither)."""
+        if self._writer is not None:
+            self._writer.start()
+        if self._input is not None:
+            self._input.start()
 
     def write(self, data: bytes | str) -> None:
         """Send input to the guest console (only when the console reads from the API)."""

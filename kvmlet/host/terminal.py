@@ -311,6 +311,8 @@ class BatchedWriter:
     Past `max_pending` bytes, `write()` blocks until the host catches up: the guest slows down
     the way it would behind a real, slow serial line, instead of growing memory without bound.
     If the fd breaks (EPIPE, EIO), output is dropped from then on; the guest keeps running.
+    With `start=False` the thread starts at `start()` (or `close()`): what is written before
+    waits for it.
     """
 
     def __init__(
@@ -320,6 +322,7 @@ class BatchedWriter:
         linger: float = 0.002,
         max_pending: int = 1 << 20,
         write: Callable[[int, bytes], int] = os.write,
+        start: bool = True,
     ) -> None:
         self._fd = fd
         self._linger = linger
@@ -333,7 +336,14 @@ class BatchedWriter:
         self.writes = 0
         self._condition = threading.Condition(threading.Lock())
         self._thread = threading.Thread(target=self._run, name="console-output", daemon=True)
-        self._thread.start()
+        if start:
+            self.start()
+
+    def start(self) -> None:
+        """Start the writer thread (once)."""
+        with self._condition:
+            if self._thread.ident is None:
+                self._thread.start()
 
     def write(self, data: bytes) -> None:
         with self._condition:
@@ -359,6 +369,7 @@ class BatchedWriter:
 
     def close(self, timeout: float | None = 2.0) -> None:
         """Write what is pending, then stop the thread."""
+        self.start()
         with self._condition:
             self._closed = True
             self._condition.notify_all()

@@ -229,7 +229,9 @@ class MachineConfig:
     def to_document(self) -> dict[str, Any]:
         """The configuration as a snapshot keeps it (plain values; file names absolute). The
         user's devices are not in it: a snapshot keeps every placed device, hot-added ones
-        too (machine/snapshot.py); nor are the run's options (`debug_io`, `record`)."""
+        too (machine/snapshot.py); nor are the run's options (`debug_io`, `record`). The
+        devices served outside Python are, by their backends' sockets: a restore connects
+        again to the backend listening there (vhost_config.py)."""
 
         def path(name: FilePath | None) -> str | None:
             return None if name is None else os.path.abspath(os.fspath(name))
@@ -254,6 +256,22 @@ class MachineConfig:
             "extra_parameters": list(self.extra_parameters),
             "modules": [[path(module.path), module.cmdline] for module in self.modules],
             "debug_exit_port": self.debug_exit_port,
+            "mem_backend": self.mem_backend,
+            "vhost_user_disks": [
+                {"socket": path(disk.socket), "read_only": disk.read_only}
+                for disk in self.vhost_user_disks
+            ],
+            "filesystems": [
+                {
+                    "tag": share.tag,
+                    "source": path(share.source),
+                    "read_only": share.read_only,
+                    "socket": path(share.socket),
+                }
+                for share in self.filesystems
+            ],
+            "vsock_cid": self.vsock_cid,
+            "virtiofsd": path(self.virtiofsd),
         }
 
     @classmethod
@@ -263,6 +281,18 @@ class MachineConfig:
         fields["disks"] = tuple(DiskConfig(**disk) for disk in document["disks"])
         fields["modules"] = tuple(BootModule(*module) for module in document["modules"])
         fields["extra_parameters"] = tuple(document["extra_parameters"])
+        if document.get("vhost_user_disks") or document.get("filesystems"):
+            from kvmlet.machine.vhost_config import FilesystemConfig, VhostUserDiskConfig
+
+            fields["vhost_user_disks"] = tuple(
+                VhostUserDiskConfig(**disk) for disk in document["vhost_user_disks"]
+            )
+            fields["filesystems"] = tuple(
+                FilesystemConfig(**share) for share in document["filesystems"]
+            )
+        else:  # none, or a file from before they were kept
+            fields.pop("vhost_user_disks", None)
+            fields.pop("filesystems", None)
         fields.update(changes)
         return cls(**fields)
 

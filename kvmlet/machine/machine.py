@@ -302,17 +302,22 @@ class Machine(Controls, Watching):
     # -- running ---------------------------------------------------------------------------
 
     def start(self) -> Machine:
-        """Start the devices' workers and one thread per vCPU."""
+        """Start one thread per vCPU, then the devices' workers and the console's threads.
+
+        The vCPUs go first: a guest's next instruction needs none of the others (a kick or
+        output waits in its eventfd or buffer until its thread polls), and each thread start
+        waits for the new thread to be scheduled, which on a busy host takes milliseconds."""
         if self.started is not None:
             raise KvmletError("this machine has already been started")
         self.started = time.monotonic()
         if self._restored_clock is not None:
             thaw_clock(self.vm, self.vcpus, self._restored_clock)
             self._restored_clock = None
+        self.vcpu_threads.start(self.vcpus, self._vcpu_thread)
         self.virtio.start()
         if self._devices is not None:
             self._devices.start()
-        self.vcpu_threads.start(self.vcpus, self._vcpu_thread)
+        self.console.start()
         return self
 
     def _vcpu_thread(self, vcpu: Vcpu) -> None:

@@ -1,14 +1,19 @@
 """Restoring a snapshot: `Machine.restore(path)` and `kvmlet run --restore FILE`.
 
 The file is opened and checked first (format/file.py: magic, version, checksums, length),
-then what it asks of this host: the disks must be the images the snapshot saw (size,
+then its devices (`check_restorable`: none whose state lives outside kvmlet), then what it
+asks of this host: the disks must be the images the snapshot saw (size,
 modification time, inode; `force` overrides), this KVM must offer every CPU feature the
 guest was shown, with the same vendor. The machine is then rebuilt from the saved
 configuration the way `Machine(config)` builds one, with three differences (machine.py asks
 this module at those points):
 
-- guest RAM is the file's, mapped copy-on-write (snapshot/ram.py), or copied into memfds when
-  the snapshot's RAM was shareable (a vhost-user backend maps it);
+- guest RAM is the file's, mapped copy-on-write (snapshot/ram.py), unless the rebuilt
+  machine needs shareable RAM (`shareable_memory`: a vhost-user backend maps guest RAM
+  itself, and cannot map a private mapping of the file): then the file's data is copied
+  into fresh memfds, its holes left unallocated, and each backend gets those memfds in
+  SET_MEM_TABLE and its rings from the saved positions (SET_VRING_BASE) when its device's
+  state is loaded (vhost/device.py);
 - no kernel is loaded, no vCPU is set up for a boot;
 - once built, `apply` re-adds the user's devices as they were placed, writes the VM's chips,
   loads every device's state (the registry), then every vCPU's, and keeps the frozen kvmclock
@@ -25,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from kvmlet.errors import KvmletError
 from kvmlet.machine.config import DeviceConfig, MachineConfig
 from kvmlet.machine.snapshot import state_owners
+from kvmlet.machine.vhost_config import shareable_memory
 from kvmlet.memory import GuestMemory
 from kvmlet.snapshot import ram
 from kvmlet.snapshot.format import SnapshotFile
@@ -45,6 +51,43 @@ if TYPE_CHECKING:
 
 
 IDENTITY = ("size", "mtime_ns", "inode", "device")
+
+
+def restored_ram(fd: int, banks: list[dict[str, Any]], in_memfds: bool) -> GuestMemory:
+    """Guest RAM from the snapshot file `fd`'s banks (checked): copied into fresh memfds
+    (`in_memfds`; holes stay unallocated), or the file mapped copy-on-write."""
+    if in_memfds:
+        memory = GuestMemory.memfd([(bank["base"], bank["size"]) for bank in banks])
+        try:
+            for bank, saved in zip(memory, banks, strict=True):
+                ram.load_bank(fd, saved["offset"], bank)
+        except BaseException:
+            memory.close()
+            raise
+        return memory
+    mapped = []
+    try:
+        for bank in banks:
+            mapped.append(ram.map_bank(fd, bank["offset"], bank["base"], bank["size"]))
+    except BaseException:
+        GuestMemory(mapped).close()
+        raise
+    return GuestMemory(mapped)
+
+
+def check_restorable(config: MachineConfig) -> None:
+    """KvmletError (one line), before anything is built or started, for devices whose state
+    lives outside kvmlet (a snapshot refuses them too: vhost/device.py RING_STATE_ONLY)."""
+    if config.filesystems:
+        raise KvmletError(
+            f"the snapshot has a virtiofs share ({config.filesystems[0].tag!r}): its FUSE "
+            "session lives in virtiofsd and cannot be restored"
+        )
+    if config.vsock_cid is not None:
+        raise KvmletError(
+            "the snapshot has a vsock device: its connections live in the host kernel and "
+            "cannot be restored"
+        )
 
 
 @contextlib.contextmanager
@@ -113,28 +156,13 @@ class Restoring:
                     ram.verify_bank(self.file.fd, bank["offset"], bank["size"], bank["checksums"])
                 except KvmletError as error:
                     raise KvmletError(f"{self.file.path}: {error}") from None
-        if self.state["ram"]["shareable"]:
-            memory = GuestMemory.memfd(layout)
-            try:
-                for bank, saved in zip(memory, banks, strict=True):
-                    ram.load_bank(self.file.fd, saved["offset"], bank)
-            except BaseException:
-                memory.close()
-                raise
-            return memory
-        mapped = []
-        backing = os.dup(self.file.fd)  # the machine's own: a later snapshot reads its extents
-        machine._closers.append(lambda: os.close(backing))
-        try:
-            for bank in banks:
-                mapped.append(
-                    ram.map_bank(self.file.fd, bank["offset"], bank["base"], bank["size"])
-                )
-                self.backings[bank["base"]] = (backing, bank["offset"])
-        except BaseException:
-            GuestMemory(mapped).close()
-            raise
-        return GuestMemory(mapped)
+        # What the rebuilt machine needs decides, not what the snapshotted one had.
+        memory = restored_ram(self.file.fd, banks, shareable_memory(machine.config))
+        if not memory.shareable:
+            backing = os.dup(self.file.fd)  # the machine's own: a later snapshot reads it
+            machine._closers.append(lambda: os.close(backing))
+            self.backings = {bank["base"]: (backing, bank["offset"]) for bank in banks}
+        return memory
 
     def _check_cpu(self, machine: Machine) -> None:
         saved = cpuid_entries(self.state["vcpus"][0]["cpuid"])
@@ -193,6 +221,8 @@ def open_snapshot(
         state = file.state
         with reading(path):
             config = MachineConfig.from_document(state["machine"], **changes)
+        check_restorable(config)
+        with reading(path):
             check_disks(state["disks"], force)
         return config, Restoring(file, verify)
     except BaseException:

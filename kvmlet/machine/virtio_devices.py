@@ -187,19 +187,32 @@ class VirtioDevices:
 
     def pause(self, timeout: float) -> bool:
         """Hold every device's worker between two rounds, with no request in flight (see
-        `QueueWorker.pause`); False when a device stayed busy for `timeout` seconds (then
-        `resume()`)."""
+        `QueueWorker.pause`), and take every vhost backend's rings back (`pause_backend`: it
+        finishes what it took, then touches no guest RAM, and the queues say where it got
+        to, which a snapshot saves); False when a device stayed busy for `timeout` seconds
+        (then `resume()`)."""
         deadline = time.monotonic() + timeout
         # Ask them all first, so that they reach their safe points together.
         paused = [worker.pause(0) for worker in self.workers]
         for index, worker in enumerate(self.workers):
             if not paused[index]:
                 paused[index] = worker.pause(max(0.0, deadline - time.monotonic()))
-        return all(paused)
+        if not all(paused):
+            return False
+        for device in self._vhost_backed():
+            device.pause_backend()
+        return True
 
     def resume(self) -> None:
+        """Hand the backends their rings again, then let the workers go on."""
+        for device in self._vhost_backed():
+            device.resume_backend()
         for worker in self.workers:
             worker.resume()
+
+    def _vhost_backed(self) -> list:
+        """The devices whose rings a vhost backend runs (VhostDevice, imported only with one)."""
+        return [device for device in self.devices if hasattr(device, "pause_backend")]
 
     def state_owners(self) -> dict[str, object]:
         """Each transport (which saves its device with it), named as in the statistics."""

@@ -327,14 +327,18 @@ class VhostDevice(VirtioDevice):
 
     def load_state(self, state: dict) -> None:
         """Take a saved state; a running device hands its rings to the (new) backend with
-        the saved positions (SET_VRING_BASE) at once."""
+        the saved positions (SET_VRING_BASE) at once, its memory table first, then signals
+        each ring's call once: a completion the old backend signalled while its machine
+        was paused may have been waiting in a call eventfd of the old process (a relayed
+        call), and its interrupt must not be lost; a driver ignores one with nothing new."""
         with self._lock:
             if self.device_id not in RING_STATE_ONLY:
                 raise KvmletError(f"a vhost device of type {self.device_id} cannot be restored")
             super().load_state(state)
             self._paused_rings = []
-            if self.running:
-                self._guarded(self._start_backend)
+            if self.running and self._guarded(self._start_backend):
+                for index in sorted(self._handed):
+                    os.eventfd_write(self.calls[index].fd, 1)
 
     # Configuration space -----------------------------------------------------------------------
 

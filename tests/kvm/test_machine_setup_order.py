@@ -9,12 +9,16 @@ under guest RAM: loading a 9 MiB kernel then faults 2 MiB at a time.
 from __future__ import annotations
 
 import os
+import threading
+import time
 
 import pytest
 
+from kvmlet.host.console import Console
 from kvmlet.kvm import Vm
 from kvmlet.machine.config import MachineConfig
 from kvmlet.machine.machine import Machine
+from kvmlet.machine.virtio_devices import VirtioDevices
 from kvmlet.vstate.vcpu_loop import StopReason
 
 pytestmark = pytest.mark.kvm
@@ -68,3 +72,36 @@ def test_guest_ram_asks_for_transparent_huge_pages():
         assert all("hg" in vm_flags(bank.host_address()) for bank in machine.memory)
     finally:
         machine.close()
+
+
+def test_the_vcpus_run_before_the_workers_and_the_console_threads_start(monkeypatch):
+    """Each thread start waits for the new thread to be scheduled: the guest's first
+    instruction must not wait for threads it does not need yet."""
+    seen: dict[str, float | None] = {}
+
+    def starting(name: str, owner):
+        original = owner.start
+
+        def start(self, *arguments):
+            deadline = time.monotonic() + 5
+            while machine.first_run_at is None and time.monotonic() < deadline:
+                time.sleep(0.001)
+            seen[name] = machine.first_run_at
+            return original(self, *arguments)
+
+        monkeypatch.setattr(owner, "start", start)
+
+    starting("workers", VirtioDevices)
+    starting("console", Console)
+    config = MachineConfig(boot_code=bytes.fromhex("fa f4"), host_profile="none")
+    echo = os.open(os.devnull, os.O_WRONLY)
+    threads = len(threading.enumerate())
+    machine = Machine(config, console_echo_fd=echo)
+    try:
+        assert len(threading.enumerate()) == threads, "a thread started with the build"
+        machine.start()
+        assert seen.keys() == {"workers", "console"}
+        assert all(first_run is not None for first_run in seen.values()), seen
+    finally:
+        machine.close()
+        os.close(echo)

@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from kvmlet.errors import KvmletError
 from kvmlet.host.virtiofsd import VIRTIOFSD_PATHS
 from kvmlet.machine.config import MachineConfig
 from kvmlet.machine.machine import Machine
@@ -54,3 +55,18 @@ def test_shares_get_a_daemon_each_for_the_machines_life(tmp_path, caplog):
     lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(lines) == 1 and "virtiofsd for 'ro'" in lines[0], lines
     assert "the device needs a reset, the guest keeps running" in lines[0]
+
+
+def test_a_snapshot_of_a_machine_with_a_share_is_one_line_and_the_machine_goes_on(tmp_path):
+    """virtiofsd keeps the guest's FUSE session (inodes, open files): nothing kvmlet could
+    save, so the snapshot is refused, no file is left, and the machine runs on."""
+    snapshot = tmp_path / "refused.snap"
+    shares = (FilesystemConfig("rw", str(tmp_path)),)
+    config = MachineConfig(boot_code=HALT, rng=False, host_profile="none", filesystems=shares)
+    with Machine(config) as machine:
+        with pytest.raises(KvmletError, match="lives outside kvmlet and cannot be saved") as e:
+            machine.snapshot(str(snapshot))
+        assert "\n" not in str(e.value)
+        assert machine.state == "running"
+        assert machine.stats()["virtio"]["vhost-user-fs0"]["backend_error"] is None
+    assert os.listdir(tmp_path) == []

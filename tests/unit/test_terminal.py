@@ -232,6 +232,27 @@ def test_batched_writer_turns_a_byte_stream_into_few_writes():
     assert len(chunks) <= 10
 
 
+@pytest.mark.parametrize("ends_with", ["start", "close"])
+def test_a_batched_writer_not_started_keeps_its_output_until_it_is(ends_with):
+    """A machine starts its console's writer after its vCPUs: output waits, nothing is lost
+    (a machine closed without starting writes what it has on the way out)."""
+    chunks: list[bytes] = []
+    writer = BatchedWriter(
+        1, linger=0, write=lambda fd, data: chunks.append(bytes(data)) or len(data), start=False
+    )
+    writer.write(b"before ")
+    writer.write(b"the start")
+    time.sleep(0.05)
+    assert chunks == []
+    if ends_with == "start":
+        writer.start()
+        writer.start()  # once
+        assert writer.flush(timeout=2)
+        assert b"".join(chunks) == b"before the start"
+    writer.close()
+    assert b"".join(chunks) == b"before the start"
+
+
 def test_batched_writer_handles_short_writes_and_a_broken_fd():
     calls = []
 

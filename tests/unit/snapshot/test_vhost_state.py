@@ -121,3 +121,31 @@ def test_a_backend_with_state_of_its_own_is_refused(device_id):
     finally:
         backed.close()
         memory.close()
+
+
+def test_a_restored_device_signals_each_ring_once_so_no_completion_goes_unnoticed():
+    """A completion the old backend signalled while its machine was paused waited in a call
+    eventfd of the old process; the restored device raises each ring's interrupt once."""
+    memory = GuestMemory.memfd([(0, GUEST_RAM_SIZE)])
+    first = Backed(memory)
+    second = Backed(memory)
+    try:
+        driver = MockDriver(first.device, memory, 0x10000, 1 << 20)
+        driver.initialize()
+        serve(driver, first.device, b"one request")
+        first.device.pause_backend()
+        state = first.device.save_state()
+        interrupts = []
+        second.device.connect_interrupts(lambda kind, queue: interrupts.append((kind, queue)))
+        second.device.load_state(state)
+        deadline = time.monotonic() + 5
+        while len(interrupts) < 2:
+            assert time.monotonic() < deadline, f"interrupts: {interrupts}"
+            time.sleep(0.002)
+        time.sleep(0.05)
+        assert sorted(interrupts) == [(InterruptKind.QUEUE, 0), (InterruptKind.QUEUE, 1)]
+        assert second.backend.vrings[0].served == [], "the backend served nothing"
+    finally:
+        for each in (first, second):
+            each.close()
+        memory.close()
