@@ -11,12 +11,17 @@ initrd, same backend program and options:
   guest's caches, reads it back, then creates, stats and unlinks 1,000 files; Debian's
   virtiofsd with the same options under QEMU (`vhost-user-fs-pci`) and kvmlet (`--fs`);
 - vsock: the guest sends 64 MiB to a host socket, then does 2,000 one-byte round trips with a
-  host echo; the kernel's vhost-vsock under QEMU (`vhost-vsock-pci`) and kvmlet (`--vsock`).
+  host echo (a process of its own under both monitors); the kernel's vhost-vsock under QEMU
+  (`vhost-vsock-pci`) and kvmlet (`--vsock`).
 
-Each phase is timed by the guest's own clock. Where guest user space cannot run (our machines'
-software KVM) the script runs itself inside the test box, as virtio_blk_guest.py does.
+Each phase is timed by the guest's own clock, whose clocksource each run prints; after each
+kvmlet run its counters say what went through Python (exits by reason; per device its
+doorbell exits, the requests Python served, and whether calls went by irqfd or relay).
+Where guest user space cannot run (our machines' software KVM) the script runs itself inside
+the test box, as virtio_blk_guest.py does.
 
-Prints JSON lines: {"case", "monitor", "value", "unit", "ratio_to_qemu", ...}.
+Prints JSON lines: per run {"case": "run", ...}, per comparison and round {"case": "sample",
+...}, then per figure {"case", "monitor", "value", "range", "ratio_to_qemu", "rounds"}.
 Usage: python3 benchmarks/vhost_guest.py [--rounds 3] [--only blk,fs,vsock]
 """
 
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import re
 import shutil
@@ -60,6 +66,11 @@ SINK_PORT, ECHO_PORT = 7001, 7002
 GUEST_CID = 42
 TIMEOUT = 600.0
 RESULT = re.compile(r"vhostbench: (?P<mode>\w+) units=(?P<units>\d+) seconds=(?P<seconds>[\d.]+)")
+CLOCKSOURCE = re.compile(r"vhostbench-clocksource: (?P<name>\S+)")
+SHOW_CLOCKSOURCE = (
+    "echo vhostbench-clocksource: "
+    "$(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)"
+)
 
 VHOSTBENCH_C = r"""
 /* vhostbench fs DIR MIB FILES | vsock PORT MIB TRIPS: one line per phase, timed here. */
@@ -199,8 +210,8 @@ def parse(text: str) -> dict[str, float]:
         mode, units, seconds = match["mode"], int(match["units"]), float(match["seconds"])
         if mode == "vsock_rtt":
             figures["vsock_rtt_us"] = seconds / units * 1e6
-        elif mode == "fs_meta":
-            figures["fs_meta_files_per_s"] = units / seconds
+        elif mode == "fs_meta":  # a create, a stat and an unlink per file
+            figures["fs_meta_ops_per_s"] = 3 * units / seconds
         else:
             figures[f"{mode}_mibps"] = units / MIB / seconds
     for mode, result in blk.parse_results(text).items():
@@ -300,15 +311,45 @@ class VsockHost:
 # -- the monitors ---------------------------------------------------------------------------
 
 
-def run_kvmlet(config: MachineConfig, command: str) -> dict[str, float]:
-    config = replace(config, extra_parameters=("quiet", run_parameter(command)))
+def run_kvmlet(config: MachineConfig, command: str, label: str) -> dict[str, float]:
+    config = replace(
+        config, extra_parameters=("quiet", run_parameter(f"{SHOW_CLOCKSOURCE} && {command}"))
+    )
     with Machine(config) as machine:
         machine.wait(TIMEOUT)
         transcript = machine.console.transcript()
-    return checked(transcript, "kvmlet")
+        counters = kvmlet_counters(machine.stats())
+    return checked(transcript, label, counters)
 
 
-def run_qemu(kernel: Path, initrd: Path, devices: list[str], command: str) -> dict[str, float]:
+def kvmlet_counters(stats: dict) -> dict:
+    """What went through the monitor's Python: the vCPUs' exits by reason, and per virtio
+    device its doorbell exits, the requests Python served, and how the calls reached the guest
+    (a vhost device's doorbells and calls should bypass Python: 0 notify exits, irqfd)."""
+    exits: dict[str, int] = {}
+    for vcpu in stats["vcpus"]:
+        for reason, count in vcpu["exits"].items():
+            exits[reason] = exits.get(reason, 0) + count
+    devices = {}
+    for name, device in stats["virtio"].items():
+        if name == "workers":
+            continue
+        queues = device["queues"]
+        devices[name] = {
+            "notify_exits": device.get("notify_exits"),
+            "notifications": sum(queue["notifications"] for queue in queues),
+            "requests": sum(queue["requests"] for queue in queues),
+            "interrupts": sum(queue["interrupts"] for queue in queues),
+        }
+        if "calls" in device:
+            devices[name]["calls"] = device["calls"]
+    return {"exits": {k: v for k, v in exits.items() if v}, "devices": devices}
+
+
+def run_qemu(
+    kernel: Path, initrd: Path, devices: list[str], command: str, label: str = "qemu"
+) -> dict[str, float]:
+    command = f"{SHOW_CLOCKSOURCE} && {command}"
     qemu = [
         *("qemu-system-x86_64", "-enable-kvm", "-M", "pc", "-cpu", "host", "-m", "256M"),
         *("-object", "memory-backend-memfd,id=ram,size=256M,share=on"),
@@ -317,13 +358,24 @@ def run_qemu(kernel: Path, initrd: Path, devices: list[str], command: str) -> di
         *("-append", f"console=ttyS0 reboot=k panic=-1 quiet {run_parameter(command)}"),
     ]
     result = subprocess.run(qemu, stdin=subprocess.DEVNULL, capture_output=True, timeout=TIMEOUT)
-    return checked(result.stdout, "QEMU")
+    return checked(result.stdout, label, {})
 
 
-def checked(transcript: bytes, monitor: str) -> dict[str, float]:
+def checked(transcript: bytes, label: str, counters: dict) -> dict[str, float]:
+    """The guest's figures; the run's clocksource and the monitor's counters are printed."""
     if parse_exit_status(transcript) != 0:
-        raise RuntimeError(f"guest command failed under {monitor}:\n{transcript[-2000:]!r}")
-    return parse(transcript.decode(errors="replace"))
+        raise RuntimeError(f"guest command failed under {label}:\n{transcript[-2000:]!r}")
+    text = transcript.decode(errors="replace")
+    clocksource = CLOCKSOURCE.search(text)
+    blk.emit(
+        {
+            "case": "run",
+            "monitor": label,
+            "clocksource": clocksource["name"] if clocksource else None,
+            **counters,
+        }
+    )
+    return parse(text)
 
 
 def blk_round(work: Path, guest, initrd: Path, base: MachineConfig, seconds: float) -> dict:
@@ -333,7 +385,7 @@ def blk_round(work: Path, guest, initrd: Path, base: MachineConfig, seconds: flo
         image = blk.make_image(work / "disk.img", 64 * MIB)
         if monitor == "kvmlet-python":
             config = replace(base, disks=(DiskConfig(image),))
-            figures[monitor] = run_kvmlet(config, command)
+            figures[monitor] = run_kvmlet(config, command, monitor)
             continue
         daemon, path = storage_daemon(work, image)
         try:
@@ -343,7 +395,7 @@ def blk_round(work: Path, guest, initrd: Path, base: MachineConfig, seconds: flo
                 figures[monitor] = run_qemu(guest.vmlinux, initrd, devices, command)
             else:
                 config = replace(base, vhost_user_disks=(VhostUserDiskConfig(path),))
-                figures[monitor] = run_kvmlet(config, command)
+                figures[monitor] = run_kvmlet(config, command, monitor)
         finally:
             daemon.terminate()
             daemon.wait(30)
@@ -362,17 +414,35 @@ def fs_round(work: Path, guest, initrd: Path, base: MachineConfig) -> dict:
         daemon.terminate()
         daemon.wait(30)
     config = replace(base, filesystems=(FilesystemConfig("bench", str(share)),))
-    return {"qemu": qemu, "kvmlet": run_kvmlet(config, FS_COMMAND)}
+    return {"qemu": qemu, "kvmlet": run_kvmlet(config, FS_COMMAND, "kvmlet")}
+
+
+def serve_vsock_host() -> int:
+    """The host end in a process of its own (`--vsock-host`), until its stdin closes: beside
+    kvmlet in the benchmark's process, its threads would queue for that process's GIL."""
+    host = VsockHost()
+    print("ready", flush=True)
+    sys.stdin.read()
+    host.close()
+    return 0
 
 
 def vsock_round(guest, initrd: Path, base: MachineConfig) -> dict:
-    host = VsockHost()
+    host = subprocess.Popen(
+        [sys.executable, str(Path(__file__).resolve()), "--vsock-host"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
+        if host.stdout.readline().strip() != "ready":
+            raise RuntimeError("the vsock host end did not start")
         devices = ["-device", f"vhost-vsock-pci,guest-cid={GUEST_CID}"]
         qemu = run_qemu(guest.vmlinux, initrd, devices, VSOCK_COMMAND)
-        kvmlet = run_kvmlet(replace(base, vsock_cid=GUEST_CID), VSOCK_COMMAND)
+        kvmlet = run_kvmlet(replace(base, vsock_cid=GUEST_CID), VSOCK_COMMAND, "kvmlet")
     finally:
-        host.close()
+        host.stdin.close()
+        host.wait(30)
     return {"qemu": qemu, "kvmlet": kvmlet}
 
 
@@ -427,11 +497,20 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=3.0, help="each block phase")
     parser.add_argument("--only", default="blk,fs,vsock", help="comparisons to run")
     parser.add_argument("--here", action="store_true", help="run on this host's KVM")
+    parser.add_argument("--vsock-host", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.vsock_host:
+        return serve_vsock_host()
     if not args.here and blk.detect().name != "none" and os.environ.get("KVMLET_TESTBOX") != "1":
         command = [sys.executable, str(CHECKOUT / "testbox" / "run.py"), "--timeout", "2400"]
         command += ["--", "python3", str(Path(__file__).resolve()), "--here", *sys.argv[1:]]
-        return subprocess.run(command, check=False).returncode
+        print(
+            json.dumps({"case": "host", "cpus": os.cpu_count(), "load_before": os.getloadavg()}),
+            flush=True,
+        )
+        status = subprocess.run(command, check=False).returncode
+        print(json.dumps({"case": "host", "load_after": os.getloadavg()}), flush=True)
+        return status
     for tool in ("qemu-system-x86_64", "qemu-storage-daemon", "gcc"):
         if shutil.which(tool) is None:
             print(f"vhost_guest: {tool} is not installed", file=sys.stderr)
