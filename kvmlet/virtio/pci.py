@@ -92,7 +92,7 @@ class VirtioPci(PciDevice):
         self._device_feature_select = 0
         self._driver_feature_select = 0
         self._queue_select = 0
-        self.msix = Msix(msi, device.queue_count + 1)
+        self.msix = Msix(msi, device.msix_vectors or device.queue_count + 1)
         calls = ((index, device.call_eventfd(index)) for index in range(device.queue_count))
         self._calls = [(index, call) for index, call in calls if call is not None]
         self._calls_lock = threading.Lock()
