@@ -379,10 +379,18 @@ def checked(transcript: bytes, label: str, counters: dict) -> dict[str, float]:
     return parse(text)
 
 
-def blk_round(work: Path, guest, initrd: Path, base: MachineConfig, seconds: float) -> dict:
+def in_order(monitors: tuple[str, ...], reverse: bool) -> tuple[str, ...]:
+    """Every other round runs the monitors backwards, so a drift of the host's load over a
+    round favours none of them."""
+    return monitors[::-1] if reverse else monitors
+
+
+def blk_round(
+    work: Path, guest, initrd: Path, base: MachineConfig, seconds: float, reverse: bool
+) -> dict:
     command = blk.guest_command(seconds, gated=False)
     figures = {}
-    for monitor in ("qemu", "kvmlet", "kvmlet-python"):
+    for monitor in in_order(("qemu", "kvmlet", "kvmlet-python"), reverse):
         image = blk.make_image(work / "disk.img", 64 * MIB)
         if monitor == "kvmlet-python":
             config = replace(base, disks=(DiskConfig(image),))
@@ -403,19 +411,24 @@ def blk_round(work: Path, guest, initrd: Path, base: MachineConfig, seconds: flo
     return figures
 
 
-def fs_round(work: Path, guest, initrd: Path, base: MachineConfig) -> dict:
+def fs_round(work: Path, guest, initrd: Path, base: MachineConfig, reverse: bool) -> dict:
     share = work / "share"
     share.mkdir(exist_ok=True)
-    daemon, path = virtiofsd(work, share)
-    try:
-        devices = ["-chardev", f"socket,id=fs,path={path}"]
-        devices += ["-device", "vhost-user-fs-pci,chardev=fs,tag=bench"]
-        qemu = run_qemu(guest.vmlinux, initrd, devices, FS_COMMAND)
-    finally:
-        daemon.terminate()
-        daemon.wait(30)
-    config = replace(base, filesystems=(FilesystemConfig("bench", str(share)),))
-    return {"qemu": qemu, "kvmlet": run_kvmlet(config, FS_COMMAND, "kvmlet")}
+    figures = {}
+    for monitor in in_order(("qemu", "kvmlet"), reverse):
+        if monitor == "kvmlet":
+            config = replace(base, filesystems=(FilesystemConfig("bench", str(share)),))
+            figures[monitor] = run_kvmlet(config, FS_COMMAND, monitor)
+            continue
+        daemon, path = virtiofsd(work, share)
+        try:
+            devices = ["-chardev", f"socket,id=fs,path={path}"]
+            devices += ["-device", "vhost-user-fs-pci,chardev=fs,tag=bench"]
+            figures[monitor] = run_qemu(guest.vmlinux, initrd, devices, FS_COMMAND)
+        finally:
+            daemon.terminate()
+            daemon.wait(30)
+    return figures
 
 
 def serve_vsock_host() -> int:
@@ -428,7 +441,7 @@ def serve_vsock_host() -> int:
     return 0
 
 
-def vsock_round(guest, initrd: Path, base: MachineConfig) -> dict:
+def vsock_round(guest, initrd: Path, base: MachineConfig, reverse: bool) -> dict:
     host = subprocess.Popen(
         [sys.executable, str(Path(__file__).resolve()), "--vsock-host"],
         stdin=subprocess.PIPE,
@@ -439,11 +452,14 @@ def vsock_round(guest, initrd: Path, base: MachineConfig) -> dict:
         if host.stdout.readline().strip() != "ready":
             raise RuntimeError("the vsock host end did not start")
         figures = {}
-        for monitor, vectors in (("qemu", ""), ("qemu-vectors4", ",vectors=4")):
+        for monitor in in_order(("qemu", "qemu-vectors4", "kvmlet"), reverse):
+            if monitor == "kvmlet":
+                config = replace(base, vsock_cid=GUEST_CID)
+                figures[monitor] = run_kvmlet(config, VSOCK_COMMAND, monitor)
+                continue
+            vectors = ",vectors=4" if monitor == "qemu-vectors4" else ""
             devices = ["-device", f"vhost-vsock-pci,guest-cid={GUEST_CID}{vectors}"]
             figures[monitor] = run_qemu(guest.vmlinux, initrd, devices, VSOCK_COMMAND, monitor)
-        config = replace(base, vsock_cid=GUEST_CID)
-        figures["kvmlet"] = run_kvmlet(config, VSOCK_COMMAND, "kvmlet")
     finally:
         host.stdin.close()
         host.wait(30)
@@ -467,14 +483,15 @@ def measure(args: argparse.Namespace) -> None:
         work = Path(directory)
         initrd = build_initrd(work, guest.initrd)
         base = with_default_guest(MachineConfig(initrd=initrd))
-        for _ in range(args.rounds):
+        for index in range(args.rounds):
+            reverse = index % 2 == 1
             rounds = []
             if "blk" in args.only:
-                rounds.append(sample(blk_round(work, guest, initrd, base, args.seconds)))
+                rounds.append(sample(blk_round(work, guest, initrd, base, args.seconds, reverse)))
             if "fs" in args.only:
-                rounds.append(sample(fs_round(work, guest, initrd, base)))
+                rounds.append(sample(fs_round(work, guest, initrd, base, reverse)))
             if "vsock" in args.only:
-                rounds.append(sample(vsock_round(guest, initrd, base)))
+                rounds.append(sample(vsock_round(guest, initrd, base, reverse)))
             for figures in rounds:
                 for monitor, values in figures.items():
                     for case, value in values.items():
