@@ -3,8 +3,9 @@
 `VirtioPci` is a `PciDevice` (vendor 0x1AF4, device 0x1040 + virtio id, revision 1) with one
 memory BAR laid out as `pci_layout` describes, the vendor capabilities that point into it, the
 PCI configuration access window and an MSI-X capability with one vector per queue plus one for
-configuration changes. The BAR is a container of named I/O regions (common, ISR, device, notify,
-MSI-X table, PBA), so the bus moves all of them, and every doorbell, with the BAR.
+configuration changes (or the device's `msix_vectors`, fewer, which a driver then shares). The
+BAR is a container of named I/O regions (common, ISR, device, notify, MSI-X table, PBA), so the
+bus moves all of them, and every doorbell, with the BAR.
 
 Interrupts: with MSI-X enabled, a queue or configuration interrupt signals the vector the driver
 chose for it (nothing for VIRTIO_MSI_NO_VECTOR), through the injected `MsiController`; otherwise
