@@ -11,12 +11,18 @@ initrd, same backend program and options:
   guest's caches, reads it back, then creates, stats and unlinks 1,000 files; Debian's
   virtiofsd with the same options under QEMU (`vhost-user-fs-pci`) and kvmlet (`--fs`);
 - vsock: the guest sends 64 MiB to a host socket, then does 2,000 one-byte round trips with a
-  host echo; the kernel's vhost-vsock under QEMU (`vhost-vsock-pci`) and kvmlet (`--vsock`).
+  host echo (a process of its own under both monitors); the kernel's vhost-vsock under QEMU
+  (`vhost-vsock-pci`, its default 3 MSI-X vectors, and "qemu-vectors4": a vector per queue)
+  and kvmlet (`--vsock`).
 
-Each phase is timed by the guest's own clock. Where guest user space cannot run (our machines'
-software KVM) the script runs itself inside the test box, as virtio_blk_guest.py does.
+Each phase is timed by the guest's own clock, whose clocksource each run prints; after each
+kvmlet run its counters say what went through Python (exits by reason; per device its
+doorbell exits, the requests Python served, and whether calls went by irqfd or relay).
+Where guest user space cannot run (our machines' software KVM) the script runs itself inside
+the test box, as virtio_blk_guest.py does.
 
-Prints JSON lines: {"case", "monitor", "value", "unit", "ratio_to_qemu", ...}.
+Prints JSON lines: per run {"case": "run", ...}, per comparison and round {"case": "sample",
+...}, then per figure {"case", "monitor", "value", "range", "ratio_to_qemu", "rounds"}.
 Usage: python3 benchmarks/vhost_guest.py [--rounds 3] [--only blk,fs,vsock]
 """
 
@@ -24,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import re
 import shutil
@@ -60,6 +67,11 @@ SINK_PORT, ECHO_PORT = 7001, 7002
 GUEST_CID = 42
 TIMEOUT = 600.0
 RESULT = re.compile(r"vhostbench: (?P<mode>\w+) units=(?P<units>\d+) seconds=(?P<seconds>[\d.]+)")
+CLOCKSOURCE = re.compile(r"vhostbench-clocksource: (?P<name>\S+)")
+SHOW_CLOCKSOURCE = (
+    "echo vhostbench-clocksource: "
+    "$(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)"
+)
 
 VHOSTBENCH_C = r"""
 /* vhostbench fs DIR MIB FILES | vsock PORT MIB TRIPS: one line per phase, timed here. */
@@ -199,8 +211,8 @@ def parse(text: str) -> dict[str, float]:
         mode, units, seconds = match["mode"], int(match["units"]), float(match["seconds"])
         if mode == "vsock_rtt":
             figures["vsock_rtt_us"] = seconds / units * 1e6
-        elif mode == "fs_meta":
-            figures["fs_meta_files_per_s"] = units / seconds
+        elif mode == "fs_meta":  # a create, a stat and an unlink per file
+            figures["fs_meta_ops_per_s"] = 3 * units / seconds
         else:
             figures[f"{mode}_mibps"] = units / MIB / seconds
     for mode, result in blk.parse_results(text).items():
@@ -300,15 +312,45 @@ class VsockHost:
 # -- the monitors ---------------------------------------------------------------------------
 
 
-def run_kvmlet(config: MachineConfig, command: str) -> dict[str, float]:
-    config = replace(config, extra_parameters=("quiet", run_parameter(command)))
+def run_kvmlet(config: MachineConfig, command: str, label: str) -> dict[str, float]:
+    config = replace(
+        config, extra_parameters=("quiet", run_parameter(f"{SHOW_CLOCKSOURCE} && {command}"))
+    )
     with Machine(config) as machine:
         machine.wait(TIMEOUT)
         transcript = machine.console.transcript()
-    return checked(transcript, "kvmlet")
+        counters = kvmlet_counters(machine.stats())
+    return checked(transcript, label, counters)
 
 
-def run_qemu(kernel: Path, initrd: Path, devices: list[str], command: str) -> dict[str, float]:
+def kvmlet_counters(stats: dict) -> dict:
+    """What went through the monitor's Python: the vCPUs' exits by reason, and per virtio
+    device its doorbell exits, the requests Python served, and how the calls reached the guest
+    (a vhost device's doorbells and calls should bypass Python: 0 notify exits, irqfd)."""
+    exits: dict[str, int] = {}
+    for vcpu in stats["vcpus"]:
+        for reason, count in vcpu["exits"].items():
+            exits[reason] = exits.get(reason, 0) + count
+    devices = {}
+    for name, device in stats["virtio"].items():
+        if name == "workers":
+            continue
+        queues = device["queues"]
+        devices[name] = {
+            "notify_exits": device.get("notify_exits"),
+            "notifications": sum(queue["notifications"] for queue in queues),
+            "requests": sum(queue["requests"] for queue in queues),
+            "interrupts": sum(queue["interrupts"] for queue in queues),
+        }
+        if "calls" in device:
+            devices[name]["calls"] = device["calls"]
+    return {"exits": {k: v for k, v in exits.items() if v}, "devices": devices}
+
+
+def run_qemu(
+    kernel: Path, initrd: Path, devices: list[str], command: str, label: str = "qemu"
+) -> dict[str, float]:
+    command = f"{SHOW_CLOCKSOURCE} && {command}"
     qemu = [
         *("qemu-system-x86_64", "-enable-kvm", "-M", "pc", "-cpu", "host", "-m", "256M"),
         *("-object", "memory-backend-memfd,id=ram,size=256M,share=on"),
@@ -317,23 +359,42 @@ def run_qemu(kernel: Path, initrd: Path, devices: list[str], command: str) -> di
         *("-append", f"console=ttyS0 reboot=k panic=-1 quiet {run_parameter(command)}"),
     ]
     result = subprocess.run(qemu, stdin=subprocess.DEVNULL, capture_output=True, timeout=TIMEOUT)
-    return checked(result.stdout, "QEMU")
+    return checked(result.stdout, label, {})
 
 
-def checked(transcript: bytes, monitor: str) -> dict[str, float]:
+def checked(transcript: bytes, label: str, counters: dict) -> dict[str, float]:
+    """The guest's figures; the run's clocksource and the monitor's counters are printed."""
     if parse_exit_status(transcript) != 0:
-        raise RuntimeError(f"guest command failed under {monitor}:\n{transcript[-2000:]!r}")
-    return parse(transcript.decode(errors="replace"))
+        raise RuntimeError(f"guest command failed under {label}:\n{transcript[-2000:]!r}")
+    text = transcript.decode(errors="replace")
+    clocksource = CLOCKSOURCE.search(text)
+    blk.emit(
+        {
+            "case": "run",
+            "monitor": label,
+            "clocksource": clocksource["name"] if clocksource else None,
+            **counters,
+        }
+    )
+    return parse(text)
 
 
-def blk_round(work: Path, guest, initrd: Path, base: MachineConfig, seconds: float) -> dict:
+def in_order(monitors: tuple[str, ...], reverse: bool) -> tuple[str, ...]:
+    """Every other round runs the monitors backwards, so a drift of the host's load over a
+    round favours none of them."""
+    return monitors[::-1] if reverse else monitors
+
+
+def blk_round(
+    work: Path, guest, initrd: Path, base: MachineConfig, seconds: float, reverse: bool
+) -> dict:
     command = blk.guest_command(seconds, gated=False)
     figures = {}
-    for monitor in ("qemu", "kvmlet", "kvmlet-python"):
+    for monitor in in_order(("qemu", "kvmlet", "kvmlet-python"), reverse):
         image = blk.make_image(work / "disk.img", 64 * MIB)
         if monitor == "kvmlet-python":
             config = replace(base, disks=(DiskConfig(image),))
-            figures[monitor] = run_kvmlet(config, command)
+            figures[monitor] = run_kvmlet(config, command, monitor)
             continue
         daemon, path = storage_daemon(work, image)
         try:
@@ -343,37 +404,66 @@ def blk_round(work: Path, guest, initrd: Path, base: MachineConfig, seconds: flo
                 figures[monitor] = run_qemu(guest.vmlinux, initrd, devices, command)
             else:
                 config = replace(base, vhost_user_disks=(VhostUserDiskConfig(path),))
-                figures[monitor] = run_kvmlet(config, command)
+                figures[monitor] = run_kvmlet(config, command, monitor)
         finally:
             daemon.terminate()
             daemon.wait(30)
     return figures
 
 
-def fs_round(work: Path, guest, initrd: Path, base: MachineConfig) -> dict:
+def fs_round(work: Path, guest, initrd: Path, base: MachineConfig, reverse: bool) -> dict:
     share = work / "share"
     share.mkdir(exist_ok=True)
-    daemon, path = virtiofsd(work, share)
-    try:
-        devices = ["-chardev", f"socket,id=fs,path={path}"]
-        devices += ["-device", "vhost-user-fs-pci,chardev=fs,tag=bench"]
-        qemu = run_qemu(guest.vmlinux, initrd, devices, FS_COMMAND)
-    finally:
-        daemon.terminate()
-        daemon.wait(30)
-    config = replace(base, filesystems=(FilesystemConfig("bench", str(share)),))
-    return {"qemu": qemu, "kvmlet": run_kvmlet(config, FS_COMMAND)}
+    figures = {}
+    for monitor in in_order(("qemu", "kvmlet"), reverse):
+        if monitor == "kvmlet":
+            config = replace(base, filesystems=(FilesystemConfig("bench", str(share)),))
+            figures[monitor] = run_kvmlet(config, FS_COMMAND, monitor)
+            continue
+        daemon, path = virtiofsd(work, share)
+        try:
+            devices = ["-chardev", f"socket,id=fs,path={path}"]
+            devices += ["-device", "vhost-user-fs-pci,chardev=fs,tag=bench"]
+            figures[monitor] = run_qemu(guest.vmlinux, initrd, devices, FS_COMMAND)
+        finally:
+            daemon.terminate()
+            daemon.wait(30)
+    return figures
 
 
-def vsock_round(guest, initrd: Path, base: MachineConfig) -> dict:
+def serve_vsock_host() -> int:
+    """The host end in a process of its own (`--vsock-host`), until its stdin closes: beside
+    kvmlet in the benchmark's process, its threads would queue for that process's GIL."""
     host = VsockHost()
+    print("ready", flush=True)
+    sys.stdin.read()
+    host.close()
+    return 0
+
+
+def vsock_round(guest, initrd: Path, base: MachineConfig, reverse: bool) -> dict:
+    host = subprocess.Popen(
+        [sys.executable, str(Path(__file__).resolve()), "--vsock-host"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
-        devices = ["-device", f"vhost-vsock-pci,guest-cid={GUEST_CID}"]
-        qemu = run_qemu(guest.vmlinux, initrd, devices, VSOCK_COMMAND)
-        kvmlet = run_kvmlet(replace(base, vsock_cid=GUEST_CID), VSOCK_COMMAND)
+        if host.stdout.readline().strip() != "ready":
+            raise RuntimeError("the vsock host end did not start")
+        figures = {}
+        for monitor in in_order(("qemu", "qemu-vectors4", "kvmlet"), reverse):
+            if monitor == "kvmlet":
+                config = replace(base, vsock_cid=GUEST_CID)
+                figures[monitor] = run_kvmlet(config, VSOCK_COMMAND, monitor)
+                continue
+            vectors = ",vectors=4" if monitor == "qemu-vectors4" else ""
+            devices = ["-device", f"vhost-vsock-pci,guest-cid={GUEST_CID}{vectors}"]
+            figures[monitor] = run_qemu(guest.vmlinux, initrd, devices, VSOCK_COMMAND, monitor)
     finally:
-        host.close()
-    return {"qemu": qemu, "kvmlet": kvmlet}
+        host.stdin.close()
+        host.wait(30)
+    return figures
 
 
 def sample(figures: dict) -> dict:
@@ -393,14 +483,15 @@ def measure(args: argparse.Namespace) -> None:
         work = Path(directory)
         initrd = build_initrd(work, guest.initrd)
         base = with_default_guest(MachineConfig(initrd=initrd))
-        for _ in range(args.rounds):
+        for index in range(args.rounds):
+            reverse = index % 2 == 1
             rounds = []
             if "blk" in args.only:
-                rounds.append(sample(blk_round(work, guest, initrd, base, args.seconds)))
+                rounds.append(sample(blk_round(work, guest, initrd, base, args.seconds, reverse)))
             if "fs" in args.only:
-                rounds.append(sample(fs_round(work, guest, initrd, base)))
+                rounds.append(sample(fs_round(work, guest, initrd, base, reverse)))
             if "vsock" in args.only:
-                rounds.append(sample(vsock_round(guest, initrd, base)))
+                rounds.append(sample(vsock_round(guest, initrd, base, reverse)))
             for figures in rounds:
                 for monitor, values in figures.items():
                     for case, value in values.items():
@@ -427,11 +518,20 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=3.0, help="each block phase")
     parser.add_argument("--only", default="blk,fs,vsock", help="comparisons to run")
     parser.add_argument("--here", action="store_true", help="run on this host's KVM")
+    parser.add_argument("--vsock-host", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.vsock_host:
+        return serve_vsock_host()
     if not args.here and blk.detect().name != "none" and os.environ.get("KVMLET_TESTBOX") != "1":
         command = [sys.executable, str(CHECKOUT / "testbox" / "run.py"), "--timeout", "2400"]
         command += ["--", "python3", str(Path(__file__).resolve()), "--here", *sys.argv[1:]]
-        return subprocess.run(command, check=False).returncode
+        print(
+            json.dumps({"case": "host", "cpus": os.cpu_count(), "load_before": os.getloadavg()}),
+            flush=True,
+        )
+        status = subprocess.run(command, check=False).returncode
+        print(json.dumps({"case": "host", "load_after": os.getloadavg()}), flush=True)
+        return status
     for tool in ("qemu-system-x86_64", "qemu-storage-daemon", "gcc"):
         if shutil.which(tool) is None:
             print(f"vhost_guest: {tool} is not installed", file=sys.stderr)

@@ -96,6 +96,9 @@ class VirtioDevice(RequestServing):
 
     device_id: int = 0
     name: str = "virtio"
+    msix_vectors: int | None = None
+    """MSI-X vectors the PCI transport offers; None: one per queue and one for configuration
+    changes. Fewer make a Linux driver share one vector among all its queues."""
 
     def __init__(
         self, memory: GuestMemory, queue_sizes: list[int], device_features: int, config: bytes

@@ -3,8 +3,9 @@
 `VirtioPci` is a `PciDevice` (vendor 0x1AF4, device 0x1040 + virtio id, revision 1) with one
 memory BAR laid out as `pci_layout` describes, the vendor capabilities that point into it, the
 PCI configuration access window and an MSI-X capability with one vector per queue plus one for
-configuration changes. The BAR is a container of named I/O regions (common, ISR, device, notify,
-MSI-X table, PBA), so the bus moves all of them, and every doorbell, with the BAR.
+configuration changes (or the device's `msix_vectors`, fewer, which a driver then shares). The
+BAR is a container of named I/O regions (common, ISR, device, notify, MSI-X table, PBA), so the
+bus moves all of them, and every doorbell, with the BAR.
 
 Interrupts: with MSI-X enabled, a queue or configuration interrupt signals the vector the driver
 chose for it (nothing for VIRTIO_MSI_NO_VECTOR), through the injected `MsiController`; otherwise
@@ -92,7 +93,7 @@ class VirtioPci(PciDevice):
         self._device_feature_select = 0
         self._driver_feature_select = 0
         self._queue_select = 0
-        self.msix = Msix(msi, device.queue_count + 1)
+        self.msix = Msix(msi, device.msix_vectors or device.queue_count + 1)
         calls = ((index, device.call_eventfd(index)) for index in range(device.queue_count))
         self._calls = [(index, call) for index, call in calls if call is not None]
         self._calls_lock = threading.Lock()

@@ -73,6 +73,22 @@ def test_pci_doorbells_are_the_kick_eventfds_and_calls_are_bound_to_the_queue_ve
     assert pci.irq.history == []
 
 
+def test_pci_queues_sharing_one_vector_have_their_calls_bound_to_it(device):
+    device.msix_vectors = 2  # fewer than the queues need: the driver shares vector 1
+    pci = LinuxLikeDriver(device, device.memory, IrqfdController())
+    pci.probe()
+    pci.initialize()
+    assert pci.pci.msix.vector_count == 2
+    calls = [device.call_eventfd(index) for index in range(2)]
+    assert pci.msi.vectors[1].attached == {call.fd for call in calls}
+    for index, call in enumerate(calls):
+        head, _ = pci.rings.post_data(index, [b"shared"], [6])
+        os.eventfd_write(device.kick_eventfd(index), 1)
+        wait_until(lambda call=call: readable(call.fd))  # the backend's write, KVM's to take
+        assert [c.head for c in pci.rings.collect(index)] == [head]
+    assert pci.msi.vectors[1].fired == [] and all(call.relayed == 0 for call in calls)
+
+
 def test_pci_a_masked_vector_gets_its_calls_relayed_into_the_pending_bit(device):
     pci = LinuxLikeDriver(device, device.memory, IrqfdController())
     pci.probe()

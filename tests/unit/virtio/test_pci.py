@@ -142,8 +142,10 @@ class LinuxLikeDriver:
             self.write(layout.DRIVER_FEATURE, features >> (32 * select) & 0xFFFF_FFFF, 4)
         self.write(layout.DEVICE_STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK, 1)
         assert self.read(layout.DEVICE_STATUS, 1) & FEATURES_OK
+        # vp_find_vqs: a vector per queue when the table has enough, else one shared by all.
+        per_queue = self.pci.msix.vector_count > self.device.queue_count
         if msix:
-            self.enable_msix(self.device.queue_count + 1)
+            self.enable_msix(self.device.queue_count + 1 if per_queue else 2)
             self.write(layout.CONFIG_MSIX_VECTOR, 0, 2)
             assert self.read(layout.CONFIG_MSIX_VECTOR, 2) == 0
         assert self.read(layout.NUM_QUEUES, 2) == self.device.queue_count
@@ -161,8 +163,9 @@ class LinuxLikeDriver:
                 self.write(field, address & 0xFFFF_FFFF, 4)
                 self.write(field + 4, address >> 32, 4)
             if msix:
-                self.write(layout.QUEUE_MSIX_VECTOR, 1 + index, 2)
-                assert self.read(layout.QUEUE_MSIX_VECTOR, 2) == 1 + index
+                vector = 1 + index if per_queue else 1
+                self.write(layout.QUEUE_MSIX_VECTOR, vector, 2)
+                assert self.read(layout.QUEUE_MSIX_VECTOR, 2) == vector
             self.write(layout.QUEUE_ENABLE, 1, 2)
         self.write(layout.DEVICE_STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK, 1)
         return features
