@@ -26,9 +26,11 @@ How kvmlet runs it, as checked on Debian's 7.2, as root and as a normal user:
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import socket
+import subprocess
 from collections.abc import Callable
 
 from kvmlet.errors import KvmletError
@@ -57,14 +59,42 @@ def find_virtiofsd(program: str | None = None) -> str:
     return found
 
 
-def virtiofsd_available(program: str | None = None) -> bool:
-    """Whether a virtiofsd can be started (`program`, else Debian's): a caller with another way
-    to share a directory (9p) picks it when not."""
+NAMESPACES_PROBE = ("--mount", "--pid", "--net", "--fork", "--", "true")
+"""The namespaces virtiofsd's own sandbox makes (`-o sandbox=namespace`), tried with `unshare`."""
+PROBE_TIMEOUT = 10.0
+
+
+def virtiofsd_problem(program: str | None = None, euid: int | None = None) -> str | None:
+    """Why a virtiofsd cannot serve a directory for this user, or None when it can: the
+    daemon (`program`, else Debian's) is installed, and the namespaces its sandbox needs can
+    be made here: as root directly, else inside a user namespace of the user's own, as
+    `start_virtiofsd` runs it (a kernel or a container may forbid either). A caller with
+    another way to share a directory (9p) picks it when not."""
     try:
         find_virtiofsd(program)
-    except KvmletError:
-        return False
-    return True
+        unshare = find_program("unshare", "util-linux")
+    except KvmletError as error:
+        return str(error)
+    euid = os.geteuid() if euid is None else euid
+    user = ("--user", "--map-root-user") if euid != 0 else ()
+    return _namespaces_problem((unshare, *user, *NAMESPACES_PROBE))
+
+
+@functools.lru_cache(maxsize=4)
+def _namespaces_problem(argv: tuple[str, ...]) -> str | None:
+    """Run `argv` (an unshare that makes the namespaces); what failed, or None (asked once per
+    process: the answer does not change while kvmlet runs)."""
+    try:
+        result = subprocess.run(
+            argv, capture_output=True, text=True, timeout=PROBE_TIMEOUT, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return f"cannot make virtiofsd's namespaces: {error}"
+    if result.returncode == 0:
+        return None
+    said = result.stderr.strip().splitlines()
+    why = said[-1] if said else f"exit status {result.returncode}"
+    return f"virtiofsd's sandbox needs namespaces this user cannot make here ({why})"
 
 
 def virtiofsd_command(
