@@ -1,0 +1,120 @@
+"""How a host directory reaches a guest that boots from it (`kvmlet run --rootfs`, `kvmlet
+sandbox`): virtiofs where a virtiofsd can serve it for this user, else kvmlet's own 9p server.
+
+- `virtiofs`: a virtio-fs device served by a virtiofsd kvmlet starts (kvmlet.host.virtiofsd);
+  guest RAM goes in memfds the daemon maps. Faster, but the daemon must be installed and able
+  to make its sandbox's namespaces (as root, or in a user namespace of the user's own).
+- `9p`: a virtio-9p device served by kvmlet.ninep in the monitor: needs nothing on the host.
+
+`choose_file_transport("auto")` takes virtiofs when `virtiofsd_problem()` finds none, else 9p
+with the reason; `"9p"` and `"virtiofs"` force one (a virtiofs that cannot run is one line).
+
+A virtiofsd kvmlet runs as a normal user serves from a user namespace where that user is root:
+the guest sees the user's files as root's (and the host's other users as nobody), and what
+guest root creates belongs to the user on the host. Requests from any other guest user fail
+there (their ids have no mapping), so a sandbox over it runs the command as guest root
+(`command_runs_as_root`); over 9p, and for root, it runs as the caller's own uid and gid.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Literal
+
+from kvmlet.errors import KvmletError
+
+if TYPE_CHECKING:
+    from kvmlet.machine.config import FilePath, MachineConfig
+
+TransportKind = Literal["9p", "virtiofs"]
+ROOTFS_VIA = ("auto", "9p", "virtiofs")
+
+
+@dataclass(frozen=True)
+class FileTransport:
+    """The way chosen (`kind`) and why (`reason`), for the one line `--verbose` prints."""
+
+    kind: TransportKind
+    reason: str
+
+    def summary(self) -> str:
+        return f"host directories over {self.kind}: {self.reason}"
+
+
+def virtiofs_problem(program: FilePath | None) -> str | None:
+    from kvmlet.host.virtiofsd import virtiofsd_problem
+
+    return virtiofsd_problem(None if program is None else os.fspath(program))
+
+
+def choose_file_transport(
+    via: str,
+    program: FilePath | None = None,
+    problem: Callable[[FilePath | None], str | None] = virtiofs_problem,
+) -> FileTransport:
+    """The transport for `--rootfs-via VIA`: auto, 9p or virtiofs. `program` is the virtiofsd
+    to run (None: Debian's); `problem(program)` says why it cannot run here, None if it can."""
+    if via not in ROOTFS_VIA:
+        raise KvmletError(f"--rootfs-via {via!r}: use auto, 9p or virtiofs")
+    if via == "9p":
+        return FileTransport("9p", "asked for with --rootfs-via 9p")
+    why_not = problem(program)
+    if via == "virtiofs":
+        if why_not is not None:
+            raise KvmletError(f"--rootfs-via virtiofs: {why_not}")
+        return FileTransport("virtiofs", "asked for with --rootfs-via virtiofs")
+    if why_not is None:
+        return FileTransport("virtiofs", "a virtiofsd can serve them for this user")
+    return FileTransport("9p", f"not virtiofs, {why_not}")
+
+
+def command_runs_as_root(kind: TransportKind, euid: int | None = None) -> bool:
+    """Whether a sandbox command must run as guest root to own what it writes (a virtiofsd in
+    a user namespace maps only the caller, as root): see the module's docstring."""
+    return kind == "virtiofs" and (os.geteuid() if euid is None else euid) != 0
+
+
+def with_host_directories(
+    config: MachineConfig, kind: TransportKind, directories: Iterable[tuple[str, FilePath, bool]]
+) -> MachineConfig:
+    """`config` with host directories (tag, path, read-only) shared over `kind`, first."""
+    from kvmlet.machine.config import ShareConfig
+
+    directories = list(directories)
+    if kind == "9p":
+        shares = tuple(ShareConfig(path, tag, read_only) for tag, path, read_only in directories)
+        return replace(config, shares=(*shares, *config.shares))
+    from kvmlet.machine.vhost_config import FilesystemConfig
+
+    filesystems = tuple(
+        FilesystemConfig(tag, source=path, read_only=read_only)
+        for tag, path, read_only in directories
+    )
+    return replace(config, filesystems=(*filesystems, *config.filesystems))
+
+
+def root_parameters(kind: TransportKind, tag: str, read_only: bool = True) -> list[str]:
+    """Kernel parameters naming share `tag` as the root, for kvmlet's root-file-system init
+    (its kernel does not mount them: the initramfs's /init does)."""
+    if kind == "virtiofs":
+        return [f"root={tag}", "rootfstype=virtiofs", "ro" if read_only else "rw"]
+    from kvmlet.machine import shares
+
+    return shares.root_parameters(tag, read_only)
+
+
+def root_filesystem(config: MachineConfig, tag: str) -> dict[str, object] | None:
+    """The guest's root share of `config` (tag `tag`): its type, host directory and mode."""
+    for share in config.shares:
+        if share.tag == tag and share.path is not None:
+            return {"type": "9p", "path": os.fspath(share.path), "read_only": share.read_only}
+    for filesystem in config.filesystems:
+        if filesystem.tag == tag and filesystem.source is not None:
+            return {
+                "type": "virtiofs",
+                "path": os.fspath(filesystem.source),
+                "read_only": filesystem.read_only,
+            }
+    return None
