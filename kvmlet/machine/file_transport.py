@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Literal
+from dataclasses import replace
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 from kvmlet.errors import KvmletError
 
@@ -32,8 +32,7 @@ TransportKind = Literal["9p", "virtiofs"]
 ROOTFS_VIA = ("auto", "9p", "virtiofs")
 
 
-@dataclass(frozen=True)
-class FileTransport:
+class FileTransport(NamedTuple):
     """The way chosen (`kind`) and why (`reason`), for the one line `--verbose` prints."""
 
     kind: TransportKind
@@ -52,15 +51,16 @@ def virtiofs_problem(program: FilePath | None) -> str | None:
 def choose_file_transport(
     via: str,
     program: FilePath | None = None,
-    problem: Callable[[FilePath | None], str | None] = virtiofs_problem,
+    problem: Callable[[FilePath | None], str | None] | None = None,
 ) -> FileTransport:
     """The transport for `--rootfs-via VIA`: auto, 9p or virtiofs. `program` is the virtiofsd
-    to run (None: Debian's); `problem(program)` says why it cannot run here, None if it can."""
+    to run (None: Debian's); `problem(program)` says why it cannot run here, None if it can
+    (default: `virtiofs_problem`, which asks the host)."""
     if via not in ROOTFS_VIA:
         raise KvmletError(f"--rootfs-via {via!r}: use auto, 9p or virtiofs")
     if via == "9p":
         return FileTransport("9p", "asked for with --rootfs-via 9p")
-    why_not = problem(program)
+    why_not = (problem or virtiofs_problem)(program)
     if via == "virtiofs":
         if why_not is not None:
             raise KvmletError(f"--rootfs-via virtiofs: {why_not}")
