@@ -196,7 +196,9 @@ sandbox_agent() { # run the command kvmlet.sandbox left in its control share $1
     ) >/dev/null 2>&1 &
     watcher=$!
     : >started
-    $bb setsid /bin/sh -c 'echo $$ >'$session'; exec '"$bb env -i $privileges"' /bin/sh /run/kvmlet/command' \
+    # Started from /: a shell whose working directory is the detached control share cannot
+    # name it (getcwd fails) and says so on the command's stderr.
+    (cd / && exec $bb setsid /bin/sh -c 'echo $$ >'$session'; exec '"$bb env -i $privileges"' /bin/sh /run/kvmlet/command') \
         <$input >&3 2>&4
     status=$?
     kill -s KILL -- -"$($bb cat $session)" $watcher $feeder 2>/dev/null

@@ -40,6 +40,12 @@ def kvmlet_sandbox(cwd: Path, *words: str) -> subprocess.CompletedProcess:
     )
 
 
+def command_noise(stderr: str) -> list[str]:
+    """What reached the command's stderr that the command did not write (its shells' warnings,
+    e.g. a working directory they cannot name); kvmlet's own lines start with "kvmlet: "."""
+    return [line for line in stderr.splitlines() if not line.startswith("kvmlet: ")]
+
+
 def test_a_sandbox_over_virtiofs_writes_the_callers_directory(tmp_path):
     problem = virtiofsd_problem()
     if problem is not None:
@@ -51,6 +57,7 @@ def test_a_sandbox_over_virtiofs_writes_the_callers_directory(tmp_path):
     assert result.stderr.splitlines()[0] == (
         "kvmlet: host directories over virtiofs: asked for with --rootfs-via virtiofs"
     )
+    assert command_noise(result.stderr) == []
     assert result.stdout.splitlines() == [f"{tmp_path} virtiofs"]
     assert (tmp_path / "out.txt").read_text() == "42\n"
     assert (tmp_path / "out.txt").stat().st_uid == os.getuid()
@@ -91,6 +98,7 @@ def test_a_sandbox_with_net_reaches_the_host_through_passt(tmp_path, host_server
     )
     result = kvmlet_sandbox(tmp_path, "--net", "--", command)
     assert result.returncode == 0, result.stderr
+    assert command_noise(result.stderr) == []
     lines = result.stdout.splitlines()
     assert lines[0].startswith("address ") and "/" in lines[0], "no DHCP lease on eth0"
     assert lines[1:] == ["kvmlet-sandbox-net-42"]
