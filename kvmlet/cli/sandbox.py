@@ -119,11 +119,12 @@ def add_transport_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _file_transport(args: argparse.Namespace, virtiofsd):
-    """The transport --rootfs-via asks for, announced with --verbose."""
+def _file_transport(args: argparse.Namespace, virtiofsd, read_only: list[str]):
+    """The transport --rootfs-via asks for (`read_only`: the directories shared read-only),
+    announced with --verbose."""
     from kvmlet.machine.file_transport import choose_file_transport
 
-    transport = choose_file_transport(args.rootfs_via, virtiofsd)
+    transport = choose_file_transport(args.rootfs_via, virtiofsd, read_only=read_only)
     if args.verbose:
         print(f"kvmlet: {transport.summary()}", file=sys.stderr)
     return transport
@@ -145,7 +146,7 @@ def with_shares(args: argparse.Namespace, config: MachineConfig) -> MachineConfi
     if args.initrd is not None:
         raise KvmletError("--rootfs boots kvmlet's own initramfs: drop -i/--initrd")
     path, writable = parse_rootfs_option(args.rootfs)
-    kind = _file_transport(args, config.virtiofsd).kind
+    kind = _file_transport(args, config.virtiofsd, [] if writable else [path]).kind
     return with_root_share(replace(config, initrd=None), path, writable, transport=kind)
 
 
@@ -201,7 +202,7 @@ def command_sandbox(args: argparse.Namespace, machine_config, check_kvm, notice_
         raise KvmletError("no command given: kvmlet sandbox -- COMMAND...")
     command = argv[0] if len(argv) == 1 else shlex.join(argv)
     config = machine_config(args)
-    transport = _file_transport(args, config.virtiofsd)
+    transport = _file_transport(args, config.virtiofsd, ["/"])
     check_kvm()
     notice_profile(config)
     timeout = args.timeout or sandbox_module.DEFAULT_TIMEOUT

@@ -19,7 +19,7 @@ there (their ids have no mapping), so a sandbox over it runs the command as gues
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Literal, NamedTuple
 
@@ -42,25 +42,28 @@ class FileTransport(NamedTuple):
         return f"host directories over {self.kind}: {self.reason}"
 
 
-def virtiofs_problem(program: FilePath | None) -> str | None:
+def virtiofs_problem(program: FilePath | None, read_only: Sequence[FilePath] = ()) -> str | None:
     from kvmlet.host.virtiofsd import virtiofsd_problem
 
-    return virtiofsd_problem(None if program is None else os.fspath(program))
+    program = None if program is None else os.fspath(program)
+    return virtiofsd_problem(program, read_only=[os.fspath(path) for path in read_only])
 
 
 def choose_file_transport(
     via: str,
     program: FilePath | None = None,
-    problem: Callable[[FilePath | None], str | None] | None = None,
+    problem: Callable[[FilePath | None, Sequence[FilePath]], str | None] | None = None,
+    read_only: Sequence[FilePath] = (),
 ) -> FileTransport:
     """The transport for `--rootfs-via VIA`: auto, 9p or virtiofs. `program` is the virtiofsd
-    to run (None: Debian's); `problem(program)` says why it cannot run here, None if it can
+    to run (None: Debian's), `read_only` the directories it would share read-only;
+    `problem(program, read_only)` says why it cannot serve them here, None if it can
     (default: `virtiofs_problem`, which asks the host)."""
     if via not in ROOTFS_VIA:
         raise KvmletError(f"--rootfs-via {via!r}: use auto, 9p or virtiofs")
     if via == "9p":
         return FileTransport("9p", "asked for with --rootfs-via 9p")
-    why_not = (problem or virtiofs_problem)(program)
+    why_not = (problem or virtiofs_problem)(program, read_only)
     if via == "virtiofs":
         if why_not is not None:
             raise KvmletError(f"--rootfs-via virtiofs: {why_not}")

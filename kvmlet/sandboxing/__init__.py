@@ -119,7 +119,7 @@ def sandbox(
         from kvmlet.virtio.net.option import parse_net_option
 
         base = replace(base, nets=(*base.nets, parse_net_option(net)))
-    kind = choose_file_transport(rootfs_via, base.virtiofsd).kind
+    kind = choose_file_transport(rootfs_via, base.virtiofsd, read_only=[root]).kind
     as_root = command_runs_as_root(kind)
     control = ControlDirectory()
     try:

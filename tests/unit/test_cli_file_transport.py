@@ -20,8 +20,13 @@ def virtiofsd(monkeypatch):
 
     class Host:
         problem: str | None = None
+        read_only: list = []
 
-    monkeypatch.setattr(file_transport, "virtiofs_problem", lambda program: Host.problem)
+    def probe(program, read_only):
+        Host.read_only.append(list(read_only))
+        return Host.problem
+
+    monkeypatch.setattr(file_transport, "virtiofs_problem", probe)
     monkeypatch.setattr("kvmlet.guest.rootfs.ensure_rootfs_initramfs", lambda p: "initrd")
     return Host
 
@@ -44,6 +49,12 @@ def test_run_rootfs_goes_the_way_asked_or_found(virtiofsd, tmp_path, capsys, wor
     config = with_shares(run_args("--rootfs", str(tmp_path), *words), MachineConfig())
     assert file_transport.root_filesystem(config, ROOT_TAG)["type"] == kind
     assert capsys.readouterr().err == "", "quiet without --verbose"
+
+
+def test_the_probe_is_asked_about_the_directories_shared_read_only(virtiofsd, tmp_path):
+    with_shares(run_args("--rootfs", str(tmp_path)), MachineConfig())
+    with_shares(run_args("--rootfs", f"{tmp_path},rw"), MachineConfig())
+    assert virtiofsd.read_only == [[str(tmp_path)], []]
 
 
 def test_run_verbose_says_which_way_and_why_in_one_line(virtiofsd, tmp_path, capsys):
@@ -89,6 +100,7 @@ def test_sandbox_options_reach_the_sandbox(virtiofsd, monkeypatch, capsys, words
     status = cli.main(["sandbox", "--host-profile", "none", *words, "--", "true"])
     assert status == 0
     assert (asked["net"], asked["rootfs_via"], asked["command"]) == (net, via, "true")
+    assert virtiofsd.read_only[-1:] == ([] if via == "9p" else [["/"]])
     assert capsys.readouterr().err == ""
 
 

@@ -11,15 +11,15 @@ from kvmlet.machine.config import MachineConfig, ShareConfig
 from kvmlet.machine.vhost_config import FilesystemConfig, shareable_memory
 
 
-def usable(program):
+def usable(program, read_only=()):
     return None
 
 
-def absent(program):
+def absent(program, read_only=()):
     return "virtiofsd not found: install it with `apt-get install qemu-system-common`"
 
 
-def unusable(program):
+def unusable(program, read_only=()):
     return "virtiofsd's sandbox needs namespaces this user cannot make here (EPERM)"
 
 
@@ -51,8 +51,10 @@ def test_forced_virtiofs_that_cannot_run_is_one_line(problem):
 
 def test_the_daemon_asked_for_is_the_one_probed():
     asked = []
-    file_transport.choose_file_transport("auto", "/opt/virtiofsd", lambda p: asked.append(p))
-    assert asked == ["/opt/virtiofsd"]
+    file_transport.choose_file_transport(
+        "auto", "/opt/virtiofsd", lambda *probe: asked.append(probe), read_only=["/"]
+    )
+    assert asked == [("/opt/virtiofsd", ["/"])]
 
 
 def test_an_unknown_way_is_one_line():

@@ -108,7 +108,9 @@ RESET = GuestStop(StopReason.RESET)
 def play_agent(monkeypatch, tmp_path, act, stop=RESET, transcript=b"", virtiofs_problem="absent"):
     """The sandbox against a stand-in agent; virtiofs is usable when `virtiofs_problem` is None."""
     monkeypatch.setenv("KVMLET_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(file_transport, "virtiofs_problem", lambda program: virtiofs_problem)
+    monkeypatch.setattr(
+        file_transport, "virtiofs_problem", lambda program, read_only: virtiofs_problem
+    )
     monkeypatch.setattr(StandInAgent, "act", staticmethod(act))
     monkeypatch.setattr(StandInAgent, "stop", stop)
     monkeypatch.setattr(StandInAgent, "transcript", lambda self: transcript)

@@ -80,6 +80,27 @@ def test_virtiofsd_is_usable_when_installed_and_its_namespaces_can_be_made(
     assert log.read_text() == f"{user}--mount --pid --net --fork -- true\n"
 
 
+def test_each_read_only_directory_is_probed_as_the_daemon_would_get_it(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    log = fake_unshare(tmp_path, 0)
+    assert virtiofsd_problem("/bin/true", euid=1000, read_only=["/", "/srv"]) is None
+    probes = log.read_text().splitlines()
+    wrapper = f"--user --map-root-user --mount -- /bin/sh -c {READ_ONLY_SCRIPT} virtiofsd-ro"
+    assert probes[1:] == [f"{wrapper} / true", f"{wrapper} /srv true"]
+    assert "mount --rbind" in READ_ONLY_SCRIPT, "a plain bind of / fails in a user namespace"
+
+
+def test_a_read_only_directory_that_cannot_be_made_so_makes_it_unusable(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    script = tmp_path / "unshare"
+    script.write_text(
+        '#!/bin/sh\ncase "$*" in *virtiofsd-ro*) echo "mount: /: bad" >&2; exit 32;; esac\n'
+    )
+    script.chmod(0o755)
+    assert "(mount: /: bad)" in virtiofsd_problem("/bin/true", euid=1000, read_only=["/"])
+    assert virtiofsd_problem("/bin/true", euid=1000) is None
+
+
 def test_virtiofsd_is_unusable_where_its_namespaces_are_refused(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))
     fake_unshare(tmp_path, 1, "unshare: unshare failed: Operation not permitted")
