@@ -41,8 +41,8 @@ virtiofs for --rootfs-via virtiofs, overlayfs and devtmpfs (see kvmlet run
 how your files get there (--rootfs-via, --verbose says which and why):
   auto      virtiofs when a virtiofsd can run for you here (Debian's
             /usr/lib/qemu/virtiofsd, package qemu-system-common, and the
-            namespaces of its sandbox: as root, or in a user namespace of your
-            own), else 9p; the default
+            namespaces of its sandbox), for root only for now, else 9p; the
+            default
   virtiofs  the faster way; not as root, the daemon runs where only you are
             mapped, as root: the command then runs as the guest's root, which
             is you on the host (what it writes is yours; other users' files

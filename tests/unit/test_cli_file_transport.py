@@ -27,6 +27,7 @@ def virtiofsd(monkeypatch):
         return Host.problem
 
     monkeypatch.setattr(file_transport, "virtiofs_problem", probe)
+    monkeypatch.setattr(file_transport.os, "geteuid", lambda: 0)
     monkeypatch.setattr("kvmlet.guest.rootfs.ensure_rootfs_initramfs", lambda p: "initrd")
     return Host
 

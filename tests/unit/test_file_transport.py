@@ -35,12 +35,19 @@ def unusable(program, read_only=()):
     ],
 )
 def test_auto_takes_virtiofs_where_it_can_run_and_either_can_be_forced(via, problem, kind):
-    chosen = file_transport.choose_file_transport(via, problem=problem)
+    chosen = file_transport.choose_file_transport(via, problem=problem, euid=0)
     assert chosen.kind == kind
     line = chosen.summary()
     assert "\n" not in line and line.startswith(f"host directories over {kind}: ")
     if via == "auto" and kind == "9p":
         assert problem(None) in line, "the fallback says why virtiofs was not taken"
+
+
+def test_auto_takes_9p_for_a_normal_user_whose_virtiofsd_cannot_run_programs_yet():
+    chosen = file_transport.choose_file_transport("auto", problem=usable, euid=1000)
+    assert chosen.kind == "9p" and "EPERM" in chosen.summary()
+    forced = file_transport.choose_file_transport("virtiofs", problem=usable, euid=1000)
+    assert forced.kind == "virtiofs"
 
 
 @pytest.mark.parametrize("problem", [absent, unusable])

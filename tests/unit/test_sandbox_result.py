@@ -161,15 +161,15 @@ def test_auto_falls_back_to_9p_for_the_callers_directory_as_the_callers_uid(monk
     assert (request["uid"], request["gid"]) == (str(os.getuid()), str(os.getgid()))
 
 
-@pytest.mark.parametrize(("euid", "guest_uid"), [(0, "0"), (1000, "0")])
+@pytest.mark.parametrize(("euid", "via"), [(0, "auto"), (1000, "virtiofs")])
 def test_a_usable_virtiofsd_serves_the_root_and_the_callers_directory(
-    monkeypatch, tmp_path, euid, guest_uid
+    monkeypatch, tmp_path, euid, via
 ):
     play_agent(monkeypatch, tmp_path, finish_with_status, virtiofs_problem=None)
     monkeypatch.setattr(file_transport.os, "geteuid", lambda: euid)
     monkeypatch.setattr(sandbox_module.os, "getuid", lambda: euid)
     monkeypatch.setattr(sandbox_module.os, "getgid", lambda: euid)
-    result = sandbox_module.sandbox("x", CONFIG, cwd=str(tmp_path))
+    result = sandbox_module.sandbox("x", CONFIG, cwd=str(tmp_path), rootfs_via=via)
     assert (result.status, result.transport) == (0, "virtiofs")
     config = StandInAgent.configs[-1]
     assert config.filesystems == (
@@ -181,11 +181,12 @@ def test_a_usable_virtiofsd_serves_the_root_and_the_callers_directory(
     request = REQUESTS[-1]
     assert request["mounts"] == f"'virtiofs kvmletcwd {tmp_path}'"
     # an unprivileged virtiofsd maps only the caller, as root: the command runs as guest root
-    assert (request["uid"], request["gid"], request["groups"]) == (guest_uid, guest_uid, "0")
+    assert (request["uid"], request["gid"], request["groups"]) == ("0", "0", "0")
 
 
 def test_forced_9p_is_taken_even_where_virtiofs_could_run(monkeypatch, tmp_path):
     play_agent(monkeypatch, tmp_path, finish_with_status, virtiofs_problem=None)
+    monkeypatch.setattr(file_transport.os, "geteuid", lambda: 0)
     result = sandbox_module.sandbox("x", CONFIG, cwd=str(tmp_path), rootfs_via="9p")
     assert result.transport == "9p" and not StandInAgent.configs[-1].filesystems
 
