@@ -6,8 +6,9 @@ sandbox`): virtiofs where a virtiofsd can serve it for this user, else kvmlet's 
   to make its sandbox's namespaces (as root, or in a user namespace of the user's own).
 - `9p`: a virtio-9p device served by kvmlet.ninep in the monitor: needs nothing on the host.
 
-`choose_file_transport("auto")` takes virtiofs when `virtiofsd_problem()` finds none, else 9p
-with the reason; `"9p"` and `"virtiofs"` force one (a virtiofs that cannot run is one line).
+`choose_file_transport("auto")` takes virtiofs when `virtiofsd_problem()` finds none (for root
+only for now: UNPRIVILEGED_VIRTIOFS), else 9p with the reason; `"9p"` and `"virtiofs"` force
+one (a virtiofs that cannot run is one line).
 
 A virtiofsd kvmlet runs as a normal user serves from a user namespace where that user is root:
 the guest sees the user's files as root's (and the host's other users as nobody), and what
