@@ -19,6 +19,8 @@ examples:
   kvmlet sandbox -- make -C src
   git diff | kvmlet sandbox -m 1G -c 2 -- sh -c 'patch -p1 && make check'
   kvmlet sandbox --share ~/data -- ls ~/data
+  kvmlet sandbox --net -- sh -c 'wget -qO- http://deb.debian.org/ | head'
+  kvmlet sandbox --rootfs-via 9p --verbose -- id
 
 The guest's root is this host's /, read-only under a throwaway overlay: the
 command sees your files and programs, and what it writes outside the shared
@@ -33,7 +35,23 @@ command reads /dev/null). Ctrl-C sends the command SIGINT; a second one, or
 One argument is a shell command line, run with `sh -c` (pipes, `;` and `$VAR`
 work); several arguments are one program and its arguments, each passed on
 exactly as given. The guest kernel is kvmlet's default guest; it needs 9p,
-overlayfs and devtmpfs (see kvmlet run --help, "--rootfs").
+virtiofs for --rootfs-via virtiofs, overlayfs and devtmpfs (see kvmlet run
+--help, "--rootfs").
+
+how your files get there (--rootfs-via, --verbose says which and why):
+  auto      virtiofs when a virtiofsd can run for you here (Debian's
+            /usr/lib/qemu/virtiofsd, package qemu-system-common, and the
+            namespaces of its sandbox), for root only for now, else 9p; the
+            default
+  virtiofs  the faster way; not as root, the daemon runs where only you are
+            mapped, as root: the command then runs as the guest's root, which
+            is you on the host (what it writes is yours; other users' files
+            show as nobody's)
+  9p        kvmlet's own 9p server: needs nothing, the command runs as you
+
+network (--net [MODE], kvmlet run -n's modes): none by default; --net alone is
+user mode (passt, apt-get install passt: DHCP, DNS and NAT to the host's
+network; the gateway's address reaches the host's loopback).
 
 exit status: the command's own. When the status is kvmlet's own, the last line
 on stderr says why (`kvmlet: ...`): 1 a usage or setup error, or the command
@@ -50,11 +68,15 @@ host directories:
   kvmlet run -k arch/x86/boot/bzImage --rootfs /    your new kernel, your own user space
   kvmlet run --rootfs /srv/rootfs,rw  the guest's changes land in /srv/rootfs
 
---rootfs boots kvmlet's own initramfs (no -i): its init mounts DIR over 9p as
-the root, read-only under a tmpfs overlay (,rw writes through to DIR), sets up
-/proc /sys /dev /tmp /run and starts a shell. The guest kernel needs, built in:
-CONFIG_VIRTIO_PCI (or CONFIG_VIRTIO_MMIO), CONFIG_NET_9P, CONFIG_NET_9P_VIRTIO,
-CONFIG_9P_FS, CONFIG_OVERLAY_FS, CONFIG_DEVTMPFS, CONFIG_TMPFS,
+--rootfs boots kvmlet's own initramfs (no -i): its init mounts DIR as the
+root, read-only under a tmpfs overlay (,rw writes through to DIR), sets up
+/proc /sys /dev /tmp /run, asks for an address with DHCP on every NIC (-n) and
+starts a shell. DIR goes over virtiofs when a virtiofsd can run for you here,
+else over kvmlet's own 9p server (--rootfs-via auto|9p|virtiofs forces one;
+--verbose says which was taken and why; `kvmlet describe` shows it too). The
+guest kernel needs, built in: CONFIG_VIRTIO_PCI (or CONFIG_VIRTIO_MMIO),
+CONFIG_NET_9P, CONFIG_NET_9P_VIRTIO and CONFIG_9P_FS (9p), CONFIG_VIRTIO_FS
+(virtiofs), CONFIG_OVERLAY_FS, CONFIG_DEVTMPFS, CONFIG_TMPFS,
 CONFIG_BLK_DEV_INITRD, CONFIG_BINFMT_SCRIPT and a serial console; one that lacks
 them stops with one line naming what is missing.
 """
@@ -75,6 +97,37 @@ def add_share_arguments(run: argparse.ArgumentParser) -> None:
         help="boot with host directory DIR as the guest's root, read-only under a tmpfs "
         "overlay unless ,rw (see below)",
     )
+    add_transport_arguments(run)
+
+
+def add_transport_arguments(parser: argparse.ArgumentParser) -> None:
+    """--rootfs-via and --verbose, for `kvmlet run --rootfs` and `kvmlet sandbox`."""
+    from kvmlet.machine.file_transport import ROOTFS_VIA
+
+    parser.add_argument(
+        "--rootfs-via",
+        choices=ROOTFS_VIA,
+        default="auto",
+        help="how the host's directories reach the guest: virtiofs (a virtiofsd kvmlet "
+        "starts), 9p (kvmlet's own server) or auto: virtiofs when a virtiofsd can run for "
+        "you here, else 9p (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="say on stderr, in one line, which way the host's directories went and why",
+    )
+
+
+def _file_transport(args: argparse.Namespace, virtiofsd, read_only: list[str]):
+    """The transport --rootfs-via asks for (`read_only`: the directories shared read-only),
+    announced with --verbose."""
+    from kvmlet.machine.file_transport import choose_file_transport
+
+    transport = choose_file_transport(args.rootfs_via, virtiofsd, read_only=read_only)
+    if args.verbose:
+        print(f"kvmlet: {transport.summary()}", file=sys.stderr)
+    return transport
 
 
 def with_shares(args: argparse.Namespace, config: MachineConfig) -> MachineConfig:
@@ -86,12 +139,15 @@ def with_shares(args: argparse.Namespace, config: MachineConfig) -> MachineConfi
     if args.ninep:
         shares = tuple(parse_share_option(text, index) for index, text in enumerate(args.ninep))
         config = replace(config, shares=(*config.shares, *shares))
-    if args.rootfs is not None:
-        if args.initrd is not None:
-            raise KvmletError("--rootfs boots kvmlet's own initramfs: drop -i/--initrd")
-        path, writable = parse_rootfs_option(args.rootfs)
-        config = with_root_share(replace(config, initrd=None), path, writable)
-    return config
+    if args.rootfs is None:
+        if args.rootfs_via != "auto":
+            raise KvmletError("--rootfs-via is for --rootfs DIR")
+        return config
+    if args.initrd is not None:
+        raise KvmletError("--rootfs boots kvmlet's own initramfs: drop -i/--initrd")
+    path, writable = parse_rootfs_option(args.rootfs)
+    kind = _file_transport(args, config.virtiofsd, [] if writable else [path]).kind
+    return with_root_share(replace(config, initrd=None), path, writable, transport=kind)
 
 
 def explain_rootfs_stop(console: bytes) -> None:
@@ -121,6 +177,16 @@ def add_sandbox_parser(commands, formatter, add_machine_arguments) -> None:
         metavar="DIR",
         help="also share host directory DIR read-write at its own path; repeatable",
     )
+    sandbox.add_argument(
+        "-n",
+        "--net",
+        nargs="?",
+        const="",
+        metavar="MODE[,opt=value...]",
+        help="give the guest a NIC on the network MODE: user (passt; also --net alone) or "
+        "tap, with kvmlet run -n's options (default: no network)",
+    )
+    add_transport_arguments(sandbox)
     sandbox.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND...")
 
 
@@ -136,6 +202,7 @@ def command_sandbox(args: argparse.Namespace, machine_config, check_kvm, notice_
         raise KvmletError("no command given: kvmlet sandbox -- COMMAND...")
     command = argv[0] if len(argv) == 1 else shlex.join(argv)
     config = machine_config(args)
+    transport = _file_transport(args, config.virtiofsd, ["/"])
     check_kvm()
     notice_profile(config)
     timeout = args.timeout or sandbox_module.DEFAULT_TIMEOUT
@@ -149,6 +216,8 @@ def command_sandbox(args: argparse.Namespace, machine_config, check_kvm, notice_
             stdin=None if _is_terminal(0) else 0,
             stdout=1,
             stderr=2,
+            rootfs_via=transport.kind,
+            net=args.net,
         )
     except GuestStoppedError as error:  # the guest never ran the command
         print(f"kvmlet: {error}", file=sys.stderr)

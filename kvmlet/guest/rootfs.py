@@ -1,16 +1,18 @@
-"""kvmlet's root-file-system initramfs: for guests whose root is a host directory over 9p.
+"""kvmlet's root-file-system initramfs: for guests whose root is a host directory (9p, virtiofs).
 
 `kvmlet run --rootfs DIR` and `kvmlet sandbox` boot with this initramfs: Debian's static
-busybox and `rootfs_init.sh` as /init, which checks the kernel, mounts the share named by
-`root=` (read-only under a tmpfs overlay, or read-write), sets up /proc, /sys, /dev, /tmp and
-/run and switches to it, then runs a shell, a command or the sandbox agent. It is packed like
+busybox, the default guest's udhcpc script and `rootfs_init.sh` as /init, which checks the
+kernel, mounts the share named by `root=` (read-only under a tmpfs overlay, or read-write),
+sets up /proc, /sys, /dev, /tmp and /run and switches to it, brings the network up, then runs
+a shell, a command or the sandbox agent. It is packed like
 the default guest's initramfs (kvmlet.guest.initramfs) and cached beside it, keyed by busybox,
 the script and this recipe; packing takes a fraction of a second.
 
 The guest kernel needs, built in (not as modules: the initramfs carries none):
 
     CONFIG_VIRTIO_PCI (or CONFIG_VIRTIO_MMIO and CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES with
-    --virtio-transport mmio), CONFIG_NET_9P, CONFIG_NET_9P_VIRTIO, CONFIG_9P_FS,
+    --virtio-transport mmio), CONFIG_NET_9P, CONFIG_NET_9P_VIRTIO, CONFIG_9P_FS (for a 9p
+    root, and for the sandbox's control share), CONFIG_VIRTIO_FS (for a virtiofs root),
     CONFIG_OVERLAY_FS (not for a read-write root), CONFIG_DEVTMPFS, CONFIG_TMPFS,
     CONFIG_BLK_DEV_INITRD, CONFIG_BINFMT_ELF, CONFIG_BINFMT_SCRIPT, CONFIG_PROC_FS,
     CONFIG_SYSFS, and a console: CONFIG_SERIAL_8250_CONSOLE (or CONFIG_VIRTIO_CONSOLE).
@@ -48,7 +50,8 @@ _KERNEL_FAILURES = (
 
 
 def cache_key(busybox_image: bytes, init_script: str) -> str:
-    return initramfs.initramfs_cache_key(busybox_image, RECIPE_VERSION + "\n" + init_script)
+    recipe = RECIPE_VERSION + "\n" + init_script
+    return initramfs.initramfs_cache_key(busybox_image, recipe, initramfs.guest_files())
 
 
 def current_dir(busybox: Path | None = None) -> Path | None:
@@ -79,7 +82,7 @@ def ensure_rootfs_initramfs(
         return initrd
     progress.stage(f"packing the root-file-system initramfs (busybox from {busybox})")
     applets = initramfs.busybox_applet_paths(busybox)
-    image = initramfs.pack_initramfs(busybox_image, applets, init_script)
+    image = initramfs.pack_initramfs(busybox_image, applets, init_script, initramfs.guest_files())
     output.mkdir(parents=True, exist_ok=True)
     staging = initrd.with_name(f"initrd.cpio.{os.getpid()}.partial")
     staging.write_bytes(image)

@@ -1,12 +1,14 @@
 #!/bin/sh
 # /init of kvmlet's root-file-system initramfs (busybox sh): the guest's root is a host
-# directory shared over virtio-9p (kvmlet run --rootfs, kvmlet sandbox).
+# directory shared over virtio-9p or virtiofs (kvmlet run --rootfs, kvmlet sandbox).
 #
 # Stage 1, PID 1 in the initramfs: check that the kernel has what this needs, mount the share
-# named by root= (read-only under a tmpfs overlay, or read-write with kvmlet.rootfs=rw), give it
-# /proc, /sys, /dev, /tmp and /run, copy busybox and this script to /run/kvmlet and switch_root.
-# Stage 2, PID 1 in the new root: run the kvmlet.sandbox agent (kvmlet.ctl=TAG names its
-# control share), the command of kvmlet.run=BASE64 on the console, or a shell.
+# named by root= as rootfstype= says (9p or virtiofs; read-only under a tmpfs overlay, or
+# read-write with kvmlet.rootfs=rw), give it /proc, /sys, /dev, /tmp and /run, copy busybox,
+# udhcpc's script and this script to /run/kvmlet and switch_root.
+# Stage 2, PID 1 in the new root: bring the network up (loopback; DHCP on every NIC), then run
+# the kvmlet.sandbox agent (kvmlet.ctl=TAG names its control share, always 9p), the command of
+# kvmlet.run=BASE64 on the console, or a shell.
 #
 # Anything that stops the boot is one line starting "kvmlet-init: " on the console; kvmlet
 # reads it back from there (kvmlet/guest/rootfs.py). The kernel does not pass parameters
@@ -33,9 +35,17 @@ parameter() { # the value of kernel parameter $1 (the last one wins, as in Linux
     echo "$value"
 }
 
-missing_kernel_options() { # what this kernel lacks of what stage 1 uses, in the kernel's words
+missing_kernel_options() { # what this kernel lacks of what the boot uses ($1 the root's mode,
+    # $2 its type; 9p is also the sandbox's control share), in the kernel's words
     missing=""
-    grep -qw 9p /proc/filesystems || missing="$missing CONFIG_9P_FS"
+    ninep=""
+    [ "$2" = 9p ] || [ -n "$(parameter kvmlet.ctl)" ] && ninep=yes
+    if [ -n "$ninep" ]; then
+        grep -qw 9p /proc/filesystems || missing="$missing CONFIG_9P_FS"
+    fi
+    if [ "$2" = virtiofs ]; then
+        grep -qw virtiofs /proc/filesystems || missing="$missing CONFIG_VIRTIO_FS"
+    fi
     if [ ! -d /sys/bus/virtio ]; then
         missing="$missing CONFIG_VIRTIO"
     elif [ -z "$(ls /sys/bus/virtio/devices)" ]; then
@@ -44,7 +54,9 @@ missing_kernel_options() { # what this kernel lacks of what stage 1 uses, in the
         *) missing="$missing CONFIG_VIRTIO_PCI" ;;
         esac
     fi
-    [ -d /sys/bus/virtio/drivers/9pnet_virtio ] || missing="$missing CONFIG_NET_9P_VIRTIO"
+    if [ -n "$ninep" ]; then
+        [ -d /sys/bus/virtio/drivers/9pnet_virtio ] || missing="$missing CONFIG_NET_9P_VIRTIO"
+    fi
     grep -qw devtmpfs /proc/filesystems || missing="$missing CONFIG_DEVTMPFS"
     grep -qw tmpfs /proc/filesystems || missing="$missing CONFIG_TMPFS"
     if [ "$1" = overlay ]; then
@@ -60,18 +72,26 @@ stage1() {
     mode="$(parameter kvmlet.rootfs)"
     tag="$(parameter root)"
     options="$(parameter rootflags)"
+    fstype="$(parameter rootfstype)"
     [ -n "$tag" ] || fail "no root=TAG on the kernel command line"
-    missing="$(missing_kernel_options "$mode")"
+    case "$fstype" in
+    9p | virtiofs) ;;
+    *) fail "rootfstype=$fstype: kvmlet's init mounts a 9p or virtiofs root" ;;
+    esac
+    missing="$(missing_kernel_options "$mode" "$fstype")"
     [ -z "$missing" ] || fail "the guest kernel lacks:$missing (see kvmlet run --help)"
     mount -t devtmpfs devtmpfs /dev || fail "cannot mount devtmpfs on /dev"
 
     new=/kvmlet/root
     mkdir -p $new
+    options="${options:+$options,}"
     if [ "$mode" = rw ]; then
-        mount -t 9p -o "$options" "$tag" $new || fail "cannot mount the root share $tag"
+        mount -t "$fstype" -o "${options}rw" "$tag" $new ||
+            fail "cannot mount the root share $tag ($fstype)"
     else
         mkdir -p /kvmlet/lower /kvmlet/rw
-        mount -t 9p -o "$options,ro" "$tag" /kvmlet/lower || fail "cannot mount the root share $tag"
+        mount -t "$fstype" -o "${options}ro" "$tag" /kvmlet/lower ||
+            fail "cannot mount the root share $tag ($fstype)"
         mount -t tmpfs -o mode=0755 kvmlet-overlay /kvmlet/rw || fail "cannot mount a tmpfs"
         mkdir -p /kvmlet/rw/upper /kvmlet/rw/work
         mount -t overlay -o lowerdir=/kvmlet/lower,upperdir=/kvmlet/rw/upper,workdir=/kvmlet/rw/work \
@@ -89,10 +109,39 @@ stage1() {
     mount -t tmpfs -o mode=1777 tmpfs $new/dev/shm
     mount -t tmpfs -o mode=1777 tmpfs $new/tmp
     mount -t tmpfs -o mode=0755 tmpfs $new/run
-    mkdir -p $new/run/kvmlet
+    mkdir -p $new/run/kvmlet/bin
     cp /bin/busybox $new/run/kvmlet/busybox
     cp /init $new/run/kvmlet/init
+    cp /etc/udhcpc/default.script $new/run/kvmlet/udhcpc.script
+    for applet in ip grep; do # what udhcpc's script runs, whatever the root has
+        ln -s ../busybox $new/run/kvmlet/bin/$applet
+    done
     exec switch_root $new /run/kvmlet/busybox sh /run/kvmlet/init stage2
+}
+
+network_up() { # loopback, and a DHCP lease on every NIC (3 tries, then on in the background)
+    $bb ip link set lo up
+    [ -e /sys/class/net/eth0 ] || return 0
+    resolver=/etc/resolv.conf
+    if [ "$(parameter kvmlet.rootfs)" = rw ]; then
+        resolver=/run/kvmlet/resolv.conf # never the host's own file
+    else
+        $bb rm -f $resolver # a link to a resolver's file under /run goes nowhere here
+    fi
+    for interface in /sys/class/net/eth*; do
+        PATH=/run/kvmlet/bin RESOLV_CONF=$resolver $bb udhcpc -i "${interface##*/}" -b -t 3 -T 1 \
+            -s /run/kvmlet/udhcpc.script >/dev/null 2>&1
+    done
+}
+
+mount_shares() { # host directories shared read-write at their own paths: TYPE TAG PATH...
+    while [ $# -ge 3 ]; do
+        options=rw
+        [ "$1" = 9p ] && options=trans=virtio,version=9p2000.L,msize=512000,cache=mmap
+        $bb mkdir -p "$3" && $bb mount -t "$1" -o $options "$2" "$3" ||
+            fail "cannot mount share $2 ($1) at $3"
+        shift 3
+    done
 }
 
 sandbox_agent() { # run the command kvmlet.sandbox left in its control share $1
@@ -102,13 +151,7 @@ sandbox_agent() { # run the command kvmlet.sandbox left in its control share $1
         fail "cannot mount the sandbox control share $1"
     token="" uid=0 gid=0 groups=0 workdir=/ stdin=null mounts=""
     . $ctl/request
-    set -- $mounts
-    while [ $# -ge 2 ]; do # host directories shared read-write at their own paths
-        $bb mkdir -p "$2" && $bb mount -t 9p \
-            -o trans=virtio,version=9p2000.L,msize=512000,cache=mmap "$1" "$2" ||
-            fail "cannot mount share $1 at $2"
-        shift 2
-    done
+    mount_shares $mounts
     $bb cp $ctl/command /run/kvmlet/command
     # From here on the control share is reached through this shell's working directory
     # only: detached from the tree, the command cannot see it.
@@ -153,7 +196,9 @@ sandbox_agent() { # run the command kvmlet.sandbox left in its control share $1
     ) >/dev/null 2>&1 &
     watcher=$!
     : >started
-    $bb setsid /bin/sh -c 'echo $$ >'$session'; exec '"$bb env -i $privileges"' /bin/sh /run/kvmlet/command' \
+    # Started from /: a shell whose working directory is the detached control share cannot
+    # name it (getcwd fails) and says so on the command's stderr.
+    (cd / && exec $bb setsid /bin/sh -c 'echo $$ >'$session'; exec '"$bb env -i $privileges"' /bin/sh /run/kvmlet/command') \
         <$input >&3 2>&4
     status=$?
     kill -s KILL -- -"$($bb cat $session)" $watcher $feeder 2>/dev/null
@@ -165,6 +210,7 @@ stage2() {
     export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root
     export TERM="${TERM:-linux}"
     $bb hostname kvmlet
+    network_up
     control="$(parameter kvmlet.ctl)"
     run="$(parameter kvmlet.run)"
     if [ -n "$control" ]; then

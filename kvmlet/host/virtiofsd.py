@@ -17,8 +17,11 @@ How kvmlet runs it, as checked on Debian's 7.2, as root and as a normal user:
   the host's `/` itself (EBUSY), so a share of `/` gets `chroot`, which confines nothing there.
 - **Read-only shares.** This virtiofsd has no read-only option. A `ro` share is a read-only bind
   mount of the directory over itself, made in a mount namespace of the daemon's own (`unshare
-  --mount`, then `mount --bind` and `mount -o remount,bind,ro`), so the host refuses every
-  change with EROFS, whatever the guest sends.
+  --mount`, then `mount --rbind` and `mount -o remount,bind,ro`), so the host refuses every
+  change with EROFS, whatever the guest sends. The bind is recursive because in a user
+  namespace the mounts below a directory are locked to it: a plain bind of `/` fails there
+  (EINVAL). The remount makes the directory's own mount read-only, not mounts below it (a
+  separate /home under a shared `/`): the guest mounts such a share read-only itself.
 - **Options** kept at their defaults: `cache=auto` (the guest caches for a second, as QEMU's
   users get it), no extended attributes (`no_xattr`; Linux 6.1's tmpfs keeps no user.*
   attributes), no writeback cache, no DAX (the device offers no shared memory window).
@@ -26,10 +29,12 @@ How kvmlet runs it, as checked on Debian's 7.2, as root and as a normal user:
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import socket
-from collections.abc import Callable
+import subprocess
+from collections.abc import Callable, Sequence
 
 from kvmlet.errors import KvmletError
 from kvmlet.host.processes import HelperProcess, find_program, make_runtime_directory
@@ -37,7 +42,7 @@ from kvmlet.host.processes import HelperProcess, find_program, make_runtime_dire
 VIRTIOFSD_PACKAGE = "qemu-system-common"
 VIRTIOFSD_PATHS = ("/usr/lib/qemu/virtiofsd", "/usr/libexec/virtiofsd")
 SOCKET_NAME = "virtiofsd.sock"
-READ_ONLY_SCRIPT = 'mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" && shift && exec "$@"'
+READ_ONLY_SCRIPT = 'mount --rbind "$1" "$1" && mount -o remount,bind,ro "$1" && shift && exec "$@"'
 """Run by `sh -c` in the daemon's own mount namespace: DIR, then the daemon's argv."""
 _NOISE = ("virtio_session_mount: ", "virtio_loop: ")
 
@@ -57,14 +62,51 @@ def find_virtiofsd(program: str | None = None) -> str:
     return found
 
 
-def virtiofsd_available(program: str | None = None) -> bool:
-    """Whether a virtiofsd can be started (`program`, else Debian's): a caller with another way
-    to share a directory (9p) picks it when not."""
+NAMESPACES_PROBE = ("--mount", "--pid", "--net", "--fork", "--", "true")
+"""The namespaces virtiofsd's own sandbox makes (`-o sandbox=namespace`), tried with `unshare`."""
+PROBE_TIMEOUT = 10.0
+
+
+def virtiofsd_problem(
+    program: str | None = None, euid: int | None = None, read_only: Sequence[str] = ()
+) -> str | None:
+    """Why a virtiofsd cannot serve a directory for this user, or None when it can: the
+    daemon (`program`, else Debian's) is installed, the namespaces its sandbox needs can be
+    made here (as root directly, else inside a user namespace of the user's own, as
+    `start_virtiofsd` runs it: a kernel or a container may forbid either), and each directory
+    to be shared `read_only` can be made read-only there as `start_virtiofsd` does it. A
+    caller with another way to share a directory (9p) picks it when not."""
     try:
         find_virtiofsd(program)
-    except KvmletError:
-        return False
-    return True
+        unshare = find_program("unshare", "util-linux")
+    except KvmletError as error:
+        return str(error)
+    euid = os.geteuid() if euid is None else euid
+    user = ("--user", "--map-root-user") if euid != 0 else ()
+    problem = _namespaces_problem((unshare, *user, *NAMESPACES_PROBE))
+    for directory in read_only:
+        if problem is not None:
+            break
+        wrapper = ("--mount", "--", "/bin/sh", "-c", READ_ONLY_SCRIPT, "virtiofsd-ro")
+        problem = _namespaces_problem((unshare, *user, *wrapper, directory, "true"))
+    return problem
+
+
+@functools.lru_cache(maxsize=4)
+def _namespaces_problem(argv: tuple[str, ...]) -> str | None:
+    """Run `argv` (an unshare that makes the namespaces); what failed, or None (asked once per
+    process: the answer does not change while kvmlet runs)."""
+    try:
+        result = subprocess.run(
+            argv, capture_output=True, text=True, timeout=PROBE_TIMEOUT, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return f"cannot make virtiofsd's namespaces: {error}"
+    if result.returncode == 0:
+        return None
+    said = result.stderr.strip().splitlines()
+    why = said[0] if said else f"exit status {result.returncode}"
+    return f"virtiofsd's sandbox needs namespaces or mounts this user cannot make here ({why})"
 
 
 def virtiofsd_command(

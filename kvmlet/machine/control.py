@@ -163,7 +163,11 @@ class Controls:
         return self.virtio.balloon
 
     def describe(self: Machine) -> dict[str, object]:
-        """What the machine is: state, resources, devices, versions (the API's `describe`)."""
+        """What the machine is: state, resources, devices, the host directory it booted from
+        (type 9p or virtiofs), versions (the API's `describe`)."""
+        from kvmlet.machine.file_transport import root_filesystem
+        from kvmlet.machine.shares import ROOT_TAG
+
         config = self.config
         paused_now = time.monotonic() - self.paused_at if self.paused_at is not None else 0.0
         return {
@@ -183,6 +187,7 @@ class Controls:
                 for disk in config.disks
             ],
             "devices": self.legacy.describe() + self.virtio.describe(),
+            "root_filesystem": root_filesystem(config, ROOT_TAG),
             "versions": {
                 "kvmlet": __version__,
                 "python": "{}.{}.{}".format(*sys.version_info[:3]),

@@ -26,6 +26,7 @@ from kvmlet.machine.config import FilePath, MachineConfig, ShareConfig
 
 if TYPE_CHECKING:
     from kvmlet.guest import Progress
+    from kvmlet.machine.file_transport import TransportKind
     from kvmlet.memory import GuestMemory
     from kvmlet.virtio.p9 import Virtio9p
 
@@ -82,26 +83,31 @@ def parse_rootfs_option(text: str) -> tuple[str, bool]:
 
 
 def with_root_share(
-    config: MachineConfig, path: FilePath, writable: bool = False, progress: Progress | None = None
+    config: MachineConfig,
+    path: FilePath,
+    writable: bool = False,
+    progress: Progress | None = None,
+    transport: TransportKind = "9p",
 ) -> MachineConfig:
     """`config` booting kvmlet's root-file-system initramfs (kvmlet.guest.rootfs) with host
-    directory `path` as the guest's root: read-only under a tmpfs overlay, or `writable`
-    (the guest's changes land in the directory). `config.initrd` must be unset."""
+    directory `path` as the guest's root, shared over `transport` (9p or virtiofs, see
+    kvmlet.machine.file_transport): read-only under a tmpfs overlay, or `writable` (the
+    guest's changes land in the directory). `config.initrd` must be unset."""
     from kvmlet.guest.rootfs import ensure_rootfs_initramfs
+    from kvmlet.machine.file_transport import root_parameters, with_host_directories
 
     if config.initrd is not None:
         raise KvmletError("a host directory as root boots kvmlet's own initramfs: drop -i")
     if not os.path.isdir(path):
         raise KvmletError(f"--rootfs {os.fspath(path)}: not a directory")
-    share = ShareConfig(path, ROOT_TAG, read_only=not writable)
     parameters = (
-        *root_parameters(ROOT_TAG, read_only=not writable),
+        *root_parameters(transport, ROOT_TAG, read_only=not writable),
         f"kvmlet.rootfs={'rw' if writable else 'overlay'}",
     )
+    config = with_host_directories(config, transport, [(ROOT_TAG, path, not writable)])
     return replace(
         config,
         initrd=ensure_rootfs_initramfs(progress),
-        shares=(share, *config.shares),
         extra_parameters=(*config.extra_parameters, *parameters),
     )
 

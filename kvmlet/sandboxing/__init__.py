@@ -1,11 +1,14 @@
 """Run one command in a throwaway microVM on the caller's own files; get its output and status.
 
-`sandbox(command)` boots a guest whose root is the host's `/` over virtio-9p, read-only under a
-tmpfs overlay (what the command writes there is gone afterwards), with the current directory
-shared read-write at the same path and made the working directory. The command runs with
-`sh -c` as the caller's uid and gid with the caller's environment (kvmlet.sandboxing.control
+`sandbox(command)` boots a guest whose root is the host's `/` (over virtiofs where a virtiofsd
+can serve it for this user, else over kvmlet's own virtio-9p: kvmlet.machine.file_transport),
+read-only under a tmpfs overlay (what the command writes there is gone afterwards), with the
+current directory shared read-write at the same path and made the working directory. The
+command runs with `sh -c` as the caller's uid and gid (as guest root over an unprivileged
+virtiofsd, which maps the caller to it) with the caller's environment (kvmlet.sandboxing.control
 says what stays out); its stdout and stderr come back as they are written, its exit status at
-the end. The command protocol (kvmlet.sandboxing.control) carries a per-run random token.
+the end. `net="user"` gives the guest a network. The command protocol
+(kvmlet.sandboxing.control) carries a per-run random token.
 
     result = kvmlet.sandbox("make -C src && ./src/hello; exit 3")
     result.status, result.stdout   # (3, b"...")
@@ -54,6 +57,8 @@ class SandboxResult:
     stdout: bytes = b""
     stderr: bytes = b""
     interrupted: bool = False
+    transport: str = "9p"
+    """How the host's directories reached the guest: 9p or virtiofs."""
 
 
 def sandbox(
@@ -69,6 +74,8 @@ def sandbox(
     stdout: int | None = None,
     stderr: int | None = None,
     echo_fd: int | None = None,
+    rootfs_via: str = "auto",
+    net: str | None = None,
 ) -> SandboxResult:
     """Run `command` (a shell line) on the host's files in a throwaway guest.
 
@@ -83,6 +90,13 @@ def sandbox(
     is not kept in the result, so output of any size streams); `echo_fd` gets the guest's
     console.
 
+    `rootfs_via` is how the root and the shared directories reach the guest: "virtiofs",
+    "9p", or "auto" (virtiofs where a virtiofsd can run for this user, else 9p); with an
+    unprivileged virtiofsd the command runs as guest root, which is the caller on the host
+    (kvmlet.machine.file_transport). `net` gives the guest a NIC, e.g. "user" (passt: DHCP,
+    DNS and NAT to the host's network, the host's loopback at the gateway's address) or ""
+    for the default; the options are `kvmlet run -n`'s.
+
     A command still running after `timeout` seconds is stopped: the result then has status
     None and `stop.reason` TIMEOUT. A KeyboardInterrupt while waiting sends the command
     SIGINT and waits INTERRUPT_GRACE seconds more (a second one stops the guest at once);
@@ -91,11 +105,22 @@ def sandbox(
     the kernel lacks an option, ...), KvmletError for a directory that cannot be shared.
     """
     from kvmlet.guest.rootfs import explain_boot_failure
+    from kvmlet.machine.file_transport import (
+        choose_file_transport,
+        command_runs_as_root,
+        with_host_directories,
+    )
     from kvmlet.machine.shares import with_root_share
 
     workdir = check_directory(cwd if cwd is not None else os.getcwd(), "working directory")
     extra = [check_directory(path, "share") for path in shares]
     base = replace(with_default_guest(config), initrd=None)
+    if net is not None:
+        from kvmlet.virtio.net.option import parse_net_option
+
+        base = replace(base, nets=(*base.nets, parse_net_option(net)))
+    kind = choose_file_transport(rootfs_via, base.virtiofsd, read_only=[root]).kind
+    as_root = command_runs_as_root(kind)
     control = ControlDirectory()
     try:
         mounts = [(f"kvmletshare{index}", path) for index, path in enumerate(extra)]
@@ -106,25 +131,23 @@ def sandbox(
             command,
             environment=guest_environment(os.environ if env is None else env),
             workdir=workdir,
-            uid=os.getuid(),
-            gid=os.getgid(),
-            groups=os.getgroups(),
-            mounts=mounts,
+            uid=0 if as_root else os.getuid(),
+            gid=0 if as_root else os.getgid(),
+            groups=[0] if as_root else os.getgroups(),
+            mounts=[(kind, tag, path) for tag, path in mounts],
             stream_stdin=stdin is not None,
         )
         if isinstance(stdin, bytes | bytearray):
             control.write_input(bytes(stdin))
-        share_configs = (
-            ShareConfig(control.path, CONTROL_TAG),
-            *(ShareConfig(path, tag) for tag, path in mounts),
-        )
+        shared = with_host_directories(base, kind, [(tag, path, False) for tag, path in mounts])
         run_config = with_root_share(
             replace(
-                base,
-                shares=(*base.shares, *share_configs),
-                extra_parameters=(*base.extra_parameters, "quiet", f"kvmlet.ctl={CONTROL_TAG}"),
+                shared,
+                shares=(ShareConfig(control.path, CONTROL_TAG), *shared.shares),
+                extra_parameters=(*shared.extra_parameters, "quiet", f"kvmlet.ctl={CONTROL_TAG}"),
             ),
             root,
+            transport=kind,
         )
         collected: list[tuple[str, bytes]] = []
         control.relay_output(
@@ -155,7 +178,7 @@ def sandbox(
     out = b"".join(data for name, data in collected if name == "stdout")
     err = b"".join(data for name, data in collected if name == "stderr")
     output = b"".join(data for _, data in collected).decode(errors="replace")
-    return SandboxResult(status, output, stop, stats, out, err, interrupted)
+    return SandboxResult(status, output, stop, stats, out, err, interrupted, kind)
 
 
 def _sink(collected: list[tuple[str, bytes]], name: str, fd: int | None):

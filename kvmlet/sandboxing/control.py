@@ -2,11 +2,13 @@
 
 kvmlet and the guest's agent (the sandbox part of kvmlet/guest/rootfs_init.sh) talk through
 files in a private host directory (mode 0700), which the guest mounts over virtio-9p with
-`cache=none`, so every write reaches the other side at once:
+`cache=none`, so every write reaches the other side at once (kvmlet's own 9p server, whatever
+serves the user's directories):
 
     request      written by kvmlet, sourced by the agent (root) as shell assignments:
-                 token, uid, gid, groups, workdir, stdin (stream or null), mounts (pairs of
-                 9p tag and guest path, mounted read-write in that order)
+                 token, uid, gid, groups, workdir, stdin (stream or null), mounts (triples
+                 of file system type, 9p or virtiofs, tag and guest path, mounted
+                 read-write in that order)
     command      written by kvmlet, run by the agent with `sh` as uid:gid: exports the
                  caller's environment, enters the working directory, runs the command line
     stdout       written by the agent: the command's standard output, as it comes
@@ -123,10 +125,10 @@ class ControlDirectory:
         uid: int,
         gid: int,
         groups: Sequence[int],
-        mounts: Iterable[tuple[str, str]],
+        mounts: Iterable[tuple[str, str, str]],
         stream_stdin: bool,
     ) -> None:
-        pairs = " ".join(f"{tag} {path}" for tag, path in mounts)
+        triples = " ".join(f"{kind} {tag} {path}" for kind, tag, path in mounts)
         request = {
             "token": self.token,
             "uid": str(uid),
@@ -134,7 +136,7 @@ class ControlDirectory:
             "groups": ",".join(str(group) for group in (groups or [gid])),
             "workdir": workdir,
             "stdin": "stream" if stream_stdin else "null",
-            "mounts": pairs,
+            "mounts": triples,
         }
         text = "".join(f"{key}={shlex.quote(value)}\n" for key, value in request.items())
         self._write("request", text.encode())

@@ -60,3 +60,13 @@ def test_a_share_is_served_both_ways_by_the_machines_worker(tmp_path):
         read_only = devices[0].server.share.read_only
     assert read_only
     assert (tmp_path / "rw" / "from-guest").read_bytes() == b"guest data"
+
+
+def test_describe_names_the_root_share_and_its_type(tmp_path):
+    root = ShareConfig(tmp_path, "kvmletroot", True)
+    config = MachineConfig(boot_code=HALT, host_profile="none", rng=False, shares=(root,))
+    with Machine(config) as machine:
+        described = machine.describe()["root_filesystem"]
+    assert described == {"type": "9p", "path": str(tmp_path), "read_only": True}
+    with Machine(MachineConfig(boot_code=HALT, host_profile="none", rng=False)) as machine:
+        assert machine.describe()["root_filesystem"] is None

@@ -21,7 +21,6 @@ import http.server
 import itertools
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -36,6 +35,7 @@ from kvmlet.guest import READY_MARKER
 from kvmlet.machine.machine import Machine
 from kvmlet.virtio.net.option import NetConfig, PortForward
 from tests.helpers.guests import BOOT_TIMEOUT, IN_TEST_BOX
+from tests.helpers.host_network import ip, passt_uplink
 
 pytestmark = pytest.mark.linux
 
@@ -82,34 +82,10 @@ def stop(machine: Machine) -> None:
     machine.close()
 
 
-def ip(*words: str) -> None:
-    subprocess.run(["ip", *words], check=True, capture_output=True)
-
-
-def default_route() -> bool:
-    return bool(subprocess.run(["ip", "-4", "route", "show", "default"], capture_output=True,
-                               text=True, check=False).stdout.strip())  # fmt: skip
-
-
 @pytest.fixture(scope="module")
 def uplink() -> Iterator[None]:
-    """What passt needs on the host: in the box, loopback up (passt maps the guest's gateway to
-    it) and a dummy interface with a default route."""
-    if shutil.which("passt") is None:
-        pytest.skip("user mode needs passt (apt-get install passt)")
-    if IN_TEST_BOX:
-        ip("link", "set", "lo", "up")
-    if default_route():
+    with passt_uplink():
         yield
-        return
-    if not IN_TEST_BOX:
-        pytest.skip("passt needs a default route on the host")
-    ip("link", "add", "uplink", "type", "dummy")
-    ip("addr", "add", "10.9.0.2/24", "dev", "uplink")
-    ip("link", "set", "uplink", "up")
-    ip("route", "add", "default", "via", "10.9.0.1")
-    yield
-    ip("link", "delete", "uplink")
 
 
 class Blobs(http.server.BaseHTTPRequestHandler):

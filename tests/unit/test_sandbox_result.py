@@ -6,11 +6,15 @@ and `pvm` tiers run the real one."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from kvmlet import sandboxing as sandbox_module
-from kvmlet.errors import GuestStoppedError
+from kvmlet.errors import GuestStoppedError, KvmletError
+from kvmlet.machine import file_transport
 from kvmlet.machine.config import MachineConfig
+from kvmlet.machine.vhost_config import FilesystemConfig
 from kvmlet.vstate.vcpu_loop import GuestStop, StopReason
 
 CONFIG = MachineConfig(kernel="vmlinux", host_profile="none")
@@ -101,8 +105,12 @@ class StandInAgent(StandInMachine):
 RESET = GuestStop(StopReason.RESET)
 
 
-def play_agent(monkeypatch, tmp_path, act, stop=RESET, transcript=b""):
+def play_agent(monkeypatch, tmp_path, act, stop=RESET, transcript=b"", virtiofs_problem="absent"):
+    """The sandbox against a stand-in agent; virtiofs is usable when `virtiofs_problem` is None."""
     monkeypatch.setenv("KVMLET_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(
+        file_transport, "virtiofs_problem", lambda program, read_only: virtiofs_problem
+    )
     monkeypatch.setattr(StandInAgent, "act", staticmethod(act))
     monkeypatch.setattr(StandInAgent, "stop", stop)
     monkeypatch.setattr(StandInAgent, "transcript", lambda self: transcript)
@@ -131,6 +139,73 @@ def test_the_sandbox_returns_the_status_that_carries_the_token_and_the_output(
     assert {share.tag: share.path for share in config.shares}["kvmletcwd"] == str(tmp_path)
     assert "kvmlet.ctl=kvmletctl" in config.extra_parameters
     assert "root=kvmletroot" in config.extra_parameters
+
+
+REQUESTS: list[dict[str, str]] = []
+
+
+def finish_with_status(control, request):
+    REQUESTS.append(request)
+    write(control, "started", "")
+    write(control, "status", f"{request['token']} 0\n")
+
+
+def test_auto_falls_back_to_9p_for_the_callers_directory_as_the_callers_uid(monkeypatch, tmp_path):
+    play_agent(monkeypatch, tmp_path, finish_with_status, virtiofs_problem="no virtiofsd")
+    result = sandbox_module.sandbox("x", CONFIG, cwd=str(tmp_path))
+    assert (result.status, result.transport) == (0, "9p")
+    config = StandInAgent.configs[-1]
+    assert not config.filesystems and "rootfstype=9p" in config.extra_parameters
+    request = REQUESTS[-1]
+    assert request["mounts"] == f"'9p kvmletcwd {tmp_path}'"
+    assert (request["uid"], request["gid"]) == (str(os.getuid()), str(os.getgid()))
+
+
+@pytest.mark.parametrize(("euid", "via"), [(0, "auto"), (1000, "virtiofs")])
+def test_a_usable_virtiofsd_serves_the_root_and_the_callers_directory(
+    monkeypatch, tmp_path, euid, via
+):
+    play_agent(monkeypatch, tmp_path, finish_with_status, virtiofs_problem=None)
+    monkeypatch.setattr(file_transport.os, "geteuid", lambda: euid)
+    monkeypatch.setattr(sandbox_module.os, "getuid", lambda: euid)
+    monkeypatch.setattr(sandbox_module.os, "getgid", lambda: euid)
+    result = sandbox_module.sandbox("x", CONFIG, cwd=str(tmp_path), rootfs_via=via)
+    assert (result.status, result.transport) == (0, "virtiofs")
+    config = StandInAgent.configs[-1]
+    assert config.filesystems == (
+        FilesystemConfig("kvmletroot", source="/", read_only=True),
+        FilesystemConfig("kvmletcwd", source=str(tmp_path)),
+    )
+    assert [share.tag for share in config.shares] == ["kvmletctl"], "the control share is 9p"
+    assert "rootfstype=virtiofs" in config.extra_parameters
+    request = REQUESTS[-1]
+    assert request["mounts"] == f"'virtiofs kvmletcwd {tmp_path}'"
+    # an unprivileged virtiofsd maps only the caller, as root: the command runs as guest root
+    assert (request["uid"], request["gid"], request["groups"]) == ("0", "0", "0")
+
+
+def test_forced_9p_is_taken_even_where_virtiofs_could_run(monkeypatch, tmp_path):
+    play_agent(monkeypatch, tmp_path, finish_with_status, virtiofs_problem=None)
+    monkeypatch.setattr(file_transport.os, "geteuid", lambda: 0)
+    result = sandbox_module.sandbox("x", CONFIG, cwd=str(tmp_path), rootfs_via="9p")
+    assert result.transport == "9p" and not StandInAgent.configs[-1].filesystems
+
+
+def test_forced_virtiofs_that_cannot_run_is_one_line_before_any_boot(monkeypatch, tmp_path):
+    play_agent(monkeypatch, tmp_path, finish_with_status, virtiofs_problem="no virtiofsd")
+    booted = len(StandInAgent.configs)
+    with pytest.raises(KvmletError, match="--rootfs-via virtiofs: no virtiofsd"):
+        sandbox_module.sandbox("x", CONFIG, cwd=str(tmp_path), rootfs_via="virtiofs")
+    assert len(StandInAgent.configs) == booted
+
+
+@pytest.mark.parametrize(("net", "mode"), [("", "user"), ("user", "user")])
+def test_the_sandbox_gets_a_nic_when_asked(monkeypatch, tmp_path, net, mode):
+    play_agent(monkeypatch, tmp_path, finish_with_status)
+    sandbox_module.sandbox("x", CONFIG, cwd=str(tmp_path), net=net)
+    assert [nic.mode for nic in StandInAgent.configs[-1].nets] == [mode]
+    sandbox_module.sandbox("x", CONFIG, cwd=str(tmp_path))
+    assert StandInAgent.configs[-1].nets == ()
 
 
 def test_a_status_without_the_token_is_no_status(monkeypatch, tmp_path):

@@ -14,8 +14,8 @@ from kvmlet.host.virtiofsd import (
     VIRTIOFSD_PATHS,
     find_virtiofsd,
     start_virtiofsd,
-    virtiofsd_available,
     virtiofsd_command,
+    virtiofsd_problem,
 )
 from kvmlet.vhost.user import VhostUserFrontend
 
@@ -53,12 +53,64 @@ def test_a_read_only_share_is_a_read_only_bind_mount_in_the_daemons_namespace(un
 def test_a_daemon_that_is_not_there_is_one_line(monkeypatch, tmp_path):
     with pytest.raises(KvmletError, match="--virtiofsd /nonexistent/virtiofsd: no such"):
         find_virtiofsd("/nonexistent/virtiofsd")
-    assert not virtiofsd_available("/nonexistent/virtiofsd")
-    assert virtiofsd_available("/bin/true")
+    assert "no such executable" in virtiofsd_problem("/nonexistent/virtiofsd")
     monkeypatch.setattr("kvmlet.host.virtiofsd.VIRTIOFSD_PATHS", (str(tmp_path / "none"),))
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(KvmletError, match="apt-get install qemu-system-common"):
         find_virtiofsd()
+
+
+def fake_unshare(directory, status: int, said: str = ""):
+    """An `unshare` first on PATH that logs its arguments and ends with `status`."""
+    script = directory / "unshare"
+    script.write_text(f'#!/bin/sh\necho "$@" >> {directory}/unshare.log\necho "{said}" >&2\n'
+                      f"exit {status}\n")  # fmt: skip
+    script.chmod(0o755)
+    return directory / "unshare.log"
+
+
+@pytest.mark.parametrize("euid", [0, 1000])
+def test_virtiofsd_is_usable_when_installed_and_its_namespaces_can_be_made(
+    monkeypatch, tmp_path, euid
+):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    log = fake_unshare(tmp_path, 0)
+    assert virtiofsd_problem("/bin/true", euid=euid) is None
+    user = "--user --map-root-user " if euid else ""
+    assert log.read_text() == f"{user}--mount --pid --net --fork -- true\n"
+
+
+def test_each_read_only_directory_is_probed_as_the_daemon_would_get_it(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    log = fake_unshare(tmp_path, 0)
+    assert virtiofsd_problem("/bin/true", euid=1000, read_only=["/", "/srv"]) is None
+    probes = log.read_text().splitlines()
+    wrapper = f"--user --map-root-user --mount -- /bin/sh -c {READ_ONLY_SCRIPT} virtiofsd-ro"
+    assert probes[1:] == [f"{wrapper} / true", f"{wrapper} /srv true"]
+    assert "mount --rbind" in READ_ONLY_SCRIPT, "a plain bind of / fails in a user namespace"
+
+
+def test_a_read_only_directory_that_cannot_be_made_so_makes_it_unusable(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    script = tmp_path / "unshare"
+    script.write_text(
+        '#!/bin/sh\ncase "$*" in *virtiofsd-ro*) echo "mount: /: bad" >&2; exit 32;; esac\n'
+    )
+    script.chmod(0o755)
+    assert "(mount: /: bad)" in virtiofsd_problem("/bin/true", euid=1000, read_only=["/"])
+    assert virtiofsd_problem("/bin/true", euid=1000) is None
+
+
+def test_virtiofsd_is_unusable_where_its_namespaces_are_refused(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    fake_unshare(tmp_path, 1, "unshare: unshare failed: Operation not permitted")
+    problem = virtiofsd_problem("/bin/true", euid=1000)
+    assert "namespaces" in problem and "Operation not permitted" in problem
+
+
+def test_virtiofsd_without_unshare_is_unusable(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert "apt-get install util-linux" in virtiofsd_problem("/bin/true", euid=1000)
 
 
 def test_the_socket_is_connected_before_the_daemon_runs_and_refused_once_it_died(tmp_path):
