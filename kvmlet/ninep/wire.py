@@ -97,12 +97,17 @@ class Layout:
             elif letters == "s":
                 text, offset = _string(body, offset, end)
                 values.append(text)
-            elif letters == "W":
+            elif letters == "W":  # Twalk's names, in every walk: no call per name
                 count, offset = _count(_U16, body, offset, end)
                 names = []
                 for _ in range(count):
-                    text, offset = _string(body, offset, end)
-                    names.append(text)
+                    if offset + 2 > end:
+                        raise MalformedMessage("body ends inside a count")
+                    start = offset + 2
+                    offset = start + _U16.unpack_from(body, offset)[0]
+                    if offset > end:
+                        raise MalformedMessage("string runs past the end of the message")
+                    names.append(bytes(body[start:offset]))
                 values.append(tuple(names))
             elif letters == "R":
                 count, offset = _count(_U16, body, offset, end)
