@@ -276,8 +276,19 @@ class GuestMemory:
         """Zero-copy views of many buffers (addresses[i], lengths[i]); raises GuestMemoryError
         when one is out of bounds. One bounds check for the lot when there are many buffers
         and `contains_all` holds (for a few, one check each is cheaper)."""
-        if len(addresses) < _MANY_BUFFERS or not self.contains_all(addresses, lengths):
-            return [self.view(a, n) for a, n in zip(addresses, lengths, strict=True)]
+        if len(addresses) >= _MANY_BUFFERS:
+            views = self.low_views(addresses, lengths)
+            if views is not None:
+                return views
+        return [self.view(a, n) for a, n in zip(addresses, lengths, strict=True)]
+
+    def low_views(
+        self, addresses: Sequence[int], lengths: Sequence[int]
+    ) -> list[memoryview] | None:
+        """Zero-copy views of many buffers when `contains_all` holds (one bounds check for the
+        lot); else None."""
+        if not self.contains_all(addresses, lengths):
+            return None
         base, _, low = self._low
         starts = list(map(operator.sub, addresses, itertools.repeat(base))) if base else addresses
         # Slices made by map in C, not a Python step per buffer (a 9p read brings ~100 pages).

@@ -211,10 +211,16 @@ def decode_response(message: bytes | memoryview):
 
 def encode(message) -> bytes:
     """The bytes of any message value (a ValueError when a field is out of range)."""
-    framed = message.LAYOUT.framed
+    layout = message.LAYOUT
+    framed = layout.framed
     if framed is not None:
+        values = message
+        if layout.framed_qids:
+            values = list(message)
+            for index in layout.framed_qids:  # from the last: indexes stay right
+                values[index : index + 1] = values[index]
         try:
-            return framed.pack(framed.size, message.TYPE, *message)
+            return framed.pack(framed.size, message.TYPE, *values)
         except struct.error as error:
             raise ValueError(f"{type(message).__name__}: {error}") from None
     body = message.LAYOUT.pack(message[1:])

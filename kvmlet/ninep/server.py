@@ -157,10 +157,13 @@ class Server:
         reply's length (0 when the buffers cannot hold one)."""
         request, reply = Scatter(readable), Scatter(writable)
         self.requests += 1
-        header = request.copy(0, HEADER_SIZE)
-        if len(header) < HEADER_SIZE:
-            return self._reply(reply, NOTAG, error_reply(NOTAG, errno.EINVAL))
-        size, type_number, tag = HEADER.unpack(header)
+        if readable and len(readable[0]) >= HEADER_SIZE:  # the usual case: one call, no copy
+            size, type_number, tag = HEADER.unpack_from(readable[0])
+        else:
+            header = request.copy(0, HEADER_SIZE)
+            if len(header) < HEADER_SIZE:
+                return self._reply(reply, NOTAG, error_reply(NOTAG, errno.EINVAL))
+            size, type_number, tag = HEADER.unpack(header)
         if reply.length < ERROR_REPLY_SIZE:
             return 0
         self._begin(tag)
@@ -181,13 +184,10 @@ class Server:
             return result
         return self._reply(reply, tag, result)
 
-    def _size_limit(self) -> int:
-        return self.msize or self.max_msize
-
     def _reply(self, reply: Scatter, tag: int, message: bytes) -> int:
         """Write the reply; one that does not fit the buffers or is not smaller than msize
         (Linux refuses those) becomes EMSGSIZE."""
-        if len(message) > reply.length or len(message) >= self._size_limit():
+        if len(message) > reply.length or len(message) >= (self.msize or self.max_msize):
             message = error_reply(tag, errno.EMSGSIZE)
             if len(message) > reply.length:
                 return 0
@@ -206,7 +206,7 @@ class Server:
         """The reply's bytes, or its length when it was written in place (Rread)."""
         if not HEADER_SIZE <= size <= request.length:
             raise MalformedMessage(f"size field {size} for {request.length} bytes of request")
-        if size > self._size_limit():
+        if size > (self.msize or self.max_msize):
             raise OSError(errno.EMSGSIZE, "request larger than msize")
         share = self.share
         if type_number == Twrite.TYPE:

@@ -46,15 +46,20 @@ class Qid(NamedTuple):
 class Layout:
     """A compiled format: `unpack(body)` -> field values, `pack(values)` -> body bytes."""
 
-    __slots__ = ("flat", "format", "framed", "steps")
+    __slots__ = ("flat", "format", "framed", "framed_qids", "steps")
 
     def __init__(self, format: str):
         self.format = format
-        # A format of plain numbers only (the common case) is one struct for the whole body,
-        # and `framed` the same with the message header in front: one call for a message.
-        flat = all(letter in _FIXED and letter != "Q" for letter in format)
-        self.flat = _run_struct(format) if flat else None
-        self.framed = struct.Struct(HEADER.format + self.flat.format[1:]) if flat else None
+        # A format of plain numbers only (the common case) is one struct for the whole body.
+        # `framed` is the struct of any fixed-size format with the message header in front,
+        # one call to encode a message (Rgetattr, Rlopen: qids included, spread into their
+        # three numbers at `framed_qids`, the message's indexes of its qids, last first).
+        fixed = all(letter in _FIXED for letter in format)
+        self.flat = _run_struct(format) if fixed and "Q" not in format else None
+        self.framed = (
+            struct.Struct(HEADER.format + _run_struct(format).format[1:]) if fixed else None
+        )
+        self.framed_qids = tuple(index + 1 for index in _qid_indexes(format)) if fixed else ()
         # Each step is (struct, letters) for a run of fixed-size fields, one struct call for
         # the run, or (None, letter) for a variable-size field.
         steps: list[tuple[struct.Struct | None, str]] = []
@@ -92,12 +97,17 @@ class Layout:
             elif letters == "s":
                 text, offset = _string(body, offset, end)
                 values.append(text)
-            elif letters == "W":
+            elif letters == "W":  # Twalk's names, in every walk: no call per name
                 count, offset = _count(_U16, body, offset, end)
                 names = []
                 for _ in range(count):
-                    text, offset = _string(body, offset, end)
-                    names.append(text)
+                    if offset + 2 > end:
+                        raise MalformedMessage("body ends inside a count")
+                    start = offset + 2
+                    offset = start + _U16.unpack_from(body, offset)[0]
+                    if offset > end:
+                        raise MalformedMessage("string runs past the end of the message")
+                    names.append(bytes(body[start:offset]))
                 values.append(tuple(names))
             elif letters == "R":
                 count, offset = _count(_U16, body, offset, end)

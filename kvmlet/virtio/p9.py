@@ -80,6 +80,8 @@ class Virtio9p(VirtioDevice):
         self.server = server
         config = _TAG_LENGTH.pack(len(encoded)) + encoded
         super().__init__(memory, [QUEUE_SIZE], 1 << VIRTIO_9P_MOUNT_TAG, config)
+        for queue in self.queues:  # the server takes views of the buffers, never an iovec
+            queue.wants_iovec = False
 
     def handle_request(self, request: Request) -> int:
         chain = request.chain

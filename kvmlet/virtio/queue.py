@@ -96,7 +96,8 @@ class DescriptorChain:
     zero-copy views of every buffer (its bounds checks made them). A chain read as a whole
     table comes with the host iovec its one bounds check built (`GuestMemory.host_iovec`),
     which a block device hands to preadv/pwritev, and views of its first and last buffers
-    only; views of the others are made if asked for.
+    only, views of the others made if asked for; or, on a queue that wants no iovec
+    (`Virtqueue.wants_iovec`), with views of every buffer made by that one check.
     """
 
     __slots__ = (
@@ -208,6 +209,10 @@ class Virtqueue:
         self.on_idle: Callable[[], None] | None = None  # called once when in_flight drops to 0
         self.in_flight = 0
         self.epoch = 0
+        self.wants_iovec = True
+        """Whether a chain read as a whole table comes with a host iovec (for preadv/pwritev
+        on it: virtio-blk) or, when False, with views of all its buffers (virtio-9p, which
+        hands the server views)."""
         self._views: tuple[memoryview, ...] = ()
         self.reset()
 
@@ -339,9 +344,18 @@ class Virtqueue:
             return None
         if flags != expected or sum(lengths) > MAX_CHAIN_BYTES:
             return None
-        iovec = self.memory.host_iovec(addresses, lengths)
-        if iovec is None:
-            return None
+        memory = self.memory
+        if self.wants_iovec:
+            iovec, views = memory.host_iovec(addresses, lengths), None
+            if iovec is None:
+                return None
+            first = memory.view(addresses[0], lengths[0])
+            final = memory.view(addresses[last], lengths[last])
+        else:
+            iovec, views = None, memory.low_views(addresses, lengths)
+            if views is None:
+                return None
+            first, final = views[0], views[last]
         readable_length = sum(lengths[:readable])
         return DescriptorChain(
             head,
@@ -350,10 +364,11 @@ class Virtqueue:
             readable,
             readable_length,
             sum(lengths) - readable_length,
-            self.memory,
-            self.memory.view(addresses[0], lengths[0]),
-            self.memory.view(addresses[last], lengths[last]),
-            iovec=iovec,
+            memory,
+            first,
+            final,
+            views,
+            iovec,
         )
 
     def _walk(self, head: int) -> DescriptorChain:

@@ -109,6 +109,17 @@ def test_counts_that_claim_more_than_the_body_are_malformed():
         Layout("ds").unpack(struct.pack("<IH", 1, 5) + b"abcd")
 
 
+def test_walk_names_are_read_exactly_and_every_cut_of_them_is_malformed():
+    """Twalk's names (read inline, without a call per name): each cut of the body inside a
+    count or a name is malformed, the whole body gives the names, trailing bytes are ignored."""
+    names = (b"a", b"", b"longer-name")
+    body = Layout("ddW").pack((1, 2, names))
+    assert Layout("ddW").unpack(body + b"extra") == [1, 2, names]
+    for cut in range(8, len(body)):
+        with pytest.raises(MalformedMessage):
+            Layout("ddW").unpack(body[:cut])
+
+
 def test_values_out_of_range_are_refused_when_encoding():
     with pytest.raises(ValueError):
         m.encode(m.Tclunk(1, 1 << 32))

@@ -63,6 +63,19 @@ def test_a_reset_forgets_the_session(server, client):
 # Attach ----------------------------------------------------------------------------------
 
 
+def test_a_header_split_across_buffers_is_read_whole(client):
+    """A message header cut anywhere (the server reads it from the first buffer when it can)
+    is read across the buffers: the request is served, with its own tag in the reply."""
+    request = m.encode(m.Tgetattr(77, ROOT, m.GETATTR_BASIC))
+    for first in range(1, m.HEADER_SIZE + 1):
+        room = bytearray(4096)
+        parts = [memoryview(request)[:first], memoryview(request)[first:]]
+        length = client.server.handle(parts, [memoryview(room)])
+        reply = m.decode_response(bytes(room[:length]))
+        assert (type(reply), reply.tag) == (m.Rgetattr, 77), first
+    assert client.server.handle([memoryview(request)[:3]], [memoryview(bytearray(64))]) == 11
+
+
 def test_attach_gives_the_root(client, tree):
     qid = client.getattr(ROOT).qid
     assert qid.type == m.QT_DIR

@@ -191,6 +191,28 @@ def test_a_host_iovec_points_at_the_guest_bytes_and_pins_the_bank():
         iovec.pin.tobytes()
 
 
+@pytest.mark.parametrize("wants_iovec", [True, False])
+def test_a_whole_table_brings_an_iovec_or_the_views_its_queue_wants(two_banks, wants_iovec):
+    queue = Virtqueue(two_banks, 16)
+    queue.wants_iovec = wants_iovec
+    queue.descriptor_table, queue.available_ring, queue.used_ring = 0x1000, 0x1200, 0x1300
+    queue.activate(event_index=True, indirect=True)
+    pages = scattered_pages(WHOLE_TABLE_MIN_ENTRIES, 0x10000)
+    for index, (address, length) in enumerate(pages):
+        two_banks.write(address, bytes([index]) * length)
+        flags = VIRTQ_DESC_F_WRITE | (VIRTQ_DESC_F_NEXT if index < len(pages) - 1 else 0)
+        two_banks.write(
+            0x1800 + 16 * index, struct.pack("<QIHH", address, length, flags, index + 1)
+        )
+    two_banks.write(0x1000, struct.pack("<QIHH", 0x1800, 16 * len(pages), VIRTQ_DESC_F_INDIRECT, 0))
+    chain = queue._walk(0)
+    assert (chain.iovec is not None) == wants_iovec
+    assert (chain.known_views is None) == wants_iovec
+    assert chain.addresses == [address for address, _ in pages]
+    assert [bytes(view) for view in chain.views] == [bytes([i]) * PAGE for i in range(len(pages))]
+    queue.reset()
+
+
 # -- hypothesis: hostile, nearly in-order indirect tables ------------------------------------
 
 QUEUE = 16
@@ -256,14 +278,20 @@ def outcome(queue, head, whole_tables=True):
         chain.readable_length,
         chain.writable_length,
         [bytes(view) for view in chain.views],
+        bytes(chain.first_view),
+        bytes(chain.last_view),
     )
 
 
+@pytest.mark.parametrize("wants_iovec", [True, False])
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(table=IN_ORDER, flips=FLIPS)
-def test_whole_table_walk_agrees_with_the_walk_one_by_one(table, flips):
+def test_whole_table_walk_agrees_with_the_walk_one_by_one(wants_iovec, table, flips):
+    """Whether the whole table comes with an iovec (virtio-blk) or views of every buffer
+    (virtio-9p), its chain is the one the one-by-one walk gives, refusals included."""
     memory = GuestMemory.anonymous([LOW, HIGH])
     queue = Virtqueue(memory, QUEUE)
+    queue.wants_iovec = wants_iovec
     try:
         queue.descriptor_table, queue.available_ring, queue.used_ring = (
             DESCRIPTORS,
