@@ -74,8 +74,8 @@ CLOCK_LINE = re.compile(rb"netbench-clock (\w+) ([\d.]+) ([\d.]+)")
 FEATURES_LINE = re.compile(rb"netbench-features (\d+)")
 MAC = "52:54:00:12:34:56"
 SEND_PART = 2 * MIB
-"""passt (Debian's 0.0~git20230309) resets a connection from the guest some 24 s after it
-began while the guest is slow (the test box: under 0.5 MiB/s): the guest sends in parts."""
+"""passt of Debian 12 (0.0~git20230309) resets a long-lived connection from a slow guest
+(docs/performance.md, issue 11): the guest sends in parts it finishes well before that."""
 
 PEER = textwrap.dedent(
     r"""
