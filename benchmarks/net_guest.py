@@ -22,7 +22,8 @@ Tap cases: the guest's kernel configures eth0 (`ip=`) and the host's tap gets th
 address; passt cases: the default guest's init asks passt for a lease, and the host is the
 gateway (passt maps it to the host's loopback). Before each phase the guest waits for a
 console line, so the CPU time of the monitor process (guest, user, system) is read around each
-phase alone.
+phase alone; it is read again when the host's side says a transfer begins and ends, which
+leaves the console's lines out (for kvmlet, with its vCPU exits by reason).
 
 Where guest user space cannot run (our machines' software KVM) the script runs itself inside
 the test box, where both monitors share the same nested KVM.
@@ -43,6 +44,7 @@ import statistics
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections import Counter
 from dataclasses import replace
@@ -87,11 +89,15 @@ PEER = textwrap.dedent(
     def report(phase, seconds, **extra):
         print(json.dumps({"phase": phase, "seconds": seconds, **extra}), flush=True)
 
+    def mark(phase):                                 # a transfer begins: the monitor's
+        print(json.dumps({"begins": phase}), flush=True)  # counters are read now
+
     buffer, received = bytearray(1 << 20), 0         # tx: the guest sends, in parts
     for index in range(connections):
         connection, _ = listeners[0].accept()
         if index == 0:
             start = time.monotonic()
+            mark("tx")
         while count := connection.recv_into(buffer):
             received += count
         connection.close()
@@ -101,6 +107,7 @@ PEER = textwrap.dedent(
     start, request = time.monotonic(), b""
     while b"\r\n\r\n" not in request:
         request += connection.recv(4096)
+    mark("rx")
     header = f"HTTP/1.0 200 OK\r\nContent-Length: {size}\r\n\r\n".encode()
     connection.sendall(header + bytes(size))
     sent = time.monotonic() - start
@@ -174,12 +181,35 @@ class Peer:
             text=True,
         )
         self.ports = json.loads(self.process.stdout.readline())
+        self.snapshot = None  # what to read when a transfer begins and ends (set later)
+        self.transfers: dict[str, Counter] = {}
+        self.entries: dict[str, dict] = {}
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        """The peer's lines as they come: a transfer's beginning and its figures (its end)."""
+        begun: dict[str, Counter] = {}
+        for line in self.process.stdout:
+            entry = json.loads(line)
+            if "phase" in entry:
+                self.entries[entry["phase"]] = entry
+            try:
+                if "begins" in entry and self.snapshot is not None:
+                    begun[entry["begins"]] = self.snapshot()
+                elif entry.get("phase") in begun:
+                    ended = self.snapshot()
+                    self.transfers[entry["phase"]] = ended - begun[entry["phase"]]
+            except Exception as error:  # no counters for this transfer; the figures stay
+                self.transfers[entry.get("phase", entry.get("begins"))] = Counter()
+                print(f"net_guest: no counters: {error!r}", file=sys.stderr)
 
     def results(self) -> dict[str, dict]:
-        out, _ = self.process.communicate(timeout=PHASE_TIMEOUT)
+        self.process.wait(PHASE_TIMEOUT)
+        self._reader.join(PHASE_TIMEOUT)
         if self.process.returncode != 0:
             raise RuntimeError(f"the host's side failed ({self.process.returncode})")
-        return {entry["phase"]: entry for entry in map(json.loads, out.splitlines())}
+        return self.entries
 
     def kill(self) -> None:
         self.process.kill()
@@ -296,6 +326,7 @@ def run_kvmlet(case: str, initrd: Path, size: int, round_trips: int) -> tuple[di
                     tail = machine.console.text()[-2000:]
                     raise RuntimeError(f"{case}: {error}; the console's end: {tail!r}") from None
 
+            peer.snapshot = lambda: kvmlet_counters(machine)
             setup = configure_tap if case != "kvmlet_passt" else None
             phases = gated_phases(
                 wait_for,
@@ -311,7 +342,9 @@ def run_kvmlet(case: str, initrd: Path, size: int, round_trips: int) -> tuple[di
         net_stats = next(value for key, value in stats.items() if key.startswith("virtio-net"))
         python_requests = sum(queue["requests"] for queue in net_stats["queues"])
         report = guest_report(transcript)
-        return peer.results(), {**phases, "python_requests": python_requests, **report}
+        results = peer.results()
+        report["transfers"] = peer.transfers
+        return results, {**phases, "python_requests": python_requests, **report}
     finally:
         peer.kill()
 
@@ -352,6 +385,7 @@ def run_qemu(case: str, kernel: Path, initrd: Path, size: int, round_trips: int)
         console = QemuConsole(qemu, PHASE_TIMEOUT, BOOT_TIMEOUT)
         try:
             stat_path = f"/proc/{console.process.pid}/stat"
+            peer.snapshot = lambda: cpu_snapshot(stat_path)
             setup = configure_tap if case == "qemu_tap_vhost" else None
             phases = gated_phases(
                 console.wait_for, console.send_line, lambda: cpu_snapshot(stat_path), setup
@@ -362,7 +396,8 @@ def run_qemu(case: str, kernel: Path, initrd: Path, size: int, round_trips: int)
             console.process.wait()
         if parse_exit_status(transcript) != 0:
             raise RuntimeError(f"guest command failed under QEMU:\n{transcript[-2000:]!r}")
-        return peer.results(), {**phases, **guest_report(transcript)}
+        results = peer.results()
+        return results, {**phases, **guest_report(transcript), "transfers": peer.transfers}
     finally:
         peer.kill()
         if passt is not None:
@@ -429,6 +464,10 @@ def measure(args: argparse.Namespace) -> None:
                         for phase in PHASES
                     },
                     "guest_features": phases["guest_features"],
+                    "during_transfers": {
+                        phase: {name: round(value, 3) for name, value in counters.items()}
+                        for phase, counters in phases["transfers"].items()
+                    },
                 }
             )
             for name, value in run_figures.items():
