@@ -1,12 +1,15 @@
 """virtio-net seen from the guest: kvmlet against QEMU, same kernel, same initramfs, same backend.
 
 The default guest runs one command under every monitor (busybox only): it sends N MiB to the
-host over TCP (`head -c | nc`), fetches N MiB from it over HTTP (`wget`: passt of 2023 does
-not deliver to a guest that half-closed its side, as `nc </dev/null` does), then echoes bytes
-back with `nc -e cat` while the host times single-byte round trips on that connection. The
-host's side is a separate process (its CPU time is not the monitor's): it times the sending
-(from the connection to the last byte) and the round trips; the receiving is timed by the
-guest's console prompts around it (a sender is done when its socket buffer holds the rest).
+host over TCP (`head -c | nc`, in connections of 2 MiB: `SEND_PART`), fetches N MiB from it
+over HTTP (`wget`: passt of 2023 does not deliver to a guest that half-closed its side, as
+`nc </dev/null` does), then echoes bytes back with `nc -e cat` while the host times
+single-byte round trips on that connection. The host's side is a separate process (its CPU
+time is not the monitor's) and times all three: the sending from the first connection to the
+last byte, the receiving from the guest's request to the guest's close (a sender alone is done
+when its socket buffer holds the rest), the round trips one by one. The guest's own clock
+(/proc/uptime) around each transfer and the console prompts around the receiving are reported
+beside them: prompts pass through each monitor's serial port, whose speed differs.
 Cases, interleaved round after round:
 
 - `qemu_tap_vhost`: QEMU, `-netdev tap,vhost=on` and virtio-net-pci;
@@ -19,7 +22,8 @@ Tap cases: the guest's kernel configures eth0 (`ip=`) and the host's tap gets th
 address; passt cases: the default guest's init asks passt for a lease, and the host is the
 gateway (passt maps it to the host's loopback). Before each phase the guest waits for a
 console line, so the CPU time of the monitor process (guest, user, system) is read around each
-phase alone.
+phase alone; it is read again when the host's side says a transfer begins and ends, which
+leaves the console's lines out (for kvmlet, with its vCPU exits by reason).
 
 Where guest user space cannot run (our machines' software KVM) the script runs itself inside
 the test box, where both monitors share the same nested KVM.
@@ -34,11 +38,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections import Counter
 from dataclasses import replace
@@ -66,33 +72,51 @@ TAP = "nbtap0"
 HOST_ADDRESS, GUEST_ADDRESS = "10.20.0.1", "10.20.0.2"
 TAP_PARAMETER = f"ip={GUEST_ADDRESS}::{HOST_ADDRESS}:255.255.255.0::eth0:off"
 PASST_MTU = 65520
+CLOCK_LINE = re.compile(rb"netbench-clock (\w+) ([\d.]+) ([\d.]+)")
+FEATURES_LINE = re.compile(rb"netbench-features (\d+)")
 MAC = "52:54:00:12:34:56"
+SEND_PART = 2 * MIB
+"""passt of Debian 12 (0.0~git20230309) resets a long-lived connection from a slow guest
+(docs/performance.md, issue 11): the guest sends in parts it finishes well before that."""
 
 PEER = textwrap.dedent(
     r"""
     import json, socket, sys, time
-    size, round_trips = int(sys.argv[1]), int(sys.argv[2])
+    size, round_trips, connections = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
     listeners = [socket.create_server(("0.0.0.0", 0)) for _ in range(3)]
     print(json.dumps([listener.getsockname()[1] for listener in listeners]), flush=True)
 
     def report(phase, seconds, **extra):
         print(json.dumps({"phase": phase, "seconds": seconds, **extra}), flush=True)
 
-    connection, _ = listeners[0].accept()            # tx: the guest sends
-    buffer, received = bytearray(1 << 20), 0
-    start = time.monotonic()
-    while count := connection.recv_into(buffer):
-        received += count
-    report("tx", time.monotonic() - start, bytes=received)
-    connection.close()
+    def mark(phase):                                 # a transfer begins: the monitor's
+        print(json.dumps({"begins": phase}), flush=True)  # counters are read now
+
+    buffer, received = bytearray(1 << 20), 0         # tx: the guest sends, in parts
+    for index in range(connections):
+        connection, _ = listeners[0].accept()
+        if index == 0:
+            start = time.monotonic()
+            mark("tx")
+        while count := connection.recv_into(buffer):
+            received += count
+        connection.close()
+    report("tx", time.monotonic() - start, bytes=received, connections=connections)
 
     connection, _ = listeners[1].accept()            # rx: the guest fetches, as HTTP
     start, request = time.monotonic(), b""
     while b"\r\n\r\n" not in request:
         request += connection.recv(4096)
+    mark("rx")
     header = f"HTTP/1.0 200 OK\r\nContent-Length: {size}\r\n\r\n".encode()
     connection.sendall(header + bytes(size))
-    report("rx", time.monotonic() - start, bytes=size)
+    sent = time.monotonic() - start
+    try:                                             # the guest closes once it has it all
+        while connection.recv(4096):
+            pass
+    except ConnectionResetError:
+        pass
+    report("rx", time.monotonic() - start, bytes=size, sent_seconds=sent)
     connection.close()
 
     connection, _ = listeners[2].accept()            # rr: one byte each way, echoed by cat
@@ -111,17 +135,32 @@ PEER = textwrap.dedent(
 )
 
 
+def send_parts(size: int) -> list[int]:
+    """The guest→host transfer as connections of at most SEND_PART bytes each."""
+    return [min(SEND_PART, size - offset) for offset in range(0, size, SEND_PART)]
+
+
 def guest_command(ports: list[int], size: int) -> str:
     """The guest's side: each phase after a console line (the host reads counters around it)."""
     tx, rx, rr = ports
+    sends = " && ".join(f"head -c {part} /dev/zero | nc $gw {tx}" for part in send_parts(size))
     steps = [
         "gw=$(ip -4 route show default | cut -d' ' -f3)",
+        "echo netbench-features $(cat /sys/class/net/eth0/device/features)",
+        "grep -e virtio -e LOC -e CAL /proc/interrupts",
         "echo netbench-ready tx",
         "read -r _",
-        f"head -c {size} /dev/zero | nc $gw {tx}",
+        "read -r start _ </proc/uptime",
+        sends,
+        "read -r end _ </proc/uptime",
+        "echo netbench-clock tx $start $end",
         "echo netbench-ready rx",
         "read -r _",
+        "read -r start _ </proc/uptime",
         f"wget -q -O /dev/null http://$gw:{rx}/",
+        "read -r end _ </proc/uptime",
+        "echo netbench-clock rx $start $end",
+        "grep -e virtio -e LOC -e CAL /proc/interrupts",
         "echo netbench-ready rr",
         "read -r _",
         f"nc $gw {rr} -e cat",
@@ -135,18 +174,42 @@ class Peer:
     """The host's side of the transfers, in a process of its own."""
 
     def __init__(self, size: int, round_trips: int):
+        connections = str(len(send_parts(size)))
         self.process = subprocess.Popen(
-            [sys.executable, "-c", PEER, str(size), str(round_trips)],
+            [sys.executable, "-c", PEER, str(size), str(round_trips), connections],
             stdout=subprocess.PIPE,
             text=True,
         )
         self.ports = json.loads(self.process.stdout.readline())
+        self.snapshot = None  # what to read when a transfer begins and ends (set later)
+        self.transfers: dict[str, Counter] = {}
+        self.entries: dict[str, dict] = {}
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        """The peer's lines as they come: a transfer's beginning and its figures (its end)."""
+        begun: dict[str, Counter] = {}
+        for line in self.process.stdout:
+            entry = json.loads(line)
+            if "phase" in entry:
+                self.entries[entry["phase"]] = entry
+            try:
+                if "begins" in entry and self.snapshot is not None:
+                    begun[entry["begins"]] = self.snapshot()
+                elif entry.get("phase") in begun:
+                    ended = self.snapshot()
+                    self.transfers[entry["phase"]] = ended - begun[entry["phase"]]
+            except Exception as error:  # no counters for this transfer; the figures stay
+                self.transfers[entry.get("phase", entry.get("begins"))] = Counter()
+                print(f"net_guest: no counters: {error!r}", file=sys.stderr)
 
     def results(self) -> dict[str, dict]:
-        out, _ = self.process.communicate(timeout=PHASE_TIMEOUT)
+        self.process.wait(PHASE_TIMEOUT)
+        self._reader.join(PHASE_TIMEOUT)
         if self.process.returncode != 0:
             raise RuntimeError(f"the host's side failed ({self.process.returncode})")
-        return {entry["phase"]: entry for entry in map(json.loads, out.splitlines())}
+        return self.entries
 
     def kill(self) -> None:
         self.process.kill()
@@ -166,6 +229,27 @@ def cpu_snapshot(stat_path: str) -> Counter:
             "cpu_system": system / ticks,
         }
     )
+
+
+def guest_report(transcript: bytes) -> dict:
+    """What the guest printed: each transfer's seconds by its own clock (/proc/uptime, 10 ms
+    steps) and the virtio-net features its driver negotiated (bit 0 first, from sysfs)."""
+    features = FEATURES_LINE.search(transcript)
+    clock = {
+        match[1].decode(): float(match[3]) - float(match[2])
+        for match in CLOCK_LINE.finditer(transcript)
+    }
+    negotiated = [] if features is None else [i for i, bit in enumerate(features[1]) if bit == 49]
+    return {"guest_clock": clock, "guest_features": negotiated}
+
+
+def kvmlet_counters(machine: Machine) -> Counter:
+    """The monitor's CPU time and its vCPUs' exits by reason (a phase's share tells whether
+    the data path or the console took the guest out to Python)."""
+    counters = cpu_snapshot("/proc/self/stat")
+    for vcpu in machine.stats()["vcpus"]:
+        counters.update({f"exits_{reason}": count for reason, count in vcpu["exits"].items()})
+    return counters
 
 
 def gated_phases(wait_for, send_line, snapshot, on_first=None) -> dict[str, Counter]:
@@ -242,11 +326,12 @@ def run_kvmlet(case: str, initrd: Path, size: int, round_trips: int) -> tuple[di
                     tail = machine.console.text()[-2000:]
                     raise RuntimeError(f"{case}: {error}; the console's end: {tail!r}") from None
 
+            peer.snapshot = lambda: kvmlet_counters(machine)
             setup = configure_tap if case != "kvmlet_passt" else None
             phases = gated_phases(
                 wait_for,
                 lambda: machine.console.write("\n"),
-                lambda: cpu_snapshot("/proc/self/stat"),
+                lambda: kvmlet_counters(machine),
                 setup,
             )
             stats = machine.stats()["virtio"]
@@ -256,7 +341,10 @@ def run_kvmlet(case: str, initrd: Path, size: int, round_trips: int) -> tuple[di
             raise RuntimeError(f"guest command failed under kvmlet:\n{transcript[-2000:]!r}")
         net_stats = next(value for key, value in stats.items() if key.startswith("virtio-net"))
         python_requests = sum(queue["requests"] for queue in net_stats["queues"])
-        return peer.results(), {**phases, "python_requests": python_requests}
+        report = guest_report(transcript)
+        results = peer.results()
+        report["transfers"] = peer.transfers
+        return results, {**phases, "python_requests": python_requests, **report}
     finally:
         peer.kill()
 
@@ -297,6 +385,7 @@ def run_qemu(case: str, kernel: Path, initrd: Path, size: int, round_trips: int)
         console = QemuConsole(qemu, PHASE_TIMEOUT, BOOT_TIMEOUT)
         try:
             stat_path = f"/proc/{console.process.pid}/stat"
+            peer.snapshot = lambda: cpu_snapshot(stat_path)
             setup = configure_tap if case == "qemu_tap_vhost" else None
             phases = gated_phases(
                 console.wait_for, console.send_line, lambda: cpu_snapshot(stat_path), setup
@@ -307,7 +396,8 @@ def run_qemu(case: str, kernel: Path, initrd: Path, size: int, round_trips: int)
             console.process.wait()
         if parse_exit_status(transcript) != 0:
             raise RuntimeError(f"guest command failed under QEMU:\n{transcript[-2000:]!r}")
-        return peer.results(), phases
+        results = peer.results()
+        return results, {**phases, **guest_report(transcript), "transfers": peer.transfers}
     finally:
         peer.kill()
         if passt is not None:
@@ -315,17 +405,28 @@ def run_qemu(case: str, kernel: Path, initrd: Path, size: int, round_trips: int)
             passt.wait()
 
 
-def figures(results: dict[str, dict], phases: dict[str, Counter]) -> dict[str, float]:
-    """Sending is timed by the host's receiver; receiving by the guest's prompts around it
-    (the host's sender finishes when its last bytes are in its socket buffer, not the guest)."""
+def figures(results: dict[str, dict], phases: dict) -> dict[str, float]:
+    """Both transfers timed by the host's side: sending from the connection to the guest's
+    last byte, receiving from the guest's request to its close (the guest closes once it has
+    every byte; the host's sender alone would finish when its socket buffer holds the rest).
+    For comparison, the same by the guest's clock and by the console prompts around a phase
+    (these pass through each monitor's serial port, at its own speed)."""
+    tx_mib, rx_mib = results["tx"]["bytes"] / MIB, results["rx"]["bytes"] / MIB
+    clock = phases["guest_clock"]
     return {
-        "tx_mibps": results["tx"]["bytes"] / MIB / results["tx"]["seconds"],
-        "rx_mibps": results["rx"]["bytes"] / MIB / phases["rx"]["wall_seconds"],
+        "tx_mibps": tx_mib / results["tx"]["seconds"],
+        "rx_mibps": rx_mib / results["rx"]["seconds"],
         "rr_us": 1e6 * results["rr"]["seconds"] / results["rr"]["round_trips"],
+        "tx_guest_clock_mibps": tx_mib / max(clock["tx"], 0.01),
+        "rx_guest_clock_mibps": rx_mib / max(clock["rx"], 0.01),
+        "rx_prompts_mibps": rx_mib / phases["rx"]["wall_seconds"],
     }
 
 
 UNITS = {"tx_mibps": "MiB/s guest→host", "rx_mibps": "MiB/s host→guest", "rr_us": "µs/round trip"}
+UNITS |= {"tx_guest_clock_mibps": "MiB/s guest→host by the guest's clock"}
+UNITS |= {"rx_guest_clock_mibps": "MiB/s host→guest by the guest's clock"}
+UNITS |= {"rx_prompts_mibps": "MiB/s host→guest between console prompts"}
 REFERENCE = {"kvmlet_tap_vhost": "qemu_tap_vhost", "kvmlet_tap_python": "qemu_tap_vhost"}
 REFERENCE["kvmlet_passt"] = "qemu_passt"
 
@@ -355,6 +456,20 @@ def measure(args: argparse.Namespace) -> None:
                 )
             run_figures = figures(results, phases)
             emit({"case": f"{case}_run", **{k: round(v, 2) for k, v in run_figures.items()}})
+            emit(
+                {
+                    "case": f"{case}_phases",
+                    **{
+                        phase: {name: round(value, 3) for name, value in phases[phase].items()}
+                        for phase in PHASES
+                    },
+                    "guest_features": phases["guest_features"],
+                    "during_transfers": {
+                        phase: {name: round(value, 3) for name, value in counters.items()}
+                        for phase, counters in phases["transfers"].items()
+                    },
+                }
+            )
             for name, value in run_figures.items():
                 samples.setdefault((case, name), []).append(value)
             for phase in ("tx", "rx"):
