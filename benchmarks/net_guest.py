@@ -53,6 +53,7 @@ from pathlib import Path
 CHECKOUT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(CHECKOUT))
 
+from box_relay import needs_test_box, run_in_test_box  # noqa: E402  (beside this script)
 from qemu_console import QemuConsole  # noqa: E402  (beside this script)
 
 from kvmlet.guest import QuietProgress, ensure_default_guest, parse_exit_status, run_parameter  # noqa: E402
@@ -61,7 +62,6 @@ from kvmlet.host.processes import find_program, make_runtime_directory  # noqa: 
 from kvmlet.machine.config import MachineConfig, with_default_guest  # noqa: E402
 from kvmlet.machine.machine import Machine  # noqa: E402
 from kvmlet.virtio.net.option import NetConfig  # noqa: E402
-from kvmlet.vstate.host_profile import detect  # noqa: E402
 
 MIB = 1 << 20
 BOOT_TIMEOUT = 300.0
@@ -513,13 +513,6 @@ def emit(record: dict) -> None:
     print(json.dumps(record), flush=True)
 
 
-def run_in_test_box(argv: list[str]) -> int:
-    """Runs this script inside the test box and relays its output."""
-    command = [sys.executable, str(CHECKOUT / "testbox" / "run.py"), "--timeout", "2400", "--"]
-    command += ["python3", str(Path(__file__).resolve()), "--here", *argv]
-    return subprocess.run(command, check=False).returncode
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--mib", type=int, default=32, help="MiB sent each way")
@@ -528,8 +521,8 @@ def main() -> int:
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--here", action="store_true", help="run on this host's KVM")
     args = parser.parse_args()
-    if not args.here and detect().name != "none" and os.environ.get("KVMLET_TESTBOX") != "1":
-        return run_in_test_box(sys.argv[1:])
+    if needs_test_box(args.here):
+        return run_in_test_box(__file__, sys.argv[1:], timeout=2400)
     if os.geteuid() != 0 or not os.path.exists("/dev/vhost-net"):
         print("net_guest: needs root and /dev/vhost-net (the test box has both)", file=sys.stderr)
         return 1

@@ -52,6 +52,8 @@ from pathlib import Path
 CHECKOUT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(CHECKOUT))
 
+from box_relay import needs_test_box, run_in_test_box  # noqa: E402  (beside this script)
+
 from kvmlet.guest import QuietProgress, ensure_default_guest  # noqa: E402
 from kvmlet.guest.run_protocol import parse_exit_status, run_parameter  # noqa: E402
 from kvmlet.machine.config import MachineConfig, ShareConfig  # noqa: E402
@@ -63,7 +65,6 @@ from kvmlet.machine.shares import (  # noqa: E402
     with_root_share,
 )
 from kvmlet.machine.vhost_config import FilesystemConfig  # noqa: E402
-from kvmlet.vstate.host_profile import detect  # noqa: E402
 
 RUN_TIMEOUT = 900.0
 """Seconds one guest run may take (the test box's Python is 10-20x slower than the host's)."""
@@ -375,12 +376,6 @@ def emit(record: dict, stream=sys.stdout) -> None:
     print(json.dumps(record), file=stream, flush=True)
 
 
-def run_in_test_box(argv: list[str]) -> int:
-    command = [sys.executable, str(CHECKOUT / "testbox" / "run.py"), "--timeout", "1500", "--"]
-    command += ["python3", str(Path(__file__).resolve()), "--here", *argv]
-    return subprocess.run(command, check=False).returncode
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--rounds", type=int, default=3, help="interleaved runs per monitor")
@@ -394,8 +389,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.boot_true:
         return boot_true()
-    if not args.here and detect().name != "none" and os.environ.get("KVMLET_TESTBOX") != "1":
-        return run_in_test_box(sys.argv[1:])
+    if needs_test_box(args.here):
+        return run_in_test_box(__file__, sys.argv[1:], timeout=1500)
     if shutil.which("qemu-system-x86_64") is None:
         print("ninep_guest: qemu-system-x86_64 is not installed", file=sys.stderr)
         return 1

@@ -49,6 +49,7 @@ sys.path.insert(0, str(CHECKOUT))
 sys.path.insert(0, str(CHECKOUT / "benchmarks"))
 
 import virtio_blk_guest as blk  # noqa: E402
+from box_relay import needs_test_box, run_in_test_box  # noqa: E402
 
 from kvmlet.guest import QuietProgress, ensure_default_guest, parse_exit_status, run_parameter  # noqa: E402
 from kvmlet.guest.cpio import CpioWriter  # noqa: E402
@@ -522,14 +523,12 @@ def main() -> int:
     args = parser.parse_args()
     if args.vsock_host:
         return serve_vsock_host()
-    if not args.here and blk.detect().name != "none" and os.environ.get("KVMLET_TESTBOX") != "1":
-        command = [sys.executable, str(CHECKOUT / "testbox" / "run.py"), "--timeout", "2400"]
-        command += ["--", "python3", str(Path(__file__).resolve()), "--here", *sys.argv[1:]]
+    if needs_test_box(args.here):
         print(
             json.dumps({"case": "host", "cpus": os.cpu_count(), "load_before": os.getloadavg()}),
             flush=True,
         )
-        status = subprocess.run(command, check=False).returncode
+        status = run_in_test_box(__file__, sys.argv[1:], timeout=2400)
         print(json.dumps({"case": "host", "load_after": os.getloadavg()}), flush=True)
         return status
     for tool in ("qemu-system-x86_64", "qemu-storage-daemon", "gcc"):

@@ -48,6 +48,7 @@ from pathlib import Path
 CHECKOUT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(CHECKOUT))
 
+from box_relay import needs_test_box, run_in_test_box  # noqa: E402  (beside this script)
 from qemu_console import QemuConsole  # noqa: E402  (beside this script)
 
 from kvmlet.guest import QuietProgress, ensure_default_guest, parse_exit_status, run_parameter  # noqa: E402
@@ -58,7 +59,6 @@ from kvmlet.machine.config import (  # noqa: E402
     with_default_guest,
 )
 from kvmlet.machine.machine import Machine  # noqa: E402
-from kvmlet.vstate.host_profile import detect  # noqa: E402
 
 MIB = 1 << 20
 GUEST_PROGRAM = "/bin/blkbench"
@@ -482,13 +482,6 @@ def report(samples, phases, transports, args) -> None:
 # -- where to run ---------------------------------------------------------------------------
 
 
-def run_in_test_box(argv: list[str]) -> int:
-    """Runs this script inside the test box and relays its output."""
-    command = [sys.executable, str(CHECKOUT / "testbox" / "run.py"), "--timeout", "1200", "--"]
-    command += ["python3", str(Path(__file__).resolve()), "--here", *argv]
-    return subprocess.run(command, check=False).returncode
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--seconds", type=float, default=3.0, help="duration of each phase")
@@ -497,8 +490,8 @@ def main() -> int:
     parser.add_argument("--transports", default="pci,mmio")
     parser.add_argument("--here", action="store_true", help="run on this host's KVM")
     args = parser.parse_args()
-    if not args.here and detect().name != "none" and os.environ.get("KVMLET_TESTBOX") != "1":
-        return run_in_test_box(sys.argv[1:])
+    if needs_test_box(args.here):
+        return run_in_test_box(__file__, sys.argv[1:], timeout=1200)
     for tool in ("qemu-system-x86_64", "gcc"):
         if shutil.which(tool) is None:
             print(f"virtio_blk_guest: {tool} is not installed", file=sys.stderr)
