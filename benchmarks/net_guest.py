@@ -55,6 +55,7 @@ sys.path.insert(0, str(CHECKOUT))
 
 from box_relay import needs_test_box, run_in_test_box  # noqa: E402  (beside this script)
 from qemu_console import QemuConsole  # noqa: E402  (beside this script)
+from virtio_blk_guest import cpu_snapshot  # noqa: E402  (beside this script)
 
 from kvmlet.guest import QuietProgress, ensure_default_guest, parse_exit_status, run_parameter  # noqa: E402
 from kvmlet.host.passt import passt_command, unprivileged_user  # noqa: E402
@@ -214,21 +215,6 @@ class Peer:
     def kill(self) -> None:
         self.process.kill()
         self.process.wait()
-
-
-def cpu_snapshot(stat_path: str) -> Counter:
-    """CPU seconds of a process from its /proc stat file: in the guest, user, system."""
-    with open(stat_path) as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    ticks = os.sysconf("SC_CLK_TCK")
-    user, system, guest = int(fields[11]), int(fields[12]), int(fields[40])
-    return Counter(
-        {
-            "cpu_guest": guest / ticks,
-            "cpu_user": (user - guest) / ticks,
-            "cpu_system": system / ticks,
-        }
-    )
 
 
 def guest_report(transcript: bytes) -> dict:

@@ -260,20 +260,32 @@ def phases(run: dict, variant: str, sizes: Sizes) -> dict[str, float]:
     }
 
 
-def sandbox_true() -> dict:
+def timed_run(what: str, command: list[str], **options) -> tuple[float, str]:
+    """Run `command` to its exit, stdin closed and output captured; its wall seconds and
+    standard output (RuntimeError naming `what` if it fails)."""
     started = time.monotonic()
     result = subprocess.run(
-        [sys.executable, "-m", "kvmlet", "sandbox", "--", "true"],
-        cwd=tempfile.gettempdir(),
-        env={**os.environ, "PYTHONPATH": str(CHECKOUT)},
+        command,
         stdin=subprocess.DEVNULL,
         capture_output=True,
+        text=True,
         timeout=RUN_TIMEOUT,
         check=False,
+        **options,
     )
     seconds = time.monotonic() - started
     if result.returncode != 0:
-        raise RuntimeError(f"kvmlet sandbox -- true: status {result.returncode}: {result.stderr!r}")
+        raise RuntimeError(f"{what}: status {result.returncode}: {result.stderr!r}")
+    return seconds, result.stdout
+
+
+def sandbox_true() -> dict:
+    seconds, _ = timed_run(
+        "kvmlet sandbox -- true",
+        [sys.executable, "-m", "kvmlet", "sandbox", "--", "true"],
+        cwd=tempfile.gettempdir(),
+        env={**os.environ, "PYTHONPATH": str(CHECKOUT)},
+    )
     return {"wall_s": seconds}
 
 
@@ -281,18 +293,10 @@ def kvmlet_true() -> dict:
     """`true` booted the way the QEMU peer boots it (same init, command and root share, none
     of the sandbox's agent, control share or working-directory share): a process of its own,
     start to exit, with the 9p requests the root share served."""
-    started = time.monotonic()
-    result = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "--boot-true"],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        timeout=RUN_TIMEOUT,
-        check=False,
+    seconds, output = timed_run(
+        "kvmlet booting `true`", [sys.executable, str(Path(__file__).resolve()), "--boot-true"]
     )
-    seconds = time.monotonic() - started
-    if result.returncode != 0:
-        raise RuntimeError(f"kvmlet booting `true`: status {result.returncode}: {result.stderr!r}")
-    return {"wall_s": seconds, **json.loads(result.stdout)}
+    return {"wall_s": seconds, **json.loads(output)}
 
 
 def boot_true() -> int:
