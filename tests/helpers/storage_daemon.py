@@ -26,9 +26,11 @@ def listening(path: Path) -> bool:
 
 
 @contextlib.contextmanager
-def storage_daemon(image: Path, socket_path: Path, writable: bool = True) -> Iterator[None]:
-    """The daemon serving `image` at `socket_path` (listening when this yields), killed at the
-    end whatever happened."""
+def storage_daemon(
+    image: Path, socket_path: Path, writable: bool = True
+) -> Iterator[subprocess.Popen]:
+    """The daemon serving `image` at `socket_path` (listening when this yields its process),
+    killed at the end whatever happened."""
     daemon = subprocess.Popen(
         [
             "qemu-storage-daemon",
@@ -47,7 +49,7 @@ def storage_daemon(image: Path, socket_path: Path, writable: bool = True) -> Ite
             assert daemon.poll() is None, f"qemu-storage-daemon exited ({daemon.returncode})"
             assert time.monotonic() < deadline, "qemu-storage-daemon did not listen"
             time.sleep(0.005)
-        yield
+        yield daemon
     finally:
         daemon.kill()
         daemon.wait()

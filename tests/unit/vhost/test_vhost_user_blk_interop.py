@@ -7,13 +7,12 @@ brings the completion back. Skips where qemu-storage-daemon is not installed.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import signal
-import socket
 import struct
-import subprocess
 import time
 
 import pytest
@@ -23,6 +22,7 @@ from kvmlet.vhost.device import TRANSPORT_FEATURES, VhostDevice
 from kvmlet.vhost.user import VhostUserFrontend
 from kvmlet.virtio.device import DEVICE_NEEDS_RESET, InterruptKind
 from kvmlet.virtio.worker import QueueWorker
+from tests.helpers.storage_daemon import storage_daemon
 from tests.helpers.virtio_driver import GUEST_RAM_SIZE, MockDriver
 
 pytestmark = pytest.mark.skipif(
@@ -44,16 +44,6 @@ def wait_until(condition, timeout=30.0):
         time.sleep(0.002)
 
 
-def listening(path) -> bool:
-    """Whether a server accepts connections at `path` (the file appears before listen())."""
-    with socket.socket(socket.AF_UNIX) as probe:
-        try:
-            probe.connect(str(path))
-        except OSError:
-            return False
-    return True
-
-
 class Disk:
     """qemu-storage-daemon exporting an image, and a VhostDevice on it with a mock driver."""
 
@@ -61,27 +51,15 @@ class Disk:
         self.image = tmp_path / "disk.img"
         self.image.write_bytes(bytes(range(256)) * (IMAGE_SIZE // 256))
         socket_path = tmp_path / "blk.sock"
-        self.daemon = subprocess.Popen(
-            [
-                "qemu-storage-daemon",
-                "--blockdev",
-                f"driver=file,node-name=disk,filename={self.image}",
-                "--export",
-                "type=vhost-user-blk,id=export,node-name=disk,writable=on,"
-                f"addr.type=unix,addr.path={socket_path}",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        self._daemon = contextlib.ExitStack()  # never leave a daemon behind, failed set-up or not
+        self.daemon = self._daemon.enter_context(storage_daemon(self.image, socket_path))
         try:
             self._connect(socket_path)
         except BaseException:
-            self.daemon.kill()  # never leave a daemon behind a failed set-up
-            self.daemon.wait()
+            self._daemon.close()
             raise
 
     def _connect(self, socket_path):
-        wait_until(lambda: listening(socket_path))
         self.memory = GuestMemory.memfd([(0, GUEST_RAM_SIZE)])
         self.frontend = VhostUserFrontend.connect(str(socket_path), name="qsd", timeout=30.0)
         self.device = VhostDevice(
@@ -119,8 +97,7 @@ class Disk:
     def close(self):
         self.worker.stop()
         self.device.close()
-        self.daemon.kill()
-        self.daemon.wait()
+        self._daemon.close()
         self.memory.close()
 
 
